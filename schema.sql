@@ -1,0 +1,167 @@
+-- Hearth's whole schema. Applied by the migration runner in src/store/migrate.rs:
+-- a fresh database gets this file; `meta.schema_version` records what was applied and
+-- older databases are upgraded in place by the numbered steps in migrate.rs.
+--
+-- Stream positions: every row that a client's /sync must notice carries `pos`, taken from one
+-- counter owned by the single writer (src/store/writer.rs). One writer means positions become
+-- visible in order, so "everything with pos > since" is a complete incremental sync.
+
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) STRICT;
+
+CREATE TABLE IF NOT EXISTS users (
+    user_id       TEXT PRIMARY KEY,
+    password_hash TEXT,
+    is_admin      INTEGER NOT NULL DEFAULT 0,
+    deactivated   INTEGER NOT NULL DEFAULT 0,
+    displayname   TEXT,
+    avatar_url    TEXT,
+    created_ts    INTEGER NOT NULL
+) STRICT;
+
+CREATE TABLE IF NOT EXISTS devices (
+    user_id      TEXT NOT NULL REFERENCES users(user_id),
+    device_id    TEXT NOT NULL,
+    display_name TEXT,
+    last_seen_ts INTEGER,
+    last_seen_ip TEXT,
+    PRIMARY KEY (user_id, device_id)
+) STRICT;
+
+-- Access tokens are stored only as a SHA-256 hash; the token itself never touches disk.
+CREATE TABLE IF NOT EXISTS access_tokens (
+    token_hash TEXT PRIMARY KEY,
+    user_id    TEXT NOT NULL,
+    device_id  TEXT NOT NULL,
+    created_ts INTEGER NOT NULL,
+    FOREIGN KEY (user_id, device_id) REFERENCES devices(user_id, device_id) ON DELETE CASCADE
+) STRICT;
+
+CREATE TABLE IF NOT EXISTS registration_tokens (
+    token          TEXT PRIMARY KEY,
+    uses_allowed   INTEGER,
+    completed      INTEGER NOT NULL DEFAULT 0,
+    expiry_ts      INTEGER
+) STRICT;
+
+CREATE TABLE IF NOT EXISTS rooms (
+    room_id      TEXT PRIMARY KEY,
+    room_version TEXT NOT NULL,
+    creator      TEXT NOT NULL,
+    is_public    INTEGER NOT NULL DEFAULT 0,
+    created_ts   INTEGER NOT NULL,
+    -- state group of current_state (the state after the forward extremity)
+    state_group  INTEGER
+) STRICT;
+
+-- Every PDU we hold. `json` is the canonical PDU as signed (redacted in place on redaction).
+-- `state_group` is the room state *after* this event.
+CREATE TABLE IF NOT EXISTS events (
+    pos              INTEGER PRIMARY KEY,
+    event_id         TEXT NOT NULL UNIQUE,
+    room_id          TEXT NOT NULL REFERENCES rooms(room_id),
+    type             TEXT NOT NULL,
+    state_key        TEXT,
+    sender           TEXT NOT NULL,
+    origin_server_ts INTEGER NOT NULL,
+    depth            INTEGER NOT NULL,
+    json             TEXT NOT NULL,
+    state_group      INTEGER NOT NULL,
+    -- the event this state event replaced, for unsigned.prev_content / replaces_state
+    replaces_state   TEXT,
+    redacted_by      TEXT,
+    -- set for events sent by a local device, for unsigned.transaction_id
+    txn_device       TEXT,
+    txn_id           TEXT,
+    rejected         INTEGER NOT NULL DEFAULT 0,
+    outlier          INTEGER NOT NULL DEFAULT 0
+) STRICT;
+CREATE INDEX IF NOT EXISTS events_room_pos ON events(room_id, pos);
+
+-- Dedupe of client sends: a retried txnId returns the first event ID.
+CREATE TABLE IF NOT EXISTS txn_ids (
+    user_id   TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    txn_id    TEXT NOT NULL,
+    event_id  TEXT NOT NULL,
+    PRIMARY KEY (user_id, device_id, txn_id)
+) STRICT;
+
+CREATE TABLE IF NOT EXISTS forward_extremities (
+    room_id  TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    PRIMARY KEY (room_id, event_id)
+) STRICT;
+
+-- State groups stored as deltas against `prev_group` (chains are capped in length), so a
+-- membership change in a 10,000-member room writes one row, not 10,000.
+CREATE TABLE IF NOT EXISTS state_groups (
+    id         INTEGER PRIMARY KEY,
+    room_id    TEXT NOT NULL,
+    prev_group INTEGER REFERENCES state_groups(id),
+    chain_len  INTEGER NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS state_group_entries (
+    group_id  INTEGER NOT NULL REFERENCES state_groups(id),
+    type      TEXT NOT NULL,
+    state_key TEXT NOT NULL,
+    event_id  TEXT NOT NULL,
+    PRIMARY KEY (group_id, type, state_key)
+) STRICT;
+
+-- The resolved state at the room's forward extremities, kept in step by the writer.
+-- `membership` is filled for m.room.member rows so "rooms of a user" is one index lookup.
+CREATE TABLE IF NOT EXISTS current_state (
+    room_id    TEXT NOT NULL,
+    type       TEXT NOT NULL,
+    state_key  TEXT NOT NULL,
+    event_id   TEXT NOT NULL,
+    membership TEXT,
+    pos        INTEGER NOT NULL,
+    PRIMARY KEY (room_id, type, state_key)
+) STRICT;
+CREATE INDEX IF NOT EXISTS current_state_member ON current_state(state_key, membership) WHERE type = 'm.room.member';
+
+-- Rooms a local user has forgotten (hidden from the leave section of /sync).
+CREATE TABLE IF NOT EXISTS forgotten_rooms (
+    user_id TEXT NOT NULL,
+    room_id TEXT NOT NULL,
+    PRIMARY KEY (user_id, room_id)
+) STRICT;
+
+CREATE TABLE IF NOT EXISTS room_aliases (
+    alias   TEXT PRIMARY KEY,
+    room_id TEXT NOT NULL,
+    creator TEXT NOT NULL
+) STRICT;
+
+-- Account data, global (room_id = '') and per room. Push rules live here as m.push_rules.
+CREATE TABLE IF NOT EXISTS account_data (
+    user_id TEXT NOT NULL,
+    room_id TEXT NOT NULL,
+    type    TEXT NOT NULL,
+    content TEXT NOT NULL,
+    pos     INTEGER NOT NULL,
+    PRIMARY KEY (user_id, room_id, type)
+) STRICT;
+CREATE INDEX IF NOT EXISTS account_data_pos ON account_data(user_id, pos);
+
+CREATE TABLE IF NOT EXISTS receipts (
+    room_id      TEXT NOT NULL,
+    receipt_type TEXT NOT NULL,
+    user_id      TEXT NOT NULL,
+    thread_id    TEXT NOT NULL DEFAULT '',
+    event_id     TEXT NOT NULL,
+    ts           INTEGER NOT NULL,
+    pos          INTEGER NOT NULL,
+    PRIMARY KEY (room_id, receipt_type, user_id, thread_id)
+) STRICT;
+CREATE INDEX IF NOT EXISTS receipts_room_pos ON receipts(room_id, pos);
+
+CREATE TABLE IF NOT EXISTS filters (
+    filter_id INTEGER PRIMARY KEY,
+    user_id   TEXT NOT NULL,
+    json      TEXT NOT NULL
+) STRICT;

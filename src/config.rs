@@ -1,0 +1,117 @@
+//! Configuration: a TOML file (`--config`), command-line flags on top, embedded defaults under
+//! both. `Config::default()` is a usable local server: `hearth.db` in the working directory,
+//! client API on 127.0.0.1:8008, server name `localhost:8008`.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use serde::Deserialize;
+
+/// Who may create accounts through `/register`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Registration {
+    /// Anyone who can reach the server (a single-user Pi on a LAN, a test server).
+    Open,
+    /// Only with a registration token (`m.login.registration_token`).
+    Token,
+    /// Only `hearth user create`.
+    Closed,
+}
+
+/// A token bucket: `burst` requests at once, refilled at `per_second`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct RateLimits {
+    pub enabled: bool,
+    /// Per client IP.
+    pub login: RateLimit,
+    /// Per client IP.
+    pub register: RateLimit,
+    /// Per user, for event sends.
+    pub send: RateLimit,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            login: RateLimit { per_second: 0.5, burst: 5.0 },
+            register: RateLimit { per_second: 0.2, burst: 5.0 },
+            send: RateLimit { per_second: 20.0, burst: 50.0 },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The server name in user IDs (`@alice:NAME`). Cannot change once the database exists.
+    pub server_name: String,
+    /// Addresses the client (and later federation) API listens on.
+    pub listen: Vec<SocketAddr>,
+    /// The SQLite file. Its `-wal` and `-shm` companions live beside it.
+    pub database: PathBuf,
+    /// PEM certificate chain and key: when both are set every listener speaks TLS.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub registration: Registration,
+    /// Tokens accepted by `m.login.registration_token` (in addition to those in the database).
+    pub registration_tokens: Vec<String>,
+    pub rate_limits: RateLimits,
+    /// Largest accepted request body, in bytes.
+    pub max_request_bytes: usize,
+    /// Room version for `/createRoom` when the client names none.
+    pub default_room_version: String,
+    /// Reader connections in the pool (the writer is separate).
+    pub db_readers: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server_name: "localhost:8008".into(),
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 8008))],
+            database: PathBuf::from("hearth.db"),
+            tls_cert: None,
+            tls_key: None,
+            registration: Registration::Open,
+            registration_tokens: Vec::new(),
+            rate_limits: RateLimits::default(),
+            max_request_bytes: 1024 * 1024,
+            default_room_version: "10".into(),
+            db_readers: 4,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file; keys it leaves out keep their defaults.
+    pub fn from_toml_file(path: &std::path::Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Checks what serde cannot: a valid server name, a supported room version, TLS halves.
+    pub fn validate(&self) -> Result<(), String> {
+        ruma::ServerName::parse(&self.server_name)
+            .map_err(|e| format!("server_name {:?}: {e}", self.server_name))?;
+        let v = ruma::RoomVersionId::try_from(self.default_room_version.as_str())
+            .map_err(|e| format!("default_room_version: {e}"))?;
+        if !crate::room::is_supported_version(&v) {
+            return Err(format!("default_room_version {v} is not supported"));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err("tls_cert and tls_key must be given together".into());
+        }
+        if self.listen.is_empty() {
+            return Err("at least one listen address is needed".into());
+        }
+        Ok(())
+    }
+}

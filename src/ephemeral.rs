@@ -1,0 +1,219 @@
+//! In-memory state that is not worth a disk write: typing notifications, rate-limit buckets,
+//! the access-token cache, metrics counters and the shutdown latch. Each uses a std `Mutex`
+//! that is never held across an `.await` (all methods are sync), so it cannot be left locked
+//! by a dropped future.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+};
+
+use event_listener::{Event, Listener};
+
+use crate::{
+    config::{RateLimit, RateLimits},
+    error::Error,
+    notify::Notifier,
+    Clock,
+};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these short, sync critical sections cannot leave the map
+    // inconsistent in a way that matters; keep serving.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+// ---------------------------------------------------------------- typing
+
+/// Who is typing where, with expiry times. Changes wake `/sync` through the notifier, and each
+/// room remembers the ephemeral serial of its last change so an incremental sync sends the
+/// typing list only for rooms where it changed.
+pub struct Typing {
+    rooms: Mutex<HashMap<String, (HashMap<String, u64>, i64)>>,
+    notifier: Notifier,
+}
+
+impl Typing {
+    pub fn new(notifier: Notifier) -> Self {
+        Self { rooms: Mutex::default(), notifier }
+    }
+
+    pub fn set(&self, room_id: &str, user_id: &str, until_ms: Option<u64>) {
+        let mut rooms = lock(&self.rooms);
+        let room = rooms.entry(room_id.to_owned()).or_default();
+        let changed = match until_ms {
+            Some(t) => room.0.insert(user_id.to_owned(), t).is_none(),
+            None => room.0.remove(user_id).is_some(),
+        };
+        if changed {
+            room.1 = self.notifier.bump_ephemeral();
+        }
+    }
+
+    /// Users typing in a room now (expired entries are dropped on the way), and the serial of
+    /// the room's last change.
+    pub fn users(&self, room_id: &str, now_ms: u64) -> (Vec<String>, i64) {
+        let mut rooms = lock(&self.rooms);
+        let Some(room) = rooms.get_mut(room_id) else { return (Vec::new(), 0) };
+        let before = room.0.len();
+        room.0.retain(|_, until| *until > now_ms);
+        if room.0.len() != before {
+            room.1 = self.notifier.bump_ephemeral();
+        }
+        let mut users: Vec<String> = room.0.keys().cloned().collect();
+        users.sort();
+        (users, room.1)
+    }
+}
+
+// ---------------------------------------------------------------- rate limits
+
+/// Token buckets per (kind, key). Disabled entirely by `--no-rate-limit`.
+pub struct RateLimiter {
+    config: RateLimits,
+    clock: Arc<dyn Clock>,
+    buckets: Mutex<HashMap<(&'static str, String), (f64, u64)>>,
+}
+
+impl RateLimiter {
+    pub fn new(config: RateLimits, clock: Arc<dyn Clock>) -> Self {
+        Self { config, clock, buckets: Mutex::default() }
+    }
+
+    /// Takes one token for `key` from the `kind` bucket or fails with `M_LIMIT_EXCEEDED`.
+    pub fn check(&self, kind: &'static str, key: &str) -> Result<(), Error> {
+        if !self.config.enabled {
+            return Ok(());
+        }
+        let limit: RateLimit = match kind {
+            "login" => self.config.login,
+            "register" => self.config.register,
+            _ => self.config.send,
+        };
+        let now = self.clock.now_ms();
+        let mut buckets = lock(&self.buckets);
+        if buckets.len() > 100_000 {
+            buckets.clear();
+        }
+        let (tokens, last) = buckets.entry((kind, key.to_owned())).or_insert((limit.burst, now));
+        let refill = (now.saturating_sub(*last)) as f64 / 1000.0 * limit.per_second;
+        *tokens = (*tokens + refill).min(limit.burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            let wait = ((1.0 - *tokens) / limit.per_second.max(1e-6) * 1000.0).ceil() as u64;
+            Err(Error::limit_exceeded(wait))
+        }
+    }
+}
+
+// ---------------------------------------------------------------- access tokens
+
+/// token hash → (user, device). Filled on first use, emptied for a device on logout.
+#[derive(Default)]
+pub struct TokenCache {
+    map: Mutex<HashMap<String, (String, String)>>,
+}
+
+impl TokenCache {
+    pub fn get(&self, hash: &str) -> Option<(String, String)> {
+        lock(&self.map).get(hash).cloned()
+    }
+    pub fn insert(&self, hash: String, who: (String, String)) {
+        let mut map = lock(&self.map);
+        if map.len() > 50_000 {
+            map.clear();
+        }
+        map.insert(hash, who);
+    }
+    pub fn remove(&self, hashes: &[String]) {
+        let mut map = lock(&self.map);
+        for h in hashes {
+            map.remove(h);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- metrics
+
+#[derive(Default)]
+pub struct Metrics {
+    pub requests_total: AtomicU64,
+    pub in_flight: AtomicU64,
+    pub cancelled_total: AtomicU64,
+    pub connections: AtomicU64,
+}
+
+impl Metrics {
+    /// Prometheus text exposition format.
+    pub fn render(&self, notifier: &Notifier, live_tasks: usize) -> String {
+        let g = |a: &AtomicU64| a.load(Ordering::SeqCst);
+        format!(
+            "# HELP hearth_http_requests_total HTTP requests received.\n# TYPE hearth_http_requests_total counter\nhearth_http_requests_total {}\n\
+             # HELP hearth_http_requests_in_flight HTTP requests being handled now.\n# TYPE hearth_http_requests_in_flight gauge\nhearth_http_requests_in_flight {}\n\
+             # HELP hearth_http_requests_cancelled_total Requests dropped because the client disconnected.\n# TYPE hearth_http_requests_cancelled_total counter\nhearth_http_requests_cancelled_total {}\n\
+             # HELP hearth_http_connections Open client connections.\n# TYPE hearth_http_connections gauge\nhearth_http_connections {}\n\
+             # HELP hearth_tasks_live Tasks alive on the executor.\n# TYPE hearth_tasks_live gauge\nhearth_tasks_live {}\n\
+             # HELP hearth_stream_position Latest committed stream position.\n# TYPE hearth_stream_position gauge\nhearth_stream_position {}\n",
+            g(&self.requests_total), g(&self.in_flight), g(&self.cancelled_total), g(&self.connections), live_tasks, notifier.pos()
+        )
+    }
+}
+
+/// Decrements a gauge when dropped, however the future holding it ends.
+pub struct GaugeGuard<'a>(&'a AtomicU64);
+
+impl<'a> GaugeGuard<'a> {
+    pub fn new(g: &'a AtomicU64) -> Self {
+        g.fetch_add(1, Ordering::SeqCst);
+        Self(g)
+    }
+}
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+// ---------------------------------------------------------------- shutdown
+
+/// Set once, observed by the accept loops and long-polls.
+#[derive(Default)]
+pub struct Latch {
+    set: AtomicBool,
+    event: Event,
+}
+
+impl Latch {
+    pub fn trigger(&self) {
+        self.set.store(true, Ordering::SeqCst);
+        self.event.notify(usize::MAX);
+    }
+    pub fn is_set(&self) -> bool {
+        self.set.load(Ordering::SeqCst)
+    }
+    pub async fn wait(&self) {
+        loop {
+            let l = self.event.listen();
+            if self.is_set() {
+                return;
+            }
+            l.await;
+        }
+    }
+    pub fn wait_blocking(&self) {
+        loop {
+            let l = self.event.listen();
+            if self.is_set() {
+                return;
+            }
+            l.wait();
+        }
+    }
+}

@@ -1,0 +1,423 @@
+//! Accounts and sessions: `/register` (user-interactive auth), `/login`, `/logout`,
+//! `/account/*`, `/devices`.
+//!
+//! User-interactive auth: every flow Hearth offers has a single stage (`m.login.dummy`,
+//! `m.login.registration_token`, or `m.login.password` to confirm a sensitive action), so a
+//! request carrying a valid `auth` dict completes it in one go; the `session` handed out in the
+//! 401 is accepted back but carries no server-side state.
+
+use argon2::{
+    password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString},
+    Argon2,
+};
+use ruma::{OwnedUserId, UserId};
+use serde_json::{json, Value};
+use tide::Response;
+
+use super::{auth, body_json, json, param, peer_ip, Req};
+use crate::{
+    config::Registration,
+    error::{Error, Result},
+    store::queries as q,
+    util::{hash_token, random_string},
+    App,
+};
+
+/// Hashes a password with argon2id on the blocking pool (~tens of ms of CPU).
+async fn hash_password(password: String) -> Result<String> {
+    smol::unblock(move || {
+        let salt = SaltString::generate(&mut OsRng);
+        Argon2::default().hash_password(password.as_bytes(), &salt).map(|h| h.to_string()).map_err(Error::internal)
+    })
+    .await
+}
+
+/// Constant-time check (argon2's verify) on the blocking pool.
+async fn verify_password(hash: String, password: String) -> bool {
+    smol::unblock(move || PasswordHash::new(&hash).is_ok_and(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())).await
+}
+
+/// Localparts allowed for new users (the spec's historical grammar, lower case).
+fn valid_localpart(l: &str) -> bool {
+    !l.is_empty() && l.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'=' | b'-' | b'/' | b'+'))
+}
+
+fn user_id_for(app: &App, localpart: &str) -> Result<OwnedUserId> {
+    if !valid_localpart(localpart) {
+        return Err(Error::invalid_username("User ID may only contain a-z, 0-9, and ._=-/+"));
+    }
+    let id = format!("@{localpart}:{}", app.server_name);
+    if id.len() > 255 {
+        return Err(Error::invalid_username("User ID is too long"));
+    }
+    OwnedUserId::try_from(id).map_err(|e| Error::invalid_username(e.to_string()))
+}
+
+/// Creates a user (no device). Used by `hearth user create` and embedders.
+pub async fn create_user(app: &App, localpart: &str, password: Option<&str>, admin: bool) -> Result<OwnedUserId> {
+    let user_id = user_id_for(app, &localpart.to_lowercase())?;
+    let hash = match password {
+        Some(p) => Some(hash_password(p.to_owned()).await?),
+        None => None,
+    };
+    let (uid, local) = (user_id.clone(), localpart.to_lowercase());
+    app.store
+        .write(move |tx| {
+            if q::get_user(tx, uid.as_str())?.is_some() {
+                return Err(Error::user_in_use("User ID already taken"));
+            }
+            q::insert_user(tx, uid.as_str(), hash.as_deref(), admin, &local, tx.now_ms)?;
+            super::user::init_push_rules(tx, &uid)
+        })
+        .await?;
+    Ok(user_id)
+}
+
+/// Creates a device and an access token for it; returns the token.
+fn new_session(tx: &mut crate::store::Tx<'_>, user_id: &str, device_id: &str, display_name: Option<&str>) -> Result<String> {
+    // A login that reuses a device ID replaces that device's old tokens.
+    tx.execute("DELETE FROM access_tokens WHERE user_id = ?1 AND device_id = ?2", [user_id, device_id])?;
+    q::upsert_device(tx, user_id, device_id, display_name, tx.now_ms)?;
+    let token = format!("hth_{}", random_string(40));
+    q::insert_token(tx, &hash_token(&token), user_id, device_id, tx.now_ms)?;
+    Ok(token)
+}
+
+fn uia_401(flows: Value, error: Option<Error>) -> Error {
+    let mut body = json!({ "flows": flows, "params": {}, "session": random_string(24), "completed": [] });
+    if let Some(e) = error {
+        body["errcode"] = e.errcode.into();
+        body["error"] = e.message.into();
+    }
+    Error { body: Some(body), ..Error::new(401, "M_FORBIDDEN", "User-interactive authentication required") }
+}
+
+fn str_field<'a>(v: &'a Value, key: &str) -> Result<Option<&'a str>> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(Error::bad_json(format!("{key} must be a string"))),
+    }
+}
+
+/// # `POST /_matrix/client/v3/register`
+pub async fn register(mut req: Req) -> Result<Response> {
+    let app = req.state().clone();
+    app.limits.check("register", &peer_ip(&req))?;
+    let body = body_json(&mut req).await?;
+    if req.url().query_pairs().any(|(k, v)| k == "kind" && v == "guest") {
+        return Err(Error::forbidden("Guest access is not enabled"));
+    }
+    let flows = match app.config.registration {
+        Registration::Closed => return Err(Error::forbidden("Registration is disabled")),
+        Registration::Open => json!([{ "stages": ["m.login.dummy"] }]),
+        Registration::Token => json!([{ "stages": ["m.login.registration_token"] }]),
+    };
+    let localpart = match str_field(&body, "username")? {
+        Some(u) => u.to_lowercase(),
+        None => random_string(12).to_lowercase(),
+    };
+    let user_id = user_id_for(&app, &localpart)?;
+    let password = str_field(&body, "password")?.map(str::to_owned);
+    if password.as_ref().is_some_and(|p| p.len() > 512) {
+        return Err(Error::invalid_param("Password too long"));
+    }
+    let uid = user_id.clone();
+    if app.store.read(move |c| q::get_user(c, uid.as_str())).await?.is_some() {
+        return Err(Error::user_in_use("User ID already taken"));
+    }
+    let auth_dict = body.get("auth").filter(|a| a.is_object());
+    let token_used = match (app.config.registration, auth_dict.and_then(|a| a.get("type")).and_then(Value::as_str)) {
+        (Registration::Open, Some("m.login.dummy")) => None,
+        (Registration::Token, Some("m.login.registration_token")) => {
+            let token = auth_dict.and_then(|a| a.get("token")).and_then(Value::as_str).unwrap_or_default().to_owned();
+            Some(token)
+        }
+        (_, Some(_)) => return Err(uia_401(flows, Some(Error::forbidden("Unsupported authentication stage")))),
+        (_, None) => return Err(uia_401(flows, None)),
+    };
+    let inhibit_login = body.get("inhibit_login").and_then(Value::as_bool).unwrap_or(false);
+    let device_id = str_field(&body, "device_id")?.map(str::to_owned).unwrap_or_else(|| random_string(10).to_uppercase());
+    let display = str_field(&body, "initial_device_display_name")?.map(str::to_owned);
+    let hash = match password {
+        Some(p) => Some(hash_password(p).await?),
+        None => None,
+    };
+    let config_tokens = app.config.registration_tokens.clone();
+    let (uid, dev) = (user_id.clone(), device_id.clone());
+    let token = app
+        .store
+        .write(move |tx| {
+            if let Some(t) = &token_used {
+                consume_registration_token(tx, t, &config_tokens)?;
+            }
+            if q::get_user(tx, uid.as_str())?.is_some() {
+                return Err(Error::user_in_use("User ID already taken"));
+            }
+            q::insert_user(tx, uid.as_str(), hash.as_deref(), false, &localpart, tx.now_ms)?;
+            super::user::init_push_rules(tx, &uid)?;
+            if inhibit_login {
+                return Ok(None);
+            }
+            new_session(tx, uid.as_str(), &dev, display.as_deref()).map(Some)
+        })
+        .await?;
+    let mut out = json!({ "user_id": user_id, "home_server": app.server_name });
+    if let Some(t) = token {
+        out["access_token"] = t.into();
+        out["device_id"] = device_id.into();
+    }
+    json(&out)
+}
+
+/// Accepts a token from the config list, or one from the database that has uses left.
+fn consume_registration_token(tx: &crate::store::Tx<'_>, token: &str, config_tokens: &[String]) -> Result<()> {
+    if config_tokens.iter().any(|t| t == token) {
+        return Ok(());
+    }
+    let n = tx.execute(
+        "UPDATE registration_tokens SET completed = completed + 1
+         WHERE token = ?1 AND (uses_allowed IS NULL OR completed < uses_allowed) AND (expiry_ts IS NULL OR expiry_ts > ?2)",
+        rusqlite::params![token, tx.now_ms as i64],
+    )?;
+    if n == 0 {
+        return Err(uia_401(json!([{ "stages": ["m.login.registration_token"] }]), Some(Error::forbidden("Invalid registration token"))));
+    }
+    Ok(())
+}
+
+/// # `GET /_matrix/client/v3/register/available`
+pub async fn register_available(req: Req) -> Result<Response> {
+    let app = req.state().clone();
+    let name = req.url().query_pairs().find(|(k, _)| k == "username").map(|(_, v)| v.to_lowercase());
+    let name = name.ok_or_else(|| Error::missing_param("username is required"))?;
+    let uid = user_id_for(&app, &name)?;
+    if app.store.read(move |c| q::get_user(c, uid.as_str())).await?.is_some() {
+        return Err(Error::user_in_use("User ID already taken"));
+    }
+    json(&json!({ "available": true }))
+}
+
+/// # `GET /_matrix/client/v3/login`
+pub async fn login_flows(_req: Req) -> Result<Response> {
+    json(&json!({ "flows": [{ "type": "m.login.password" }] }))
+}
+
+/// The user named by a login identifier (`m.id.user` or the deprecated top-level `user`).
+fn login_user(app: &App, body: &Value) -> Result<OwnedUserId> {
+    let user = match body.get("identifier") {
+        Some(id) => {
+            if id.get("type").and_then(Value::as_str) != Some("m.id.user") {
+                return Err(Error::unknown("Only m.id.user identifiers are supported").with_status(400, "M_UNKNOWN"));
+            }
+            id.get("user").and_then(Value::as_str)
+        }
+        None => body.get("user").and_then(Value::as_str),
+    };
+    let user = user.ok_or_else(|| Error::bad_json("identifier.user is required"))?;
+    if user.starts_with('@') {
+        let id = UserId::parse(user).map_err(|_| Error::invalid_username("Invalid user ID"))?;
+        if id.server_name() != app.server_name {
+            return Err(Error::forbidden("Invalid username or password"));
+        }
+        Ok(id)
+    } else {
+        user_id_for(app, &user.to_lowercase()).map_err(|_| Error::forbidden("Invalid username or password"))
+    }
+}
+
+/// Checks a user's password; `M_FORBIDDEN` for unknown users and wrong passwords alike.
+async fn check_password(app: &App, user_id: &UserId, password: &str) -> Result<()> {
+    let uid = user_id.to_owned();
+    let row = app.store.read(move |c| q::get_user(c, uid.as_str())).await?;
+    let Some(row) = row else { return Err(Error::forbidden("Invalid username or password")) };
+    if row.deactivated {
+        return Err(Error::user_deactivated("This account has been deactivated"));
+    }
+    let Some(hash) = row.password_hash else { return Err(Error::forbidden("Invalid username or password")) };
+    if verify_password(hash, password.to_owned()).await {
+        Ok(())
+    } else {
+        Err(Error::forbidden("Invalid username or password"))
+    }
+}
+
+/// # `POST /_matrix/client/v3/login`
+pub async fn login(mut req: Req) -> Result<Response> {
+    let app = req.state().clone();
+    app.limits.check("login", &peer_ip(&req))?;
+    let body = body_json(&mut req).await?;
+    if body.get("type").and_then(Value::as_str) != Some("m.login.password") {
+        return Err(Error::new(400, "M_UNKNOWN", "Unknown login type"));
+    }
+    let user_id = login_user(&app, &body)?;
+    let password = str_field(&body, "password")?.ok_or_else(|| Error::bad_json("password is required"))?;
+    check_password(&app, &user_id, password).await?;
+    let device_id = str_field(&body, "device_id")?.map(str::to_owned).unwrap_or_else(|| random_string(10).to_uppercase());
+    let display = str_field(&body, "initial_device_display_name")?.map(str::to_owned);
+    let (uid, dev) = (user_id.clone(), device_id.clone());
+    let old = {
+        let (u, d) = (uid.to_string(), dev.clone());
+        app.store.read(move |c| q::list_token_hashes(c, &u, Some(&d))).await?
+    };
+    let token = app.store.write(move |tx| new_session(tx, uid.as_str(), &dev, display.as_deref())).await?;
+    app.tokens.remove(&old);
+    json(&json!({ "user_id": user_id, "access_token": token, "device_id": device_id, "home_server": app.server_name }))
+}
+
+/// # `POST /_matrix/client/v3/logout`
+pub async fn logout(req: Req) -> Result<Response> {
+    let who = auth(&req).await?;
+    let app = req.state().clone();
+    let (u, d) = (who.user_id.to_string(), who.device_id.to_string());
+    app.store.write(move |tx| q::delete_device(tx, &u, &d)).await?;
+    app.tokens.remove(&[who.token_hash]);
+    json(&json!({}))
+}
+
+/// # `POST /_matrix/client/v3/logout/all`
+pub async fn logout_all(req: Req) -> Result<Response> {
+    let who = auth(&req).await?;
+    let app = req.state().clone();
+    let u = who.user_id.to_string();
+    let hashes = {
+        let u = u.clone();
+        app.store.read(move |c| q::list_token_hashes(c, &u, None)).await?
+    };
+    app.store
+        .write(move |tx| {
+            tx.execute("DELETE FROM devices WHERE user_id = ?1", [&u])?;
+            Ok(())
+        })
+        .await?;
+    app.tokens.remove(&hashes);
+    json(&json!({}))
+}
+
+/// # `GET /_matrix/client/v3/account/whoami`
+pub async fn whoami(req: Req) -> Result<Response> {
+    let who = auth(&req).await?;
+    json(&json!({ "user_id": who.user_id, "device_id": who.device_id, "is_guest": false }))
+}
+
+/// Requires a `m.login.password` auth dict for the caller (sensitive operations).
+async fn require_password_uia(app: &App, who: &super::Authed, body: &Value) -> Result<()> {
+    let flows = json!([{ "stages": ["m.login.password"] }]);
+    let Some(a) = body.get("auth").filter(|a| a.is_object()) else { return Err(uia_401(flows, None)) };
+    if a.get("type").and_then(Value::as_str) != Some("m.login.password") {
+        return Err(uia_401(flows, Some(Error::forbidden("Unsupported authentication stage"))));
+    }
+    let claimed = login_user(app, a).unwrap_or_else(|_| who.user_id.clone());
+    if claimed != who.user_id {
+        return Err(Error::forbidden("Cannot authenticate as another user"));
+    }
+    let password = a.get("password").and_then(Value::as_str).unwrap_or_default();
+    check_password(app, &who.user_id, password).await.map_err(|e| uia_401(flows, Some(e)))
+}
+
+/// # `POST /_matrix/client/v3/account/password`
+pub async fn change_password(mut req: Req) -> Result<Response> {
+    let who = auth(&req).await?;
+    let app = req.state().clone();
+    let body = body_json(&mut req).await?;
+    require_password_uia(&app, &who, &body).await?;
+    let new = str_field(&body, "new_password")?.ok_or_else(|| Error::missing_param("new_password is required"))?;
+    let logout_devices = body.get("logout_devices").and_then(Value::as_bool).unwrap_or(true);
+    let hash = hash_password(new.to_owned()).await?;
+    let (u, d) = (who.user_id.to_string(), who.device_id.to_string());
+    let hashes = {
+        let u = u.clone();
+        app.store.read(move |c| q::list_token_hashes(c, &u, None)).await?
+    };
+    app.store
+        .write(move |tx| {
+            q::update_password(tx, &u, &hash)?;
+            if logout_devices {
+                tx.execute("DELETE FROM devices WHERE user_id = ?1 AND device_id != ?2", [&u, &d])?;
+            }
+            Ok(())
+        })
+        .await?;
+    if logout_devices {
+        let keep = who.token_hash.clone();
+        app.tokens.remove(&hashes.into_iter().filter(|h| *h != keep).collect::<Vec<_>>());
+    }
+    json(&json!({}))
+}
+
+fn device_json(d: &q::DeviceRow) -> Value {
+    json!({ "device_id": d.device_id, "display_name": d.display_name, "last_seen_ts": d.last_seen_ts, "last_seen_ip": d.last_seen_ip })
+}
+
+/// # `GET /_matrix/client/v3/devices`
+pub async fn list_devices(req: Req) -> Result<Response> {
+    let who = auth(&req).await?;
+    let u = who.user_id.to_string();
+    let devices = req.state().store.read(move |c| q::list_devices(c, &u, None)).await?;
+    json(&json!({ "devices": devices.iter().map(device_json).collect::<Vec<_>>() }))
+}
+
+/// # `GET /_matrix/client/v3/devices/{deviceId}`
+pub async fn get_device(req: Req) -> Result<Response> {
+    let who = auth(&req).await?;
+    let id = param(&req, "device_id")?;
+    let u = who.user_id.to_string();
+    let devices = req.state().store.read(move |c| q::list_devices(c, &u, Some(&id))).await?;
+    let d = devices.first().ok_or_else(|| Error::not_found("Unknown device"))?;
+    json(&device_json(d))
+}
+
+/// # `PUT /_matrix/client/v3/devices/{deviceId}`
+pub async fn update_device(mut req: Req) -> Result<Response> {
+    let who = auth(&req).await?;
+    let id = param(&req, "device_id")?;
+    let body = body_json(&mut req).await?;
+    let name = str_field(&body, "display_name")?.map(str::to_owned);
+    let u = who.user_id.to_string();
+    let found = req.state().store.write(move |tx| q::update_device_name(tx, &u, &id, name.as_deref())).await?;
+    if !found {
+        return Err(Error::not_found("Unknown device"));
+    }
+    json(&json!({}))
+}
+
+async fn delete_devices_inner(req: &mut Req, ids: Option<Vec<String>>) -> Result<Response> {
+    let who = auth(req).await?;
+    let app = req.state().clone();
+    let body = body_json(req).await?;
+    let ids = match ids {
+        Some(ids) => ids,
+        None => match body.get("devices").and_then(Value::as_array) {
+            Some(a) => a.iter().map(|v| v.as_str().map(str::to_owned).ok_or_else(|| Error::bad_json("devices must be strings"))).collect::<Result<_>>()?,
+            None => return Err(Error::bad_json("devices is required")),
+        },
+    };
+    require_password_uia(&app, &who, &body).await?;
+    let u = who.user_id.to_string();
+    let mut hashes = Vec::new();
+    for id in &ids {
+        let (u, id) = (u.clone(), id.clone());
+        hashes.extend(app.store.read(move |c| q::list_token_hashes(c, &u, Some(&id))).await?);
+    }
+    app.store
+        .write(move |tx| {
+            for id in &ids {
+                q::delete_device(tx, &u, id)?;
+            }
+            Ok(())
+        })
+        .await?;
+    app.tokens.remove(&hashes);
+    json(&json!({}))
+}
+
+/// # `DELETE /_matrix/client/v3/devices/{deviceId}`
+pub async fn delete_device(mut req: Req) -> Result<Response> {
+    let id = param(&req, "device_id")?;
+    delete_devices_inner(&mut req, Some(vec![id])).await
+}
+
+/// # `POST /_matrix/client/v3/delete_devices`
+pub async fn delete_devices(mut req: Req) -> Result<Response> {
+    delete_devices_inner(&mut req, None).await
+}

@@ -1,0 +1,534 @@
+//! Events: send, state, redact, `/messages`, `/members`, `/joined_members`, `/event`,
+//! `/context`.
+//!
+//! Who may read what: a joined user reads the room's history (within its history
+//! visibility); a user who left or was banned reads up to their leaving; anyone reads a
+//! `world_readable` room. `visible_range` is the one place that decides.
+
+use ruma::{events::TimelineEventType, OwnedEventId, OwnedRoomId, RoomVersionId};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::{json, Value};
+use tide::Response;
+
+use super::{auth, body_json, json, param, Authed, Req};
+use crate::{
+    error::{Error, Result},
+    room::{
+        build::{self, current_content, NewEvent, TxnRef},
+        format::{client_event, client_events, Viewer},
+    },
+    store::queries::{self as q, EventRow},
+    App,
+};
+
+fn room_param(req: &Req) -> Result<OwnedRoomId> {
+    OwnedRoomId::try_from(param(req, "room_id")?).map_err(|e| Error::invalid_param(format!("room ID: {e}")))
+}
+
+/// The stream positions `(lo, hi]` of a room's events this user may see.
+pub fn visible_range(conn: &Connection, room_id: &str, user_id: &str) -> Result<(i64, i64)> {
+    if q::get_room_version(conn, room_id)?.is_none() {
+        return Err(Error::not_found("Unknown room"));
+    }
+    let hv = current_content(conn, room_id, "m.room.history_visibility", "")?
+        .and_then(|c| c.get("history_visibility").and_then(Value::as_str).map(str::to_owned))
+        .unwrap_or_else(|| "shared".into());
+    if hv == "world_readable" {
+        return Ok((0, i64::MAX));
+    }
+    let member: Option<(String, i64)> = conn
+        .query_row(
+            "SELECT membership, pos FROM current_state WHERE room_id = ?1 AND type = 'm.room.member' AND state_key = ?2",
+            [room_id, user_id],
+            |r| Ok((r.get::<_, Option<String>>(0)?.unwrap_or_default(), r.get(1)?)),
+        )
+        .optional()?;
+    let Some((membership, pos)) = member else { return Err(Error::forbidden("You are not in this room")) };
+    // With `joined`/`invited` visibility, history starts at the user's first join/invite.
+    let lo = if hv == "joined" || hv == "invited" {
+        let wanted = if hv == "joined" { "join" } else { "invite" };
+        conn.query_row(
+            "SELECT min(pos) FROM events WHERE room_id = ?1 AND type = 'm.room.member' AND state_key = ?2
+             AND (json_extract(json, '$.content.membership') = ?3 OR json_extract(json, '$.content.membership') = 'join')",
+            params![room_id, user_id, wanted],
+            |r| r.get::<_, Option<i64>>(0),
+        )?
+        .map(|p| p - 1)
+        .unwrap_or(i64::MAX)
+    } else {
+        0
+    };
+    match membership.as_str() {
+        "join" => Ok((lo, i64::MAX)),
+        "leave" | "ban" => {
+            let was_joined: bool = conn
+                .query_row(
+                    "SELECT 1 FROM events WHERE room_id = ?1 AND type = 'm.room.member' AND state_key = ?2
+                     AND json_extract(json, '$.content.membership') = 'join' LIMIT 1",
+                    [room_id, user_id],
+                    |_| Ok(true),
+                )
+                .optional()?
+                .unwrap_or(false);
+            if was_joined {
+                Ok((lo, pos))
+            } else {
+                Err(Error::forbidden("You are not in this room"))
+            }
+        }
+        _ => Err(Error::forbidden("You are not in this room")),
+    }
+}
+
+fn viewer(who: &Authed) -> Viewer<'_> {
+    Viewer { user_id: who.user_id.as_str(), device_id: who.device_id.as_str() }
+}
+
+/// Sends one event (message or state) from a client, deduplicated by transaction ID.
+async fn send_event(app: &App, who: &Authed, room_id: OwnedRoomId, new: NewEvent, txn_id: Option<String>) -> Result<String> {
+    let local = app.local.clone();
+    let (uid, dev) = (who.user_id.clone(), who.device_id.to_string());
+    app.store
+        .write(move |tx| {
+            if let Some(t) = &txn_id {
+                if let Some(existing) = q::get_txn(tx, uid.as_str(), &dev, t)? {
+                    return Ok(existing);
+                }
+            }
+            if q::get_membership(tx, room_id.as_str(), uid.as_str())?.as_deref() != Some("join") && new.kind != TimelineEventType::RoomMember {
+                if q::get_room_version(tx, room_id.as_str())?.is_none() {
+                    return Err(Error::not_found("Unknown room"));
+                }
+                return Err(Error::forbidden("You are not joined to this room"));
+            }
+            let txn = txn_id.as_deref().map(|t| TxnRef { device_id: &dev, txn_id: t });
+            Ok(build::send(tx, &local, &room_id, &uid, new, txn)?.event_id.to_string())
+        })
+        .await
+}
+
+/// # `PUT /_matrix/client/v3/rooms/{roomId}/send/{eventType}/{txnId}`
+pub async fn send_message(mut req: Req) -> Result<Response> {
+    let who = auth(&req).await?;
+    let app = req.state().clone();
+    let room_id = room_param(&req)?;
+    let kind = param(&req, "event_type")?;
+    let txn_id = param(&req, "txn_id")?;
+    let content = body_json(&mut req).await?;
+    if kind.is_empty() || kind.len() > 255 {
+        return Err(Error::invalid_param("Invalid event type"));
+    }
+    let (u, d, t) = (who.user_id.to_string(), who.device_id.to_string(), txn_id.clone());
+    if let Some(existing) = app.store.read(move |c| q::get_txn(c, &u, &d, &t)).await? {
+        return json(&json!({ "event_id": existing }));
+    }
+    app.limits.check("send", who.user_id.as_str())?;
+    let event_id = send_event(&app, &who, room_id, NewEvent::message(kind, content), Some(txn_id)).await?;
+    json(&json!({ "event_id": event_id }))
+}
+
+/// # `PUT /_matrix/client/v3/rooms/{roomId}/state/{eventType}/{stateKey}`
+pub async fn put_state(mut req: Req) -> Result<Response> {
+    let who = auth(&req).await?;
+    let app = req.state().clone();
+    let room_id = room_param(&req)?;
+    let kind = param(&req, "event_type")?;
+    let key = param(&req, "state_key").unwrap_or_default();
+    let content = body_json(&mut req).await?;
+    if kind == "m.room.canonical_alias" {
+        check_canonical_alias(&app, &room_id, &content).await?;
+    }
+    let event_id = send_event(&app, &who, room_id, NewEvent::state(kind, key, content), None).await?;
+    json(&json!({ "event_id": event_id }))
+}
+
+/// Aliases named in `m.room.canonical_alias` must exist and point at this room (`M_BAD_ALIAS`).
+async fn check_canonical_alias(app: &App, room_id: &OwnedRoomId, content: &Value) -> Result<()> {
+    let mut aliases: Vec<String> = Vec::new();
+    if let Some(a) = content.get("alias").and_then(Value::as_str) {
+        aliases.push(a.to_owned());
+    }
+    if let Some(list) = content.get("alt_aliases").and_then(Value::as_array) {
+        aliases.extend(list.iter().filter_map(Value::as_str).map(str::to_owned));
+    }
+    let rid = room_id.to_string();
+    app.store
+        .read(move |c| {
+            for a in &aliases {
+                match q::get_alias(c, a)? {
+                    Some((r, _)) if r == rid => {}
+                    _ => return Err(Error::new(400, "M_BAD_ALIAS", format!("Alias {a} does not point to this room"))),
+                }
+            }
+            Ok(())
+        })
+        .await
+}
+
+/// The state a user may see: current state when joined, else the state when they left.
+fn visible_state(conn: &Connection, room_id: &str, user_id: &str) -> Result<Vec<EventRow>> {
+    let (_, hi) = visible_range(conn, room_id, user_id)?;
+    let ids: Vec<String> = if hi == i64::MAX {
+        q::list_current_state(conn, room_id)?.into_iter().map(|(_, _, e, _)| e).collect()
+    } else {
+        let group = q::get_state_group_at(conn, room_id, hi)?.ok_or_else(|| Error::not_found("No state"))?;
+        q::load_state_group(conn, group)?.into_values().collect()
+    };
+    let mut rows = Vec::new();
+    for id in ids {
+        if let Some(r) = q::get_event(conn, &id)? {
+            rows.push(r);
+        }
+    }
+    rows.sort_by_key(|r| r.pos);
+    Ok(rows)
+}
+
+/// # `GET /_matrix/client/v3/rooms/{roomId}/state`
+pub async fn get_state_all(req: Req) -> Result<Response> {
+    let who = auth(&req).await?;
+    let app = req.state().clone();
+    let room_id = room_param(&req)?.to_string();
+    let now = app.clock.now_ms();
+    let out = app
+        .store
+        .read(move |c| {
+            let rows = visible_state(c, &room_id, who.user_id.as_str())?;
+            client_events(c, &rows, Some(viewer(&who)), now, true)
+        })
+        .await?;
+    json(&out)
+}
+
+/// # `GET /_matrix/client/v3/rooms/{roomId}/state/{eventType}/{stateKey}`
+pub async fn get_state(req: Req) -> Result<Response> {
+    let who = auth(&req).await?;
+    let room_id = room_param(&req)?.to_string();
+    let kind = param(&req, "event_type")?;
+    let key = param(&req, "state_key").unwrap_or_default();
+    let full = req.url().query_pairs().any(|(k, v)| k == "format" && v == "event");
+    let app = req.state().clone();
+    let now = app.clock.now_ms();
+    let out = app
+        .store
+        .read(move |c| {
+            let rows = visible_state(c, &room_id, who.user_id.as_str())?;
+            let row = rows
+                .iter()
+                .find(|r| r.kind == kind && r.state_key.as_deref() == Some(key.as_str()))
+                .ok_or_else(|| Error::not_found("Event not found"))?;
+            let ev = client_event(c, row, Some(viewer(&who)), now, true)?;
+            Ok(if full { ev } else { ev["content"].clone() })
+        })
+        .await?;
+    json(&out)
+}
+
+/// # `PUT /_matrix/client/v3/rooms/{roomId}/redact/{eventId}/{txnId}`
+pub async fn redact(mut req: Req) -> Result<Response> {
+    let who = auth(&req).await?;
+    let app = req.state().clone();
+    let room_id = room_param(&req)?;
+    let target = OwnedEventId::try_from(param(&req, "event_id")?).map_err(|e| Error::invalid_param(format!("event ID: {e}")))?;
+    let txn_id = param(&req, "txn_id")?;
+    let body = body_json(&mut req).await?;
+    let rid = room_id.to_string();
+    let version = app.store.read(move |c| q::get_room_version(c, &rid)).await?.ok_or_else(|| Error::not_found("Unknown room"))?;
+    let mut content = json!({});
+    if let Some(r) = body.get("reason").and_then(Value::as_str) {
+        content["reason"] = r.into();
+    }
+    let v11 = RoomVersionId::try_from(version.as_str()).is_ok_and(|v| matches!(v, RoomVersionId::V11));
+    if v11 {
+        content["redacts"] = target.as_str().into();
+    }
+    let new = NewEvent { kind: TimelineEventType::RoomRedaction, state_key: None, content, redacts: (!v11).then_some(target) };
+    let event_id = send_event(&app, &who, room_id, new, Some(txn_id)).await?;
+    json(&json!({ "event_id": event_id }))
+}
+
+/// A stream token for `/messages`: `t<pos>` (or a `/sync` `next_batch`, `s<pos>_<n>`).
+pub fn parse_pos_token(t: &str) -> Result<i64> {
+    let digits = t.strip_prefix('t').or_else(|| t.strip_prefix('s').map(|s| s.split('_').next().unwrap_or("")));
+    digits.and_then(|d| d.parse().ok()).ok_or_else(|| Error::invalid_param("Invalid pagination token"))
+}
+
+/// The parts of a `RoomEventFilter` `/messages` and `/context` apply.
+#[derive(Default, Clone)]
+pub struct EventFilter {
+    pub types: Option<Vec<String>>,
+    pub not_types: Vec<String>,
+    pub senders: Option<Vec<String>>,
+    pub not_senders: Vec<String>,
+    pub lazy_load_members: bool,
+    pub limit: Option<usize>,
+}
+
+fn type_matches(pattern: &str, kind: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => kind.starts_with(prefix),
+        None => pattern == kind,
+    }
+}
+
+impl EventFilter {
+    pub fn from_json(v: &Value) -> Result<Self> {
+        let list = |k: &str| -> Result<Option<Vec<String>>> {
+            match v.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::Array(a)) => a.iter().map(|x| x.as_str().map(str::to_owned).ok_or_else(|| Error::bad_json(format!("{k} must be strings")))).collect::<Result<_>>().map(Some),
+                Some(_) => Err(Error::bad_json(format!("{k} must be an array"))),
+            }
+        };
+        Ok(Self {
+            types: list("types")?,
+            not_types: list("not_types")?.unwrap_or_default(),
+            senders: list("senders")?,
+            not_senders: list("not_senders")?.unwrap_or_default(),
+            lazy_load_members: v.get("lazy_load_members").and_then(Value::as_bool).unwrap_or(false),
+            limit: v.get("limit").and_then(Value::as_u64).map(|l| l as usize),
+        })
+    }
+
+    pub fn allows(&self, row: &EventRow) -> bool {
+        if self.not_types.iter().any(|p| type_matches(p, &row.kind)) || self.not_senders.contains(&row.sender) {
+            return false;
+        }
+        self.types.as_ref().is_none_or(|t| t.iter().any(|p| type_matches(p, &row.kind)))
+            && self.senders.as_ref().is_none_or(|s| s.contains(&row.sender))
+    }
+}
+
+fn query_filter(req: &Req) -> Result<EventFilter> {
+    match req.url().query_pairs().find(|(k, _)| k == "filter") {
+        Some((_, f)) => {
+            let v: Value = serde_json::from_str(&f).map_err(|e| Error::not_json(format!("filter: {e}")))?;
+            EventFilter::from_json(&v)
+        }
+        None => Ok(EventFilter::default()),
+    }
+}
+
+/// The member events of the senders of `rows` (lazy-loading members), at current state.
+pub fn lazy_members_of(conn: &Connection, room_id: &str, rows: &[EventRow]) -> Result<Vec<EventRow>> {
+    let mut senders: Vec<&str> = rows.iter().map(|r| r.sender.as_str()).collect();
+    senders.sort();
+    senders.dedup();
+    let mut out = Vec::new();
+    for s in senders {
+        if let Some(id) = q::get_current_state(conn, room_id, "m.room.member", s)? {
+            if let Some(r) = q::get_event(conn, &id)? {
+                out.push(r);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Most rows a single `/messages` scans while filtering.
+const MAX_SCAN: usize = 2000;
+
+/// # `GET /_matrix/client/v3/rooms/{roomId}/messages`
+pub async fn messages(req: Req) -> Result<Response> {
+    let who = auth(&req).await?;
+    let app = req.state().clone();
+    let room_id = room_param(&req)?.to_string();
+    let get = |k: &str| req.url().query_pairs().find(|(q, _)| q == k).map(|(_, v)| v.into_owned());
+    let backward = match get("dir").as_deref() {
+        Some("b") => true,
+        Some("f") => false,
+        _ => return Err(Error::invalid_param("dir must be b or f")),
+    };
+    let from = get("from").map(|t| parse_pos_token(&t)).transpose()?;
+    let to = get("to").map(|t| parse_pos_token(&t)).transpose()?;
+    let filter = query_filter(&req)?;
+    let limit = match get("limit") {
+        Some(l) => l.parse::<usize>().map_err(|_| Error::invalid_param("limit must be an integer"))?,
+        None => filter.limit.unwrap_or(10),
+    }
+    .clamp(1, 1000);
+    let now = app.clock.now_ms();
+    let current = app.notifier.pos();
+    let out = app
+        .store
+        .read(move |c| {
+            let (lo, hi) = visible_range(c, &room_id, who.user_id.as_str())?;
+            let mut chunk = Vec::new();
+            let mut scanned = 0;
+            let mut exhausted = false;
+            let mut cursor = if backward { from.unwrap_or(current) } else { from.unwrap_or(0) };
+            while chunk.len() < limit && scanned < MAX_SCAN {
+                let (after, upto) = if backward {
+                    (to.unwrap_or(0).max(lo), cursor.min(hi))
+                } else {
+                    (cursor.max(lo), to.unwrap_or(i64::MAX).min(hi))
+                };
+                if after >= upto {
+                    exhausted = true;
+                    break;
+                }
+                let rows = q::list_room_events(c, &room_id, after, upto, limit, backward)?;
+                if rows.is_empty() {
+                    exhausted = true;
+                    break;
+                }
+                for r in rows {
+                    scanned += 1;
+                    cursor = if backward { r.pos - 1 } else { r.pos };
+                    if filter.allows(&r) {
+                        chunk.push(r);
+                        if chunk.len() == limit {
+                            break;
+                        }
+                    }
+                }
+            }
+            let state = if filter.lazy_load_members { lazy_members_of(c, &room_id, &chunk)? } else { Vec::new() };
+            let v = Viewer { user_id: who.user_id.as_str(), device_id: who.device_id.as_str() };
+            let mut out = json!({
+                "chunk": client_events(c, &chunk, Some(v), now, true)?,
+                "start": format!("t{}", from.unwrap_or(if backward { current } else { 0 })),
+            });
+            if !exhausted || chunk.len() == limit {
+                out["end"] = format!("t{cursor}").into();
+            }
+            if !state.is_empty() {
+                out["state"] = client_events(c, &state, Some(v), now, true)?.into();
+            }
+            Ok(out)
+        })
+        .await?;
+    json(&out)
+}
+
+/// # `GET /_matrix/client/v3/rooms/{roomId}/members`
+pub async fn members(req: Req) -> Result<Response> {
+    let who = auth(&req).await?;
+    let app = req.state().clone();
+    let room_id = room_param(&req)?.to_string();
+    let get = |k: &str| req.url().query_pairs().find(|(q, _)| q == k).map(|(_, v)| v.into_owned());
+    let (only, not) = (get("membership"), get("not_membership"));
+    let at = get("at").map(|t| parse_pos_token(&t)).transpose()?;
+    let now = app.clock.now_ms();
+    let out = app
+        .store
+        .read(move |c| {
+            let (_, hi) = visible_range(c, &room_id, who.user_id.as_str())?;
+            let rows: Vec<EventRow> = match at.map(|a| a.min(hi)).or((hi != i64::MAX).then_some(hi)) {
+                None => visible_state(c, &room_id, who.user_id.as_str())?,
+                Some(p) => {
+                    let g = q::get_state_group_at(c, &room_id, p)?.ok_or_else(|| Error::not_found("No state"))?;
+                    q::load_state_group(c, g)?.into_values().filter_map(|id| q::get_event(c, &id).ok().flatten()).collect()
+                }
+            };
+            let mut chunk = Vec::new();
+            for r in rows.iter().filter(|r| r.kind == "m.room.member") {
+                let ev = client_event(c, r, Some(viewer(&who)), now, true)?;
+                let m = ev["content"]["membership"].as_str().unwrap_or_default().to_owned();
+                if only.as_ref().is_some_and(|o| *o != m) || not.as_ref().is_some_and(|n| *n == m) {
+                    continue;
+                }
+                chunk.push(ev);
+            }
+            Ok(json!({ "chunk": chunk }))
+        })
+        .await?;
+    json(&out)
+}
+
+/// # `GET /_matrix/client/v3/rooms/{roomId}/joined_members`
+pub async fn joined_members(req: Req) -> Result<Response> {
+    let who = auth(&req).await?;
+    let room_id = room_param(&req)?.to_string();
+    let out = req
+        .state()
+        .store
+        .read(move |c| {
+            visible_range(c, &room_id, who.user_id.as_str())?;
+            let mut joined = serde_json::Map::new();
+            for (user, membership, event_id) in q::list_members(c, &room_id)? {
+                if membership != "join" {
+                    continue;
+                }
+                let content = q::get_event(c, &event_id)?
+                    .and_then(|r| serde_json::from_str::<Value>(&r.json).ok())
+                    .map(|v| v["content"].clone())
+                    .unwrap_or(Value::Null);
+                joined.insert(user, json!({ "display_name": content.get("displayname"), "avatar_url": content.get("avatar_url") }));
+            }
+            Ok(json!({ "joined": joined }))
+        })
+        .await?;
+    json(&out)
+}
+
+/// Loads an event of `room_id` that the user may see, or `M_NOT_FOUND`.
+fn visible_event(conn: &Connection, room_id: &str, event_id: &str, user_id: &str) -> Result<EventRow> {
+    let (lo, hi) = visible_range(conn, room_id, user_id)?;
+    let row = q::get_event(conn, event_id)?.ok_or_else(|| Error::not_found("Event not found"))?;
+    if q::get_event_room(conn, event_id)?.as_deref() != Some(room_id) || row.pos <= lo || row.pos > hi {
+        return Err(Error::not_found("Event not found"));
+    }
+    Ok(row)
+}
+
+/// # `GET /_matrix/client/v3/rooms/{roomId}/event/{eventId}`
+pub async fn get_event(req: Req) -> Result<Response> {
+    let who = auth(&req).await?;
+    let room_id = room_param(&req)?.to_string();
+    let event_id = param(&req, "event_id")?;
+    let app = req.state().clone();
+    let now = app.clock.now_ms();
+    let out = app
+        .store
+        .read(move |c| {
+            let row = visible_event(c, &room_id, &event_id, who.user_id.as_str())?;
+            client_event(c, &row, Some(viewer(&who)), now, true)
+        })
+        .await?;
+    json(&out)
+}
+
+/// # `GET /_matrix/client/v3/rooms/{roomId}/context/{eventId}`
+pub async fn context(req: Req) -> Result<Response> {
+    let who = auth(&req).await?;
+    let room_id = room_param(&req)?.to_string();
+    let event_id = param(&req, "event_id")?;
+    let filter = query_filter(&req)?;
+    let limit = match req.url().query_pairs().find(|(k, _)| k == "limit") {
+        Some((_, l)) => l.parse::<usize>().map_err(|_| Error::invalid_param("limit must be an integer"))?,
+        None => 10,
+    }
+    .min(100);
+    let app = req.state().clone();
+    let now = app.clock.now_ms();
+    let out = app
+        .store
+        .read(move |c| {
+            let row = visible_event(c, &room_id, &event_id, who.user_id.as_str())?;
+            let (lo, hi) = visible_range(c, &room_id, who.user_id.as_str())?;
+            let before_n = limit / 2;
+            let after_n = limit - before_n;
+            let before: Vec<EventRow> = q::list_room_events(c, &room_id, lo, row.pos - 1, MAX_SCAN, true)?.into_iter().filter(|r| filter.allows(r)).take(before_n).collect();
+            let after: Vec<EventRow> = q::list_room_events(c, &room_id, row.pos, hi, MAX_SCAN, false)?.into_iter().filter(|r| filter.allows(r)).take(after_n).collect();
+            let start = before.last().map(|r| r.pos - 1).unwrap_or(row.pos - 1);
+            let end = after.last().map(|r| r.pos).unwrap_or(row.pos);
+            let state_rows: Vec<EventRow> = if filter.lazy_load_members {
+                let all: Vec<EventRow> = before.iter().chain(after.iter()).chain(std::iter::once(&row)).cloned().collect();
+                lazy_members_of(c, &room_id, &all)?
+            } else {
+                q::load_state_group(c, row.state_group)?.into_values().filter_map(|id| q::get_event(c, &id).ok().flatten()).collect()
+            };
+            let v = Some(viewer(&who));
+            Ok(json!({
+                "event": client_event(c, &row, v, now, true)?,
+                "events_before": client_events(c, &before, v, now, true)?,
+                "events_after": client_events(c, &after, v, now, true)?,
+                "start": format!("t{start}"),
+                "end": format!("t{end}"),
+                "state": client_events(c, &state_rows, v, now, true)?,
+            }))
+        })
+        .await?;
+    json(&out)
+}

@@ -1,0 +1,48 @@
+//! Discovery and operations: `/versions`, `/capabilities`, `.well-known`, metrics.
+
+use serde_json::json;
+use tide::Response;
+
+use super::{auth, json, Req};
+use crate::{error::Result, room::SUPPORTED_VERSIONS};
+
+/// # `GET /_matrix/client/versions`
+pub async fn versions(_req: Req) -> Result<Response> {
+    json(&json!({
+        "versions": ["r0.5.0", "r0.6.0", "r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10", "v1.11", "v1.12"],
+        "unstable_features": {}
+    }))
+}
+
+/// # `GET /_matrix/client/v3/capabilities`
+pub async fn capabilities(req: Req) -> Result<Response> {
+    auth(&req).await?;
+    let app = req.state();
+    let available: serde_json::Map<String, serde_json::Value> = SUPPORTED_VERSIONS.iter().map(|v| ((*v).to_owned(), "stable".into())).collect();
+    json(&json!({
+        "capabilities": {
+            "m.room_versions": { "default": app.config.default_room_version, "available": available },
+            "m.change_password": { "enabled": true },
+            "m.set_displayname": { "enabled": true },
+            "m.set_avatar_url": { "enabled": true },
+            "m.3pid_changes": { "enabled": false },
+            "m.get_login_token": { "enabled": false }
+        }
+    }))
+}
+
+/// # `GET /.well-known/matrix/client`
+pub async fn well_known_client(req: Req) -> Result<Response> {
+    let url = req.url();
+    let base = format!("{}://{}", url.scheme(), url.host_str().map(|h| match url.port() { Some(p) => format!("{h}:{p}"), None => h.to_owned() }).unwrap_or_default());
+    json(&json!({ "m.homeserver": { "base_url": base } }))
+}
+
+/// # `GET /_hearth/metrics` (Prometheus text format)
+pub async fn metrics(req: Req) -> Result<Response> {
+    let app = req.state();
+    let mut res = Response::new(200);
+    res.set_body(app.metrics.render(&app.notifier, app.spawner.live_tasks()));
+    res.set_content_type("text/plain; version=0.0.4");
+    Ok(res)
+}

@@ -1,0 +1,311 @@
+//! The HTTP layer: the route table, the request helpers every handler uses, and the
+//! handlers, one file per area of the Client-Server API.
+//!
+//! A handler is `async fn(Req) -> Result<Response>`; `h(...)` turns it into a tide endpoint
+//! that maps errors to Matrix JSON, and `c(...)` does the same for **cancellable** routes:
+//! the handler future is dropped if the client disconnects (see `server::ConnWatch`) or the
+//! server shuts down. Writes are never marked `c`.
+
+pub mod account;
+pub mod events;
+pub mod misc;
+pub mod rooms;
+pub mod sync;
+pub mod user;
+
+use std::{future::Future, sync::atomic::Ordering};
+
+use futures_lite::{AsyncReadExt, FutureExt};
+use percent_encoding::percent_decode_str;
+use ruma::{
+    api::{IncomingRequest, IncomingRequestExt},
+    OwnedDeviceId, OwnedUserId,
+};
+use serde::Serialize;
+use tide::{Response, StatusCode};
+
+use crate::{
+    error::{Error, Result},
+    server::{Cancelled, ConnWatch},
+    util::hash_token,
+    App,
+};
+
+pub type Req = tide::Request<App>;
+
+/// The JSON error response for `e`.
+pub fn error_response(e: &Error) -> Response {
+    let status = StatusCode::try_from(e.status).unwrap_or(StatusCode::InternalServerError);
+    let mut res = Response::new(status);
+    res.set_body(tide::Body::from_json(&e.to_json()).unwrap_or_else(|_| tide::Body::from("{}")));
+    res.set_content_type(tide::http::mime::JSON);
+    res
+}
+
+/// A 200 with a JSON body.
+pub fn json<T: Serialize>(v: &T) -> Result<Response> {
+    let body = serde_json::to_vec(v)?;
+    let mut res = Response::new(StatusCode::Ok);
+    res.set_body(body);
+    res.set_content_type(tide::http::mime::JSON);
+    Ok(res)
+}
+
+/// A non-cancellable endpoint: once started it runs to its end even if the client leaves.
+pub fn h<F, Fut>(f: F) -> impl tide::Endpoint<App>
+where
+    F: Fn(Req) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response>> + Send + 'static,
+{
+    move |req: Req| {
+        let fut = f(req);
+        async move { Ok::<_, tide::Error>(fut.await.unwrap_or_else(|e| error_response(&e))) }
+    }
+}
+
+/// A cancellable endpoint: the handler is dropped at its current `.await` when the client
+/// disconnects or the server shuts down. Only for handlers without side effects (reads and
+/// long-polls), or whose side effects are shielded.
+pub fn c<F, Fut>(f: F) -> impl tide::Endpoint<App>
+where
+    F: Fn(Req) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response>> + Send + 'static,
+{
+    move |req: Req| {
+        let watch = req.ext::<ConnWatch>().cloned();
+        let app = req.state().clone();
+        let fut = f(req);
+        async move {
+            let handler = async { Some(fut.await) };
+            let gone = async {
+                match &watch {
+                    Some(w) => w.closed().or(app.shutdown.wait()).await,
+                    None => app.shutdown.wait().await,
+                }
+                None
+            };
+            match handler.or(gone).await {
+                Some(out) => Ok::<_, tide::Error>(out.unwrap_or_else(|e| error_response(&e))),
+                None => {
+                    app.metrics.cancelled_total.fetch_add(1, Ordering::SeqCst);
+                    let mut res = Response::new(StatusCode::RequestTimeout);
+                    res.insert_ext(Cancelled);
+                    Ok(res)
+                }
+            }
+        }
+    }
+}
+
+/// A path parameter, percent-decoded.
+pub fn param(req: &Req, name: &str) -> Result<String> {
+    let raw = req.param(name).map_err(|_| Error::missing_param(format!("missing path parameter {name}")))?;
+    percent_decode_str(raw)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| Error::invalid_param(format!("path parameter {name} is not UTF-8")))
+}
+
+/// Reads the body, refusing more than `max_request_bytes`.
+pub async fn body_bytes(req: &mut Req) -> Result<Vec<u8>> {
+    let max = req.state().config.max_request_bytes;
+    if req.len().is_some_and(|l| l > max) {
+        return Err(Error::too_large("Request body too large"));
+    }
+    let mut buf = Vec::new();
+    let body = req.take_body();
+    body.take(max as u64 + 1)
+        .read_to_end(&mut buf)
+        .await
+        .map_err(|e| Error::bad_json(format!("reading body: {e}")))?;
+    if buf.len() > max {
+        return Err(Error::too_large("Request body too large"));
+    }
+    Ok(buf)
+}
+
+/// The body as a JSON object (empty body = `{}`), with `M_NOT_JSON` for non-JSON.
+pub async fn body_json(req: &mut Req) -> Result<serde_json::Value> {
+    let buf = body_bytes(req).await?;
+    if buf.iter().all(u8::is_ascii_whitespace) {
+        return Ok(serde_json::json!({}));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&buf).map_err(|e| Error::not_json(format!("Content not JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(Error::bad_json("Content must be a JSON object"));
+    }
+    Ok(v)
+}
+
+/// Parses the request into ruma's typed request for the endpoint (path params by name, in
+/// the order the endpoint's path declares them), so validation of IDs, query strings and
+/// bodies is ruma's, not ours.
+pub async fn ruma_req<R: IncomingRequest>(req: &mut Req, params: &[&str]) -> Result<R> {
+    let args = params.iter().map(|p| param(req, p)).collect::<Result<Vec<_>>>()?;
+    let body = body_bytes(req).await?;
+    let url = req.url();
+    let uri = match url.query() {
+        Some(q) => format!("{}?{}", url.path(), q),
+        None => url.path().to_owned(),
+    };
+    let mut builder = http::Request::builder().method(req.method().as_ref()).uri(uri);
+    for (name, values) in req.iter() {
+        for v in values.iter() {
+            builder = builder.header(name.as_str(), v.as_str());
+        }
+    }
+    let http_req = builder.body(&body[..]).map_err(|e| Error::bad_json(format!("bad request: {e}")))?;
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    R::try_from_http_request(http_req, &args).map_err(|e| {
+        if !body.is_empty() && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
+            return Error::not_json(format!("Content not JSON: {e}"));
+        }
+        let msg = e.to_string();
+        if msg.contains("query") {
+            Error::invalid_param(msg)
+        } else {
+            Error::bad_json(msg)
+        }
+    })
+}
+
+/// The authenticated caller.
+#[derive(Clone, Debug)]
+pub struct Authed {
+    pub user_id: OwnedUserId,
+    pub device_id: OwnedDeviceId,
+    pub token_hash: String,
+}
+
+fn access_token(req: &Req) -> Option<String> {
+    if let Some(h) = req.header("Authorization") {
+        let v = h.last().as_str();
+        return v.strip_prefix("Bearer ").map(|t| t.trim().to_owned());
+    }
+    req.url().query_pairs().find(|(k, _)| k == "access_token").map(|(_, v)| v.into_owned())
+}
+
+/// Resolves the access token (header or query) to a user and device, through the cache.
+pub async fn auth(req: &Req) -> Result<Authed> {
+    let token = access_token(req).ok_or_else(|| Error::missing_token("Missing access token"))?;
+    let hash = hash_token(&token);
+    let app = req.state();
+    let who = match app.tokens.get(&hash) {
+        Some(w) => Some(w),
+        None => {
+            let h = hash.clone();
+            let found = app.store.read(move |c| crate::store::queries::get_token(c, &h)).await?;
+            if let Some(w) = &found {
+                app.tokens.insert(hash.clone(), w.clone());
+            }
+            found
+        }
+    };
+    let (user, device) = who.ok_or_else(|| Error::unknown_token("Unrecognised access token"))?;
+    Ok(Authed {
+        user_id: OwnedUserId::try_from(user).map_err(Error::internal)?,
+        device_id: OwnedDeviceId::from(device),
+        token_hash: hash,
+    })
+}
+
+/// The client's address, for per-IP rate limits.
+pub fn peer_ip(req: &Req) -> String {
+    req.ext::<ConnWatch>().map(|w| w.peer.ip().to_string()).unwrap_or_default()
+}
+
+/// Registers a handler under both `/_matrix/client/v3/...` and the legacy `r0` prefix that
+/// some clients still use.
+macro_rules! client {
+    ($s:expr, $method:ident $path:literal => $ep:expr) => {{
+        $s.at(concat!("/_matrix/client/v3", $path)).$method($ep);
+        $s.at(concat!("/_matrix/client/r0", $path)).$method($ep);
+    }};
+}
+
+/// The route table. `c(..)` marks a cancellable route; `h(..)` one that runs to completion.
+pub fn routes(app: App) -> tide::Server<App> {
+    let mut s = tide::with_state(app);
+    s.at("/_matrix/client/versions").get(c(misc::versions));
+    s.at("/_hearth/metrics").get(c(misc::metrics));
+    s.at("/.well-known/matrix/client").get(c(misc::well_known_client));
+    client!(s, get "/capabilities" => c(misc::capabilities));
+
+    // account and session
+    client!(s, get "/login" => c(account::login_flows));
+    client!(s, post "/login" => h(account::login));
+    client!(s, post "/register" => h(account::register));
+    client!(s, get "/register/available" => c(account::register_available));
+    client!(s, post "/logout" => h(account::logout));
+    client!(s, post "/logout/all" => h(account::logout_all));
+    client!(s, get "/account/whoami" => c(account::whoami));
+    client!(s, post "/account/password" => h(account::change_password));
+    client!(s, get "/devices" => c(account::list_devices));
+    client!(s, get "/devices/:device_id" => c(account::get_device));
+    client!(s, put "/devices/:device_id" => h(account::update_device));
+    client!(s, delete "/devices/:device_id" => h(account::delete_device));
+    client!(s, post "/delete_devices" => h(account::delete_devices));
+
+    // rooms
+    client!(s, post "/createRoom" => h(rooms::create_room));
+    client!(s, post "/join/:room" => h(rooms::join_by_id_or_alias));
+    client!(s, post "/rooms/:room_id/join" => h(rooms::join_by_id));
+    client!(s, post "/rooms/:room_id/leave" => h(rooms::leave));
+    client!(s, post "/rooms/:room_id/forget" => h(rooms::forget));
+    client!(s, post "/rooms/:room_id/invite" => h(rooms::invite));
+    client!(s, post "/rooms/:room_id/kick" => h(rooms::kick));
+    client!(s, post "/rooms/:room_id/ban" => h(rooms::ban));
+    client!(s, post "/rooms/:room_id/unban" => h(rooms::unban));
+    client!(s, get "/joined_rooms" => c(rooms::joined_rooms));
+    client!(s, get "/directory/room/:alias" => c(rooms::get_alias));
+    client!(s, put "/directory/room/:alias" => h(rooms::put_alias));
+    client!(s, delete "/directory/room/:alias" => h(rooms::delete_alias));
+    client!(s, get "/rooms/:room_id/aliases" => c(rooms::room_aliases));
+    client!(s, get "/directory/list/room/:room_id" => c(rooms::get_visibility));
+    client!(s, put "/directory/list/room/:room_id" => h(rooms::set_visibility));
+    client!(s, get "/publicRooms" => c(rooms::public_rooms));
+    client!(s, post "/publicRooms" => c(rooms::public_rooms));
+
+    // events
+    client!(s, put "/rooms/:room_id/send/:event_type/:txn_id" => h(events::send_message));
+    client!(s, put "/rooms/:room_id/state/:event_type" => h(events::put_state));
+    client!(s, put "/rooms/:room_id/state/:event_type/" => h(events::put_state));
+    client!(s, put "/rooms/:room_id/state/:event_type/:state_key" => h(events::put_state));
+    client!(s, get "/rooms/:room_id/state" => c(events::get_state_all));
+    client!(s, get "/rooms/:room_id/state/:event_type" => c(events::get_state));
+    client!(s, get "/rooms/:room_id/state/:event_type/" => c(events::get_state));
+    client!(s, get "/rooms/:room_id/state/:event_type/:state_key" => c(events::get_state));
+    client!(s, put "/rooms/:room_id/redact/:event_id/:txn_id" => h(events::redact));
+    client!(s, get "/rooms/:room_id/messages" => c(events::messages));
+    client!(s, get "/rooms/:room_id/members" => c(events::members));
+    client!(s, get "/rooms/:room_id/joined_members" => c(events::joined_members));
+    client!(s, get "/rooms/:room_id/event/:event_id" => c(events::get_event));
+    client!(s, get "/rooms/:room_id/context/:event_id" => c(events::context));
+
+    // sync
+    client!(s, get "/sync" => c(sync::sync));
+    client!(s, post "/user/:user_id/filter" => h(user::create_filter));
+    client!(s, get "/user/:user_id/filter/:filter_id" => c(user::get_filter));
+
+    // profile, account data, ephemeral, push rules
+    client!(s, get "/profile/:user_id" => c(user::get_profile));
+    client!(s, get "/profile/:user_id/:field" => c(user::get_profile_field));
+    client!(s, put "/profile/:user_id/:field" => h(user::set_profile_field));
+    client!(s, get "/user/:user_id/account_data/:type" => c(user::get_account_data));
+    client!(s, put "/user/:user_id/account_data/:type" => h(user::put_account_data));
+    client!(s, get "/user/:user_id/rooms/:room_id/account_data/:type" => c(user::get_room_account_data));
+    client!(s, put "/user/:user_id/rooms/:room_id/account_data/:type" => h(user::put_room_account_data));
+    client!(s, put "/rooms/:room_id/typing/:user_id" => h(user::typing));
+    client!(s, post "/rooms/:room_id/receipt/:receipt_type/:event_id" => h(user::receipt));
+    client!(s, post "/rooms/:room_id/read_markers" => h(user::read_markers));
+    client!(s, get "/pushrules/" => c(user::get_push_rules));
+    client!(s, get "/pushrules" => c(user::get_push_rules));
+    client!(s, get "/pushrules/global/" => c(user::get_push_rules_global));
+    client!(s, get "/pushrules/global" => c(user::get_push_rules_global));
+    client!(s, get "/pushrules/global/:kind/:rule_id" => c(user::get_push_rule));
+    client!(s, put "/pushrules/global/:kind/:rule_id" => h(user::put_push_rule));
+    client!(s, delete "/pushrules/global/:kind/:rule_id" => h(user::delete_push_rule));
+    client!(s, get "/pushrules/global/:kind/:rule_id/:attr" => c(user::get_push_rule_attr));
+    client!(s, put "/pushrules/global/:kind/:rule_id/:attr" => h(user::put_push_rule_attr));
+    s
+}

@@ -1,0 +1,215 @@
+//! # Hearth: a Matrix homeserver in one process on one SQLite file
+//!
+//! ## Code map
+//! - `main.rs`   CLI → `Config` → [`Homeserver::start`]. Nothing else.
+//! - `config`    `Config` (TOML + flags), defaults, validation.
+//! - `error`     The one error type and its mapping to Matrix `errcode` + HTTP status.
+//! - `server`    The smol accept loop (plain or TLS), async-h1, disconnect → cancellation,
+//!               CORS, the per-request log line, shutdown.
+//! - `http`      The tide route table (with the cancellable marker), the typed request
+//!               helpers (`ruma_req`, `auth`), and the handlers, one file per spec area.
+//! - `room`      Pure Matrix logic: the PDU type, signing key, building/authorising/persisting
+//!               local events, the client event format.
+//! - `store`     The only module that speaks SQL: read pool, the single group-committing
+//!               writer, schema migrations, queries.
+//! - `notify`    Data-less wake-ups for long-polling `/sync`.
+//! - `cancel`    Shield, response cache, linearizer, and the drop-at-every-await test helper.
+//! - `ephemeral` In-memory typing state, rate limits, token cache, metrics.
+//!
+//! ## Invariants
+//! - **Only `store/` (and the write closures it runs) touches rusqlite.**
+//! - **Nothing awaits inside a transaction**: writes are sync closures run by the writer thread.
+//! - **One commit per operation**: everything an operation causes is written by one closure.
+//! - **A 200 means on disk**: the writer answers after a `synchronous=FULL` commit.
+//! - **Only the server and workers spawn**, through the tracked `cancel::Spawner`.
+
+pub mod cancel;
+pub mod config;
+pub mod ephemeral;
+pub mod error;
+pub mod http;
+pub mod notify;
+pub mod room;
+pub mod server;
+pub mod store;
+pub mod util;
+
+use std::{net::SocketAddr, sync::Arc, thread::JoinHandle};
+
+pub use config::Config;
+use ruma::{OwnedServerName, OwnedUserId};
+
+/// Time, injected so expiry and rate limits can be tested without sleeping.
+pub trait Clock: Send + Sync + 'static {
+    fn now_ms(&self) -> u64;
+}
+
+/// The wall clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        util::now_ms()
+    }
+}
+
+/// Everything a request handler can reach: a cheap `Clone` handle (tide needs `Send + Sync`
+/// state; one thread runs it, so the few std mutexes inside are never contended and never
+/// held across an `.await`).
+#[derive(Clone)]
+pub struct App(Arc<AppInner>);
+
+pub struct AppInner {
+    pub config: Config,
+    pub server_name: OwnedServerName,
+    pub store: store::Store,
+    pub local: Arc<room::build::Local>,
+    pub notifier: notify::Notifier,
+    pub clock: Arc<dyn Clock>,
+    pub typing: ephemeral::Typing,
+    pub limits: ephemeral::RateLimiter,
+    pub tokens: ephemeral::TokenCache,
+    pub metrics: ephemeral::Metrics,
+    pub spawner: cancel::Spawner,
+    pub shutdown: ephemeral::Latch,
+}
+
+impl std::ops::Deref for App {
+    type Target = AppInner;
+    fn deref(&self) -> &AppInner {
+        &self.0
+    }
+}
+
+impl App {
+    /// Opens the database and builds the shared state. Does not listen yet.
+    pub fn open(config: Config, clock: Arc<dyn Clock>, spawner: cancel::Spawner) -> Result<Self, String> {
+        config.validate()?;
+        let server_name = OwnedServerName::try_from(config.server_name.as_str()).map_err(|e| e.to_string())?;
+        let notifier = notify::Notifier::default();
+        let store = store::Store::open(&config.database, config.db_readers, clock.clone(), notifier.clone())
+            .map_err(|e| format!("opening {}: {e}", config.database.display()))?;
+        let key = {
+            let conn = rusqlite::Connection::open(&config.database).map_err(|e| e.to_string())?;
+            check_server_name(&conn, &server_name)?;
+            room::SigningKey::load_or_create(&conn).map_err(|e| e.to_string())?
+        };
+        let limits = ephemeral::RateLimiter::new(config.rate_limits.clone(), clock.clone());
+        Ok(Self(Arc::new(AppInner {
+            local: Arc::new(room::build::Local { server_name: server_name.clone(), key }),
+            server_name,
+            store,
+            notifier: notifier.clone(),
+            typing: ephemeral::Typing::new(notifier),
+            limits,
+            tokens: ephemeral::TokenCache::default(),
+            metrics: ephemeral::Metrics::default(),
+            clock,
+            spawner,
+            shutdown: ephemeral::Latch::default(),
+            config,
+        })))
+    }
+}
+
+/// A database belongs to one server name forever (user and room IDs embed it).
+fn check_server_name(conn: &rusqlite::Connection, name: &OwnedServerName) -> Result<(), String> {
+    match store::queries::get_meta(conn, "server_name").map_err(|e| e.to_string())? {
+        Some(existing) if existing != name.as_str() => Err(format!(
+            "this database belongs to server name {existing:?}, not {:?}",
+            name.as_str()
+        )),
+        Some(_) => Ok(()),
+        None => store::queries::upsert_meta(conn, "server_name", name.as_str()).map_err(|e| e.to_string()),
+    }
+}
+
+/// A running homeserver: the embedding API.
+///
+/// ```no_run
+/// let mut config = hearth::Config::default();
+/// config.database = "/tmp/app/hearth.db".into();
+/// config.listen = vec!["127.0.0.1:0".parse().unwrap()];
+/// let hs = hearth::Homeserver::start(config).unwrap();
+/// let user = hs.create_user("alice", Some("secret"), false).unwrap();
+/// println!("{user} can log in at http://{}", hs.addrs()[0]);
+/// hs.stop().unwrap();
+/// ```
+pub struct Homeserver {
+    app: App,
+    addrs: Vec<SocketAddr>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Homeserver {
+    /// Opens the database, binds every listen address and starts serving on a dedicated
+    /// thread that drives the one executor.
+    pub fn start(config: Config) -> Result<Self, String> {
+        Self::start_with_clock(config, Arc::new(SystemClock))
+    }
+
+    pub fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Self, String> {
+        let executor = Arc::new(async_executor::Executor::new());
+        let spawner = cancel::Spawner::new(executor.clone());
+        let app = App::open(config, clock, spawner)?;
+        let tls = server::load_tls(&app.config)?;
+        let mut listeners = Vec::new();
+        for addr in &app.config.listen {
+            let l = std::net::TcpListener::bind(addr).map_err(|e| format!("listen on {addr}: {e}"))?;
+            listeners.push(l);
+        }
+        let addrs = listeners.iter().filter_map(|l| l.local_addr().ok()).collect::<Vec<_>>();
+        let app2 = app.clone();
+        let thread = std::thread::Builder::new()
+            .name("hearth-main".into())
+            .spawn(move || {
+                let run = server::run(app2, listeners, tls);
+                smol::block_on(executor.run(run));
+            })
+            .map_err(|e| e.to_string())?;
+        for a in &addrs {
+            log::info!("listening on {}://{a}", if app.config.tls_cert.is_some() { "https" } else { "http" });
+        }
+        Ok(Self { app, addrs, thread: Some(thread) })
+    }
+
+    /// The bound addresses (useful with port 0).
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    pub fn server_name(&self) -> &str {
+        self.app.server_name.as_str()
+    }
+
+    /// Creates a local user (the `hearth user create` command and embedders use this).
+    pub fn create_user(&self, localpart: &str, password: Option<&str>, admin: bool) -> Result<OwnedUserId, String> {
+        smol::block_on(http::account::create_user(&self.app, localpart, password, admin)).map_err(|e| e.to_string())
+    }
+
+    /// The shared state, for tests and embedders that need more than the small API above.
+    pub fn app(&self) -> &App {
+        &self.app
+    }
+
+    /// Stops accepting, cancels long-polls, lets in-flight writes commit, checkpoints the WAL.
+    pub fn stop(mut self) -> Result<(), String> {
+        self.stop_inner()
+    }
+
+    fn stop_inner(&mut self) -> Result<(), String> {
+        let Some(thread) = self.thread.take() else { return Ok(()) };
+        self.app.shutdown.trigger();
+        self.app.notifier.wake_all();
+        thread.join().map_err(|_| "server thread panicked".to_string())?;
+        self.app.store.close().map_err(|e| e.to_string())
+    }
+}
+
+impl Drop for Homeserver {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop_inner() {
+            log::error!("stopping: {e}");
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! Building, authorising and persisting a local event, all inside one write closure:
+//! the writer's transaction sees the latest forward extremities and current state, so two
+//! concurrent sends never fork the room and an event is authorised against exactly the state
+//! it is appended to. Signing costs ~20 µs; nothing here awaits.
+
+use std::collections::BTreeMap;
+
+use ruma::{
+    canonical_json::redact,
+    events::{StateEventType, TimelineEventType},
+    signatures::{hash_and_sign_event, reference_hash},
+    state_res::{auth_types_for_event, check_state_dependent_auth_rules, check_state_independent_auth_rules},
+    CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedServerName, RoomId, RoomVersionId, UserId,
+};
+use rusqlite::{params, Connection};
+use serde_json::{json, Value};
+
+use super::{power::PowerLevels, Pdu, SigningKey};
+use crate::{
+    error::{Error, Result},
+    store::{queries as q, Tx},
+};
+
+/// Largest PDU, in bytes of canonical JSON (spec: 65,536).
+pub const MAX_PDU_BYTES: usize = 65_536;
+
+/// What the server needs to sign events as itself.
+pub struct Local {
+    pub server_name: OwnedServerName,
+    pub key: SigningKey,
+}
+
+/// An event a local user wants to send.
+pub struct NewEvent {
+    pub kind: TimelineEventType,
+    pub state_key: Option<String>,
+    pub content: Value,
+    /// For `m.room.redaction` in room versions before 11.
+    pub redacts: Option<OwnedEventId>,
+}
+
+impl NewEvent {
+    pub fn state(kind: impl Into<String>, state_key: impl Into<String>, content: Value) -> Self {
+        Self { kind: kind.into().into(), state_key: Some(state_key.into()), content, redacts: None }
+    }
+    pub fn message(kind: impl Into<String>, content: Value) -> Self {
+        Self { kind: kind.into().into(), state_key: None, content, redacts: None }
+    }
+}
+
+/// Which client transaction caused an event (for dedupe and `unsigned.transaction_id`).
+pub struct TxnRef<'a> {
+    pub device_id: &'a str,
+    pub txn_id: &'a str,
+}
+
+/// The result of a persisted local event.
+pub struct Persisted {
+    pub event_id: OwnedEventId,
+    pub pos: i64,
+}
+
+pub fn room_version(conn: &Connection, room_id: &RoomId) -> Result<RoomVersionId> {
+    let v = q::get_room_version(conn, room_id.as_str())?.ok_or_else(|| Error::not_found("Unknown room"))?;
+    RoomVersionId::try_from(v.as_str()).map_err(Error::internal)
+}
+
+pub fn load_pdu(conn: &Connection, event_id: &str) -> Result<Option<Pdu>> {
+    let Some(row) = q::get_event(conn, event_id)? else { return Ok(None) };
+    let id = OwnedEventId::try_from(row.event_id.as_str()).map_err(Error::internal)?;
+    Ok(Some(Pdu::from_json(id, &row.json)?))
+}
+
+fn current_pdu(conn: &Connection, room_id: &str, kind: &str, key: &str) -> Option<Pdu> {
+    let id = q::get_current_state(conn, room_id, kind, key).ok().flatten()?;
+    load_pdu(conn, &id).ok().flatten()
+}
+
+/// Builds, signs, authorises and persists one local event. Fails with `M_FORBIDDEN` (and
+/// writes nothing) when the auth rules reject it.
+pub fn send(tx: &mut Tx<'_>, local: &Local, room_id: &RoomId, sender: &UserId, new: NewEvent, txn: Option<TxnRef<'_>>) -> Result<Persisted> {
+    let version = room_version(tx, room_id)?;
+    let rules = version.rules().ok_or_else(|| Error::internal("room version without rules"))?;
+    let rid = room_id.as_str();
+
+    let content_raw = serde_json::value::to_raw_value(&new.content)?;
+    let mut prev: Vec<(String, i64)> = {
+        let mut stmt = tx.prepare_cached(
+            "SELECT f.event_id, e.depth FROM forward_extremities f JOIN events e ON e.event_id = f.event_id WHERE f.room_id = ?1",
+        )?;
+        let rows = stmt.query_map([rid], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    prev.sort_by(|a, b| b.1.cmp(&a.1));
+    prev.truncate(20);
+    let depth = prev.iter().map(|p| p.1).max().unwrap_or(0) + 1;
+
+    let auth_events: Vec<String> = if new.kind == TimelineEventType::RoomCreate {
+        Vec::new()
+    } else {
+        let types = auth_types_for_event(&new.kind, sender, new.state_key.as_deref(), &content_raw, &rules.authorization)
+            .map_err(Error::bad_json)?;
+        let mut ids = Vec::new();
+        for (t, k) in types {
+            if let Some(id) = q::get_current_state(tx, rid, &t.to_string(), &k)? {
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+        }
+        ids
+    };
+
+    let mut pdu = json!({
+        "room_id": rid,
+        "sender": sender.as_str(),
+        "origin": local.server_name.as_str(),
+        "origin_server_ts": tx.now_ms,
+        "type": new.kind.to_string(),
+        "content": new.content,
+        "depth": depth,
+        "prev_events": prev.iter().map(|p| p.0.clone()).collect::<Vec<_>>(),
+        "auth_events": auth_events,
+    });
+    if let Some(k) = &new.state_key {
+        pdu["state_key"] = k.clone().into();
+    }
+    if let Some(r) = &new.redacts {
+        pdu["redacts"] = r.as_str().into();
+    }
+    let mut obj = match CanonicalJsonValue::try_from(pdu) {
+        Ok(CanonicalJsonValue::Object(o)) => o,
+        Ok(_) => return Err(Error::bad_json("event is not an object")),
+        Err(e) => return Err(Error::bad_json(format!("content is not canonical JSON: {e}"))),
+    };
+    hash_and_sign_event(local.server_name.as_str(), &local.key.pair, &mut obj, &rules.redaction)
+        .map_err(|e| Error::bad_json(format!("cannot sign event: {e}")))?;
+    let event_id = format!("${}", reference_hash(&obj, &rules).map_err(|_| Error::too_large("Event too large"))?);
+    let json = serde_json::to_string(&obj)?;
+    if json.len() > MAX_PDU_BYTES {
+        return Err(Error::too_large("Event is larger than 65536 bytes"));
+    }
+    let event_id = OwnedEventId::try_from(event_id).map_err(Error::internal)?;
+    let pdu = Pdu::from_json(event_id.clone(), &json)?;
+
+    check_state_independent_auth_rules(&rules.authorization, &pdu, |id| load_pdu(tx, id.as_str()).ok().flatten())
+        .map_err(|e| Error::forbidden(format!("Event not allowed: {e}")))?;
+    check_state_dependent_auth_rules(&rules.authorization, &pdu, |t: &StateEventType, k: &str| {
+        current_pdu(tx, rid, &t.to_string(), k)
+    })
+    .map_err(|e| Error::forbidden(format!("Event not allowed: {e}")))?;
+
+    if pdu.kind == TimelineEventType::RoomRedaction {
+        check_redaction_allowed(tx, &pdu)?;
+    }
+    persist(tx, &pdu, &json, &rules, txn)
+}
+
+/// The auth rules (since v3) leave redaction permission to the server: the sender may redact
+/// their own events, or anyone's with the `redact` power level.
+fn check_redaction_allowed(conn: &Connection, pdu: &Pdu) -> Result<()> {
+    let Some(target) = &pdu.redacts else { return Err(Error::bad_json("redaction without redacts")) };
+    let Some(row) = q::get_event(conn, target.as_str())? else { return Ok(()) };
+    if row.sender == pdu.sender.as_str() {
+        return Ok(());
+    }
+    let rid = pdu.room_id.as_str();
+    let pl = current_content(conn, rid, "m.room.power_levels", "")?;
+    let creator = current_pdu(conn, rid, "m.room.create", "").map(|c| c.sender.to_string()).unwrap_or_default();
+    let levels = PowerLevels::new(pl);
+    if levels.user(pdu.sender.as_str(), &creator) >= levels.action("redact") {
+        Ok(())
+    } else {
+        Err(Error::forbidden("You may not redact other users' events in this room"))
+    }
+}
+
+/// The content of a current state event, as JSON.
+pub fn current_content(conn: &Connection, room_id: &str, kind: &str, key: &str) -> Result<Option<Value>> {
+    let Some(id) = q::get_current_state(conn, room_id, kind, key)? else { return Ok(None) };
+    let Some(row) = q::get_event(conn, &id)? else { return Ok(None) };
+    let v: Value = serde_json::from_str(&row.json)?;
+    Ok(v.get("content").cloned())
+}
+
+/// Appends an authorised event: its row, the new state group and current state if it is a
+/// state event, the forward extremities, the txn-id row and the redaction it applies.
+fn persist(tx: &mut Tx<'_>, pdu: &Pdu, json: &str, rules: &ruma::room_version_rules::RoomVersionRules, txn: Option<TxnRef<'_>>) -> Result<Persisted> {
+    let pos = tx.next_pos();
+    let rid = pdu.room_id.as_str();
+    let eid = pdu.event_id.as_str();
+    let kind = pdu.kind.to_string();
+    let parent = q::get_room_state_group(tx, rid)?;
+    let mut replaces = None;
+    let group = match &pdu.state_key {
+        Some(key) => {
+            replaces = q::get_current_state(tx, rid, &kind, key)?;
+            let g = q::insert_state_group(tx, rid, parent, &[(kind.as_str(), key.as_str(), eid)])?;
+            let membership = if pdu.kind == TimelineEventType::RoomMember {
+                serde_json::from_str::<Value>(pdu.content.get())?
+                    .get("membership")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            } else {
+                None
+            };
+            tx.execute(
+                "INSERT INTO current_state (room_id, type, state_key, event_id, membership, pos) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (room_id, type, state_key) DO UPDATE SET event_id = excluded.event_id,
+                   membership = excluded.membership, pos = excluded.pos",
+                params![rid, kind, key, eid, membership, pos],
+            )?;
+            tx.execute("UPDATE rooms SET state_group = ?2 WHERE room_id = ?1", params![rid, g])?;
+            g
+        }
+        None => parent.ok_or_else(|| Error::internal("non-state event in a room without state"))?,
+    };
+    tx.execute(
+        "INSERT INTO events (pos, event_id, room_id, type, state_key, sender, origin_server_ts, depth, json, state_group,
+                             replaces_state, txn_device, txn_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        params![
+            pos, eid, rid, kind, pdu.state_key, pdu.sender.as_str(), u64::from(pdu.origin_server_ts.get()) as i64,
+            pdu.depth as i64, json, group, replaces, txn.as_ref().map(|t| t.device_id), txn.as_ref().map(|t| t.txn_id)
+        ],
+    )?;
+    for p in &pdu.prev_events {
+        tx.execute("DELETE FROM forward_extremities WHERE room_id = ?1 AND event_id = ?2", [rid, p.as_str()])?;
+    }
+    tx.execute("INSERT INTO forward_extremities (room_id, event_id) VALUES (?1, ?2)", [rid, eid])?;
+    if let Some(t) = &txn {
+        tx.execute(
+            "INSERT INTO txn_ids (user_id, device_id, txn_id, event_id) VALUES (?1, ?2, ?3, ?4)",
+            [pdu.sender.as_str(), t.device_id, t.txn_id, eid],
+        )?;
+    }
+    if let Some(target) = &pdu.redacts {
+        apply_redaction(tx, rid, target.as_str(), eid, rules)?;
+    }
+    Ok(Persisted { event_id: pdu.event_id.clone(), pos })
+}
+
+/// Redacts the stored JSON of `target` in place (ruma's redaction algorithm) if it is in the
+/// same room; a redaction of an unknown event is kept and simply applies to nothing.
+fn apply_redaction(conn: &Connection, room_id: &str, target: &str, by: &str, rules: &ruma::room_version_rules::RoomVersionRules) -> Result<()> {
+    let Some(row) = q::get_event(conn, target)? else { return Ok(()) };
+    if q::get_event_room(conn, target)?.as_deref() != Some(room_id) || row.redacted_by.is_some() {
+        return Ok(());
+    }
+    let obj: CanonicalJsonObject = serde_json::from_str(&row.json)?;
+    let redacted = redact(obj, &rules.redaction, None).map_err(Error::internal)?;
+    conn.execute(
+        "UPDATE events SET json = ?2, redacted_by = ?3 WHERE event_id = ?1",
+        params![target, serde_json::to_string(&redacted)?, by],
+    )?;
+    Ok(())
+}
+
+/// The state of a room as `(type, state_key) → content` for the given keys (used to build the
+/// stripped state of invites).
+pub fn stripped_state(conn: &Connection, room_id: &str) -> Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for kind in ["m.room.create", "m.room.join_rules", "m.room.name", "m.room.avatar", "m.room.canonical_alias", "m.room.encryption", "m.room.topic"] {
+        if let Some(id) = q::get_current_state(conn, room_id, kind, "")? {
+            if let Some(row) = q::get_event(conn, &id)? {
+                let v: Value = serde_json::from_str(&row.json)?;
+                out.push(json!({ "type": kind, "state_key": "", "sender": v["sender"], "content": v["content"] }));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Content of every current state event keyed by (type, state_key) — small helper for tests.
+pub fn current_state_map(conn: &Connection, room_id: &str) -> Result<BTreeMap<(String, String), String>> {
+    Ok(q::list_current_state(conn, room_id)?.into_iter().map(|(t, k, e, _)| ((t, k), e)).collect())
+}

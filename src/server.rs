@@ -1,0 +1,197 @@
+//! The accept loop: our own, on our executor (tide's `listen` would spawn onto async-std's
+//! global executor). Each connection runs async-h1 over a smol socket (optionally TLS) and
+//! hands requests to tide's `Server::respond`.
+//!
+//! Disconnect detection (async-h1 awaits a handler to completion even when the client has
+//! gone, http-rs/async-h1#123): every request carries a [`ConnWatch`] in its extensions.
+//! Routes marked cancellable race their handler against `ConnWatch::closed`, which peeks at
+//! the raw TCP socket: EOF or reset while the handler runs means the client left, and the
+//! handler future is dropped at its current `.await` (logged as status 499).
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use futures_lite::FutureExt;
+use futures_rustls::TlsAcceptor;
+use http_types::{Method, Response, StatusCode};
+use smol::net::{TcpListener, TcpStream};
+
+use crate::{config::Config, ephemeral::GaugeGuard, App};
+
+/// How long shutdown waits for in-flight requests before dropping them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Watches a connection's read side while a handler runs.
+#[derive(Clone)]
+pub struct ConnWatch {
+    stream: TcpStream,
+    pub peer: SocketAddr,
+}
+
+impl ConnWatch {
+    /// Resolves when the client has closed or reset the connection. If the client sent more
+    /// bytes (a pipelined request, a TLS alert) we cannot tell, and this never resolves.
+    pub async fn closed(&self) {
+        let mut buf = [0u8; 1];
+        match self.stream.peek(&mut buf).await {
+            Ok(0) | Err(_) => {}
+            Ok(_) => futures_lite::future::pending::<()>().await,
+        }
+    }
+}
+
+/// Loads the TLS certificate and key named in the config, if any.
+pub fn load_tls(config: &Config) -> Result<Option<TlsAcceptor>, String> {
+    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else { return Ok(None) };
+    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    let certs = rustls_pemfile::certs(&mut &read(cert)?[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    let key = rustls_pemfile::private_key(&mut &read(key)?[..])
+        .map_err(|e| format!("{}: {e}", key.display()))?
+        .ok_or_else(|| format!("{}: no private key found", key.display()))?;
+    let provider = Arc::new(futures_rustls::rustls::crypto::ring::default_provider());
+    let cfg = futures_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("TLS certificate: {e}"))?;
+    Ok(Some(TlsAcceptor::from(Arc::new(cfg))))
+}
+
+/// Serves until the shutdown latch is set, then waits (bounded) for in-flight requests.
+pub async fn run(app: App, listeners: Vec<std::net::TcpListener>, tls: Option<TlsAcceptor>) {
+    let routes = crate::http::routes(app.clone());
+    let mut loops = Vec::new();
+    for l in listeners {
+        let listener = match TcpListener::try_from(l) {
+            Ok(l) => l,
+            Err(e) => {
+                log::error!("listener: {e}");
+                continue;
+            }
+        };
+        let fut = accept_loop(app.clone(), listener, routes.clone(), tls.clone());
+        loops.push(app.spawner.spawn("accept-loop", fut));
+    }
+    for l in loops {
+        l.await;
+    }
+    let deadline = Instant::now() + SHUTDOWN_GRACE;
+    while app.metrics.connections.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        smol::Timer::after(Duration::from_millis(10)).await;
+    }
+    log::info!("server stopped");
+}
+
+async fn accept_loop(app: App, listener: TcpListener, routes: tide::Server<App>, tls: Option<TlsAcceptor>) {
+    loop {
+        let accepted = async { Some(listener.accept().await) }.or(async {
+            app.shutdown.wait().await;
+            None
+        });
+        let (stream, peer) = match accepted.await {
+            None => return,
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                log::warn!("accept: {e}");
+                smol::Timer::after(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = serve_connection(app.clone(), stream, peer, routes.clone(), tls.clone());
+        app.spawner.spawn_detached("connection", conn);
+    }
+}
+
+async fn serve_connection(app: App, stream: TcpStream, peer: SocketAddr, routes: tide::Server<App>, tls: Option<TlsAcceptor>) {
+    let _open = GaugeGuard::new(&app.metrics.connections);
+    let busy = Arc::new(AtomicBool::new(false));
+    let watch = ConnWatch { stream: stream.clone(), peer };
+    let serve = {
+        let (app, busy) = (app.clone(), busy.clone());
+        async move {
+            let endpoint = move |req| handle(app.clone(), routes.clone(), watch.clone(), busy.clone(), req);
+            let result = match tls {
+                None => async_h1::accept(stream, endpoint).await,
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(tls_stream) => {
+                        let io = async_dup::Arc::new(async_dup::Mutex::new(tls_stream));
+                        async_h1::accept(io, endpoint).await
+                    }
+                    Err(e) => {
+                        log::debug!("{peer}: TLS handshake failed: {e}");
+                        return;
+                    }
+                },
+            };
+            if let Err(e) = result {
+                log::debug!("{peer}: connection ended: {e}");
+            }
+        }
+    };
+    // At shutdown an idle keep-alive connection is dropped at once; one with a request in
+    // flight gets the grace period to finish it.
+    let stop = async {
+        app.shutdown.wait().await;
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        while busy.load(Ordering::SeqCst) && Instant::now() < deadline {
+            smol::Timer::after(Duration::from_millis(5)).await;
+        }
+    };
+    serve.or(stop).await;
+}
+
+static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// One request: CORS, the in-flight gauge, tide, Matrix-shaped 404/405, the log line.
+async fn handle(app: App, routes: tide::Server<App>, watch: ConnWatch, busy: Arc<AtomicBool>, mut req: http_types::Request) -> http_types::Result<Response> {
+    let id = REQUEST_IDS.fetch_add(1, Ordering::Relaxed);
+    let start = Instant::now();
+    let method = req.method();
+    let path = req.url().path().to_owned();
+    let peer = watch.peer;
+    app.metrics.requests_total.fetch_add(1, Ordering::Relaxed);
+    let mut res = if method == Method::Options {
+        Response::new(StatusCode::Ok)
+    } else {
+        busy.store(true, Ordering::SeqCst);
+        let _in_flight = GaugeGuard::new(&app.metrics.in_flight);
+        req.ext_mut().insert(watch);
+        req.ext_mut().insert(RequestId(id));
+        let res: http_types::Result<Response> = routes.respond(req).await;
+        busy.store(false, Ordering::SeqCst);
+        let mut res = res.unwrap_or_else(|e| {
+            log::error!("req-{id}: tide error: {e}");
+            Response::new(StatusCode::InternalServerError)
+        });
+        if matches!(res.status(), StatusCode::NotFound | StatusCode::MethodNotAllowed) && res.content_type().is_none() {
+            let e = crate::error::Error::unrecognized("Unrecognized request");
+            res = crate::http::error_response(&e).into();
+        }
+        res
+    };
+    res.insert_header("Access-Control-Allow-Origin", "*");
+    res.insert_header("Access-Control-Allow-Methods", "GET, HEAD, POST, PUT, DELETE, OPTIONS");
+    res.insert_header("Access-Control-Allow-Headers", "X-Requested-With, Content-Type, Authorization, Date");
+    let status: u16 = if res.ext().get::<Cancelled>().is_some() { 499 } else { res.status().into() };
+    log::info!("req-{id} {peer} {method} {path} {status} {:.1}ms", start.elapsed().as_secs_f64() * 1000.0);
+    Ok(res)
+}
+
+/// The request id used in log lines; background work started by a request gets its own.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestId(pub u64);
+
+/// Marks the response of a request dropped because its client disconnected (logged as 499,
+/// Synapse's convention; http-types has no 499, and nobody reads the body anyway).
+#[derive(Clone, Copy, Debug)]
+pub struct Cancelled;

@@ -72,6 +72,8 @@ pub struct AppInner {
     pub metrics: ephemeral::Metrics,
     pub spawner: cancel::Spawner,
     pub shutdown: ephemeral::Latch,
+    /// Shared `/sync` computations (see `http::sync`).
+    pub sync_cache: cancel::ResponseCache<http::sync::SyncKey, error::Result<http::sync::SyncOutput>>,
 }
 
 impl std::ops::Deref for App {
@@ -105,6 +107,7 @@ impl App {
             tokens: ephemeral::TokenCache::default(),
             metrics: ephemeral::Metrics::default(),
             clock,
+            sync_cache: cancel::ResponseCache::new(&spawner, "sync", std::time::Duration::from_secs(2)),
             spawner,
             shutdown: ephemeral::Latch::default(),
             config,

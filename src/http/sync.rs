@@ -91,11 +91,17 @@ pub async fn sync(req: Req) -> Result<Response> {
     }
     .min(MAX_TIMEOUT_MS);
     let full_state = matches!(get("full_state").as_deref(), Some("true"));
-    let filter = load_filter(&app, &who, get("filter")).await?;
+    let filter_param = get("filter");
+    let filter = load_filter(&app, &who, filter_param.clone()).await?;
     let deadline = std::time::Instant::now() + Duration::from_millis(timeout);
     loop {
         let upto = Since { pos: app.notifier.pos(), eph: app.notifier.ephemeral() };
-        let out = compute(&app, &who, since, upto, &filter, full_state).await?;
+        // Identical concurrent requests (a client retrying after a disconnect, two tabs of
+        // one device) share one computation, run in its own task: dropping this request
+        // never cancels it for the others.
+        let key = SyncKey { user: who.user_id.to_string(), device: who.device_id.to_string(), since, upto, filter: filter_param.clone(), full_state };
+        let (a, w, f) = (app.clone(), who.clone(), filter.clone());
+        let out = app.sync_cache.get_or_compute(key, move || async move { compute(&a, &w, since, upto, &f, full_state).await }).await?;
         let now = std::time::Instant::now();
         if out.has_data || since.is_none() || now >= deadline || app.shutdown.is_set() {
             return json(&out.body);
@@ -128,6 +134,18 @@ async fn load_filter(app: &App, who: &Authed, f: Option<String>) -> Result<SyncF
     SyncFilter::from_json(&v)
 }
 
+/// What makes two sync computations identical.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SyncKey {
+    user: String,
+    device: String,
+    since: Option<Since>,
+    upto: Since,
+    filter: Option<String>,
+    full_state: bool,
+}
+
+#[derive(Clone)]
 pub struct SyncOutput {
     pub body: Value,
     pub has_data: bool,

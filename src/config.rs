@@ -41,9 +41,18 @@ impl Default for RateLimits {
     fn default() -> Self {
         Self {
             enabled: true,
-            login: RateLimit { per_second: 0.5, burst: 5.0 },
-            register: RateLimit { per_second: 0.2, burst: 5.0 },
-            send: RateLimit { per_second: 20.0, burst: 50.0 },
+            login: RateLimit {
+                per_second: 0.5,
+                burst: 5.0,
+            },
+            register: RateLimit {
+                per_second: 0.2,
+                burst: 5.0,
+            },
+            send: RateLimit {
+                per_second: 20.0,
+                burst: 50.0,
+            },
         }
     }
 }

@@ -38,7 +38,10 @@ pub struct Typing {
 
 impl Typing {
     pub fn new(notifier: Notifier) -> Self {
-        Self { rooms: Mutex::default(), notifier }
+        Self {
+            rooms: Mutex::default(),
+            notifier,
+        }
     }
 
     pub fn set(&self, room_id: &str, user_id: &str, until_ms: Option<u64>) {
@@ -53,11 +56,35 @@ impl Typing {
         }
     }
 
+    /// The earliest time a typing entry runs out, if any.
+    pub fn next_expiry(&self) -> Option<u64> {
+        lock(&self.rooms)
+            .values()
+            .flat_map(|(users, _)| users.values().copied())
+            .min()
+    }
+
+    /// Drops every entry that ran out by `now_ms`, waking syncs for the rooms that changed.
+    pub fn expire(&self, now_ms: u64) {
+        let mut rooms = lock(&self.rooms);
+        for (users, serial) in rooms.values_mut() {
+            let before = users.len();
+            users.retain(|_, until| *until > now_ms);
+            if users.len() != before {
+                *serial = self.notifier.bump_ephemeral();
+            }
+        }
+        // Rooms stay in the map with their serial (one small entry per room ever typed in),
+        // so an incremental sync still learns that the list became empty.
+    }
+
     /// Users typing in a room now (expired entries are dropped on the way), and the serial of
     /// the room's last change.
     pub fn users(&self, room_id: &str, now_ms: u64) -> (Vec<String>, i64) {
         let mut rooms = lock(&self.rooms);
-        let Some(room) = rooms.get_mut(room_id) else { return (Vec::new(), 0) };
+        let Some(room) = rooms.get_mut(room_id) else {
+            return (Vec::new(), 0);
+        };
         let before = room.0.len();
         room.0.retain(|_, until| *until > now_ms);
         if room.0.len() != before {
@@ -80,7 +107,11 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     pub fn new(config: RateLimits, clock: Arc<dyn Clock>) -> Self {
-        Self { config, clock, buckets: Mutex::default() }
+        Self {
+            config,
+            clock,
+            buckets: Mutex::default(),
+        }
     }
 
     /// Takes one token for `key` from the `kind` bucket or fails with `M_LIMIT_EXCEEDED`.
@@ -98,7 +129,9 @@ impl RateLimiter {
         if buckets.len() > 100_000 {
             buckets.clear();
         }
-        let (tokens, last) = buckets.entry((kind, key.to_owned())).or_insert((limit.burst, now));
+        let (tokens, last) = buckets
+            .entry((kind, key.to_owned()))
+            .or_insert((limit.burst, now));
         let refill = (now.saturating_sub(*last)) as f64 / 1000.0 * limit.per_second;
         *tokens = (*tokens + refill).min(limit.burst);
         *last = now;

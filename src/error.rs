@@ -55,12 +55,21 @@ ctor! {
 
 impl Error {
     pub fn new(status: u16, errcode: &'static str, message: impl Into<String>) -> Self {
-        Self { status, errcode, message: message.into(), retry_after_ms: None, body: None }
+        Self {
+            status,
+            errcode,
+            message: message.into(),
+            retry_after_ms: None,
+            body: None,
+        }
     }
 
     /// `M_LIMIT_EXCEEDED` with the time after which a retry may succeed.
     pub fn limit_exceeded(retry_after_ms: u64) -> Self {
-        Self { retry_after_ms: Some(retry_after_ms), ..Self::new(429, "M_LIMIT_EXCEEDED", "Too many requests") }
+        Self {
+            retry_after_ms: Some(retry_after_ms),
+            ..Self::new(429, "M_LIMIT_EXCEEDED", "Too many requests")
+        }
     }
 
     /// An unexpected internal failure: logged here with its cause, reported to the client

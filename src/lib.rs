@@ -14,6 +14,7 @@
 //!               writer, schema migrations, queries.
 //! - `notify`    Data-less wake-ups for long-polling `/sync`.
 //! - `cancel`    Shield, response cache, linearizer, and the drop-at-every-await test helper.
+//! - `workers`   Long-running tasks woken by deadlines and data-less wake-ups (typing expiry).
 //! - `ephemeral` In-memory typing state, rate limits, token cache, metrics.
 //!
 //! ## Invariants
@@ -33,6 +34,7 @@ pub mod room;
 pub mod server;
 pub mod store;
 pub mod util;
+pub mod workers;
 
 use std::{net::SocketAddr, sync::Arc, thread::JoinHandle};
 
@@ -73,7 +75,8 @@ pub struct AppInner {
     pub spawner: cancel::Spawner,
     pub shutdown: ephemeral::Latch,
     /// Shared `/sync` computations (see `http::sync`).
-    pub sync_cache: cancel::ResponseCache<http::sync::SyncKey, error::Result<http::sync::SyncOutput>>,
+    pub sync_cache:
+        cancel::ResponseCache<http::sync::SyncKey, error::Result<http::sync::SyncOutput>>,
 }
 
 impl std::ops::Deref for App {
@@ -85,12 +88,22 @@ impl std::ops::Deref for App {
 
 impl App {
     /// Opens the database and builds the shared state. Does not listen yet.
-    pub fn open(config: Config, clock: Arc<dyn Clock>, spawner: cancel::Spawner) -> Result<Self, String> {
+    pub fn open(
+        config: Config,
+        clock: Arc<dyn Clock>,
+        spawner: cancel::Spawner,
+    ) -> Result<Self, String> {
         config.validate()?;
-        let server_name = OwnedServerName::try_from(config.server_name.as_str()).map_err(|e| e.to_string())?;
+        let server_name =
+            OwnedServerName::try_from(config.server_name.as_str()).map_err(|e| e.to_string())?;
         let notifier = notify::Notifier::default();
-        let store = store::Store::open(&config.database, config.db_readers, clock.clone(), notifier.clone())
-            .map_err(|e| format!("opening {}: {e}", config.database.display()))?;
+        let store = store::Store::open(
+            &config.database,
+            config.db_readers,
+            clock.clone(),
+            notifier.clone(),
+        )
+        .map_err(|e| format!("opening {}: {e}", config.database.display()))?;
         let key = {
             let conn = rusqlite::Connection::open(&config.database).map_err(|e| e.to_string())?;
             check_server_name(&conn, &server_name)?;
@@ -98,7 +111,10 @@ impl App {
         };
         let limits = ephemeral::RateLimiter::new(config.rate_limits.clone(), clock.clone());
         Ok(Self(Arc::new(AppInner {
-            local: Arc::new(room::build::Local { server_name: server_name.clone(), key }),
+            local: Arc::new(room::build::Local {
+                server_name: server_name.clone(),
+                key,
+            }),
             server_name,
             store,
             notifier: notifier.clone(),
@@ -107,7 +123,11 @@ impl App {
             tokens: ephemeral::TokenCache::default(),
             metrics: ephemeral::Metrics::default(),
             clock,
-            sync_cache: cancel::ResponseCache::new(&spawner, "sync", std::time::Duration::from_secs(2)),
+            sync_cache: cancel::ResponseCache::new(
+                &spawner,
+                "sync",
+                std::time::Duration::from_secs(2),
+            ),
             spawner,
             shutdown: ephemeral::Latch::default(),
             config,
@@ -123,7 +143,8 @@ fn check_server_name(conn: &rusqlite::Connection, name: &OwnedServerName) -> Res
             name.as_str()
         )),
         Some(_) => Ok(()),
-        None => store::queries::upsert_meta(conn, "server_name", name.as_str()).map_err(|e| e.to_string()),
+        None => store::queries::upsert_meta(conn, "server_name", name.as_str())
+            .map_err(|e| e.to_string()),
     }
 }
 
@@ -158,10 +179,14 @@ impl Homeserver {
         let tls = server::load_tls(&app.config)?;
         let mut listeners = Vec::new();
         for addr in &app.config.listen {
-            let l = std::net::TcpListener::bind(addr).map_err(|e| format!("listen on {addr}: {e}"))?;
+            let l =
+                std::net::TcpListener::bind(addr).map_err(|e| format!("listen on {addr}: {e}"))?;
             listeners.push(l);
         }
-        let addrs = listeners.iter().filter_map(|l| l.local_addr().ok()).collect::<Vec<_>>();
+        let addrs = listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect::<Vec<_>>();
         let app2 = app.clone();
         let thread = std::thread::Builder::new()
             .name("hearth-main".into())
@@ -171,9 +196,20 @@ impl Homeserver {
             })
             .map_err(|e| e.to_string())?;
         for a in &addrs {
-            log::info!("listening on {}://{a}", if app.config.tls_cert.is_some() { "https" } else { "http" });
+            log::info!(
+                "listening on {}://{a}",
+                if app.config.tls_cert.is_some() {
+                    "https"
+                } else {
+                    "http"
+                }
+            );
         }
-        Ok(Self { app, addrs, thread: Some(thread) })
+        Ok(Self {
+            app,
+            addrs,
+            thread: Some(thread),
+        })
     }
 
     /// The bound addresses (useful with port 0).
@@ -186,8 +222,16 @@ impl Homeserver {
     }
 
     /// Creates a local user (the `hearth user create` command and embedders use this).
-    pub fn create_user(&self, localpart: &str, password: Option<&str>, admin: bool) -> Result<OwnedUserId, String> {
-        smol::block_on(http::account::create_user(&self.app, localpart, password, admin)).map_err(|e| e.to_string())
+    pub fn create_user(
+        &self,
+        localpart: &str,
+        password: Option<&str>,
+        admin: bool,
+    ) -> Result<OwnedUserId, String> {
+        smol::block_on(http::account::create_user(
+            &self.app, localpart, password, admin,
+        ))
+        .map_err(|e| e.to_string())
     }
 
     /// The shared state, for tests and embedders that need more than the small API above.
@@ -201,10 +245,14 @@ impl Homeserver {
     }
 
     fn stop_inner(&mut self) -> Result<(), String> {
-        let Some(thread) = self.thread.take() else { return Ok(()) };
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
         self.app.shutdown.trigger();
         self.app.notifier.wake_all();
-        thread.join().map_err(|_| "server thread panicked".to_string())?;
+        thread
+            .join()
+            .map_err(|_| "server thread panicked".to_string())?;
         self.app.store.close().map_err(|e| e.to_string())
     }
 }

@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use hearth::{config::Registration, Config, Homeserver};
 
 #[derive(Parser)]
-#[command(name = "hearth", version, about = "A Matrix homeserver in one process on one SQLite file")]
+#[command(
+    name = "hearth",
+    version,
+    about = "A Matrix homeserver in one process on one SQLite file"
+)]
 struct Cli {
     /// TOML configuration file; flags given here override it.
     #[arg(long, global = true)]
@@ -100,10 +104,23 @@ fn config(cli: &Cli) -> Result<Config, String> {
 fn run(cli: Cli) -> Result<(), String> {
     let config = config(&cli)?;
     match cli.command {
-        Some(Command::User { action: UserAction::Create { name, password, admin } }) => {
+        Some(Command::User {
+            action:
+                UserAction::Create {
+                    name,
+                    password,
+                    admin,
+                },
+        }) => {
             let spawner = hearth::cancel::Spawner::new(Arc::new(async_executor::Executor::new()));
             let app = hearth::App::open(config, Arc::new(hearth::SystemClock), spawner)?;
-            let user = smol::block_on(hearth::http::account::create_user(&app, &name, password.as_deref(), admin)).map_err(|e| e.to_string())?;
+            let user = smol::block_on(hearth::http::account::create_user(
+                &app,
+                &name,
+                password.as_deref(),
+                admin,
+            ))
+            .map_err(|e| e.to_string())?;
             app.store.close().map_err(|e| e.to_string())?;
             println!("created {user}");
             Ok(())
@@ -111,8 +128,17 @@ fn run(cli: Cli) -> Result<(), String> {
         None => {
             let started = std::time::Instant::now();
             let hs = Homeserver::start(config)?;
-            log::info!("Hearth {} ready as {} in {:?}", env!("CARGO_PKG_VERSION"), hs.server_name(), started.elapsed());
-            let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT]).map_err(|e| e.to_string())?;
+            log::info!(
+                "Hearth {} ready as {} in {:?}",
+                env!("CARGO_PKG_VERSION"),
+                hs.server_name(),
+                started.elapsed()
+            );
+            let mut signals = signal_hook::iterator::Signals::new([
+                signal_hook::consts::SIGTERM,
+                signal_hook::consts::SIGINT,
+            ])
+            .map_err(|e| e.to_string())?;
             if let Some(sig) = signals.forever().next() {
                 log::info!("signal {sig}: shutting down");
             }

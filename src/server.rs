@@ -48,7 +48,9 @@ impl ConnWatch {
 
 /// Loads the TLS certificate and key named in the config, if any.
 pub fn load_tls(config: &Config) -> Result<Option<TlsAcceptor>, String> {
-    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else { return Ok(None) };
+    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+        return Ok(None);
+    };
     let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
     let certs = rustls_pemfile::certs(&mut &read(cert)?[..])
         .collect::<Result<Vec<_>, _>>()
@@ -69,6 +71,9 @@ pub fn load_tls(config: &Config) -> Result<Option<TlsAcceptor>, String> {
 /// Serves until the shutdown latch is set, then waits (bounded) for in-flight requests.
 pub async fn run(app: App, listeners: Vec<std::net::TcpListener>, tls: Option<TlsAcceptor>) {
     let routes = crate::http::routes(app.clone());
+    let typing = app
+        .spawner
+        .spawn("typing-expiry", crate::workers::typing_expiry(app.clone()));
     let mut loops = Vec::new();
     for l in listeners {
         let listener = match TcpListener::try_from(l) {
@@ -84,6 +89,7 @@ pub async fn run(app: App, listeners: Vec<std::net::TcpListener>, tls: Option<Tl
     for l in loops {
         l.await;
     }
+    typing.await;
     let deadline = Instant::now() + SHUTDOWN_GRACE;
     while app.metrics.connections.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
         smol::Timer::after(Duration::from_millis(10)).await;
@@ -91,7 +97,12 @@ pub async fn run(app: App, listeners: Vec<std::net::TcpListener>, tls: Option<Tl
     log::info!("server stopped");
 }
 
-async fn accept_loop(app: App, listener: TcpListener, routes: tide::Server<App>, tls: Option<TlsAcceptor>) {
+async fn accept_loop(
+    app: App,
+    listener: TcpListener,
+    routes: tide::Server<App>,
+    tls: Option<TlsAcceptor>,
+) {
     loop {
         let accepted = async { Some(listener.accept().await) }.or(async {
             app.shutdown.wait().await;
@@ -112,14 +123,31 @@ async fn accept_loop(app: App, listener: TcpListener, routes: tide::Server<App>,
     }
 }
 
-async fn serve_connection(app: App, stream: TcpStream, peer: SocketAddr, routes: tide::Server<App>, tls: Option<TlsAcceptor>) {
+async fn serve_connection(
+    app: App,
+    stream: TcpStream,
+    peer: SocketAddr,
+    routes: tide::Server<App>,
+    tls: Option<TlsAcceptor>,
+) {
     let _open = GaugeGuard::new(&app.metrics.connections);
     let busy = Arc::new(AtomicBool::new(false));
-    let watch = ConnWatch { stream: stream.clone(), peer };
+    let watch = ConnWatch {
+        stream: stream.clone(),
+        peer,
+    };
     let serve = {
         let (app, busy) = (app.clone(), busy.clone());
         async move {
-            let endpoint = move |req| handle(app.clone(), routes.clone(), watch.clone(), busy.clone(), req);
+            let endpoint = move |req| {
+                handle(
+                    app.clone(),
+                    routes.clone(),
+                    watch.clone(),
+                    busy.clone(),
+                    req,
+                )
+            };
             let result = match tls {
                 None => async_h1::accept(stream, endpoint).await,
                 Some(acceptor) => match acceptor.accept(stream).await {
@@ -153,7 +181,13 @@ async fn serve_connection(app: App, stream: TcpStream, peer: SocketAddr, routes:
 static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
 
 /// One request: CORS, the in-flight gauge, tide, Matrix-shaped 404/405, the log line.
-async fn handle(app: App, routes: tide::Server<App>, watch: ConnWatch, busy: Arc<AtomicBool>, mut req: http_types::Request) -> http_types::Result<Response> {
+async fn handle(
+    app: App,
+    routes: tide::Server<App>,
+    watch: ConnWatch,
+    busy: Arc<AtomicBool>,
+    mut req: http_types::Request,
+) -> http_types::Result<Response> {
     let id = REQUEST_IDS.fetch_add(1, Ordering::Relaxed);
     let start = Instant::now();
     let method = req.method();
@@ -173,17 +207,34 @@ async fn handle(app: App, routes: tide::Server<App>, watch: ConnWatch, busy: Arc
             log::error!("req-{id}: tide error: {e}");
             Response::new(StatusCode::InternalServerError)
         });
-        if matches!(res.status(), StatusCode::NotFound | StatusCode::MethodNotAllowed) && res.content_type().is_none() {
+        if matches!(
+            res.status(),
+            StatusCode::NotFound | StatusCode::MethodNotAllowed
+        ) && res.content_type().is_none()
+        {
             let e = crate::error::Error::unrecognized("Unrecognized request");
             res = crate::http::error_response(&e).into();
         }
         res
     };
     res.insert_header("Access-Control-Allow-Origin", "*");
-    res.insert_header("Access-Control-Allow-Methods", "GET, HEAD, POST, PUT, DELETE, OPTIONS");
-    res.insert_header("Access-Control-Allow-Headers", "X-Requested-With, Content-Type, Authorization, Date");
-    let status: u16 = if res.ext().get::<Cancelled>().is_some() { 499 } else { res.status().into() };
-    log::info!("req-{id} {peer} {method} {path} {status} {:.1}ms", start.elapsed().as_secs_f64() * 1000.0);
+    res.insert_header(
+        "Access-Control-Allow-Methods",
+        "GET, HEAD, POST, PUT, DELETE, OPTIONS",
+    );
+    res.insert_header(
+        "Access-Control-Allow-Headers",
+        "X-Requested-With, Content-Type, Authorization, Date",
+    );
+    let status: u16 = if res.ext().get::<Cancelled>().is_some() {
+        499
+    } else {
+        res.status().into()
+    };
+    log::info!(
+        "req-{id} {peer} {method} {path} {status} {:.1}ms",
+        start.elapsed().as_secs_f64() * 1000.0
+    );
     Ok(res)
 }
 

@@ -27,13 +27,32 @@ impl Harness {
         let _ = env_logger::builder().is_test(true).try_init();
         let dir = tempfile::tempdir().unwrap();
         let ex = Arc::new(async_executor::Executor::new());
-        let app = App::open(config_in(dir.path()), Arc::new(hearth::SystemClock), hearth::cancel::Spawner::new(ex.clone())).unwrap();
+        let app = App::open(
+            config_in(dir.path()),
+            Arc::new(hearth::SystemClock),
+            hearth::cancel::Spawner::new(ex.clone()),
+        )
+        .unwrap();
         let routes = hearth::http::routes(app.clone());
-        Self { ex, app, routes, _dir: dir }
+        Self {
+            ex,
+            app,
+            routes,
+            _dir: dir,
+        }
     }
 
-    fn request(&self, method: http_types::Method, path: &str, token: Option<&str>, body: Option<&Value>) -> http_types::Request {
-        let mut r = http_types::Request::new(method, http_types::Url::parse(&format!("http://hearth.test{path}")).unwrap());
+    fn request(
+        &self,
+        method: http_types::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> http_types::Request {
+        let mut r = http_types::Request::new(
+            method,
+            http_types::Url::parse(&format!("http://hearth.test{path}")).unwrap(),
+        );
         if let Some(t) = token {
             r.insert_header("Authorization", format!("Bearer {t}"));
         }
@@ -45,16 +64,33 @@ impl Harness {
     }
 
     /// Runs a request to completion, driving the executor.
-    fn call(&self, method: http_types::Method, path: &str, token: Option<&str>, body: Option<&Value>) -> (u16, Value) {
+    fn call(
+        &self,
+        method: http_types::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
         let req = self.request(method, path, token, body);
         let routes = self.routes.clone();
-        let mut res: http_types::Response = smol::block_on(self.ex.run(async move { routes.respond(req).await })).unwrap();
+        let mut res: http_types::Response =
+            smol::block_on(self.ex.run(async move { routes.respond(req).await })).unwrap();
         let text = smol::block_on(res.body_string()).unwrap();
-        (res.status().into(), serde_json::from_str(&text).unwrap_or(Value::Null))
+        (
+            res.status().into(),
+            serde_json::from_str(&text).unwrap_or(Value::Null),
+        )
     }
 
     fn register(&self, name: &str) -> String {
-        let (s, v) = self.call(http_types::Method::Post, "/_matrix/client/v3/register", None, Some(&json!({ "username": name, "password": "p", "auth": { "type": "m.login.dummy" } })));
+        let (s, v) = self.call(
+            http_types::Method::Post,
+            "/_matrix/client/v3/register",
+            None,
+            Some(
+                &json!({ "username": name, "password": "p", "auth": { "type": "m.login.dummy" } }),
+            ),
+        );
         assert_eq!(s, 200, "{v}");
         v["access_token"].as_str().unwrap().to_owned()
     }
@@ -64,7 +100,12 @@ impl Harness {
     }
 
     fn count(&self, sql: &'static str) -> i64 {
-        smol::block_on(self.app.store.read(move |c| Ok(c.query_row(sql, [], |r| r.get::<_, i64>(0))?))).unwrap()
+        smol::block_on(
+            self.app
+                .store
+                .read(move |c| Ok(c.query_row(sql, [], |r| r.get::<_, i64>(0))?)),
+        )
+        .unwrap()
     }
 }
 
@@ -84,8 +125,16 @@ fn check_cancellable_get(h: &Harness, path: &str, token: &str) -> usize {
         },
         |n| {
             h.settle();
-            assert_eq!(h.app.spawner.live_tasks(), 0, "{path}: tasks left after drop {n}");
-            assert_eq!(h.count("SELECT count(*) FROM events"), events_before, "{path}: a read wrote something");
+            assert_eq!(
+                h.app.spawner.live_tasks(),
+                0,
+                "{path}: tasks left after drop {n}"
+            );
+            assert_eq!(
+                h.count("SELECT count(*) FROM events"),
+                events_before,
+                "{path}: a read wrote something"
+            );
             let again = h.call(http_types::Method::Get, path, Some(token), None);
             assert_eq!(again.0, 200, "{path}: server still answers after drop {n}");
         },
@@ -99,11 +148,26 @@ fn check_cancellable_get(h: &Harness, path: &str, token: &str) -> usize {
 fn every_cancellable_endpoint_survives_a_drop_at_every_await() {
     let h = Harness::new();
     let a = h.register("alice");
-    let (_, v) = h.call(http_types::Method::Post, "/_matrix/client/v3/createRoom", Some(&a), Some(&json!({ "name": "c", "preset": "public_chat", "visibility": "public" })));
+    let (_, v) = h.call(
+        http_types::Method::Post,
+        "/_matrix/client/v3/createRoom",
+        Some(&a),
+        Some(&json!({ "name": "c", "preset": "public_chat", "visibility": "public" })),
+    );
     let room = enc(v["room_id"].as_str().unwrap());
-    let (_, v) = h.call(http_types::Method::Put, &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/1"), Some(&a), Some(&json!({ "body": "x" })));
+    let (_, v) = h.call(
+        http_types::Method::Put,
+        &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/1"),
+        Some(&a),
+        Some(&json!({ "body": "x" })),
+    );
     let ev = enc(v["event_id"].as_str().unwrap());
-    let (_, v) = h.call(http_types::Method::Get, "/_matrix/client/v3/sync", Some(&a), None);
+    let (_, v) = h.call(
+        http_types::Method::Get,
+        "/_matrix/client/v3/sync",
+        Some(&a),
+        None,
+    );
     let since = v["next_batch"].as_str().unwrap().to_owned();
     let paths = [
         "/_matrix/client/v3/sync".to_owned(),
@@ -131,7 +195,12 @@ fn every_cancellable_endpoint_survives_a_drop_at_every_await() {
 fn a_dropped_send_happens_once_or_not_at_all() {
     let h = Harness::new();
     let a = h.register("alice");
-    let (_, v) = h.call(http_types::Method::Post, "/_matrix/client/v3/createRoom", Some(&a), Some(&json!({})));
+    let (_, v) = h.call(
+        http_types::Method::Post,
+        "/_matrix/client/v3/createRoom",
+        Some(&a),
+        Some(&json!({})),
+    );
     let room = enc(v["room_id"].as_str().unwrap());
     let routes = h.routes.clone();
     let mut txn = 0;
@@ -141,7 +210,12 @@ fn a_dropped_send_happens_once_or_not_at_all() {
         || {
             txn += 1;
             let routes = routes.clone();
-            let req = h.request(http_types::Method::Put, &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/t{txn}"), Some(&a), Some(&json!({ "body": txn })));
+            let req = h.request(
+                http_types::Method::Put,
+                &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/t{txn}"),
+                Some(&a),
+                Some(&json!({ "body": txn })),
+            );
             async move { routes.respond::<_, http_types::Response>(req).await }
         },
         |_| {},
@@ -149,13 +223,26 @@ fn a_dropped_send_happens_once_or_not_at_all() {
     // Retry every transaction: each yields exactly one event, never two.
     let mut ids = std::collections::HashSet::new();
     for t in 1..=txn {
-        let (s, v) = h.call(http_types::Method::Put, &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/t{t}"), Some(&a), Some(&json!({ "body": t })));
+        let (s, v) = h.call(
+            http_types::Method::Put,
+            &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/t{t}"),
+            Some(&a),
+            Some(&json!({ "body": t })),
+        );
         assert_eq!(s, 200);
         assert!(ids.insert(v["event_id"].as_str().unwrap().to_owned()));
     }
-    assert_eq!(h.count("SELECT count(*) FROM events") - base_events, txn as i64, "one event per transaction");
+    assert_eq!(
+        h.count("SELECT count(*) FROM events") - base_events,
+        txn as i64,
+        "one event per transaction"
+    );
     assert_eq!(h.count("SELECT count(*) FROM txn_ids"), txn as i64);
-    assert_eq!(h.count("SELECT count(*) FROM forward_extremities"), 1, "no half-written room graph");
+    assert_eq!(
+        h.count("SELECT count(*) FROM forward_extremities"),
+        1,
+        "no half-written room graph"
+    );
 }
 
 /// Opens a raw HTTP/1.1 long-poll and returns the socket without reading the answer.
@@ -186,19 +273,36 @@ fn disconnected_long_polls_are_cancelled_and_leave_nothing() {
     let baseline_tasks = app.spawner.live_tasks();
     const N: u64 = 200;
     let socks: Vec<TcpStream> = (0..N).map(|_| open_long_poll(addr, &a, &since)).collect();
-    wait_until(Duration::from_secs(20), || app.metrics.in_flight.load(Ordering::SeqCst) == N).expect("all long-polls in flight");
+    wait_until(Duration::from_secs(20), || {
+        app.metrics.in_flight.load(Ordering::SeqCst) == N
+    })
+    .expect("all long-polls in flight");
     drop(socks);
-    let took = wait_until(Duration::from_secs(5), || app.metrics.in_flight.load(Ordering::SeqCst) == 0).expect("in-flight back to zero");
+    let took = wait_until(Duration::from_secs(5), || {
+        app.metrics.in_flight.load(Ordering::SeqCst) == 0
+    })
+    .expect("in-flight back to zero");
     eprintln!("{N} disconnected long-polls cancelled in {took:?}");
     assert!(took < Duration::from_millis(500), "took {took:?}");
     assert_eq!(app.metrics.cancelled_total.load(Ordering::SeqCst), N);
-    wait_until(Duration::from_secs(5), || app.spawner.live_tasks() <= baseline_tasks).expect("connection tasks end");
-    let text = ureq::get(&format!("{}/_hearth/metrics", s.base)).call().unwrap().into_string().unwrap();
-    assert!(text.contains(&format!("hearth_http_requests_cancelled_total {N}")), "{text}");
+    wait_until(Duration::from_secs(5), || {
+        app.spawner.live_tasks() <= baseline_tasks
+    })
+    .expect("connection tasks end");
+    let text = ureq::get(&format!("{}/_hearth/metrics", s.base))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(
+        text.contains(&format!("hearth_http_requests_cancelled_total {N}")),
+        "{text}"
+    );
     // The server still answers, and a connected long-poll is still woken normally.
     let room = s.create_room(&a, json!({}));
     let mut sock = open_long_poll(addr, &a, &since);
-    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     std::thread::sleep(Duration::from_millis(50));
     s.send(&a, &room, "w", "wake");
     let mut buf = vec![0u8; 65536];
@@ -221,8 +325,21 @@ fn a_send_whose_client_vanishes_still_commits_once() {
     let id = s.send(&a, &room, "gone", "fire and forget");
     let id2 = s.send(&a, &room, "gone", "fire and forget");
     assert_eq!(id, id2);
-    let page = s.ok("GET", &format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50", enc(&room)), Some(&a), None);
-    let n = page["chunk"].as_array().unwrap().iter().filter(|e| e["content"]["body"] == "fire and forget").count();
+    let page = s.ok(
+        "GET",
+        &format!(
+            "/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50",
+            enc(&room)
+        ),
+        Some(&a),
+        None,
+    );
+    let n = page["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["content"]["body"] == "fire and forget")
+        .count();
     assert_eq!(n, 1);
 }
 
@@ -234,9 +351,15 @@ fn shutdown_cancels_long_polls_promptly() {
     let addr = s.hs().addrs()[0];
     let app = s.hs().app().clone();
     let _sock = open_long_poll(addr, &a, &since);
-    wait_until(Duration::from_secs(10), || app.metrics.in_flight.load(Ordering::SeqCst) == 1).expect("in flight");
+    wait_until(Duration::from_secs(10), || {
+        app.metrics.in_flight.load(Ordering::SeqCst) == 1
+    })
+    .expect("in flight");
     let t = Instant::now();
     s.hs.take().unwrap().stop().unwrap();
-    assert!(t.elapsed() < Duration::from_secs(3), "stop took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "stop took {:?}",
+        t.elapsed()
+    );
 }
-

@@ -27,24 +27,39 @@ use crate::{
 async fn hash_password(password: String) -> Result<String> {
     smol::unblock(move || {
         let salt = SaltString::generate(&mut OsRng);
-        Argon2::default().hash_password(password.as_bytes(), &salt).map(|h| h.to_string()).map_err(Error::internal)
+        Argon2::default()
+            .hash_password(password.as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .map_err(Error::internal)
     })
     .await
 }
 
 /// Constant-time check (argon2's verify) on the blocking pool.
 async fn verify_password(hash: String, password: String) -> bool {
-    smol::unblock(move || PasswordHash::new(&hash).is_ok_and(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())).await
+    smol::unblock(move || {
+        PasswordHash::new(&hash).is_ok_and(|h| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &h)
+                .is_ok()
+        })
+    })
+    .await
 }
 
 /// Localparts allowed for new users (the spec's historical grammar, lower case).
 fn valid_localpart(l: &str) -> bool {
-    !l.is_empty() && l.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'=' | b'-' | b'/' | b'+'))
+    !l.is_empty()
+        && l.bytes().all(
+            |b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'=' | b'-' | b'/' | b'+'),
+        )
 }
 
 fn user_id_for(app: &App, localpart: &str) -> Result<OwnedUserId> {
     if !valid_localpart(localpart) {
-        return Err(Error::invalid_username("User ID may only contain a-z, 0-9, and ._=-/+"));
+        return Err(Error::invalid_username(
+            "User ID may only contain a-z, 0-9, and ._=-/+",
+        ));
     }
     let id = format!("@{localpart}:{}", app.server_name);
     if id.len() > 255 {
@@ -54,7 +69,12 @@ fn user_id_for(app: &App, localpart: &str) -> Result<OwnedUserId> {
 }
 
 /// Creates a user (no device). Used by `hearth user create` and embedders.
-pub async fn create_user(app: &App, localpart: &str, password: Option<&str>, admin: bool) -> Result<OwnedUserId> {
+pub async fn create_user(
+    app: &App,
+    localpart: &str,
+    password: Option<&str>,
+    admin: bool,
+) -> Result<OwnedUserId> {
     let user_id = user_id_for(app, &localpart.to_lowercase())?;
     let hash = match password {
         Some(p) => Some(hash_password(p.to_owned()).await?),
@@ -74,9 +94,17 @@ pub async fn create_user(app: &App, localpart: &str, password: Option<&str>, adm
 }
 
 /// Creates a device and an access token for it; returns the token.
-fn new_session(tx: &mut crate::store::Tx<'_>, user_id: &str, device_id: &str, display_name: Option<&str>) -> Result<String> {
+fn new_session(
+    tx: &mut crate::store::Tx<'_>,
+    user_id: &str,
+    device_id: &str,
+    display_name: Option<&str>,
+) -> Result<String> {
     // A login that reuses a device ID replaces that device's old tokens.
-    tx.execute("DELETE FROM access_tokens WHERE user_id = ?1 AND device_id = ?2", [user_id, device_id])?;
+    tx.execute(
+        "DELETE FROM access_tokens WHERE user_id = ?1 AND device_id = ?2",
+        [user_id, device_id],
+    )?;
     q::upsert_device(tx, user_id, device_id, display_name, tx.now_ms)?;
     let token = format!("hth_{}", random_string(40));
     q::insert_token(tx, &hash_token(&token), user_id, device_id, tx.now_ms)?;
@@ -84,12 +112,20 @@ fn new_session(tx: &mut crate::store::Tx<'_>, user_id: &str, device_id: &str, di
 }
 
 fn uia_401(flows: Value, error: Option<Error>) -> Error {
-    let mut body = json!({ "flows": flows, "params": {}, "session": random_string(24), "completed": [] });
+    let mut body =
+        json!({ "flows": flows, "params": {}, "session": random_string(24), "completed": [] });
     if let Some(e) = error {
         body["errcode"] = e.errcode.into();
         body["error"] = e.message.into();
     }
-    Error { body: Some(body), ..Error::new(401, "M_FORBIDDEN", "User-interactive authentication required") }
+    Error {
+        body: Some(body),
+        ..Error::new(
+            401,
+            "M_FORBIDDEN",
+            "User-interactive authentication required",
+        )
+    }
 }
 
 fn str_field<'a>(v: &'a Value, key: &str) -> Result<Option<&'a str>> {
@@ -105,7 +141,11 @@ pub async fn register(mut req: Req) -> Result<Response> {
     let app = req.state().clone();
     app.limits.check("register", &peer_ip(&req))?;
     let body = body_json(&mut req).await?;
-    if req.url().query_pairs().any(|(k, v)| k == "kind" && v == "guest") {
+    if req
+        .url()
+        .query_pairs()
+        .any(|(k, v)| k == "kind" && v == "guest")
+    {
         return Err(Error::forbidden("Guest access is not enabled"));
     }
     let flows = match app.config.registration {
@@ -123,21 +163,45 @@ pub async fn register(mut req: Req) -> Result<Response> {
         return Err(Error::invalid_param("Password too long"));
     }
     let uid = user_id.clone();
-    if app.store.read(move |c| q::get_user(c, uid.as_str())).await?.is_some() {
+    if app
+        .store
+        .read(move |c| q::get_user(c, uid.as_str()))
+        .await?
+        .is_some()
+    {
         return Err(Error::user_in_use("User ID already taken"));
     }
     let auth_dict = body.get("auth").filter(|a| a.is_object());
-    let token_used = match (app.config.registration, auth_dict.and_then(|a| a.get("type")).and_then(Value::as_str)) {
+    let token_used = match (
+        app.config.registration,
+        auth_dict
+            .and_then(|a| a.get("type"))
+            .and_then(Value::as_str),
+    ) {
         (Registration::Open, Some("m.login.dummy")) => None,
         (Registration::Token, Some("m.login.registration_token")) => {
-            let token = auth_dict.and_then(|a| a.get("token")).and_then(Value::as_str).unwrap_or_default().to_owned();
+            let token = auth_dict
+                .and_then(|a| a.get("token"))
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned();
             Some(token)
         }
-        (_, Some(_)) => return Err(uia_401(flows, Some(Error::forbidden("Unsupported authentication stage")))),
+        (_, Some(_)) => {
+            return Err(uia_401(
+                flows,
+                Some(Error::forbidden("Unsupported authentication stage")),
+            ))
+        }
         (_, None) => return Err(uia_401(flows, None)),
     };
-    let inhibit_login = body.get("inhibit_login").and_then(Value::as_bool).unwrap_or(false);
-    let device_id = str_field(&body, "device_id")?.map(str::to_owned).unwrap_or_else(|| random_string(10).to_uppercase());
+    let inhibit_login = body
+        .get("inhibit_login")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let device_id = str_field(&body, "device_id")?
+        .map(str::to_owned)
+        .unwrap_or_else(|| random_string(10).to_uppercase());
     let display = str_field(&body, "initial_device_display_name")?.map(str::to_owned);
     let hash = match password {
         Some(p) => Some(hash_password(p).await?),
@@ -154,7 +218,14 @@ pub async fn register(mut req: Req) -> Result<Response> {
             if q::get_user(tx, uid.as_str())?.is_some() {
                 return Err(Error::user_in_use("User ID already taken"));
             }
-            q::insert_user(tx, uid.as_str(), hash.as_deref(), false, &localpart, tx.now_ms)?;
+            q::insert_user(
+                tx,
+                uid.as_str(),
+                hash.as_deref(),
+                false,
+                &localpart,
+                tx.now_ms,
+            )?;
             super::user::init_push_rules(tx, &uid)?;
             if inhibit_login {
                 return Ok(None);
@@ -171,7 +242,11 @@ pub async fn register(mut req: Req) -> Result<Response> {
 }
 
 /// Accepts a token from the config list, or one from the database that has uses left.
-fn consume_registration_token(tx: &crate::store::Tx<'_>, token: &str, config_tokens: &[String]) -> Result<()> {
+fn consume_registration_token(
+    tx: &crate::store::Tx<'_>,
+    token: &str,
+    config_tokens: &[String],
+) -> Result<()> {
     if config_tokens.iter().any(|t| t == token) {
         return Ok(());
     }
@@ -181,7 +256,10 @@ fn consume_registration_token(tx: &crate::store::Tx<'_>, token: &str, config_tok
         rusqlite::params![token, tx.now_ms as i64],
     )?;
     if n == 0 {
-        return Err(uia_401(json!([{ "stages": ["m.login.registration_token"] }]), Some(Error::forbidden("Invalid registration token"))));
+        return Err(uia_401(
+            json!([{ "stages": ["m.login.registration_token"] }]),
+            Some(Error::forbidden("Invalid registration token")),
+        ));
     }
     Ok(())
 }
@@ -189,10 +267,19 @@ fn consume_registration_token(tx: &crate::store::Tx<'_>, token: &str, config_tok
 /// # `GET /_matrix/client/v3/register/available`
 pub async fn register_available(req: Req) -> Result<Response> {
     let app = req.state().clone();
-    let name = req.url().query_pairs().find(|(k, _)| k == "username").map(|(_, v)| v.to_lowercase());
+    let name = req
+        .url()
+        .query_pairs()
+        .find(|(k, _)| k == "username")
+        .map(|(_, v)| v.to_lowercase());
     let name = name.ok_or_else(|| Error::missing_param("username is required"))?;
     let uid = user_id_for(&app, &name)?;
-    if app.store.read(move |c| q::get_user(c, uid.as_str())).await?.is_some() {
+    if app
+        .store
+        .read(move |c| q::get_user(c, uid.as_str()))
+        .await?
+        .is_some()
+    {
         return Err(Error::user_in_use("User ID already taken"));
     }
     json(&json!({ "available": true }))
@@ -208,7 +295,8 @@ fn login_user(app: &App, body: &Value) -> Result<OwnedUserId> {
     let user = match body.get("identifier") {
         Some(id) => {
             if id.get("type").and_then(Value::as_str) != Some("m.id.user") {
-                return Err(Error::unknown("Only m.id.user identifiers are supported").with_status(400, "M_UNKNOWN"));
+                return Err(Error::unknown("Only m.id.user identifiers are supported")
+                    .with_status(400, "M_UNKNOWN"));
             }
             id.get("user").and_then(Value::as_str)
         }
@@ -222,19 +310,27 @@ fn login_user(app: &App, body: &Value) -> Result<OwnedUserId> {
         }
         Ok(id)
     } else {
-        user_id_for(app, &user.to_lowercase()).map_err(|_| Error::forbidden("Invalid username or password"))
+        user_id_for(app, &user.to_lowercase())
+            .map_err(|_| Error::forbidden("Invalid username or password"))
     }
 }
 
 /// Checks a user's password; `M_FORBIDDEN` for unknown users and wrong passwords alike.
 async fn check_password(app: &App, user_id: &UserId, password: &str) -> Result<()> {
     let uid = user_id.to_owned();
-    let row = app.store.read(move |c| q::get_user(c, uid.as_str())).await?;
-    let Some(row) = row else { return Err(Error::forbidden("Invalid username or password")) };
+    let row = app
+        .store
+        .read(move |c| q::get_user(c, uid.as_str()))
+        .await?;
+    let Some(row) = row else {
+        return Err(Error::forbidden("Invalid username or password"));
+    };
     if row.deactivated {
         return Err(Error::user_deactivated("This account has been deactivated"));
     }
-    let Some(hash) = row.password_hash else { return Err(Error::forbidden("Invalid username or password")) };
+    let Some(hash) = row.password_hash else {
+        return Err(Error::forbidden("Invalid username or password"));
+    };
     if verify_password(hash, password.to_owned()).await {
         Ok(())
     } else {
@@ -251,18 +347,28 @@ pub async fn login(mut req: Req) -> Result<Response> {
         return Err(Error::new(400, "M_UNKNOWN", "Unknown login type"));
     }
     let user_id = login_user(&app, &body)?;
-    let password = str_field(&body, "password")?.ok_or_else(|| Error::bad_json("password is required"))?;
+    let password =
+        str_field(&body, "password")?.ok_or_else(|| Error::bad_json("password is required"))?;
     check_password(&app, &user_id, password).await?;
-    let device_id = str_field(&body, "device_id")?.map(str::to_owned).unwrap_or_else(|| random_string(10).to_uppercase());
+    let device_id = str_field(&body, "device_id")?
+        .map(str::to_owned)
+        .unwrap_or_else(|| random_string(10).to_uppercase());
     let display = str_field(&body, "initial_device_display_name")?.map(str::to_owned);
     let (uid, dev) = (user_id.clone(), device_id.clone());
     let old = {
         let (u, d) = (uid.to_string(), dev.clone());
-        app.store.read(move |c| q::list_token_hashes(c, &u, Some(&d))).await?
+        app.store
+            .read(move |c| q::list_token_hashes(c, &u, Some(&d)))
+            .await?
     };
-    let token = app.store.write(move |tx| new_session(tx, uid.as_str(), &dev, display.as_deref())).await?;
+    let token = app
+        .store
+        .write(move |tx| new_session(tx, uid.as_str(), &dev, display.as_deref()))
+        .await?;
     app.tokens.remove(&old);
-    json(&json!({ "user_id": user_id, "access_token": token, "device_id": device_id, "home_server": app.server_name }))
+    json(
+        &json!({ "user_id": user_id, "access_token": token, "device_id": device_id, "home_server": app.server_name }),
+    )
 }
 
 /// # `POST /_matrix/client/v3/logout`
@@ -270,7 +376,9 @@ pub async fn logout(req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     let app = req.state().clone();
     let (u, d) = (who.user_id.to_string(), who.device_id.to_string());
-    app.store.write(move |tx| q::delete_device(tx, &u, &d)).await?;
+    app.store
+        .write(move |tx| q::delete_device(tx, &u, &d))
+        .await?;
     app.tokens.remove(&[who.token_hash]);
     json(&json!({}))
 }
@@ -282,7 +390,9 @@ pub async fn logout_all(req: Req) -> Result<Response> {
     let u = who.user_id.to_string();
     let hashes = {
         let u = u.clone();
-        app.store.read(move |c| q::list_token_hashes(c, &u, None)).await?
+        app.store
+            .read(move |c| q::list_token_hashes(c, &u, None))
+            .await?
     };
     app.store
         .write(move |tx| {
@@ -303,16 +413,26 @@ pub async fn whoami(req: Req) -> Result<Response> {
 /// Requires a `m.login.password` auth dict for the caller (sensitive operations).
 async fn require_password_uia(app: &App, who: &super::Authed, body: &Value) -> Result<()> {
     let flows = json!([{ "stages": ["m.login.password"] }]);
-    let Some(a) = body.get("auth").filter(|a| a.is_object()) else { return Err(uia_401(flows, None)) };
+    let Some(a) = body.get("auth").filter(|a| a.is_object()) else {
+        return Err(uia_401(flows, None));
+    };
     if a.get("type").and_then(Value::as_str) != Some("m.login.password") {
-        return Err(uia_401(flows, Some(Error::forbidden("Unsupported authentication stage"))));
+        return Err(uia_401(
+            flows,
+            Some(Error::forbidden("Unsupported authentication stage")),
+        ));
     }
     let claimed = login_user(app, a).unwrap_or_else(|_| who.user_id.clone());
     if claimed != who.user_id {
         return Err(Error::forbidden("Cannot authenticate as another user"));
     }
-    let password = a.get("password").and_then(Value::as_str).unwrap_or_default();
-    check_password(app, &who.user_id, password).await.map_err(|e| uia_401(flows, Some(e)))
+    let password = a
+        .get("password")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    check_password(app, &who.user_id, password)
+        .await
+        .map_err(|e| uia_401(flows, Some(e)))
 }
 
 /// # `POST /_matrix/client/v3/account/password`
@@ -321,26 +441,40 @@ pub async fn change_password(mut req: Req) -> Result<Response> {
     let app = req.state().clone();
     let body = body_json(&mut req).await?;
     require_password_uia(&app, &who, &body).await?;
-    let new = str_field(&body, "new_password")?.ok_or_else(|| Error::missing_param("new_password is required"))?;
-    let logout_devices = body.get("logout_devices").and_then(Value::as_bool).unwrap_or(true);
+    let new = str_field(&body, "new_password")?
+        .ok_or_else(|| Error::missing_param("new_password is required"))?;
+    let logout_devices = body
+        .get("logout_devices")
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
     let hash = hash_password(new.to_owned()).await?;
     let (u, d) = (who.user_id.to_string(), who.device_id.to_string());
     let hashes = {
         let u = u.clone();
-        app.store.read(move |c| q::list_token_hashes(c, &u, None)).await?
+        app.store
+            .read(move |c| q::list_token_hashes(c, &u, None))
+            .await?
     };
     app.store
         .write(move |tx| {
             q::update_password(tx, &u, &hash)?;
             if logout_devices {
-                tx.execute("DELETE FROM devices WHERE user_id = ?1 AND device_id != ?2", [&u, &d])?;
+                tx.execute(
+                    "DELETE FROM devices WHERE user_id = ?1 AND device_id != ?2",
+                    [&u, &d],
+                )?;
             }
             Ok(())
         })
         .await?;
     if logout_devices {
         let keep = who.token_hash.clone();
-        app.tokens.remove(&hashes.into_iter().filter(|h| *h != keep).collect::<Vec<_>>());
+        app.tokens.remove(
+            &hashes
+                .into_iter()
+                .filter(|h| *h != keep)
+                .collect::<Vec<_>>(),
+        );
     }
     json(&json!({}))
 }
@@ -353,7 +487,11 @@ fn device_json(d: &q::DeviceRow) -> Value {
 pub async fn list_devices(req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     let u = who.user_id.to_string();
-    let devices = req.state().store.read(move |c| q::list_devices(c, &u, None)).await?;
+    let devices = req
+        .state()
+        .store
+        .read(move |c| q::list_devices(c, &u, None))
+        .await?;
     json(&json!({ "devices": devices.iter().map(device_json).collect::<Vec<_>>() }))
 }
 
@@ -362,8 +500,14 @@ pub async fn get_device(req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     let id = param(&req, "device_id")?;
     let u = who.user_id.to_string();
-    let devices = req.state().store.read(move |c| q::list_devices(c, &u, Some(&id))).await?;
-    let d = devices.first().ok_or_else(|| Error::not_found("Unknown device"))?;
+    let devices = req
+        .state()
+        .store
+        .read(move |c| q::list_devices(c, &u, Some(&id)))
+        .await?;
+    let d = devices
+        .first()
+        .ok_or_else(|| Error::not_found("Unknown device"))?;
     json(&device_json(d))
 }
 
@@ -374,7 +518,11 @@ pub async fn update_device(mut req: Req) -> Result<Response> {
     let body = body_json(&mut req).await?;
     let name = str_field(&body, "display_name")?.map(str::to_owned);
     let u = who.user_id.to_string();
-    let found = req.state().store.write(move |tx| q::update_device_name(tx, &u, &id, name.as_deref())).await?;
+    let found = req
+        .state()
+        .store
+        .write(move |tx| q::update_device_name(tx, &u, &id, name.as_deref()))
+        .await?;
     if !found {
         return Err(Error::not_found("Unknown device"));
     }
@@ -388,7 +536,14 @@ async fn delete_devices_inner(req: &mut Req, ids: Option<Vec<String>>) -> Result
     let ids = match ids {
         Some(ids) => ids,
         None => match body.get("devices").and_then(Value::as_array) {
-            Some(a) => a.iter().map(|v| v.as_str().map(str::to_owned).ok_or_else(|| Error::bad_json("devices must be strings"))).collect::<Result<_>>()?,
+            Some(a) => a
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| Error::bad_json("devices must be strings"))
+                })
+                .collect::<Result<_>>()?,
             None => return Err(Error::bad_json("devices is required")),
         },
     };
@@ -397,7 +552,11 @@ async fn delete_devices_inner(req: &mut Req, ids: Option<Vec<String>>) -> Result
     let mut hashes = Vec::new();
     for id in &ids {
         let (u, id) = (u.clone(), id.clone());
-        hashes.extend(app.store.read(move |c| q::list_token_hashes(c, &u, Some(&id))).await?);
+        hashes.extend(
+            app.store
+                .read(move |c| q::list_token_hashes(c, &u, Some(&id)))
+                .await?,
+        );
     }
     app.store
         .write(move |tx| {

@@ -22,7 +22,8 @@ use crate::{
 };
 
 fn room_param(req: &Req) -> Result<OwnedRoomId> {
-    OwnedRoomId::try_from(param(req, "room_id")?).map_err(|e| Error::invalid_param(format!("room ID: {e}")))
+    OwnedRoomId::try_from(param(req, "room_id")?)
+        .map_err(|e| Error::invalid_param(format!("room ID: {e}")))
 }
 
 /// The stream positions `(lo, hi]` of a room's events this user may see.
@@ -31,7 +32,11 @@ pub fn visible_range(conn: &Connection, room_id: &str, user_id: &str) -> Result<
         return Err(Error::not_found("Unknown room"));
     }
     let hv = current_content(conn, room_id, "m.room.history_visibility", "")?
-        .and_then(|c| c.get("history_visibility").and_then(Value::as_str).map(str::to_owned))
+        .and_then(|c| {
+            c.get("history_visibility")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
         .unwrap_or_else(|| "shared".into());
     if hv == "world_readable" {
         return Ok((0, i64::MAX));
@@ -43,7 +48,9 @@ pub fn visible_range(conn: &Connection, room_id: &str, user_id: &str) -> Result<
             |r| Ok((r.get::<_, Option<String>>(0)?.unwrap_or_default(), r.get(1)?)),
         )
         .optional()?;
-    let Some((membership, pos)) = member else { return Err(Error::forbidden("You are not in this room")) };
+    let Some((membership, pos)) = member else {
+        return Err(Error::forbidden("You are not in this room"));
+    };
     // With `joined`/`invited` visibility, history starts at the user's first join/invite.
     let lo = if hv == "joined" || hv == "invited" {
         let wanted = if hv == "joined" { "join" } else { "invite" };
@@ -81,11 +88,20 @@ pub fn visible_range(conn: &Connection, room_id: &str, user_id: &str) -> Result<
 }
 
 fn viewer(who: &Authed) -> Viewer<'_> {
-    Viewer { user_id: who.user_id.as_str(), device_id: who.device_id.as_str() }
+    Viewer {
+        user_id: who.user_id.as_str(),
+        device_id: who.device_id.as_str(),
+    }
 }
 
 /// Sends one event (message or state) from a client, deduplicated by transaction ID.
-async fn send_event(app: &App, who: &Authed, room_id: OwnedRoomId, new: NewEvent, txn_id: Option<String>) -> Result<String> {
+async fn send_event(
+    app: &App,
+    who: &Authed,
+    room_id: OwnedRoomId,
+    new: NewEvent,
+    txn_id: Option<String>,
+) -> Result<String> {
     let local = app.local.clone();
     let (uid, dev) = (who.user_id.clone(), who.device_id.to_string());
     app.store
@@ -95,14 +111,21 @@ async fn send_event(app: &App, who: &Authed, room_id: OwnedRoomId, new: NewEvent
                     return Ok(existing);
                 }
             }
-            if q::get_membership(tx, room_id.as_str(), uid.as_str())?.as_deref() != Some("join") && new.kind != TimelineEventType::RoomMember {
+            if q::get_membership(tx, room_id.as_str(), uid.as_str())?.as_deref() != Some("join")
+                && new.kind != TimelineEventType::RoomMember
+            {
                 if q::get_room_version(tx, room_id.as_str())?.is_none() {
                     return Err(Error::not_found("Unknown room"));
                 }
                 return Err(Error::forbidden("You are not joined to this room"));
             }
-            let txn = txn_id.as_deref().map(|t| TxnRef { device_id: &dev, txn_id: t });
-            Ok(build::send(tx, &local, &room_id, &uid, new, txn)?.event_id.to_string())
+            let txn = txn_id.as_deref().map(|t| TxnRef {
+                device_id: &dev,
+                txn_id: t,
+            });
+            Ok(build::send(tx, &local, &room_id, &uid, new, txn)?
+                .event_id
+                .to_string())
         })
         .await
 }
@@ -118,12 +141,23 @@ pub async fn send_message(mut req: Req) -> Result<Response> {
     if kind.is_empty() || kind.len() > 255 {
         return Err(Error::invalid_param("Invalid event type"));
     }
-    let (u, d, t) = (who.user_id.to_string(), who.device_id.to_string(), txn_id.clone());
+    let (u, d, t) = (
+        who.user_id.to_string(),
+        who.device_id.to_string(),
+        txn_id.clone(),
+    );
     if let Some(existing) = app.store.read(move |c| q::get_txn(c, &u, &d, &t)).await? {
         return json(&json!({ "event_id": existing }));
     }
     app.limits.check("send", who.user_id.as_str())?;
-    let event_id = send_event(&app, &who, room_id, NewEvent::message(kind, content), Some(txn_id)).await?;
+    let event_id = send_event(
+        &app,
+        &who,
+        room_id,
+        NewEvent::message(kind, content),
+        Some(txn_id),
+    )
+    .await?;
     json(&json!({ "event_id": event_id }))
 }
 
@@ -138,7 +172,14 @@ pub async fn put_state(mut req: Req) -> Result<Response> {
     if kind == "m.room.canonical_alias" {
         check_canonical_alias(&app, &room_id, &content).await?;
     }
-    let event_id = send_event(&app, &who, room_id, NewEvent::state(kind, key, content), None).await?;
+    let event_id = send_event(
+        &app,
+        &who,
+        room_id,
+        NewEvent::state(kind, key, content),
+        None,
+    )
+    .await?;
     json(&json!({ "event_id": event_id }))
 }
 
@@ -157,7 +198,13 @@ async fn check_canonical_alias(app: &App, room_id: &OwnedRoomId, content: &Value
             for a in &aliases {
                 match q::get_alias(c, a)? {
                     Some((r, _)) if r == rid => {}
-                    _ => return Err(Error::new(400, "M_BAD_ALIAS", format!("Alias {a} does not point to this room"))),
+                    _ => {
+                        return Err(Error::new(
+                            400,
+                            "M_BAD_ALIAS",
+                            format!("Alias {a} does not point to this room"),
+                        ))
+                    }
                 }
             }
             Ok(())
@@ -169,9 +216,13 @@ async fn check_canonical_alias(app: &App, room_id: &OwnedRoomId, content: &Value
 fn visible_state(conn: &Connection, room_id: &str, user_id: &str) -> Result<Vec<EventRow>> {
     let (_, hi) = visible_range(conn, room_id, user_id)?;
     let ids: Vec<String> = if hi == i64::MAX {
-        q::list_current_state(conn, room_id)?.into_iter().map(|(_, _, e, _)| e).collect()
+        q::list_current_state(conn, room_id)?
+            .into_iter()
+            .map(|(_, _, e, _)| e)
+            .collect()
     } else {
-        let group = q::get_state_group_at(conn, room_id, hi)?.ok_or_else(|| Error::not_found("No state"))?;
+        let group = q::get_state_group_at(conn, room_id, hi)?
+            .ok_or_else(|| Error::not_found("No state"))?;
         q::load_state_group(conn, group)?.into_values().collect()
     };
     let mut rows = Vec::new();
@@ -206,7 +257,10 @@ pub async fn get_state(req: Req) -> Result<Response> {
     let room_id = room_param(&req)?.to_string();
     let kind = param(&req, "event_type")?;
     let key = param(&req, "state_key").unwrap_or_default();
-    let full = req.url().query_pairs().any(|(k, v)| k == "format" && v == "event");
+    let full = req
+        .url()
+        .query_pairs()
+        .any(|(k, v)| k == "format" && v == "event");
     let app = req.state().clone();
     let now = app.clock.now_ms();
     let out = app
@@ -229,28 +283,44 @@ pub async fn redact(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     let app = req.state().clone();
     let room_id = room_param(&req)?;
-    let target = OwnedEventId::try_from(param(&req, "event_id")?).map_err(|e| Error::invalid_param(format!("event ID: {e}")))?;
+    let target = OwnedEventId::try_from(param(&req, "event_id")?)
+        .map_err(|e| Error::invalid_param(format!("event ID: {e}")))?;
     let txn_id = param(&req, "txn_id")?;
     let body = body_json(&mut req).await?;
     let rid = room_id.to_string();
-    let version = app.store.read(move |c| q::get_room_version(c, &rid)).await?.ok_or_else(|| Error::not_found("Unknown room"))?;
+    let version = app
+        .store
+        .read(move |c| q::get_room_version(c, &rid))
+        .await?
+        .ok_or_else(|| Error::not_found("Unknown room"))?;
     let mut content = json!({});
     if let Some(r) = body.get("reason").and_then(Value::as_str) {
         content["reason"] = r.into();
     }
-    let v11 = RoomVersionId::try_from(version.as_str()).is_ok_and(|v| matches!(v, RoomVersionId::V11));
+    let v11 =
+        RoomVersionId::try_from(version.as_str()).is_ok_and(|v| matches!(v, RoomVersionId::V11));
     if v11 {
         content["redacts"] = target.as_str().into();
     }
-    let new = NewEvent { kind: TimelineEventType::RoomRedaction, state_key: None, content, redacts: (!v11).then_some(target) };
+    let new = NewEvent {
+        kind: TimelineEventType::RoomRedaction,
+        state_key: None,
+        content,
+        redacts: (!v11).then_some(target),
+    };
     let event_id = send_event(&app, &who, room_id, new, Some(txn_id)).await?;
     json(&json!({ "event_id": event_id }))
 }
 
 /// A stream token for `/messages`: `t<pos>` (or a `/sync` `next_batch`, `s<pos>_<n>`).
 pub fn parse_pos_token(t: &str) -> Result<i64> {
-    let digits = t.strip_prefix('t').or_else(|| t.strip_prefix('s').map(|s| s.split('_').next().unwrap_or("")));
-    digits.and_then(|d| d.parse().ok()).ok_or_else(|| Error::invalid_param("Invalid pagination token"))
+    let digits = t.strip_prefix('t').or_else(|| {
+        t.strip_prefix('s')
+            .map(|s| s.split('_').next().unwrap_or(""))
+    });
+    digits
+        .and_then(|d| d.parse().ok())
+        .ok_or_else(|| Error::invalid_param("Invalid pagination token"))
 }
 
 /// The parts of a `RoomEventFilter` `/messages` and `/context` apply.
@@ -276,7 +346,15 @@ impl EventFilter {
         let list = |k: &str| -> Result<Option<Vec<String>>> {
             match v.get(k) {
                 None | Some(Value::Null) => Ok(None),
-                Some(Value::Array(a)) => a.iter().map(|x| x.as_str().map(str::to_owned).ok_or_else(|| Error::bad_json(format!("{k} must be strings")))).collect::<Result<_>>().map(Some),
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .map(|x| {
+                        x.as_str()
+                            .map(str::to_owned)
+                            .ok_or_else(|| Error::bad_json(format!("{k} must be strings")))
+                    })
+                    .collect::<Result<_>>()
+                    .map(Some),
                 Some(_) => Err(Error::bad_json(format!("{k} must be an array"))),
             }
         };
@@ -285,24 +363,35 @@ impl EventFilter {
             not_types: list("not_types")?.unwrap_or_default(),
             senders: list("senders")?,
             not_senders: list("not_senders")?.unwrap_or_default(),
-            lazy_load_members: v.get("lazy_load_members").and_then(Value::as_bool).unwrap_or(false),
+            lazy_load_members: v
+                .get("lazy_load_members")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             limit: v.get("limit").and_then(Value::as_u64).map(|l| l as usize),
         })
     }
 
     pub fn allows(&self, row: &EventRow) -> bool {
-        if self.not_types.iter().any(|p| type_matches(p, &row.kind)) || self.not_senders.contains(&row.sender) {
+        if self.not_types.iter().any(|p| type_matches(p, &row.kind))
+            || self.not_senders.contains(&row.sender)
+        {
             return false;
         }
-        self.types.as_ref().is_none_or(|t| t.iter().any(|p| type_matches(p, &row.kind)))
-            && self.senders.as_ref().is_none_or(|s| s.contains(&row.sender))
+        self.types
+            .as_ref()
+            .is_none_or(|t| t.iter().any(|p| type_matches(p, &row.kind)))
+            && self
+                .senders
+                .as_ref()
+                .is_none_or(|s| s.contains(&row.sender))
     }
 }
 
 fn query_filter(req: &Req) -> Result<EventFilter> {
     match req.url().query_pairs().find(|(k, _)| k == "filter") {
         Some((_, f)) => {
-            let v: Value = serde_json::from_str(&f).map_err(|e| Error::not_json(format!("filter: {e}")))?;
+            let v: Value =
+                serde_json::from_str(&f).map_err(|e| Error::not_json(format!("filter: {e}")))?;
             EventFilter::from_json(&v)
         }
         None => Ok(EventFilter::default()),
@@ -310,7 +399,11 @@ fn query_filter(req: &Req) -> Result<EventFilter> {
 }
 
 /// The member events of the senders of `rows` (lazy-loading members), at current state.
-pub fn lazy_members_of(conn: &Connection, room_id: &str, rows: &[EventRow]) -> Result<Vec<EventRow>> {
+pub fn lazy_members_of(
+    conn: &Connection,
+    room_id: &str,
+    rows: &[EventRow],
+) -> Result<Vec<EventRow>> {
     let mut senders: Vec<&str> = rows.iter().map(|r| r.sender.as_str()).collect();
     senders.sort();
     senders.dedup();
@@ -333,7 +426,12 @@ pub async fn messages(req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     let app = req.state().clone();
     let room_id = room_param(&req)?.to_string();
-    let get = |k: &str| req.url().query_pairs().find(|(q, _)| q == k).map(|(_, v)| v.into_owned());
+    let get = |k: &str| {
+        req.url()
+            .query_pairs()
+            .find(|(q, _)| q == k)
+            .map(|(_, v)| v.into_owned())
+    };
     let backward = match get("dir").as_deref() {
         Some("b") => true,
         Some("f") => false,
@@ -343,7 +441,9 @@ pub async fn messages(req: Req) -> Result<Response> {
     let to = get("to").map(|t| parse_pos_token(&t)).transpose()?;
     let filter = query_filter(&req)?;
     let limit = match get("limit") {
-        Some(l) => l.parse::<usize>().map_err(|_| Error::invalid_param("limit must be an integer"))?,
+        Some(l) => l
+            .parse::<usize>()
+            .map_err(|_| Error::invalid_param("limit must be an integer"))?,
         None => filter.limit.unwrap_or(10),
     }
     .clamp(1, 1000);
@@ -356,7 +456,11 @@ pub async fn messages(req: Req) -> Result<Response> {
             let mut chunk = Vec::new();
             let mut scanned = 0;
             let mut exhausted = false;
-            let mut cursor = if backward { from.unwrap_or(current) } else { from.unwrap_or(0) };
+            let mut cursor = if backward {
+                from.unwrap_or(current)
+            } else {
+                from.unwrap_or(0)
+            };
             while chunk.len() < limit && scanned < MAX_SCAN {
                 let (after, upto) = if backward {
                     (to.unwrap_or(0).max(lo), cursor.min(hi))
@@ -383,8 +487,15 @@ pub async fn messages(req: Req) -> Result<Response> {
                     }
                 }
             }
-            let state = if filter.lazy_load_members { lazy_members_of(c, &room_id, &chunk)? } else { Vec::new() };
-            let v = Viewer { user_id: who.user_id.as_str(), device_id: who.device_id.as_str() };
+            let state = if filter.lazy_load_members {
+                lazy_members_of(c, &room_id, &chunk)?
+            } else {
+                Vec::new()
+            };
+            let v = Viewer {
+                user_id: who.user_id.as_str(),
+                device_id: who.device_id.as_str(),
+            };
             let mut out = json!({
                 "chunk": client_events(c, &chunk, Some(v), now, true)?,
                 "start": format!("t{}", from.unwrap_or(if backward { current } else { 0 })),
@@ -406,7 +517,12 @@ pub async fn members(req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     let app = req.state().clone();
     let room_id = room_param(&req)?.to_string();
-    let get = |k: &str| req.url().query_pairs().find(|(q, _)| q == k).map(|(_, v)| v.into_owned());
+    let get = |k: &str| {
+        req.url()
+            .query_pairs()
+            .find(|(q, _)| q == k)
+            .map(|(_, v)| v.into_owned())
+    };
     let (only, not) = (get("membership"), get("not_membership"));
     let at = get("at").map(|t| parse_pos_token(&t)).transpose()?;
     let now = app.clock.now_ms();
@@ -414,17 +530,25 @@ pub async fn members(req: Req) -> Result<Response> {
         .store
         .read(move |c| {
             let (_, hi) = visible_range(c, &room_id, who.user_id.as_str())?;
-            let rows: Vec<EventRow> = match at.map(|a| a.min(hi)).or((hi != i64::MAX).then_some(hi)) {
+            let rows: Vec<EventRow> = match at.map(|a| a.min(hi)).or((hi != i64::MAX).then_some(hi))
+            {
                 None => visible_state(c, &room_id, who.user_id.as_str())?,
                 Some(p) => {
-                    let g = q::get_state_group_at(c, &room_id, p)?.ok_or_else(|| Error::not_found("No state"))?;
-                    q::load_state_group(c, g)?.into_values().filter_map(|id| q::get_event(c, &id).ok().flatten()).collect()
+                    let g = q::get_state_group_at(c, &room_id, p)?
+                        .ok_or_else(|| Error::not_found("No state"))?;
+                    q::load_state_group(c, g)?
+                        .into_values()
+                        .filter_map(|id| q::get_event(c, &id).ok().flatten())
+                        .collect()
                 }
             };
             let mut chunk = Vec::new();
             for r in rows.iter().filter(|r| r.kind == "m.room.member") {
                 let ev = client_event(c, r, Some(viewer(&who)), now, true)?;
-                let m = ev["content"]["membership"].as_str().unwrap_or_default().to_owned();
+                let m = ev["content"]["membership"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
                 if only.as_ref().is_some_and(|o| *o != m) || not.as_ref().is_some_and(|n| *n == m) {
                     continue;
                 }
@@ -463,10 +587,18 @@ pub async fn joined_members(req: Req) -> Result<Response> {
 }
 
 /// Loads an event of `room_id` that the user may see, or `M_NOT_FOUND`.
-fn visible_event(conn: &Connection, room_id: &str, event_id: &str, user_id: &str) -> Result<EventRow> {
+fn visible_event(
+    conn: &Connection,
+    room_id: &str,
+    event_id: &str,
+    user_id: &str,
+) -> Result<EventRow> {
     let (lo, hi) = visible_range(conn, room_id, user_id)?;
     let row = q::get_event(conn, event_id)?.ok_or_else(|| Error::not_found("Event not found"))?;
-    if q::get_event_room(conn, event_id)?.as_deref() != Some(room_id) || row.pos <= lo || row.pos > hi {
+    if q::get_event_room(conn, event_id)?.as_deref() != Some(room_id)
+        || row.pos <= lo
+        || row.pos > hi
+    {
         return Err(Error::not_found("Event not found"));
     }
     Ok(row)
@@ -496,7 +628,9 @@ pub async fn context(req: Req) -> Result<Response> {
     let event_id = param(&req, "event_id")?;
     let filter = query_filter(&req)?;
     let limit = match req.url().query_pairs().find(|(k, _)| k == "limit") {
-        Some((_, l)) => l.parse::<usize>().map_err(|_| Error::invalid_param("limit must be an integer"))?,
+        Some((_, l)) => l
+            .parse::<usize>()
+            .map_err(|_| Error::invalid_param("limit must be an integer"))?,
         None => 10,
     }
     .min(100);
@@ -509,15 +643,33 @@ pub async fn context(req: Req) -> Result<Response> {
             let (lo, hi) = visible_range(c, &room_id, who.user_id.as_str())?;
             let before_n = limit / 2;
             let after_n = limit - before_n;
-            let before: Vec<EventRow> = q::list_room_events(c, &room_id, lo, row.pos - 1, MAX_SCAN, true)?.into_iter().filter(|r| filter.allows(r)).take(before_n).collect();
-            let after: Vec<EventRow> = q::list_room_events(c, &room_id, row.pos, hi, MAX_SCAN, false)?.into_iter().filter(|r| filter.allows(r)).take(after_n).collect();
+            let before: Vec<EventRow> =
+                q::list_room_events(c, &room_id, lo, row.pos - 1, MAX_SCAN, true)?
+                    .into_iter()
+                    .filter(|r| filter.allows(r))
+                    .take(before_n)
+                    .collect();
+            let after: Vec<EventRow> =
+                q::list_room_events(c, &room_id, row.pos, hi, MAX_SCAN, false)?
+                    .into_iter()
+                    .filter(|r| filter.allows(r))
+                    .take(after_n)
+                    .collect();
             let start = before.last().map(|r| r.pos - 1).unwrap_or(row.pos - 1);
             let end = after.last().map(|r| r.pos).unwrap_or(row.pos);
             let state_rows: Vec<EventRow> = if filter.lazy_load_members {
-                let all: Vec<EventRow> = before.iter().chain(after.iter()).chain(std::iter::once(&row)).cloned().collect();
+                let all: Vec<EventRow> = before
+                    .iter()
+                    .chain(after.iter())
+                    .chain(std::iter::once(&row))
+                    .cloned()
+                    .collect();
                 lazy_members_of(c, &room_id, &all)?
             } else {
-                q::load_state_group(c, row.state_group)?.into_values().filter_map(|id| q::get_event(c, &id).ok().flatten()).collect()
+                q::load_state_group(c, row.state_group)?
+                    .into_values()
+                    .filter_map(|id| q::get_event(c, &id).ok().flatten())
+                    .collect()
             };
             let v = Some(viewer(&who));
             Ok(json!({

@@ -18,7 +18,10 @@ pub async fn versions(_req: Req) -> Result<Response> {
 pub async fn capabilities(req: Req) -> Result<Response> {
     auth(&req).await?;
     let app = req.state();
-    let available: serde_json::Map<String, serde_json::Value> = SUPPORTED_VERSIONS.iter().map(|v| ((*v).to_owned(), "stable".into())).collect();
+    let available: serde_json::Map<String, serde_json::Value> = SUPPORTED_VERSIONS
+        .iter()
+        .map(|v| ((*v).to_owned(), "stable".into()))
+        .collect();
     json(&json!({
         "capabilities": {
             "m.room_versions": { "default": app.config.default_room_version, "available": available },
@@ -34,7 +37,16 @@ pub async fn capabilities(req: Req) -> Result<Response> {
 /// # `GET /.well-known/matrix/client`
 pub async fn well_known_client(req: Req) -> Result<Response> {
     let url = req.url();
-    let base = format!("{}://{}", url.scheme(), url.host_str().map(|h| match url.port() { Some(p) => format!("{h}:{p}"), None => h.to_owned() }).unwrap_or_default());
+    let base = format!(
+        "{}://{}",
+        url.scheme(),
+        url.host_str()
+            .map(|h| match url.port() {
+                Some(p) => format!("{h}:{p}"),
+                None => h.to_owned(),
+            })
+            .unwrap_or_default()
+    );
     json(&json!({ "m.homeserver": { "base_url": base } }))
 }
 
@@ -45,4 +57,15 @@ pub async fn metrics(req: Req) -> Result<Response> {
     res.set_body(app.metrics.render(&app.notifier, app.spawner.live_tasks()));
     res.set_content_type("text/plain; version=0.0.4");
     Ok(res)
+}
+
+/// # `GET /_hearth/health`
+///
+/// Liveness for supervisors and load balancers: answers while the executor serves requests,
+/// with the latest committed stream position.
+/// Deliberately not cancellable, so benchmarks can compare it with a cancellable GET of the
+/// same cost (see BENCHMARKS.md).
+pub async fn health(req: Req) -> Result<Response> {
+    let pos = req.state().notifier.pos();
+    json(&json!({ "status": "ok", "stream_position": pos }))
 }

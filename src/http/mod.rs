@@ -99,7 +99,9 @@ where
 
 /// A path parameter, percent-decoded.
 pub fn param(req: &Req, name: &str) -> Result<String> {
-    let raw = req.param(name).map_err(|_| Error::missing_param(format!("missing path parameter {name}")))?;
+    let raw = req
+        .param(name)
+        .map_err(|_| Error::missing_param(format!("missing path parameter {name}")))?;
     percent_decode_str(raw)
         .decode_utf8()
         .map(|s| s.into_owned())
@@ -130,7 +132,8 @@ pub async fn body_json(req: &mut Req) -> Result<serde_json::Value> {
     if buf.iter().all(u8::is_ascii_whitespace) {
         return Ok(serde_json::json!({}));
     }
-    let v: serde_json::Value = serde_json::from_slice(&buf).map_err(|e| Error::not_json(format!("Content not JSON: {e}")))?;
+    let v: serde_json::Value = serde_json::from_slice(&buf)
+        .map_err(|e| Error::not_json(format!("Content not JSON: {e}")))?;
     if !v.is_object() {
         return Err(Error::bad_json("Content must be a JSON object"));
     }
@@ -141,20 +144,27 @@ pub async fn body_json(req: &mut Req) -> Result<serde_json::Value> {
 /// the order the endpoint's path declares them), so validation of IDs, query strings and
 /// bodies is ruma's, not ours.
 pub async fn ruma_req<R: IncomingRequest>(req: &mut Req, params: &[&str]) -> Result<R> {
-    let args = params.iter().map(|p| param(req, p)).collect::<Result<Vec<_>>>()?;
+    let args = params
+        .iter()
+        .map(|p| param(req, p))
+        .collect::<Result<Vec<_>>>()?;
     let body = body_bytes(req).await?;
     let url = req.url();
     let uri = match url.query() {
         Some(q) => format!("{}?{}", url.path(), q),
         None => url.path().to_owned(),
     };
-    let mut builder = http::Request::builder().method(req.method().as_ref()).uri(uri);
+    let mut builder = http::Request::builder()
+        .method(req.method().as_ref())
+        .uri(uri);
     for (name, values) in req.iter() {
         for v in values.iter() {
             builder = builder.header(name.as_str(), v.as_str());
         }
     }
-    let http_req = builder.body(&body[..]).map_err(|e| Error::bad_json(format!("bad request: {e}")))?;
+    let http_req = builder
+        .body(&body[..])
+        .map_err(|e| Error::bad_json(format!("bad request: {e}")))?;
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     R::try_from_http_request(http_req, &args).map_err(|e| {
         if !body.is_empty() && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
@@ -182,7 +192,10 @@ fn access_token(req: &Req) -> Option<String> {
         let v = h.last().as_str();
         return v.strip_prefix("Bearer ").map(|t| t.trim().to_owned());
     }
-    req.url().query_pairs().find(|(k, _)| k == "access_token").map(|(_, v)| v.into_owned())
+    req.url()
+        .query_pairs()
+        .find(|(k, _)| k == "access_token")
+        .map(|(_, v)| v.into_owned())
 }
 
 /// Resolves the access token (header or query) to a user and device, through the cache.
@@ -194,7 +207,10 @@ pub async fn auth(req: &Req) -> Result<Authed> {
         Some(w) => Some(w),
         None => {
             let h = hash.clone();
-            let found = app.store.read(move |c| crate::store::queries::get_token(c, &h)).await?;
+            let found = app
+                .store
+                .read(move |c| crate::store::queries::get_token(c, &h))
+                .await?;
             if let Some(w) = &found {
                 app.tokens.insert(hash.clone(), w.clone());
             }
@@ -211,7 +227,9 @@ pub async fn auth(req: &Req) -> Result<Authed> {
 
 /// The client's address, for per-IP rate limits.
 pub fn peer_ip(req: &Req) -> String {
-    req.ext::<ConnWatch>().map(|w| w.peer.ip().to_string()).unwrap_or_default()
+    req.ext::<ConnWatch>()
+        .map(|w| w.peer.ip().to_string())
+        .unwrap_or_default()
 }
 
 /// Registers a handler under both `/_matrix/client/v3/...` and the legacy `r0` prefix that
@@ -228,7 +246,9 @@ pub fn routes(app: App) -> tide::Server<App> {
     let mut s = tide::with_state(app);
     s.at("/_matrix/client/versions").get(c(misc::versions));
     s.at("/_hearth/metrics").get(c(misc::metrics));
-    s.at("/.well-known/matrix/client").get(c(misc::well_known_client));
+    s.at("/_hearth/health").get(h(misc::health));
+    s.at("/.well-known/matrix/client")
+        .get(c(misc::well_known_client));
     client!(s, get "/capabilities" => c(misc::capabilities));
 
     // account and session

@@ -52,40 +52,62 @@ pub async fn create_room(mut req: Req) -> Result<Response> {
     let body: create_room::v3::Request = ruma_req(&mut req, &[]).await?;
     let version = match body.room_version.clone() {
         Some(v) => v,
-        None => RoomVersionId::try_from(app.config.default_room_version.as_str()).map_err(Error::internal)?,
+        None => RoomVersionId::try_from(app.config.default_room_version.as_str())
+            .map_err(Error::internal)?,
     };
     if !is_supported_version(&version) {
-        return Err(Error::unsupported_room_version(format!("Room version {version} is not supported")));
+        return Err(Error::unsupported_room_version(format!(
+            "Room version {version} is not supported"
+        )));
     }
     let alias = match &body.room_alias_name {
         Some(name) => {
             let a = format!("#{name}:{}", app.server_name);
-            Some(OwnedRoomAliasId::try_from(a).map_err(|e| Error::invalid_param(format!("room_alias_name: {e}")))?)
+            Some(
+                OwnedRoomAliasId::try_from(a)
+                    .map_err(|e| Error::invalid_param(format!("room_alias_name: {e}")))?,
+            )
         }
         None => None,
     };
     for invitee in &body.invite {
         if invitee.server_name() != app.server_name {
-            return Err(Error::forbidden("Federation is not enabled yet: only local users can be invited"));
+            return Err(Error::forbidden(
+                "Federation is not enabled yet: only local users can be invited",
+            ));
         }
     }
     let public = body.visibility == Visibility::Public;
-    let preset = body.preset.clone().map(|p| p.to_string()).unwrap_or_else(|| {
-        if public { "public_chat".into() } else { "private_chat".into() }
-    });
+    let preset = body
+        .preset
+        .clone()
+        .map(|p| p.to_string())
+        .unwrap_or_else(|| {
+            if public {
+                "public_chat".into()
+            } else {
+                "private_chat".into()
+            }
+        });
     let mut creation = match &body.creation_content {
         Some(raw) => raw_to_value(raw)?,
         None => json!({}),
     };
     if let Some(t) = creation.get("type") {
-        let _: RoomType = serde_json::from_value(t.clone()).map_err(|e| Error::bad_json(e.to_string()))?;
+        let _: RoomType =
+            serde_json::from_value(t.clone()).map_err(|e| Error::bad_json(e.to_string()))?;
     }
     let pl_override = match &body.power_level_content_override {
         Some(raw) => Some(raw_to_value(raw)?),
         None => None,
     };
-    let initial_state = body.initial_state.iter().map(raw_to_value).collect::<Result<Vec<_>>>()?;
-    let room_id = OwnedRoomId::try_from(format!("!{}:{}", random_string(18), app.server_name)).map_err(Error::internal)?;
+    let initial_state = body
+        .initial_state
+        .iter()
+        .map(raw_to_value)
+        .collect::<Result<Vec<_>>>()?;
+    let room_id = OwnedRoomId::try_from(format!("!{}:{}", random_string(18), app.server_name))
+        .map_err(Error::internal)?;
     let local = app.local.clone();
     let (rid, creator) = (room_id.clone(), who.user_id.clone());
     app.store
@@ -177,24 +199,55 @@ fn join_content(conn: &rusqlite::Connection, user_id: &UserId) -> Result<Value> 
 }
 
 /// Sends a membership event for `target` by `sender` (one write, authorised by the rules).
-pub async fn set_membership(app: &App, room_id: &RoomId, sender: &UserId, target: &UserId, membership: &str, reason: Option<String>) -> Result<String> {
+pub async fn set_membership(
+    app: &App,
+    room_id: &RoomId,
+    sender: &UserId,
+    target: &UserId,
+    membership: &str,
+    reason: Option<String>,
+) -> Result<String> {
     let local = app.local.clone();
-    let (rid, s, t, m) = (room_id.to_owned(), sender.to_owned(), target.to_owned(), membership.to_owned());
+    let (rid, s, t, m) = (
+        room_id.to_owned(),
+        sender.to_owned(),
+        target.to_owned(),
+        membership.to_owned(),
+    );
     app.store
         .write(move |tx| {
             if q::get_room_version(tx, rid.as_str())?.is_none() {
-                return Err(Error::not_found("Unknown room (joining rooms on other servers needs federation)"));
+                return Err(Error::not_found(
+                    "Unknown room (joining rooms on other servers needs federation)",
+                ));
             }
-            let mut content = if m == "join" { join_content(tx, &t)? } else { json!({ "membership": m }) };
+            let mut content = if m == "join" {
+                join_content(tx, &t)?
+            } else {
+                json!({ "membership": m })
+            };
             if let Some(r) = reason {
                 content["reason"] = r.into();
             }
-            if m == "invite" && t.server_name() == s.server_name() && q::get_user(tx, t.as_str())?.is_none() {
+            if m == "invite"
+                && t.server_name() == s.server_name()
+                && q::get_user(tx, t.as_str())?.is_none()
+            {
                 return Err(Error::not_found("Unknown user"));
             }
-            let p = build::send(tx, &local, &rid, &s, NewEvent::state("m.room.member", t.as_str(), content), None)?;
+            let p = build::send(
+                tx,
+                &local,
+                &rid,
+                &s,
+                NewEvent::state("m.room.member", t.as_str(), content),
+                None,
+            )?;
             if m == "join" {
-                tx.execute("DELETE FROM forgotten_rooms WHERE user_id = ?1 AND room_id = ?2", [t.as_str(), rid.as_str()])?;
+                tx.execute(
+                    "DELETE FROM forgotten_rooms WHERE user_id = ?1 AND room_id = ?2",
+                    [t.as_str(), rid.as_str()],
+                )?;
             }
             Ok(p.event_id.to_string())
         })
@@ -202,15 +255,21 @@ pub async fn set_membership(app: &App, room_id: &RoomId, sender: &UserId, target
 }
 
 fn room_param(req: &Req) -> Result<OwnedRoomId> {
-    OwnedRoomId::try_from(param(req, "room_id")?).map_err(|e| Error::invalid_param(format!("room ID: {e}")))
+    OwnedRoomId::try_from(param(req, "room_id")?)
+        .map_err(|e| Error::invalid_param(format!("room ID: {e}")))
 }
 
 fn reason(body: &Value) -> Option<String> {
-    body.get("reason").and_then(Value::as_str).map(str::to_owned)
+    body.get("reason")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
 }
 
 fn target_user(body: &Value) -> Result<OwnedUserId> {
-    let u = body.get("user_id").and_then(Value::as_str).ok_or_else(|| Error::bad_json("user_id is required"))?;
+    let u = body
+        .get("user_id")
+        .and_then(Value::as_str)
+        .ok_or_else(|| Error::bad_json("user_id is required"))?;
     UserId::parse(u).map_err(|e| Error::invalid_param(format!("user_id: {e}")))
 }
 
@@ -229,12 +288,21 @@ pub async fn join_by_id_or_alias(mut req: Req) -> Result<Response> {
     let target = param(&req, "room")?;
     let body = body_json(&mut req).await?;
     let room_id = if target.starts_with('#') {
-        let alias = RoomAliasId::parse(&target).map_err(|e| Error::invalid_param(format!("alias: {e}")))?;
+        let alias =
+            RoomAliasId::parse(&target).map_err(|e| Error::invalid_param(format!("alias: {e}")))?;
         resolve_alias(&app, &alias).await?
     } else {
         OwnedRoomId::try_from(target).map_err(|e| Error::invalid_param(format!("room ID: {e}")))?
     };
-    set_membership(&app, &room_id, &who.user_id, &who.user_id, "join", reason(&body)).await?;
+    set_membership(
+        &app,
+        &room_id,
+        &who.user_id,
+        &who.user_id,
+        "join",
+        reason(&body),
+    )
+    .await?;
     json(&json!({ "room_id": room_id }))
 }
 
@@ -243,7 +311,15 @@ pub async fn join_by_id(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     let room_id = room_param(&req)?;
     let body = body_json(&mut req).await?;
-    set_membership(req.state(), &room_id, &who.user_id, &who.user_id, "join", reason(&body)).await?;
+    set_membership(
+        req.state(),
+        &room_id,
+        &who.user_id,
+        &who.user_id,
+        "join",
+        reason(&body),
+    )
+    .await?;
     json(&json!({ "room_id": room_id }))
 }
 
@@ -252,7 +328,15 @@ pub async fn leave(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     let room_id = room_param(&req)?;
     let body = body_json(&mut req).await?;
-    set_membership(req.state(), &room_id, &who.user_id, &who.user_id, "leave", reason(&body)).await?;
+    set_membership(
+        req.state(),
+        &room_id,
+        &who.user_id,
+        &who.user_id,
+        "leave",
+        reason(&body),
+    )
+    .await?;
     json(&json!({}))
 }
 
@@ -264,10 +348,18 @@ pub async fn forget(req: Req) -> Result<Response> {
     req.state()
         .store
         .write(move |tx| {
-            if matches!(q::get_membership(tx, &rid, &uid)?.as_deref(), Some("join" | "invite" | "knock")) {
-                return Err(Error::bad_state("You must leave the room before forgetting it"));
+            if matches!(
+                q::get_membership(tx, &rid, &uid)?.as_deref(),
+                Some("join" | "invite" | "knock")
+            ) {
+                return Err(Error::bad_state(
+                    "You must leave the room before forgetting it",
+                ));
             }
-            tx.execute("INSERT OR IGNORE INTO forgotten_rooms (user_id, room_id) VALUES (?1, ?2)", [&uid, &rid])?;
+            tx.execute(
+                "INSERT OR IGNORE INTO forgotten_rooms (user_id, room_id) VALUES (?1, ?2)",
+                [&uid, &rid],
+            )?;
             Ok(())
         })
         .await?;
@@ -281,17 +373,30 @@ async fn member_action(mut req: Req, membership: &'static str) -> Result<Respons
     let target = target_user(&body)?;
     let app = req.state().clone();
     if membership == "invite" && target.server_name() != app.server_name {
-        return Err(Error::forbidden("Federation is not enabled yet: only local users can be invited"));
+        return Err(Error::forbidden(
+            "Federation is not enabled yet: only local users can be invited",
+        ));
     }
     if membership == "leave" {
         // kick: only someone currently in the room (or invited) can be kicked
         let (r, t) = (room_id.to_string(), target.to_string());
-        let m = app.store.read(move |c| q::get_membership(c, &r, &t)).await?;
+        let m = app
+            .store
+            .read(move |c| q::get_membership(c, &r, &t))
+            .await?;
         if !matches!(m.as_deref(), Some("join" | "invite" | "knock")) {
             return Err(Error::forbidden("The user is not in the room"));
         }
     }
-    set_membership(&app, &room_id, &who.user_id, &target, membership, reason(&body)).await?;
+    set_membership(
+        &app,
+        &room_id,
+        &who.user_id,
+        &target,
+        membership,
+        reason(&body),
+    )
+    .await?;
     json(&json!({}))
 }
 
@@ -318,10 +423,24 @@ pub async fn unban(mut req: Req) -> Result<Response> {
     let target = target_user(&body)?;
     let app = req.state().clone();
     let (r, t) = (room_id.to_string(), target.to_string());
-    if app.store.read(move |c| q::get_membership(c, &r, &t)).await?.as_deref() != Some("ban") {
+    if app
+        .store
+        .read(move |c| q::get_membership(c, &r, &t))
+        .await?
+        .as_deref()
+        != Some("ban")
+    {
         return Err(Error::forbidden("The user is not banned"));
     }
-    set_membership(&app, &room_id, &who.user_id, &target, "leave", reason(&body)).await?;
+    set_membership(
+        &app,
+        &room_id,
+        &who.user_id,
+        &target,
+        "leave",
+        reason(&body),
+    )
+    .await?;
     json(&json!({}))
 }
 
@@ -329,13 +448,22 @@ pub async fn unban(mut req: Req) -> Result<Response> {
 pub async fn joined_rooms(req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     let u = who.user_id.to_string();
-    let rooms = req.state().store.read(move |c| q::list_user_rooms(c, &u)).await?;
-    let joined: Vec<String> = rooms.into_iter().filter(|(_, m, _)| m == "join").map(|(r, _, _)| r).collect();
+    let rooms = req
+        .state()
+        .store
+        .read(move |c| q::list_user_rooms(c, &u))
+        .await?;
+    let joined: Vec<String> = rooms
+        .into_iter()
+        .filter(|(_, m, _)| m == "join")
+        .map(|(r, _, _)| r)
+        .collect();
     json(&json!({ "joined_rooms": joined }))
 }
 
 fn alias_param(req: &Req) -> Result<OwnedRoomAliasId> {
-    RoomAliasId::parse(param(req, "alias")?).map_err(|e| Error::invalid_param(format!("alias: {e}")))
+    RoomAliasId::parse(param(req, "alias")?)
+        .map_err(|e| Error::invalid_param(format!("alias: {e}")))
 }
 
 /// # `GET /_matrix/client/v3/directory/room/{roomAlias}`
@@ -355,9 +483,17 @@ pub async fn put_alias(mut req: Req) -> Result<Response> {
     if alias.server_name() != app.server_name {
         return Err(Error::invalid_param("Aliases must be on this server"));
     }
-    let rid = body.get("room_id").and_then(Value::as_str).ok_or_else(|| Error::bad_json("room_id is required"))?;
-    let room_id = OwnedRoomId::try_from(rid).map_err(|e| Error::invalid_param(format!("room_id: {e}")))?;
-    let (a, r, u) = (alias.to_string(), room_id.to_string(), who.user_id.to_string());
+    let rid = body
+        .get("room_id")
+        .and_then(Value::as_str)
+        .ok_or_else(|| Error::bad_json("room_id is required"))?;
+    let room_id =
+        OwnedRoomId::try_from(rid).map_err(|e| Error::invalid_param(format!("room_id: {e}")))?;
+    let (a, r, u) = (
+        alias.to_string(),
+        room_id.to_string(),
+        who.user_id.to_string(),
+    );
     app.store
         .write(move |tx| {
             if q::get_room_version(tx, &r)?.is_none() {
@@ -380,7 +516,8 @@ pub async fn delete_alias(req: Req) -> Result<Response> {
     req.state()
         .store
         .write(move |tx| {
-            let (room, creator) = q::get_alias(tx, &a)?.ok_or_else(|| Error::not_found("Room alias not found"))?;
+            let (room, creator) =
+                q::get_alias(tx, &a)?.ok_or_else(|| Error::not_found("Room alias not found"))?;
             let admin = q::get_user(tx, &u)?.is_some_and(|r| r.is_admin);
             if creator != u && !admin && !can_send_state(tx, &room, &u, "m.room.canonical_alias")? {
                 return Err(Error::forbidden("You may not delete this alias"));
@@ -393,7 +530,12 @@ pub async fn delete_alias(req: Req) -> Result<Response> {
 }
 
 /// Whether a joined user's power level allows sending the given state event type.
-fn can_send_state(conn: &rusqlite::Connection, room_id: &str, user_id: &str, kind: &str) -> Result<bool> {
+fn can_send_state(
+    conn: &rusqlite::Connection,
+    room_id: &str,
+    user_id: &str,
+    kind: &str,
+) -> Result<bool> {
     if q::get_membership(conn, room_id, user_id)?.as_deref() != Some("join") {
         return Ok(false);
     }
@@ -402,7 +544,12 @@ fn can_send_state(conn: &rusqlite::Connection, room_id: &str, user_id: &str, kin
         .and_then(|c| c.get("creator").and_then(Value::as_str).map(str::to_owned))
         .unwrap_or_default();
     let levels = crate::room::power::PowerLevels::new(Some(pl.clone()));
-    let needed = pl.get("events").and_then(|e| e.get(kind)).and_then(Value::as_i64).or_else(|| pl.get("state_default").and_then(Value::as_i64)).unwrap_or(50);
+    let needed = pl
+        .get("events")
+        .and_then(|e| e.get(kind))
+        .and_then(Value::as_i64)
+        .or_else(|| pl.get("state_default").and_then(Value::as_i64))
+        .unwrap_or(50);
     Ok(levels.user(user_id, &creator) >= needed)
 }
 
@@ -428,7 +575,12 @@ pub async fn room_aliases(req: Req) -> Result<Response> {
 pub async fn get_visibility(req: Req) -> Result<Response> {
     let room_id = room_param(&req)?;
     let r = room_id.to_string();
-    let public = req.state().store.read(move |c| q::get_room_public(c, &r)).await?.ok_or_else(|| Error::not_found("Unknown room"))?;
+    let public = req
+        .state()
+        .store
+        .read(move |c| q::get_room_public(c, &r))
+        .await?
+        .ok_or_else(|| Error::not_found("Unknown room"))?;
     json(&json!({ "visibility": if public { "public" } else { "private" } }))
 }
 
@@ -450,7 +602,9 @@ pub async fn set_visibility(mut req: Req) -> Result<Response> {
                 return Err(Error::not_found("Unknown room"));
             }
             if !can_send_state(tx, &r, &u, "m.room.canonical_alias")? {
-                return Err(Error::forbidden("You may not change this room's visibility"));
+                return Err(Error::forbidden(
+                    "You may not change this room's visibility",
+                ));
             }
             q::set_room_public(tx, &r, public)?;
             Ok(())
@@ -464,7 +618,10 @@ fn directory_entry(conn: &rusqlite::Connection, room_id: &str) -> Result<Value> 
     let get = |kind: &str, field: &str| -> Result<Option<Value>> {
         Ok(current_content(conn, room_id, kind, "")?.and_then(|c| c.get(field).cloned()))
     };
-    let joined = q::list_members(conn, room_id)?.iter().filter(|(_, m, _)| m == "join").count();
+    let joined = q::list_members(conn, room_id)?
+        .iter()
+        .filter(|(_, m, _)| m == "join")
+        .count();
     let mut e = json!({
         "room_id": room_id,
         "num_joined_members": joined,
@@ -472,7 +629,13 @@ fn directory_entry(conn: &rusqlite::Connection, room_id: &str) -> Result<Value> 
         "guest_can_join": get("m.room.guest_access", "guest_access")?.as_ref().and_then(Value::as_str) == Some("can_join"),
         "join_rule": get("m.room.join_rules", "join_rule")?.unwrap_or_else(|| "public".into()),
     });
-    for (kind, field, out) in [("m.room.name", "name", "name"), ("m.room.topic", "topic", "topic"), ("m.room.canonical_alias", "alias", "canonical_alias"), ("m.room.avatar", "url", "avatar_url"), ("m.room.create", "type", "room_type")] {
+    for (kind, field, out) in [
+        ("m.room.name", "name", "name"),
+        ("m.room.topic", "topic", "topic"),
+        ("m.room.canonical_alias", "alias", "canonical_alias"),
+        ("m.room.avatar", "url", "avatar_url"),
+        ("m.room.create", "type", "room_type"),
+    ] {
         if let Some(v) = get(kind, field)? {
             e[out] = v;
         }
@@ -482,19 +645,46 @@ fn directory_entry(conn: &rusqlite::Connection, room_id: &str) -> Result<Value> 
 
 /// # `GET|POST /_matrix/client/v3/publicRooms`
 pub async fn public_rooms(mut req: Req) -> Result<Response> {
-    let query: Vec<(String, String)> = req.url().query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
-    let body = if req.method() == tide::http::Method::Post { body_json(&mut req).await? } else { json!({}) };
+    let query: Vec<(String, String)> = req
+        .url()
+        .query_pairs()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    let body = if req.method() == tide::http::Method::Post {
+        body_json(&mut req).await?
+    } else {
+        json!({})
+    };
     let get = |k: &str| query.iter().find(|(q, _)| q == k).map(|(_, v)| v.clone());
-    let limit = match body.get("limit").and_then(Value::as_u64).map(|v| v as usize).or(get("limit").map(|l| l.parse::<usize>()).transpose().map_err(|_| Error::invalid_param("limit must be an integer"))?) {
+    let limit = match body
+        .get("limit")
+        .and_then(Value::as_u64)
+        .map(|v| v as usize)
+        .or(get("limit")
+            .map(|l| l.parse::<usize>())
+            .transpose()
+            .map_err(|_| Error::invalid_param("limit must be an integer"))?)
+    {
         Some(l) => l.clamp(1, 500),
         None => 100,
     };
-    let since = body.get("since").and_then(Value::as_str).map(str::to_owned).or(get("since"));
+    let since = body
+        .get("since")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .or(get("since"));
     let offset: usize = match since {
-        Some(s) => s.strip_prefix("o").and_then(|n| n.parse().ok()).ok_or_else(|| Error::invalid_param("invalid since token"))?,
+        Some(s) => s
+            .strip_prefix("o")
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| Error::invalid_param("invalid since token"))?,
         None => 0,
     };
-    let term = body.get("filter").and_then(|f| f.get("generic_search_term")).and_then(Value::as_str).map(str::to_lowercase);
+    let term = body
+        .get("filter")
+        .and_then(|f| f.get("generic_search_term"))
+        .and_then(Value::as_str)
+        .map(str::to_lowercase);
     let (chunk, total) = req
         .state()
         .store
@@ -502,14 +692,27 @@ pub async fn public_rooms(mut req: Req) -> Result<Response> {
             let mut all = Vec::new();
             for r in q::list_public_rooms(c)? {
                 let e = directory_entry(c, &r)?;
-                let hay = format!("{} {} {}", e["name"].as_str().unwrap_or(""), e["topic"].as_str().unwrap_or(""), e["canonical_alias"].as_str().unwrap_or("")).to_lowercase();
+                let hay = format!(
+                    "{} {} {}",
+                    e["name"].as_str().unwrap_or(""),
+                    e["topic"].as_str().unwrap_or(""),
+                    e["canonical_alias"].as_str().unwrap_or("")
+                )
+                .to_lowercase();
                 if term.as_ref().is_none_or(|t| hay.contains(t)) {
                     all.push(e);
                 }
             }
-            all.sort_by(|a, b| b["num_joined_members"].as_u64().cmp(&a["num_joined_members"].as_u64()));
+            all.sort_by(|a, b| {
+                b["num_joined_members"]
+                    .as_u64()
+                    .cmp(&a["num_joined_members"].as_u64())
+            });
             let total = all.len();
-            Ok((all.into_iter().skip(offset).take(limit).collect::<Vec<_>>(), total))
+            Ok((
+                all.into_iter().skip(offset).take(limit).collect::<Vec<_>>(),
+                total,
+            ))
         })
         .await?;
     let mut out = json!({ "chunk": chunk, "total_room_count_estimate": total });

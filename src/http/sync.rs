@@ -49,19 +49,37 @@ impl SyncFilter {
         let room = v.get("room").cloned().unwrap_or(json!({}));
         let timeline_json = room.get("timeline").cloned().unwrap_or(json!({}));
         let timeline = EventFilter::from_json(&timeline_json)?;
-        let list = |x: Option<&Value>| -> Option<Vec<String>> { x.and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect()) };
+        let list = |x: Option<&Value>| -> Option<Vec<String>> {
+            x.and_then(Value::as_array).map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect()
+            })
+        };
         Ok(Self {
             timeline_limit: timeline.limit.unwrap_or(10).clamp(1, 500),
             timeline,
-            lazy_load_members: room.get("state").and_then(|s| s.get("lazy_load_members")).and_then(Value::as_bool).unwrap_or(false),
-            include_leave: room.get("include_leave").and_then(Value::as_bool).unwrap_or(false),
+            lazy_load_members: room
+                .get("state")
+                .and_then(|s| s.get("lazy_load_members"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            include_leave: room
+                .get("include_leave")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             rooms: list(room.get("rooms")),
             not_rooms: list(room.get("not_rooms")).unwrap_or_default(),
         })
     }
 
     fn wants_room(&self, room_id: &str) -> bool {
-        !self.not_rooms.iter().any(|r| r == room_id) && self.rooms.as_ref().is_none_or(|rs| rs.iter().any(|r| r == room_id))
+        !self.not_rooms.iter().any(|r| r == room_id)
+            && self
+                .rooms
+                .as_ref()
+                .is_none_or(|rs| rs.iter().any(|r| r == room_id))
     }
 }
 
@@ -76,17 +94,27 @@ pub fn parse_since(t: &str) -> Result<Since> {
     let bad = || Error::invalid_param("Invalid since token");
     let rest = t.strip_prefix('s').ok_or_else(bad)?;
     let (p, e) = rest.split_once('_').ok_or_else(bad)?;
-    Ok(Since { pos: p.parse().map_err(|_| bad())?, eph: e.parse().map_err(|_| bad())? })
+    Ok(Since {
+        pos: p.parse().map_err(|_| bad())?,
+        eph: e.parse().map_err(|_| bad())?,
+    })
 }
 
 /// # `GET /_matrix/client/v3/sync`
 pub async fn sync(req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     let app = req.state().clone();
-    let get = |k: &str| req.url().query_pairs().find(|(q, _)| q == k).map(|(_, v)| v.into_owned());
+    let get = |k: &str| {
+        req.url()
+            .query_pairs()
+            .find(|(q, _)| q == k)
+            .map(|(_, v)| v.into_owned())
+    };
     let since = get("since").map(|s| parse_since(&s)).transpose()?;
     let timeout = match get("timeout") {
-        Some(t) => t.parse::<u64>().map_err(|_| Error::invalid_param("timeout must be an integer"))?,
+        Some(t) => t
+            .parse::<u64>()
+            .map_err(|_| Error::invalid_param("timeout must be an integer"))?,
         None => 0,
     }
     .min(MAX_TIMEOUT_MS);
@@ -95,13 +123,28 @@ pub async fn sync(req: Req) -> Result<Response> {
     let filter = load_filter(&app, &who, filter_param.clone()).await?;
     let deadline = std::time::Instant::now() + Duration::from_millis(timeout);
     loop {
-        let upto = Since { pos: app.notifier.pos(), eph: app.notifier.ephemeral() };
+        let upto = Since {
+            pos: app.notifier.pos(),
+            eph: app.notifier.ephemeral(),
+        };
         // Identical concurrent requests (a client retrying after a disconnect, two tabs of
         // one device) share one computation, run in its own task: dropping this request
         // never cancels it for the others.
-        let key = SyncKey { user: who.user_id.to_string(), device: who.device_id.to_string(), since, upto, filter: filter_param.clone(), full_state };
+        let key = SyncKey {
+            user: who.user_id.to_string(),
+            device: who.device_id.to_string(),
+            since,
+            upto,
+            filter: filter_param.clone(),
+            full_state,
+        };
         let (a, w, f) = (app.clone(), who.clone(), filter.clone());
-        let out = app.sync_cache.get_or_compute(key, move || async move { compute(&a, &w, since, upto, &f, full_state).await }).await?;
+        let out = app
+            .sync_cache
+            .get_or_compute(key, move || async move {
+                compute(&a, &w, since, upto, &f, full_state).await
+            })
+            .await?;
         let now = std::time::Instant::now();
         if out.has_data || since.is_none() || now >= deadline || app.shutdown.is_set() {
             return json(&out.body);
@@ -122,13 +165,24 @@ pub async fn sync(req: Req) -> Result<Response> {
 }
 
 async fn load_filter(app: &App, who: &Authed, f: Option<String>) -> Result<SyncFilter> {
-    let Some(f) = f else { return Ok(SyncFilter { timeline_limit: 10, ..Default::default() }) };
+    let Some(f) = f else {
+        return Ok(SyncFilter {
+            timeline_limit: 10,
+            ..Default::default()
+        });
+    };
     let v: Value = if f.trim_start().starts_with('{') {
         serde_json::from_str(&f).map_err(|e| Error::not_json(format!("filter: {e}")))?
     } else {
-        let id: i64 = f.parse().map_err(|_| Error::invalid_param("Unknown filter"))?;
+        let id: i64 = f
+            .parse()
+            .map_err(|_| Error::invalid_param("Unknown filter"))?;
         let u = who.user_id.to_string();
-        let stored = app.store.read(move |c| q::get_filter(c, &u, id)).await?.ok_or_else(|| Error::invalid_param("Unknown filter"))?;
+        let stored = app
+            .store
+            .read(move |c| q::get_filter(c, &u, id))
+            .await?
+            .ok_or_else(|| Error::invalid_param("Unknown filter"))?;
         serde_json::from_str(&stored)?
     };
     SyncFilter::from_json(&v)
@@ -152,7 +206,14 @@ pub struct SyncOutput {
 }
 
 /// Computes one sync response covering `(since, upto]`.
-pub async fn compute(app: &App, who: &Authed, since: Option<Since>, upto: Since, filter: &SyncFilter, full_state: bool) -> Result<SyncOutput> {
+pub async fn compute(
+    app: &App,
+    who: &Authed,
+    since: Option<Since>,
+    upto: Since,
+    filter: &SyncFilter,
+    full_state: bool,
+) -> Result<SyncOutput> {
     let now = app.clock.now_ms();
     // Typing is in memory: collect it here, on the executor, for the rooms the user is in.
     let uid = who.user_id.to_string();
@@ -162,23 +223,48 @@ pub async fn compute(app: &App, who: &Authed, since: Option<Since>, upto: Since,
         if membership == "join" {
             let (users, serial) = app.typing.users(room, now);
             if since.is_none_or(|s| serial > s.eph) {
-                typing.insert(room.clone(), json!({ "type": "m.typing", "content": { "user_ids": users } }));
+                typing.insert(
+                    room.clone(),
+                    json!({ "type": "m.typing", "content": { "user_ids": users } }),
+                );
             }
         }
     }
     let who = who.clone();
     let filter = filter.clone();
-    app.store.read(move |c| build(c, &who, since, upto, &filter, full_state, rooms, typing, now)).await
+    app.store
+        .read(move |c| {
+            build(
+                c, &who, since, upto, &filter, full_state, rooms, typing, now,
+            )
+        })
+        .await
 }
 
 #[allow(clippy::too_many_arguments)]
-fn build(c: &Connection, who: &Authed, since: Option<Since>, upto: Since, filter: &SyncFilter, full_state: bool, rooms: Vec<(String, String, i64)>, typing: Map<String, Value>, now: u64) -> Result<SyncOutput> {
+fn build(
+    c: &Connection,
+    who: &Authed,
+    since: Option<Since>,
+    upto: Since,
+    filter: &SyncFilter,
+    full_state: bool,
+    rooms: Vec<(String, String, i64)>,
+    typing: Map<String, Value>,
+    now: u64,
+) -> Result<SyncOutput> {
     let user = who.user_id.as_str();
-    let viewer = Viewer { user_id: user, device_id: who.device_id.as_str() };
+    let viewer = Viewer {
+        user_id: user,
+        device_id: who.device_id.as_str(),
+    };
     let since_pos = since.map(|s| s.pos).unwrap_or(0);
     let changed: HashSet<String> = if since.is_some() {
-        let mut set: HashSet<String> = q::list_rooms_changed_since(c, since_pos)?.into_iter().collect();
-        let mut stmt = c.prepare_cached("SELECT DISTINCT room_id FROM receipts WHERE pos > ?1 AND pos <= ?2")?;
+        let mut set: HashSet<String> = q::list_rooms_changed_since(c, since_pos)?
+            .into_iter()
+            .collect();
+        let mut stmt =
+            c.prepare_cached("SELECT DISTINCT room_id FROM receipts WHERE pos > ?1 AND pos <= ?2")?;
         for r in stmt.query_map(params![since_pos, upto.pos], |r| r.get::<_, String>(0))? {
             set.insert(r?);
         }
@@ -188,7 +274,8 @@ fn build(c: &Connection, who: &Authed, since: Option<Since>, upto: Since, filter
     };
     let account_data = q::list_account_data_since(c, user, since_pos)?;
     let forgotten: HashSet<String> = {
-        let mut stmt = c.prepare_cached("SELECT room_id FROM forgotten_rooms WHERE user_id = ?1")?;
+        let mut stmt =
+            c.prepare_cached("SELECT room_id FROM forgotten_rooms WHERE user_id = ?1")?;
         let rows = stmt.query_map([user], |r| r.get::<_, String>(0))?;
         rows.collect::<rusqlite::Result<_>>()?
     };
@@ -210,14 +297,29 @@ fn build(c: &Connection, who: &Authed, since: Option<Since>, upto: Since, filter
                 if !fresh && !changed.contains(&room) && room_ad.is_empty() && typing_ev.is_none() {
                     continue;
                 }
-                let mut r = joined_room(c, &room, user, viewer, if fresh { None } else { Some(since_pos) }, upto.pos, filter, now)?;
+                let mut r = joined_room(
+                    c,
+                    &room,
+                    user,
+                    viewer,
+                    if fresh { None } else { Some(since_pos) },
+                    upto.pos,
+                    filter,
+                    now,
+                )?;
                 let mut ephemeral: Vec<Value> = typing_ev.into_iter().collect();
-                if let Some(rec) = receipts(c, &room, user, if fresh { 0 } else { since_pos }, upto.pos)? {
+                if let Some(rec) =
+                    receipts(c, &room, user, if fresh { 0 } else { since_pos }, upto.pos)?
+                {
                     ephemeral.push(rec);
                 }
                 r["ephemeral"] = json!({ "events": ephemeral });
                 r["account_data"] = json!({ "events": room_ad });
-                let empty = !fresh && r["timeline"]["events"].as_array().is_none_or(Vec::is_empty) && ephemeral.is_empty() && room_ad.is_empty() && r["state"]["events"].as_array().is_none_or(Vec::is_empty);
+                let empty = !fresh
+                    && r["timeline"]["events"].as_array().is_none_or(Vec::is_empty)
+                    && ephemeral.is_empty()
+                    && room_ad.is_empty()
+                    && r["state"]["events"].as_array().is_none_or(Vec::is_empty);
                 if !empty {
                     join.insert(room, r);
                 }
@@ -232,9 +334,22 @@ fn build(c: &Connection, who: &Authed, since: Option<Since>, upto: Since, filter
                 }
                 invite.insert(room, json!({ "invite_state": { "events": events } }));
             }
-            "leave" | "ban" if !forgotten.contains(&room) && ((since.is_some() && mpos > since_pos) || (since.is_none() && filter.include_leave)) => {
+            "leave" | "ban"
+                if !forgotten.contains(&room)
+                    && ((since.is_some() && mpos > since_pos)
+                        || (since.is_none() && filter.include_leave)) =>
+            {
                 // The timeline runs up to the leave event; nothing after it is visible.
-                let r = joined_room(c, &room, user, viewer, since.map(|_| since_pos), mpos, filter, now)?;
+                let r = joined_room(
+                    c,
+                    &room,
+                    user,
+                    viewer,
+                    since.map(|_| since_pos),
+                    mpos,
+                    filter,
+                    now,
+                )?;
                 leave.insert(room, json!({ "timeline": r["timeline"], "state": r["state"], "account_data": { "events": room_ad } }));
             }
             _ => {}
@@ -245,7 +360,8 @@ fn build(c: &Connection, who: &Authed, since: Option<Since>, upto: Since, filter
         .filter(|(r, _, _)| r.is_empty())
         .map(|(_, t, content)| json!({ "type": t, "content": serde_json::from_str::<Value>(content).unwrap_or(Value::Null) }))
         .collect();
-    let has_data = !join.is_empty() || !invite.is_empty() || !leave.is_empty() || !global_ad.is_empty();
+    let has_data =
+        !join.is_empty() || !invite.is_empty() || !leave.is_empty() || !global_ad.is_empty();
     let body = json!({
         "next_batch": format!("s{}_{}", upto.pos, upto.eph),
         "rooms": { "join": join, "invite": invite, "leave": leave, "knock": {} },
@@ -258,7 +374,16 @@ fn build(c: &Connection, who: &Authed, since: Option<Since>, upto: Since, filter
 /// One joined (or left) room: timeline in `(since, upto]`, state, summary. `since = None`
 /// means the client knows nothing of the room yet: full state at the timeline's start.
 #[allow(clippy::too_many_arguments)]
-fn joined_room(c: &Connection, room: &str, user: &str, viewer: Viewer<'_>, since: Option<i64>, upto: i64, filter: &SyncFilter, now: u64) -> Result<Value> {
+fn joined_room(
+    c: &Connection,
+    room: &str,
+    user: &str,
+    viewer: Viewer<'_>,
+    since: Option<i64>,
+    upto: i64,
+    filter: &SyncFilter,
+    now: u64,
+) -> Result<Value> {
     let limit = filter.timeline_limit;
     let (lo, _) = super::events::visible_range(c, room, user).unwrap_or((0, i64::MAX));
     let after = since.unwrap_or(0).max(lo);
@@ -288,22 +413,46 @@ fn joined_room(c: &Connection, room: &str, user: &str, viewer: Viewer<'_>, since
         None => {
             let group = q::get_state_group_at(c, room, start)?;
             let ids: Vec<String> = match group {
-                Some(g) => q::load_state_group(c, g)?.into_iter().filter(|((t, k), _)| !filter.lazy_load_members || t != "m.room.member" || k == user).map(|(_, e)| e).collect(),
+                Some(g) => q::load_state_group(c, g)?
+                    .into_iter()
+                    .filter(|((t, k), _)| {
+                        !filter.lazy_load_members || t != "m.room.member" || k == user
+                    })
+                    .map(|(_, e)| e)
+                    .collect(),
                 None => Vec::new(),
             };
-            let mut rows: Vec<EventRow> = ids.iter().filter_map(|id| q::get_event(c, id).ok().flatten()).collect();
+            let mut rows: Vec<EventRow> = ids
+                .iter()
+                .filter_map(|id| q::get_event(c, id).ok().flatten())
+                .collect();
             if filter.lazy_load_members {
-                rows.extend(lazy_members_of(c, room, &timeline)?.into_iter().filter(|r| r.pos <= start));
+                rows.extend(
+                    lazy_members_of(c, room, &timeline)?
+                        .into_iter()
+                        .filter(|r| r.pos <= start),
+                );
             }
             rows
         }
         Some(s) if limited => {
             // The state that changed in the gap between `since` and the timeline's start.
-            let mut stmt = c.prepare_cached("SELECT event_id FROM current_state WHERE room_id = ?1 AND pos > ?2 AND pos <= ?3")?;
-            let ids: Vec<String> = stmt.query_map(params![room, s, start], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
-            let mut rows: Vec<EventRow> = ids.iter().filter_map(|id| q::get_event(c, id).ok().flatten()).collect();
+            let mut stmt = c.prepare_cached(
+                "SELECT event_id FROM current_state WHERE room_id = ?1 AND pos > ?2 AND pos <= ?3",
+            )?;
+            let ids: Vec<String> = stmt
+                .query_map(params![room, s, start], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut rows: Vec<EventRow> = ids
+                .iter()
+                .filter_map(|id| q::get_event(c, id).ok().flatten())
+                .collect();
             if filter.lazy_load_members {
-                rows.extend(lazy_members_of(c, room, &timeline)?.into_iter().filter(|r| r.pos <= start));
+                rows.extend(
+                    lazy_members_of(c, room, &timeline)?
+                        .into_iter()
+                        .filter(|r| r.pos <= start),
+                );
             }
             rows
         }
@@ -320,7 +469,11 @@ fn joined_room(c: &Connection, room: &str, user: &str, viewer: Viewer<'_>, since
         },
         "state": { "events": client_events(c, &state_rows, Some(viewer), now, false)? },
     });
-    let members_changed = since.is_none() || timeline.iter().chain(state_rows.iter()).any(|r| r.kind == "m.room.member");
+    let members_changed = since.is_none()
+        || timeline
+            .iter()
+            .chain(state_rows.iter())
+            .any(|r| r.kind == "m.room.member");
     if members_changed {
         out["summary"] = summary(c, room, user)?;
     }
@@ -332,14 +485,26 @@ fn summary(c: &Connection, room: &str, user: &str) -> Result<Value> {
     let members = q::list_members(c, room)?;
     let joined = members.iter().filter(|(_, m, _)| m == "join").count();
     let invited = members.iter().filter(|(_, m, _)| m == "invite").count();
-    let mut heroes: Vec<&str> = members.iter().filter(|(u, m, _)| u != user && (m == "join" || m == "invite")).map(|(u, _, _)| u.as_str()).collect();
+    let mut heroes: Vec<&str> = members
+        .iter()
+        .filter(|(u, m, _)| u != user && (m == "join" || m == "invite"))
+        .map(|(u, _, _)| u.as_str())
+        .collect();
     heroes.sort();
     heroes.truncate(5);
-    Ok(json!({ "m.heroes": heroes, "m.joined_member_count": joined, "m.invited_member_count": invited }))
+    Ok(
+        json!({ "m.heroes": heroes, "m.joined_member_count": joined, "m.invited_member_count": invited }),
+    )
 }
 
 /// The `m.receipt` event for receipts in `(since, upto]`; private receipts only their owner's.
-fn receipts(c: &Connection, room: &str, user: &str, since: i64, upto: i64) -> Result<Option<Value>> {
+fn receipts(
+    c: &Connection,
+    room: &str,
+    user: &str,
+    since: i64,
+    upto: i64,
+) -> Result<Option<Value>> {
     let rows = q::list_receipts_since(c, room, since)?;
     let mut content = Map::new();
     let mut any = false;
@@ -348,7 +513,8 @@ fn receipts(c: &Connection, room: &str, user: &str, since: i64, upto: i64) -> Re
         if r.kind == "m.read.private" && r.user_id != user {
             continue;
         }
-        let pos: i64 = stmt.query_row(params![room, r.kind, r.user_id, r.thread_id], |x| x.get(0))?;
+        let pos: i64 =
+            stmt.query_row(params![room, r.kind, r.user_id, r.thread_id], |x| x.get(0))?;
         if pos > upto {
             continue;
         }

@@ -2,7 +2,10 @@
 //! rules.
 
 use ruma::{
-    push::{Action, NewConditionalPushRule, NewPatternedPushRule, NewPushRule, NewSimplePushRule, PushCondition, RuleKind, Ruleset},
+    push::{
+        Action, NewConditionalPushRule, NewPatternedPushRule, NewPushRule, NewSimplePushRule,
+        PushCondition, RuleKind, Ruleset,
+    },
     OwnedEventId, OwnedRoomId, OwnedUserId, UserId,
 };
 use serde_json::{json, Value};
@@ -20,7 +23,8 @@ fn user_param(req: &Req) -> Result<OwnedUserId> {
 }
 
 fn room_param(req: &Req) -> Result<OwnedRoomId> {
-    OwnedRoomId::try_from(param(req, "room_id")?).map_err(|e| Error::invalid_param(format!("room ID: {e}")))
+    OwnedRoomId::try_from(param(req, "room_id")?)
+        .map_err(|e| Error::invalid_param(format!("room ID: {e}")))
 }
 
 /// The path user must be the caller.
@@ -40,9 +44,14 @@ pub async fn create_filter(mut req: Req) -> Result<Response> {
     own(&req, &who)?;
     let body = body_json(&mut req).await?;
     // Validate with ruma's filter type so a stored filter always parses later.
-    let _: ruma::api::client::filter::FilterDefinition = serde_json::from_value(body.clone()).map_err(|e| Error::bad_json(format!("filter: {e}")))?;
+    let _: ruma::api::client::filter::FilterDefinition = serde_json::from_value(body.clone())
+        .map_err(|e| Error::bad_json(format!("filter: {e}")))?;
     let (u, j) = (who.user_id.to_string(), body.to_string());
-    let id = req.state().store.write(move |tx| q::insert_filter(tx, &u, &j)).await?;
+    let id = req
+        .state()
+        .store
+        .write(move |tx| q::insert_filter(tx, &u, &j))
+        .await?;
     json(&json!({ "filter_id": id.to_string() }))
 }
 
@@ -50,9 +59,16 @@ pub async fn create_filter(mut req: Req) -> Result<Response> {
 pub async fn get_filter(req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     own(&req, &who)?;
-    let id: i64 = param(&req, "filter_id")?.parse().map_err(|_| Error::not_found("No such filter"))?;
+    let id: i64 = param(&req, "filter_id")?
+        .parse()
+        .map_err(|_| Error::not_found("No such filter"))?;
     let u = who.user_id.to_string();
-    let f = req.state().store.read(move |c| q::get_filter(c, &u, id)).await?.ok_or_else(|| Error::not_found("No such filter"))?;
+    let f = req
+        .state()
+        .store
+        .read(move |c| q::get_filter(c, &u, id))
+        .await?
+        .ok_or_else(|| Error::not_found("No such filter"))?;
     let v: Value = serde_json::from_str(&f)?;
     json(&v)
 }
@@ -62,7 +78,12 @@ pub async fn get_filter(req: Req) -> Result<Response> {
 /// # `GET /_matrix/client/v3/profile/{userId}`
 pub async fn get_profile(req: Req) -> Result<Response> {
     let u = user_param(&req)?;
-    let row = req.state().store.read(move |c| q::get_user(c, u.as_str())).await?.ok_or_else(|| Error::not_found("Profile not found"))?;
+    let row = req
+        .state()
+        .store
+        .read(move |c| q::get_user(c, u.as_str()))
+        .await?
+        .ok_or_else(|| Error::not_found("Profile not found"))?;
     let mut out = json!({});
     if let Some(d) = row.displayname {
         out["displayname"] = d.into();
@@ -85,8 +106,17 @@ fn profile_field(req: &Req) -> Result<&'static str> {
 pub async fn get_profile_field(req: Req) -> Result<Response> {
     let u = user_param(&req)?;
     let field = profile_field(&req)?;
-    let row = req.state().store.read(move |c| q::get_user(c, u.as_str())).await?.ok_or_else(|| Error::not_found("Profile not found"))?;
-    let value = if field == "displayname" { row.displayname } else { row.avatar_url };
+    let row = req
+        .state()
+        .store
+        .read(move |c| q::get_user(c, u.as_str()))
+        .await?
+        .ok_or_else(|| Error::not_found("Profile not found"))?;
+    let value = if field == "displayname" {
+        row.displayname
+    } else {
+        row.avatar_url
+    };
     let value = value.ok_or_else(|| Error::not_found("Profile field not set"))?;
     json(&json!({ field: value }))
 }
@@ -111,8 +141,13 @@ pub async fn set_profile_field(mut req: Req) -> Result<Response> {
     req.state()
         .store
         .write(move |tx| {
-            let row = q::get_user(tx, uid.as_str())?.ok_or_else(|| Error::not_found("Profile not found"))?;
-            let (d, a) = if field == "displayname" { (value.clone(), row.avatar_url) } else { (row.displayname, value.clone()) };
+            let row = q::get_user(tx, uid.as_str())?
+                .ok_or_else(|| Error::not_found("Profile not found"))?;
+            let (d, a) = if field == "displayname" {
+                (value.clone(), row.avatar_url)
+            } else {
+                (row.displayname, value.clone())
+            };
             q::update_profile(tx, uid.as_str(), d.as_deref(), a.as_deref())?;
             for (room, membership, _) in q::list_user_rooms(tx, uid.as_str())? {
                 if membership != "join" {
@@ -126,7 +161,14 @@ pub async fn set_profile_field(mut req: Req) -> Result<Response> {
                     content["avatar_url"] = a.clone().into();
                 }
                 let rid = OwnedRoomId::try_from(room).map_err(Error::internal)?;
-                build::send(tx, &local, &rid, &uid, NewEvent::state("m.room.member", uid.as_str(), content), None)?;
+                build::send(
+                    tx,
+                    &local,
+                    &rid,
+                    &uid,
+                    NewEvent::state("m.room.member", uid.as_str(), content),
+                    None,
+                )?;
             }
             Ok(())
         })
@@ -136,7 +178,13 @@ pub async fn set_profile_field(mut req: Req) -> Result<Response> {
 
 // ---------------------------------------------------------------- account data
 
-fn put_account_data_tx(tx: &mut Tx<'_>, user: &str, room: &str, kind: &str, content: &Value) -> Result<()> {
+fn put_account_data_tx(
+    tx: &mut Tx<'_>,
+    user: &str,
+    room: &str,
+    kind: &str,
+    content: &Value,
+) -> Result<()> {
     let pos = tx.next_pos();
     q::upsert_account_data(tx, user, room, kind, &content.to_string(), pos)
 }
@@ -145,8 +193,16 @@ async fn get_ad(req: &Req, room: Option<OwnedRoomId>) -> Result<Response> {
     let who = auth(req).await?;
     own(req, &who)?;
     let kind = param(req, "type")?;
-    let (u, r) = (who.user_id.to_string(), room.map(|r| r.to_string()).unwrap_or_default());
-    let v = req.state().store.read(move |c| q::get_account_data(c, &u, &r, &kind)).await?.ok_or_else(|| Error::not_found("Account data not found"))?;
+    let (u, r) = (
+        who.user_id.to_string(),
+        room.map(|r| r.to_string()).unwrap_or_default(),
+    );
+    let v = req
+        .state()
+        .store
+        .read(move |c| q::get_account_data(c, &u, &r, &kind))
+        .await?
+        .ok_or_else(|| Error::not_found("Account data not found"))?;
     let v: Value = serde_json::from_str(&v)?;
     json(&v)
 }
@@ -156,11 +212,21 @@ async fn put_ad(req: &mut Req, room: Option<OwnedRoomId>) -> Result<Response> {
     own(req, &who)?;
     let kind = param(req, "type")?;
     if kind == "m.fully_read" || kind == "m.push_rules" {
-        return Err(Error::new(405, "M_BAD_JSON", format!("Cannot set {kind} through this API")));
+        return Err(Error::new(
+            405,
+            "M_BAD_JSON",
+            format!("Cannot set {kind} through this API"),
+        ));
     }
     let content = body_json(req).await?;
-    let (u, r) = (who.user_id.to_string(), room.map(|r| r.to_string()).unwrap_or_default());
-    req.state().store.write(move |tx| put_account_data_tx(tx, &u, &r, &kind, &content)).await?;
+    let (u, r) = (
+        who.user_id.to_string(),
+        room.map(|r| r.to_string()).unwrap_or_default(),
+    );
+    req.state()
+        .store
+        .write(move |tx| put_account_data_tx(tx, &u, &r, &kind, &content))
+        .await?;
     json(&json!({}))
 }
 
@@ -194,11 +260,24 @@ pub async fn typing(mut req: Req) -> Result<Response> {
     own(&req, &who)?;
     let room = room_param(&req)?;
     let body = body_json(&mut req).await?;
-    let is_typing = body.get("typing").and_then(Value::as_bool).ok_or_else(|| Error::bad_json("typing is required"))?;
-    let timeout = body.get("timeout").and_then(Value::as_u64).unwrap_or(30_000).min(120_000);
+    let is_typing = body
+        .get("typing")
+        .and_then(Value::as_bool)
+        .ok_or_else(|| Error::bad_json("typing is required"))?;
+    let timeout = body
+        .get("timeout")
+        .and_then(Value::as_u64)
+        .unwrap_or(30_000)
+        .min(120_000);
     let app = req.state().clone();
     let (r, u) = (room.to_string(), who.user_id.to_string());
-    if app.store.read(move |c| q::get_membership(c, &r, &u)).await?.as_deref() != Some("join") {
+    if app
+        .store
+        .read(move |c| q::get_membership(c, &r, &u))
+        .await?
+        .as_deref()
+        != Some("join")
+    {
         return Err(Error::forbidden("You are not joined to this room"));
     }
     let until = is_typing.then(|| app.clock.now_ms() + timeout);
@@ -207,8 +286,21 @@ pub async fn typing(mut req: Req) -> Result<Response> {
 }
 
 /// Stores a receipt (one write); `m.read.private` is visible only to its owner.
-async fn store_receipt(req: &Req, who: &Authed, room: &OwnedRoomId, kind: &str, event_id: &str, thread: &str) -> Result<()> {
-    let (r, u, k, e, t) = (room.to_string(), who.user_id.to_string(), kind.to_owned(), event_id.to_owned(), thread.to_owned());
+async fn store_receipt(
+    req: &Req,
+    who: &Authed,
+    room: &OwnedRoomId,
+    kind: &str,
+    event_id: &str,
+    thread: &str,
+) -> Result<()> {
+    let (r, u, k, e, t) = (
+        room.to_string(),
+        who.user_id.to_string(),
+        kind.to_owned(),
+        event_id.to_owned(),
+        thread.to_owned(),
+    );
     req.state()
         .store
         .write(move |tx| {
@@ -235,9 +327,14 @@ pub async fn receipt(mut req: Req) -> Result<Response> {
     if !matches!(kind.as_str(), "m.read" | "m.read.private" | "m.fully_read") {
         return Err(Error::invalid_param("Unknown receipt type"));
     }
-    let event_id = OwnedEventId::try_from(param(&req, "event_id")?).map_err(|e| Error::invalid_param(format!("event ID: {e}")))?;
+    let event_id = OwnedEventId::try_from(param(&req, "event_id")?)
+        .map_err(|e| Error::invalid_param(format!("event ID: {e}")))?;
     let body = body_json(&mut req).await?;
-    let thread = body.get("thread_id").and_then(Value::as_str).unwrap_or("").to_owned();
+    let thread = body
+        .get("thread_id")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
     store_receipt(&req, &who, &room, &kind, event_id.as_str(), &thread).await?;
     json(&json!({}))
 }
@@ -249,7 +346,8 @@ pub async fn read_markers(mut req: Req) -> Result<Response> {
     let body = body_json(&mut req).await?;
     for key in ["m.fully_read", "m.read", "m.read.private"] {
         if let Some(e) = body.get(key).and_then(Value::as_str) {
-            let id = OwnedEventId::try_from(e).map_err(|e| Error::invalid_param(format!("{key}: {e}")))?;
+            let id = OwnedEventId::try_from(e)
+                .map_err(|e| Error::invalid_param(format!("{key}: {e}")))?;
             store_receipt(&req, &who, &room, key, id.as_str(), "").await?;
         }
     }
@@ -261,7 +359,13 @@ pub async fn read_markers(mut req: Req) -> Result<Response> {
 /// Stores the default rule set (ruma's) for a new user.
 pub fn init_push_rules(tx: &mut Tx<'_>, user: &UserId) -> Result<()> {
     let rules = Ruleset::server_default(user);
-    put_account_data_tx(tx, user.as_str(), "", "m.push_rules", &json!({ "global": rules }))
+    put_account_data_tx(
+        tx,
+        user.as_str(),
+        "",
+        "m.push_rules",
+        &json!({ "global": rules }),
+    )
 }
 
 fn load_rules(conn: &rusqlite::Connection, user: &UserId) -> Result<Ruleset> {
@@ -285,14 +389,24 @@ where
         .write(move |tx| {
             let mut rules = load_rules(tx, &uid)?;
             f(&mut rules)?;
-            put_account_data_tx(tx, uid.as_str(), "", "m.push_rules", &json!({ "global": rules }))
+            put_account_data_tx(
+                tx,
+                uid.as_str(),
+                "",
+                "m.push_rules",
+                &json!({ "global": rules }),
+            )
         })
         .await
 }
 
 async fn rules_json(req: &Req) -> Result<Value> {
     let who = auth(req).await?;
-    let rules = req.state().store.read(move |c| load_rules(c, &who.user_id)).await?;
+    let rules = req
+        .state()
+        .store
+        .read(move |c| load_rules(c, &who.user_id))
+        .await?;
     Ok(serde_json::to_value(rules)?)
 }
 
@@ -340,25 +454,49 @@ pub async fn put_push_rule(mut req: Req) -> Result<Response> {
     let kind = rule_kind(&req)?;
     let id = param(&req, "rule_id")?;
     let body = body_json(&mut req).await?;
-    let get = |k: &str| req.url().query_pairs().find(|(q, _)| q == k).map(|(_, v)| v.into_owned());
+    let get = |k: &str| {
+        req.url()
+            .query_pairs()
+            .find(|(q, _)| q == k)
+            .map(|(_, v)| v.into_owned())
+    };
     let (before, after) = (get("before"), get("after"));
-    let actions: Vec<Action> = serde_json::from_value(body.get("actions").cloned().unwrap_or(json!([]))).map_err(|e| Error::bad_json(format!("actions: {e}")))?;
+    let actions: Vec<Action> =
+        serde_json::from_value(body.get("actions").cloned().unwrap_or(json!([])))
+            .map_err(|e| Error::bad_json(format!("actions: {e}")))?;
     let rule = match kind {
         RuleKind::Override | RuleKind::Underride => {
-            let conditions: Vec<PushCondition> = serde_json::from_value(body.get("conditions").cloned().unwrap_or(json!([]))).map_err(|e| Error::bad_json(format!("conditions: {e}")))?;
+            let conditions: Vec<PushCondition> =
+                serde_json::from_value(body.get("conditions").cloned().unwrap_or(json!([])))
+                    .map_err(|e| Error::bad_json(format!("conditions: {e}")))?;
             let r = NewConditionalPushRule::new(id, conditions, actions);
-            if kind == RuleKind::Override { NewPushRule::Override(r) } else { NewPushRule::Underride(r) }
+            if kind == RuleKind::Override {
+                NewPushRule::Override(r)
+            } else {
+                NewPushRule::Underride(r)
+            }
         }
         RuleKind::Content => {
-            let pattern = body.get("pattern").and_then(Value::as_str).ok_or_else(|| Error::bad_json("pattern is required"))?;
+            let pattern = body
+                .get("pattern")
+                .and_then(Value::as_str)
+                .ok_or_else(|| Error::bad_json("pattern is required"))?;
             NewPushRule::Content(NewPatternedPushRule::new(id, pattern.to_owned(), actions))
         }
-        RuleKind::Room => NewPushRule::Room(NewSimplePushRule::new(OwnedRoomId::try_from(id).map_err(|e| Error::invalid_param(e.to_string()))?, actions)),
-        RuleKind::Sender => NewPushRule::Sender(NewSimplePushRule::new(UserId::parse(id).map_err(|e| Error::invalid_param(e.to_string()))?, actions)),
+        RuleKind::Room => NewPushRule::Room(NewSimplePushRule::new(
+            OwnedRoomId::try_from(id).map_err(|e| Error::invalid_param(e.to_string()))?,
+            actions,
+        )),
+        RuleKind::Sender => NewPushRule::Sender(NewSimplePushRule::new(
+            UserId::parse(id).map_err(|e| Error::invalid_param(e.to_string()))?,
+            actions,
+        )),
         _ => return Err(Error::invalid_param("Unknown push rule kind")),
     };
     update_rules(&req, &who, move |rules| {
-        rules.insert(rule, after.as_deref(), before.as_deref()).map_err(|e| Error::bad_json(e.to_string()))
+        rules
+            .insert(rule, after.as_deref(), before.as_deref())
+            .map_err(|e| Error::bad_json(e.to_string()))
     })
     .await?;
     json(&json!({}))
@@ -369,7 +507,12 @@ pub async fn delete_push_rule(req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     let kind = rule_kind(&req)?;
     let id = param(&req, "rule_id")?;
-    update_rules(&req, &who, move |rules| rules.remove(kind, &id).map_err(|e| Error::not_found(e.to_string()))).await?;
+    update_rules(&req, &who, move |rules| {
+        rules
+            .remove(kind, &id)
+            .map_err(|e| Error::not_found(e.to_string()))
+    })
+    .await?;
     json(&json!({}))
 }
 
@@ -393,12 +536,25 @@ pub async fn put_push_rule_attr(mut req: Req) -> Result<Response> {
     let body = body_json(&mut req).await?;
     match attr.as_str() {
         "enabled" => {
-            let enabled = body.get("enabled").and_then(Value::as_bool).ok_or_else(|| Error::bad_json("enabled is required"))?;
-            update_rules(&req, &who, move |r| r.set_enabled(kind, &id, enabled).map_err(|e| Error::not_found(e.to_string()))).await?;
+            let enabled = body
+                .get("enabled")
+                .and_then(Value::as_bool)
+                .ok_or_else(|| Error::bad_json("enabled is required"))?;
+            update_rules(&req, &who, move |r| {
+                r.set_enabled(kind, &id, enabled)
+                    .map_err(|e| Error::not_found(e.to_string()))
+            })
+            .await?;
         }
         "actions" => {
-            let actions: Vec<Action> = serde_json::from_value(body.get("actions").cloned().unwrap_or(Value::Null)).map_err(|e| Error::bad_json(format!("actions: {e}")))?;
-            update_rules(&req, &who, move |r| r.set_actions(kind, &id, actions).map_err(|e| Error::not_found(e.to_string()))).await?;
+            let actions: Vec<Action> =
+                serde_json::from_value(body.get("actions").cloned().unwrap_or(Value::Null))
+                    .map_err(|e| Error::bad_json(format!("actions: {e}")))?;
+            update_rules(&req, &who, move |r| {
+                r.set_actions(kind, &id, actions)
+                    .map_err(|e| Error::not_found(e.to_string()))
+            })
+            .await?;
         }
         _ => return Err(Error::unrecognized("Unknown push rule attribute")),
     }

@@ -9,8 +9,11 @@ use ruma::{
     canonical_json::redact,
     events::{StateEventType, TimelineEventType},
     signatures::{hash_and_sign_event, reference_hash},
-    state_res::{auth_types_for_event, check_state_dependent_auth_rules, check_state_independent_auth_rules},
-    CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedServerName, RoomId, RoomVersionId, UserId,
+    state_res::{
+        auth_types_for_event, check_state_dependent_auth_rules, check_state_independent_auth_rules,
+    },
+    CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedServerName, RoomId, RoomVersionId,
+    UserId,
 };
 use rusqlite::{params, Connection};
 use serde_json::{json, Value};
@@ -41,10 +44,20 @@ pub struct NewEvent {
 
 impl NewEvent {
     pub fn state(kind: impl Into<String>, state_key: impl Into<String>, content: Value) -> Self {
-        Self { kind: kind.into().into(), state_key: Some(state_key.into()), content, redacts: None }
+        Self {
+            kind: kind.into().into(),
+            state_key: Some(state_key.into()),
+            content,
+            redacts: None,
+        }
     }
     pub fn message(kind: impl Into<String>, content: Value) -> Self {
-        Self { kind: kind.into().into(), state_key: None, content, redacts: None }
+        Self {
+            kind: kind.into().into(),
+            state_key: None,
+            content,
+            redacts: None,
+        }
     }
 }
 
@@ -61,26 +74,40 @@ pub struct Persisted {
 }
 
 pub fn room_version(conn: &Connection, room_id: &RoomId) -> Result<RoomVersionId> {
-    let v = q::get_room_version(conn, room_id.as_str())?.ok_or_else(|| Error::not_found("Unknown room"))?;
+    let v = q::get_room_version(conn, room_id.as_str())?
+        .ok_or_else(|| Error::not_found("Unknown room"))?;
     RoomVersionId::try_from(v.as_str()).map_err(Error::internal)
 }
 
 pub fn load_pdu(conn: &Connection, event_id: &str) -> Result<Option<Pdu>> {
-    let Some(row) = q::get_event(conn, event_id)? else { return Ok(None) };
+    let Some(row) = q::get_event(conn, event_id)? else {
+        return Ok(None);
+    };
     let id = OwnedEventId::try_from(row.event_id.as_str()).map_err(Error::internal)?;
     Ok(Some(Pdu::from_json(id, &row.json)?))
 }
 
 fn current_pdu(conn: &Connection, room_id: &str, kind: &str, key: &str) -> Option<Pdu> {
-    let id = q::get_current_state(conn, room_id, kind, key).ok().flatten()?;
+    let id = q::get_current_state(conn, room_id, kind, key)
+        .ok()
+        .flatten()?;
     load_pdu(conn, &id).ok().flatten()
 }
 
 /// Builds, signs, authorises and persists one local event. Fails with `M_FORBIDDEN` (and
 /// writes nothing) when the auth rules reject it.
-pub fn send(tx: &mut Tx<'_>, local: &Local, room_id: &RoomId, sender: &UserId, new: NewEvent, txn: Option<TxnRef<'_>>) -> Result<Persisted> {
+pub fn send(
+    tx: &mut Tx<'_>,
+    local: &Local,
+    room_id: &RoomId,
+    sender: &UserId,
+    new: NewEvent,
+    txn: Option<TxnRef<'_>>,
+) -> Result<Persisted> {
     let version = room_version(tx, room_id)?;
-    let rules = version.rules().ok_or_else(|| Error::internal("room version without rules"))?;
+    let rules = version
+        .rules()
+        .ok_or_else(|| Error::internal("room version without rules"))?;
     let rid = room_id.as_str();
 
     let content_raw = serde_json::value::to_raw_value(&new.content)?;
@@ -98,8 +125,14 @@ pub fn send(tx: &mut Tx<'_>, local: &Local, room_id: &RoomId, sender: &UserId, n
     let auth_events: Vec<String> = if new.kind == TimelineEventType::RoomCreate {
         Vec::new()
     } else {
-        let types = auth_types_for_event(&new.kind, sender, new.state_key.as_deref(), &content_raw, &rules.authorization)
-            .map_err(Error::bad_json)?;
+        let types = auth_types_for_event(
+            &new.kind,
+            sender,
+            new.state_key.as_deref(),
+            &content_raw,
+            &rules.authorization,
+        )
+        .map_err(Error::bad_json)?;
         let mut ids = Vec::new();
         for (t, k) in types {
             if let Some(id) = q::get_current_state(tx, rid, &t.to_string(), &k)? {
@@ -131,11 +164,23 @@ pub fn send(tx: &mut Tx<'_>, local: &Local, room_id: &RoomId, sender: &UserId, n
     let mut obj = match CanonicalJsonValue::try_from(pdu) {
         Ok(CanonicalJsonValue::Object(o)) => o,
         Ok(_) => return Err(Error::bad_json("event is not an object")),
-        Err(e) => return Err(Error::bad_json(format!("content is not canonical JSON: {e}"))),
+        Err(e) => {
+            return Err(Error::bad_json(format!(
+                "content is not canonical JSON: {e}"
+            )))
+        }
     };
-    hash_and_sign_event(local.server_name.as_str(), &local.key.pair, &mut obj, &rules.redaction)
-        .map_err(|e| Error::bad_json(format!("cannot sign event: {e}")))?;
-    let event_id = format!("${}", reference_hash(&obj, &rules).map_err(|_| Error::too_large("Event too large"))?);
+    hash_and_sign_event(
+        local.server_name.as_str(),
+        &local.key.pair,
+        &mut obj,
+        &rules.redaction,
+    )
+    .map_err(|e| Error::bad_json(format!("cannot sign event: {e}")))?;
+    let event_id = format!(
+        "${}",
+        reference_hash(&obj, &rules).map_err(|_| Error::too_large("Event too large"))?
+    );
     let json = serde_json::to_string(&obj)?;
     if json.len() > MAX_PDU_BYTES {
         return Err(Error::too_large("Event is larger than 65536 bytes"));
@@ -143,8 +188,10 @@ pub fn send(tx: &mut Tx<'_>, local: &Local, room_id: &RoomId, sender: &UserId, n
     let event_id = OwnedEventId::try_from(event_id).map_err(Error::internal)?;
     let pdu = Pdu::from_json(event_id.clone(), &json)?;
 
-    check_state_independent_auth_rules(&rules.authorization, &pdu, |id| load_pdu(tx, id.as_str()).ok().flatten())
-        .map_err(|e| Error::forbidden(format!("Event not allowed: {e}")))?;
+    check_state_independent_auth_rules(&rules.authorization, &pdu, |id| {
+        load_pdu(tx, id.as_str()).ok().flatten()
+    })
+    .map_err(|e| Error::forbidden(format!("Event not allowed: {e}")))?;
     check_state_dependent_auth_rules(&rules.authorization, &pdu, |t: &StateEventType, k: &str| {
         current_pdu(tx, rid, &t.to_string(), k)
     })
@@ -159,33 +206,56 @@ pub fn send(tx: &mut Tx<'_>, local: &Local, room_id: &RoomId, sender: &UserId, n
 /// The auth rules (since v3) leave redaction permission to the server: the sender may redact
 /// their own events, or anyone's with the `redact` power level.
 fn check_redaction_allowed(conn: &Connection, pdu: &Pdu) -> Result<()> {
-    let Some(target) = &pdu.redacts else { return Err(Error::bad_json("redaction without redacts")) };
-    let Some(row) = q::get_event(conn, target.as_str())? else { return Ok(()) };
+    let Some(target) = &pdu.redacts else {
+        return Err(Error::bad_json("redaction without redacts"));
+    };
+    let Some(row) = q::get_event(conn, target.as_str())? else {
+        return Ok(());
+    };
     if row.sender == pdu.sender.as_str() {
         return Ok(());
     }
     let rid = pdu.room_id.as_str();
     let pl = current_content(conn, rid, "m.room.power_levels", "")?;
-    let creator = current_pdu(conn, rid, "m.room.create", "").map(|c| c.sender.to_string()).unwrap_or_default();
+    let creator = current_pdu(conn, rid, "m.room.create", "")
+        .map(|c| c.sender.to_string())
+        .unwrap_or_default();
     let levels = PowerLevels::new(pl);
     if levels.user(pdu.sender.as_str(), &creator) >= levels.action("redact") {
         Ok(())
     } else {
-        Err(Error::forbidden("You may not redact other users' events in this room"))
+        Err(Error::forbidden(
+            "You may not redact other users' events in this room",
+        ))
     }
 }
 
 /// The content of a current state event, as JSON.
-pub fn current_content(conn: &Connection, room_id: &str, kind: &str, key: &str) -> Result<Option<Value>> {
-    let Some(id) = q::get_current_state(conn, room_id, kind, key)? else { return Ok(None) };
-    let Some(row) = q::get_event(conn, &id)? else { return Ok(None) };
+pub fn current_content(
+    conn: &Connection,
+    room_id: &str,
+    kind: &str,
+    key: &str,
+) -> Result<Option<Value>> {
+    let Some(id) = q::get_current_state(conn, room_id, kind, key)? else {
+        return Ok(None);
+    };
+    let Some(row) = q::get_event(conn, &id)? else {
+        return Ok(None);
+    };
     let v: Value = serde_json::from_str(&row.json)?;
     Ok(v.get("content").cloned())
 }
 
 /// Appends an authorised event: its row, the new state group and current state if it is a
 /// state event, the forward extremities, the txn-id row and the redaction it applies.
-fn persist(tx: &mut Tx<'_>, pdu: &Pdu, json: &str, rules: &ruma::room_version_rules::RoomVersionRules, txn: Option<TxnRef<'_>>) -> Result<Persisted> {
+fn persist(
+    tx: &mut Tx<'_>,
+    pdu: &Pdu,
+    json: &str,
+    rules: &ruma::room_version_rules::RoomVersionRules,
+    txn: Option<TxnRef<'_>>,
+) -> Result<Persisted> {
     let pos = tx.next_pos();
     let rid = pdu.room_id.as_str();
     let eid = pdu.event_id.as_str();
@@ -210,7 +280,10 @@ fn persist(tx: &mut Tx<'_>, pdu: &Pdu, json: &str, rules: &ruma::room_version_ru
                    membership = excluded.membership, pos = excluded.pos",
                 params![rid, kind, key, eid, membership, pos],
             )?;
-            tx.execute("UPDATE rooms SET state_group = ?2 WHERE room_id = ?1", params![rid, g])?;
+            tx.execute(
+                "UPDATE rooms SET state_group = ?2 WHERE room_id = ?1",
+                params![rid, g],
+            )?;
             g
         }
         None => parent.ok_or_else(|| Error::internal("non-state event in a room without state"))?,
@@ -225,9 +298,15 @@ fn persist(tx: &mut Tx<'_>, pdu: &Pdu, json: &str, rules: &ruma::room_version_ru
         ],
     )?;
     for p in &pdu.prev_events {
-        tx.execute("DELETE FROM forward_extremities WHERE room_id = ?1 AND event_id = ?2", [rid, p.as_str()])?;
+        tx.execute(
+            "DELETE FROM forward_extremities WHERE room_id = ?1 AND event_id = ?2",
+            [rid, p.as_str()],
+        )?;
     }
-    tx.execute("INSERT INTO forward_extremities (room_id, event_id) VALUES (?1, ?2)", [rid, eid])?;
+    tx.execute(
+        "INSERT INTO forward_extremities (room_id, event_id) VALUES (?1, ?2)",
+        [rid, eid],
+    )?;
     if let Some(t) = &txn {
         tx.execute(
             "INSERT INTO txn_ids (user_id, device_id, txn_id, event_id) VALUES (?1, ?2, ?3, ?4)",
@@ -237,13 +316,24 @@ fn persist(tx: &mut Tx<'_>, pdu: &Pdu, json: &str, rules: &ruma::room_version_ru
     if let Some(target) = &pdu.redacts {
         apply_redaction(tx, rid, target.as_str(), eid, rules)?;
     }
-    Ok(Persisted { event_id: pdu.event_id.clone(), pos })
+    Ok(Persisted {
+        event_id: pdu.event_id.clone(),
+        pos,
+    })
 }
 
 /// Redacts the stored JSON of `target` in place (ruma's redaction algorithm) if it is in the
 /// same room; a redaction of an unknown event is kept and simply applies to nothing.
-fn apply_redaction(conn: &Connection, room_id: &str, target: &str, by: &str, rules: &ruma::room_version_rules::RoomVersionRules) -> Result<()> {
-    let Some(row) = q::get_event(conn, target)? else { return Ok(()) };
+fn apply_redaction(
+    conn: &Connection,
+    room_id: &str,
+    target: &str,
+    by: &str,
+    rules: &ruma::room_version_rules::RoomVersionRules,
+) -> Result<()> {
+    let Some(row) = q::get_event(conn, target)? else {
+        return Ok(());
+    };
     if q::get_event_room(conn, target)?.as_deref() != Some(room_id) || row.redacted_by.is_some() {
         return Ok(());
     }
@@ -260,7 +350,15 @@ fn apply_redaction(conn: &Connection, room_id: &str, target: &str, by: &str, rul
 /// stripped state of invites).
 pub fn stripped_state(conn: &Connection, room_id: &str) -> Result<Vec<Value>> {
     let mut out = Vec::new();
-    for kind in ["m.room.create", "m.room.join_rules", "m.room.name", "m.room.avatar", "m.room.canonical_alias", "m.room.encryption", "m.room.topic"] {
+    for kind in [
+        "m.room.create",
+        "m.room.join_rules",
+        "m.room.name",
+        "m.room.avatar",
+        "m.room.canonical_alias",
+        "m.room.encryption",
+        "m.room.topic",
+    ] {
         if let Some(id) = q::get_current_state(conn, room_id, kind, "")? {
             if let Some(row) = q::get_event(conn, &id)? {
                 let v: Value = serde_json::from_str(&row.json)?;
@@ -272,6 +370,12 @@ pub fn stripped_state(conn: &Connection, room_id: &str) -> Result<Vec<Value>> {
 }
 
 /// Content of every current state event keyed by (type, state_key) — small helper for tests.
-pub fn current_state_map(conn: &Connection, room_id: &str) -> Result<BTreeMap<(String, String), String>> {
-    Ok(q::list_current_state(conn, room_id)?.into_iter().map(|(t, k, e, _)| ((t, k), e)).collect())
+pub fn current_state_map(
+    conn: &Connection,
+    room_id: &str,
+) -> Result<BTreeMap<(String, String), String>> {
+    Ok(q::list_current_state(conn, room_id)?
+        .into_iter()
+        .map(|(t, k, e, _)| ((t, k), e))
+        .collect())
 }

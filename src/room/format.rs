@@ -5,7 +5,10 @@
 use rusqlite::Connection;
 use serde_json::{json, Map, Value};
 
-use crate::{error::Result, store::queries::{self as q, EventRow}};
+use crate::{
+    error::Result,
+    store::queries::{self as q, EventRow},
+};
 
 /// Who is looking: `transaction_id` is shown only to the device that sent the event.
 #[derive(Clone, Copy)]
@@ -14,10 +17,23 @@ pub struct Viewer<'a> {
     pub device_id: &'a str,
 }
 
-pub fn client_event(conn: &Connection, row: &EventRow, viewer: Option<Viewer<'_>>, now_ms: u64, with_room_id: bool) -> Result<Value> {
+pub fn client_event(
+    conn: &Connection,
+    row: &EventRow,
+    viewer: Option<Viewer<'_>>,
+    now_ms: u64,
+    with_room_id: bool,
+) -> Result<Value> {
     let pdu: Value = serde_json::from_str(&row.json)?;
     let mut ev = Map::new();
-    for key in ["content", "origin_server_ts", "sender", "type", "state_key", "redacts"] {
+    for key in [
+        "content",
+        "origin_server_ts",
+        "sender",
+        "type",
+        "state_key",
+        "redacts",
+    ] {
         if let Some(v) = pdu.get(key) {
             ev.insert(key.into(), v.clone());
         }
@@ -29,7 +45,10 @@ pub fn client_event(conn: &Connection, row: &EventRow, viewer: Option<Viewer<'_>
     }
     ev.insert("event_id".into(), row.event_id.clone().into());
     let mut unsigned = Map::new();
-    let ts = pdu.get("origin_server_ts").and_then(Value::as_u64).unwrap_or(now_ms);
+    let ts = pdu
+        .get("origin_server_ts")
+        .and_then(Value::as_u64)
+        .unwrap_or(now_ms);
     unsigned.insert("age".into(), now_ms.saturating_sub(ts).into());
     if let (Some(v), Some(dev), Some(txn)) = (viewer, &row.txn_device, &row.txn_id) {
         if v.user_id == row.sender && v.device_id == dev {
@@ -60,6 +79,14 @@ pub fn client_event(conn: &Connection, row: &EventRow, viewer: Option<Viewer<'_>
     Ok(Value::Object(ev))
 }
 
-pub fn client_events(conn: &Connection, rows: &[EventRow], viewer: Option<Viewer<'_>>, now_ms: u64, with_room_id: bool) -> Result<Vec<Value>> {
-    rows.iter().map(|r| client_event(conn, r, viewer, now_ms, with_room_id)).collect()
+pub fn client_events(
+    conn: &Connection,
+    rows: &[EventRow],
+    viewer: Option<Viewer<'_>>,
+    now_ms: u64,
+    with_room_id: bool,
+) -> Result<Vec<Value>> {
+    rows.iter()
+        .map(|r| client_event(conn, r, viewer, now_ms, with_room_id))
+        .collect()
 }

@@ -7,8 +7,8 @@ pub mod format;
 pub mod power;
 
 use ruma::{
-    events::TimelineEventType, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId,
-    RoomVersionId, UserId,
+    events::TimelineEventType, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId,
+    RoomId, RoomVersionId, UserId,
 };
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -67,10 +67,13 @@ struct RedactsInContent {
 
 impl Pdu {
     pub fn from_json(event_id: OwnedEventId, json: &str) -> Result<Self> {
-        let f: PduFields = serde_json::from_str(json).map_err(|e| Error::bad_json(format!("invalid PDU: {e}")))?;
+        let f: PduFields =
+            serde_json::from_str(json).map_err(|e| Error::bad_json(format!("invalid PDU: {e}")))?;
         // Since room version 11 `redacts` lives in the content; accept either place.
         let redacts = f.redacts.or_else(|| {
-            serde_json::from_str::<RedactsInContent>(f.content.get()).ok().and_then(|c| c.redacts)
+            serde_json::from_str::<RedactsInContent>(f.content.get())
+                .ok()
+                .and_then(|c| c.redacts)
         });
         Ok(Self {
             event_id,
@@ -150,7 +153,8 @@ impl SigningKey {
                 (der, version)
             }
         };
-        let pair = ruma::signatures::Ed25519KeyPair::from_der(&der, version).map_err(Error::internal)?;
+        let pair =
+            ruma::signatures::Ed25519KeyPair::from_der(&der, version).map_err(Error::internal)?;
         Ok(Self { pair })
     }
 }

@@ -23,7 +23,9 @@ impl PowerLevels {
         if self.0.is_null() {
             return if user_id == creator { 100 } else { 0 };
         }
-        int(self.0.get("users").and_then(|u| u.get(user_id))).or_else(|| int(self.0.get("users_default"))).unwrap_or(0)
+        int(self.0.get("users").and_then(|u| u.get(user_id)))
+            .or_else(|| int(self.0.get("users_default")))
+            .unwrap_or(0)
     }
 
     /// The level a named action (`redact`, `kick`, `ban`, `invite`) needs.

@@ -17,14 +17,22 @@ const STEPS: &[&str] = &[];
 
 pub fn migrate(conn: &mut Connection) -> Result<()> {
     let has_meta: bool = conn
-        .query_row("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'", [], |_| Ok(true))
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
+            [],
+            |_| Ok(true),
+        )
         .optional()?
         .unwrap_or(false);
     let current: i64 = if has_meta {
-        conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get::<_, String>(0))
-            .optional()?
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+        conn.query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get::<_, String>(0),
+        )
+        .optional()?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
     } else {
         0
     };
@@ -43,7 +51,9 @@ pub fn migrate(conn: &mut Connection) -> Result<()> {
     }
     for v in current..SCHEMA_VERSION {
         let tx = conn.transaction()?;
-        let step = STEPS.get((v - 1) as usize).ok_or_else(|| Error::internal("missing migration step"))?;
+        let step = STEPS
+            .get((v - 1) as usize)
+            .ok_or_else(|| Error::internal("missing migration step"))?;
         tx.execute_batch(step)?;
         set_version(&tx, v + 1)?;
         tx.commit()?;
@@ -70,9 +80,21 @@ mod tests {
         let mut conn = Connection::open_in_memory().unwrap();
         migrate(&mut conn).unwrap();
         migrate(&mut conn).unwrap();
-        let v: String = conn.query_row("SELECT value FROM meta WHERE key='schema_version'", [], |r| r.get(0)).unwrap();
+        let v: String = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key='schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
         assert_eq!(v, SCHEMA_VERSION.to_string());
-        let n: i64 = conn.query_row("SELECT count(*) FROM sqlite_master WHERE name='events'", [], |r| r.get(0)).unwrap();
+        let n: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name='events'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
         assert_eq!(n, 1);
     }
 
@@ -80,7 +102,11 @@ mod tests {
     fn newer_database_is_refused() {
         let mut conn = Connection::open_in_memory().unwrap();
         migrate(&mut conn).unwrap();
-        conn.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'", []).unwrap();
+        conn.execute(
+            "UPDATE meta SET value = '999' WHERE key = 'schema_version'",
+            [],
+        )
+        .unwrap();
         assert!(migrate(&mut conn).is_err());
     }
 }

@@ -46,7 +46,12 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
 
 impl Store {
     /// Opens (creating if needed) and migrates the database, then starts the writer thread.
-    pub fn open(path: &Path, readers: u32, clock: Arc<dyn Clock>, notifier: Notifier) -> Result<Self> {
+    pub fn open(
+        path: &Path,
+        readers: u32,
+        clock: Arc<dyn Clock>,
+        notifier: Notifier,
+    ) -> Result<Self> {
         let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         configure(&conn)?;

@@ -22,7 +22,9 @@ pub fn max_stream_pos(conn: &Connection) -> Result<i64> {
 // ---------------------------------------------------------------- meta
 
 pub fn get_meta(conn: &Connection, key: &str) -> Result<Option<String>> {
-    Ok(conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?)
+    Ok(conn
+        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()?)
 }
 
 pub fn upsert_meta(conn: &Connection, key: &str, value: &str) -> Result<()> {
@@ -61,7 +63,14 @@ pub fn get_user(conn: &Connection, user_id: &str) -> Result<Option<UserRow>> {
         .optional()?)
 }
 
-pub fn insert_user(conn: &Connection, user_id: &str, password_hash: Option<&str>, admin: bool, displayname: &str, now: u64) -> Result<()> {
+pub fn insert_user(
+    conn: &Connection,
+    user_id: &str,
+    password_hash: Option<&str>,
+    admin: bool,
+    displayname: &str,
+    now: u64,
+) -> Result<()> {
     conn.execute(
         "INSERT INTO users (user_id, password_hash, is_admin, displayname, created_ts) VALUES (?1, ?2, ?3, ?4, ?5)",
         params![user_id, password_hash, admin, displayname, now as i64],
@@ -70,16 +79,33 @@ pub fn insert_user(conn: &Connection, user_id: &str, password_hash: Option<&str>
 }
 
 pub fn update_password(conn: &Connection, user_id: &str, hash: &str) -> Result<()> {
-    conn.execute("UPDATE users SET password_hash = ?2 WHERE user_id = ?1", [user_id, hash])?;
+    conn.execute(
+        "UPDATE users SET password_hash = ?2 WHERE user_id = ?1",
+        [user_id, hash],
+    )?;
     Ok(())
 }
 
-pub fn update_profile(conn: &Connection, user_id: &str, displayname: Option<&str>, avatar_url: Option<&str>) -> Result<()> {
-    conn.execute("UPDATE users SET displayname = ?2, avatar_url = ?3 WHERE user_id = ?1", params![user_id, displayname, avatar_url])?;
+pub fn update_profile(
+    conn: &Connection,
+    user_id: &str,
+    displayname: Option<&str>,
+    avatar_url: Option<&str>,
+) -> Result<()> {
+    conn.execute(
+        "UPDATE users SET displayname = ?2, avatar_url = ?3 WHERE user_id = ?1",
+        params![user_id, displayname, avatar_url],
+    )?;
     Ok(())
 }
 
-pub fn upsert_device(conn: &Connection, user_id: &str, device_id: &str, display_name: Option<&str>, now: u64) -> Result<()> {
+pub fn upsert_device(
+    conn: &Connection,
+    user_id: &str,
+    device_id: &str,
+    display_name: Option<&str>,
+    now: u64,
+) -> Result<()> {
     conn.execute(
         "INSERT INTO devices (user_id, device_id, display_name, last_seen_ts) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (user_id, device_id) DO UPDATE SET
@@ -96,27 +122,53 @@ pub struct DeviceRow {
     pub last_seen_ip: Option<String>,
 }
 
-pub fn list_devices(conn: &Connection, user_id: &str, only: Option<&str>) -> Result<Vec<DeviceRow>> {
+pub fn list_devices(
+    conn: &Connection,
+    user_id: &str,
+    only: Option<&str>,
+) -> Result<Vec<DeviceRow>> {
     let mut stmt = conn.prepare_cached(
         "SELECT device_id, display_name, last_seen_ts, last_seen_ip FROM devices
          WHERE user_id = ?1 AND (?2 IS NULL OR device_id = ?2) ORDER BY device_id",
     )?;
     let rows = stmt.query_map(params![user_id, only], |r| {
-        Ok(DeviceRow { device_id: r.get(0)?, display_name: r.get(1)?, last_seen_ts: r.get(2)?, last_seen_ip: r.get(3)? })
+        Ok(DeviceRow {
+            device_id: r.get(0)?,
+            display_name: r.get(1)?,
+            last_seen_ts: r.get(2)?,
+            last_seen_ip: r.get(3)?,
+        })
     })?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
-pub fn update_device_name(conn: &Connection, user_id: &str, device_id: &str, name: Option<&str>) -> Result<bool> {
-    Ok(conn.execute("UPDATE devices SET display_name = ?3 WHERE user_id = ?1 AND device_id = ?2", params![user_id, device_id, name])? > 0)
+pub fn update_device_name(
+    conn: &Connection,
+    user_id: &str,
+    device_id: &str,
+    name: Option<&str>,
+) -> Result<bool> {
+    Ok(conn.execute(
+        "UPDATE devices SET display_name = ?3 WHERE user_id = ?1 AND device_id = ?2",
+        params![user_id, device_id, name],
+    )? > 0)
 }
 
 /// Deletes a device and (by cascade) its access tokens.
 pub fn delete_device(conn: &Connection, user_id: &str, device_id: &str) -> Result<bool> {
-    Ok(conn.execute("DELETE FROM devices WHERE user_id = ?1 AND device_id = ?2", [user_id, device_id])? > 0)
+    Ok(conn.execute(
+        "DELETE FROM devices WHERE user_id = ?1 AND device_id = ?2",
+        [user_id, device_id],
+    )? > 0)
 }
 
-pub fn insert_token(conn: &Connection, token_hash: &str, user_id: &str, device_id: &str, now: u64) -> Result<()> {
+pub fn insert_token(
+    conn: &Connection,
+    token_hash: &str,
+    user_id: &str,
+    device_id: &str,
+    now: u64,
+) -> Result<()> {
     conn.execute(
         "INSERT INTO access_tokens (token_hash, user_id, device_id, created_ts) VALUES (?1, ?2, ?3, ?4)",
         params![token_hash, user_id, device_id, now as i64],
@@ -136,7 +188,11 @@ pub fn get_token(conn: &Connection, token_hash: &str) -> Result<Option<(String, 
 }
 
 /// Token hashes of a user's devices (all, or all but one), for invalidating the token cache.
-pub fn list_token_hashes(conn: &Connection, user_id: &str, device_id: Option<&str>) -> Result<Vec<String>> {
+pub fn list_token_hashes(
+    conn: &Connection,
+    user_id: &str,
+    device_id: Option<&str>,
+) -> Result<Vec<String>> {
     let mut stmt = conn.prepare_cached("SELECT token_hash FROM access_tokens WHERE user_id = ?1 AND (?2 IS NULL OR device_id = ?2)")?;
     let rows = stmt.query_map(params![user_id, device_id], |r| r.get(0))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -145,14 +201,32 @@ pub fn list_token_hashes(conn: &Connection, user_id: &str, device_id: Option<&st
 // ---------------------------------------------------------------- rooms and state
 
 pub fn get_room_version(conn: &Connection, room_id: &str) -> Result<Option<String>> {
-    Ok(conn.query_row("SELECT room_version FROM rooms WHERE room_id = ?1", [room_id], |r| r.get(0)).optional()?)
+    Ok(conn
+        .query_row(
+            "SELECT room_version FROM rooms WHERE room_id = ?1",
+            [room_id],
+            |r| r.get(0),
+        )
+        .optional()?)
 }
 
 pub fn get_room_state_group(conn: &Connection, room_id: &str) -> Result<Option<i64>> {
-    Ok(conn.query_row("SELECT state_group FROM rooms WHERE room_id = ?1", [room_id], |r| r.get(0)).optional()?.flatten())
+    Ok(conn
+        .query_row(
+            "SELECT state_group FROM rooms WHERE room_id = ?1",
+            [room_id],
+            |r| r.get(0),
+        )
+        .optional()?
+        .flatten())
 }
 
-pub fn get_current_state(conn: &Connection, room_id: &str, kind: &str, state_key: &str) -> Result<Option<String>> {
+pub fn get_current_state(
+    conn: &Connection,
+    room_id: &str,
+    kind: &str,
+    state_key: &str,
+) -> Result<Option<String>> {
     Ok(conn
         .query_row(
             "SELECT event_id FROM current_state WHERE room_id = ?1 AND type = ?2 AND state_key = ?3",
@@ -193,9 +267,16 @@ pub fn list_members(conn: &Connection, room_id: &str) -> Result<Vec<(String, Str
 }
 
 /// (type, state_key, event_id, pos) of the room's current state.
-pub fn list_current_state(conn: &Connection, room_id: &str) -> Result<Vec<(String, String, String, i64)>> {
-    let mut stmt = conn.prepare_cached("SELECT type, state_key, event_id, pos FROM current_state WHERE room_id = ?1")?;
-    let rows = stmt.query_map([room_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+pub fn list_current_state(
+    conn: &Connection,
+    room_id: &str,
+) -> Result<Vec<(String, String, String, i64)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT type, state_key, event_id, pos FROM current_state WHERE room_id = ?1",
+    )?;
+    let rows = stmt.query_map([room_id], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+    })?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
@@ -207,7 +288,11 @@ pub fn load_state_group(conn: &Connection, group: i64) -> Result<StateMap> {
     let mut chain = vec![group];
     let mut cur = group;
     while let Some(prev) = conn
-        .query_row("SELECT prev_group FROM state_groups WHERE id = ?1", [cur], |r| r.get::<_, Option<i64>>(0))
+        .query_row(
+            "SELECT prev_group FROM state_groups WHERE id = ?1",
+            [cur],
+            |r| r.get::<_, Option<i64>>(0),
+        )
         .optional()?
         .flatten()
     {
@@ -215,7 +300,9 @@ pub fn load_state_group(conn: &Connection, group: i64) -> Result<StateMap> {
         cur = prev;
     }
     let mut state = StateMap::new();
-    let mut stmt = conn.prepare_cached("SELECT type, state_key, event_id FROM state_group_entries WHERE group_id = ?1")?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT type, state_key, event_id FROM state_group_entries WHERE group_id = ?1",
+    )?;
     for g in chain.iter().rev() {
         let rows = stmt.query_map([g], |r| Ok(((r.get(0)?, r.get(1)?), r.get(2)?)))?;
         for row in rows {
@@ -230,25 +317,56 @@ pub fn load_state_group(conn: &Connection, group: i64) -> Result<StateMap> {
 const MAX_CHAIN: i64 = 50;
 
 /// Stores the state `parent` + `delta` as a new group and returns its id.
-pub fn insert_state_group(conn: &Connection, room_id: &str, parent: Option<i64>, delta: &[(&str, &str, &str)]) -> Result<i64> {
+pub fn insert_state_group(
+    conn: &Connection,
+    room_id: &str,
+    parent: Option<i64>,
+    delta: &[(&str, &str, &str)],
+) -> Result<i64> {
     let parent_chain: Option<i64> = match parent {
-        Some(p) => conn.query_row("SELECT chain_len FROM state_groups WHERE id = ?1", [p], |r| r.get(0)).optional()?,
+        Some(p) => conn
+            .query_row(
+                "SELECT chain_len FROM state_groups WHERE id = ?1",
+                [p],
+                |r| r.get(0),
+            )
+            .optional()?,
         None => None,
     };
-    let (prev, chain_len, entries): (Option<i64>, i64, Vec<(String, String, String)>) = match (parent, parent_chain) {
-        (Some(p), Some(len)) if len < MAX_CHAIN => {
-            (Some(p), len + 1, delta.iter().map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string())).collect())
-        }
-        (Some(p), _) => {
-            let mut full = load_state_group(conn, p)?;
-            for (t, k, e) in delta {
-                full.insert((t.to_string(), k.to_string()), e.to_string());
+    let (prev, chain_len, entries): (Option<i64>, i64, Vec<(String, String, String)>) =
+        match (parent, parent_chain) {
+            (Some(p), Some(len)) if len < MAX_CHAIN => (
+                Some(p),
+                len + 1,
+                delta
+                    .iter()
+                    .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+                    .collect(),
+            ),
+            (Some(p), _) => {
+                let mut full = load_state_group(conn, p)?;
+                for (t, k, e) in delta {
+                    full.insert((t.to_string(), k.to_string()), e.to_string());
+                }
+                (
+                    None,
+                    0,
+                    full.into_iter().map(|((t, k), e)| (t, k, e)).collect(),
+                )
             }
-            (None, 0, full.into_iter().map(|((t, k), e)| (t, k, e)).collect())
-        }
-        (None, _) => (None, 0, delta.iter().map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string())).collect()),
-    };
-    conn.execute("INSERT INTO state_groups (room_id, prev_group, chain_len) VALUES (?1, ?2, ?3)", params![room_id, prev, chain_len])?;
+            (None, _) => (
+                None,
+                0,
+                delta
+                    .iter()
+                    .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+                    .collect(),
+            ),
+        };
+    conn.execute(
+        "INSERT INTO state_groups (room_id, prev_group, chain_len) VALUES (?1, ?2, ?3)",
+        params![room_id, prev, chain_len],
+    )?;
     let id = conn.last_insert_rowid();
     let mut stmt = conn.prepare_cached("INSERT INTO state_group_entries (group_id, type, state_key, event_id) VALUES (?1, ?2, ?3, ?4)")?;
     for (t, k, e) in entries {
@@ -295,17 +413,32 @@ fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
 }
 
 pub fn get_event(conn: &Connection, event_id: &str) -> Result<Option<EventRow>> {
-    let mut stmt = conn.prepare_cached(&format!("SELECT {EVENT_COLS} FROM events WHERE event_id = ?1"))?;
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {EVENT_COLS} FROM events WHERE event_id = ?1"
+    ))?;
     Ok(stmt.query_row([event_id], event_row).optional()?)
 }
 
 pub fn get_event_room(conn: &Connection, event_id: &str) -> Result<Option<String>> {
-    Ok(conn.query_row("SELECT room_id FROM events WHERE event_id = ?1", [event_id], |r| r.get(0)).optional()?)
+    Ok(conn
+        .query_row(
+            "SELECT room_id FROM events WHERE event_id = ?1",
+            [event_id],
+            |r| r.get(0),
+        )
+        .optional()?)
 }
 
 /// Events of a room with `after < pos <= upto`, the newest `limit` of them when `newest_first`,
 /// else the oldest; always returned in the order asked.
-pub fn list_room_events(conn: &Connection, room_id: &str, after: i64, upto: i64, limit: usize, newest_first: bool) -> Result<Vec<EventRow>> {
+pub fn list_room_events(
+    conn: &Connection,
+    room_id: &str,
+    after: i64,
+    upto: i64,
+    limit: usize,
+    newest_first: bool,
+) -> Result<Vec<EventRow>> {
     let order = if newest_first { "DESC" } else { "ASC" };
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {EVENT_COLS} FROM events WHERE room_id = ?1 AND pos > ?2 AND pos <= ?3 AND rejected = 0 AND outlier = 0
@@ -326,7 +459,12 @@ pub fn get_state_group_at(conn: &Connection, room_id: &str, pos: i64) -> Result<
         .optional()?)
 }
 
-pub fn get_txn(conn: &Connection, user_id: &str, device_id: &str, txn_id: &str) -> Result<Option<String>> {
+pub fn get_txn(
+    conn: &Connection,
+    user_id: &str,
+    device_id: &str,
+    txn_id: &str,
+) -> Result<Option<String>> {
     Ok(conn
         .query_row(
             "SELECT event_id FROM txn_ids WHERE user_id = ?1 AND device_id = ?2 AND txn_id = ?3",
@@ -346,11 +484,20 @@ pub fn list_rooms_changed_since(conn: &Connection, since: i64) -> Result<Vec<Str
 // ---------------------------------------------------------------- aliases and directory
 
 pub fn get_alias(conn: &Connection, alias: &str) -> Result<Option<(String, String)>> {
-    Ok(conn.query_row("SELECT room_id, creator FROM room_aliases WHERE alias = ?1", [alias], |r| Ok((r.get(0)?, r.get(1)?))).optional()?)
+    Ok(conn
+        .query_row(
+            "SELECT room_id, creator FROM room_aliases WHERE alias = ?1",
+            [alias],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?)
 }
 
 pub fn insert_alias(conn: &Connection, alias: &str, room_id: &str, creator: &str) -> Result<bool> {
-    Ok(conn.execute("INSERT OR IGNORE INTO room_aliases (alias, room_id, creator) VALUES (?1, ?2, ?3)", [alias, room_id, creator])? > 0)
+    Ok(conn.execute(
+        "INSERT OR IGNORE INTO room_aliases (alias, room_id, creator) VALUES (?1, ?2, ?3)",
+        [alias, room_id, creator],
+    )? > 0)
 }
 
 pub fn delete_alias(conn: &Connection, alias: &str) -> Result<bool> {
@@ -358,28 +505,46 @@ pub fn delete_alias(conn: &Connection, alias: &str) -> Result<bool> {
 }
 
 pub fn list_aliases(conn: &Connection, room_id: &str) -> Result<Vec<String>> {
-    let mut stmt = conn.prepare_cached("SELECT alias FROM room_aliases WHERE room_id = ?1 ORDER BY alias")?;
+    let mut stmt =
+        conn.prepare_cached("SELECT alias FROM room_aliases WHERE room_id = ?1 ORDER BY alias")?;
     let rows = stmt.query_map([room_id], |r| r.get(0))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
 pub fn set_room_public(conn: &Connection, room_id: &str, public: bool) -> Result<bool> {
-    Ok(conn.execute("UPDATE rooms SET is_public = ?2 WHERE room_id = ?1", params![room_id, public])? > 0)
+    Ok(conn.execute(
+        "UPDATE rooms SET is_public = ?2 WHERE room_id = ?1",
+        params![room_id, public],
+    )? > 0)
 }
 
 pub fn get_room_public(conn: &Connection, room_id: &str) -> Result<Option<bool>> {
-    Ok(conn.query_row("SELECT is_public FROM rooms WHERE room_id = ?1", [room_id], |r| r.get(0)).optional()?)
+    Ok(conn
+        .query_row(
+            "SELECT is_public FROM rooms WHERE room_id = ?1",
+            [room_id],
+            |r| r.get(0),
+        )
+        .optional()?)
 }
 
 pub fn list_public_rooms(conn: &Connection) -> Result<Vec<String>> {
-    let mut stmt = conn.prepare_cached("SELECT room_id FROM rooms WHERE is_public = 1 ORDER BY created_ts")?;
+    let mut stmt =
+        conn.prepare_cached("SELECT room_id FROM rooms WHERE is_public = 1 ORDER BY created_ts")?;
     let rows = stmt.query_map([], |r| r.get(0))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
 // ---------------------------------------------------------------- account data, receipts, filters
 
-pub fn upsert_account_data(conn: &Connection, user_id: &str, room_id: &str, kind: &str, content: &str, pos: i64) -> Result<()> {
+pub fn upsert_account_data(
+    conn: &Connection,
+    user_id: &str,
+    room_id: &str,
+    kind: &str,
+    content: &str,
+    pos: i64,
+) -> Result<()> {
     conn.execute(
         "INSERT INTO account_data (user_id, room_id, type, content, pos) VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (user_id, room_id, type) DO UPDATE SET content = excluded.content, pos = excluded.pos",
@@ -388,7 +553,12 @@ pub fn upsert_account_data(conn: &Connection, user_id: &str, room_id: &str, kind
     Ok(())
 }
 
-pub fn get_account_data(conn: &Connection, user_id: &str, room_id: &str, kind: &str) -> Result<Option<String>> {
+pub fn get_account_data(
+    conn: &Connection,
+    user_id: &str,
+    room_id: &str,
+    kind: &str,
+) -> Result<Option<String>> {
     Ok(conn
         .query_row(
             "SELECT content FROM account_data WHERE user_id = ?1 AND room_id = ?2 AND type = ?3",
@@ -399,13 +569,30 @@ pub fn get_account_data(conn: &Connection, user_id: &str, room_id: &str, kind: &
 }
 
 /// (room_id, type, content) changed after `since`.
-pub fn list_account_data_since(conn: &Connection, user_id: &str, since: i64) -> Result<Vec<(String, String, String)>> {
-    let mut stmt = conn.prepare_cached("SELECT room_id, type, content FROM account_data WHERE user_id = ?1 AND pos > ?2")?;
-    let rows = stmt.query_map(params![user_id, since], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+pub fn list_account_data_since(
+    conn: &Connection,
+    user_id: &str,
+    since: i64,
+) -> Result<Vec<(String, String, String)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT room_id, type, content FROM account_data WHERE user_id = ?1 AND pos > ?2",
+    )?;
+    let rows = stmt.query_map(params![user_id, since], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    })?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
-pub fn upsert_receipt(conn: &Connection, room_id: &str, kind: &str, user_id: &str, thread_id: &str, event_id: &str, ts: u64, pos: i64) -> Result<()> {
+pub fn upsert_receipt(
+    conn: &Connection,
+    room_id: &str,
+    kind: &str,
+    user_id: &str,
+    thread_id: &str,
+    event_id: &str,
+    ts: u64,
+    pos: i64,
+) -> Result<()> {
     conn.execute(
         "INSERT INTO receipts (room_id, receipt_type, user_id, thread_id, event_id, ts, pos) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
          ON CONFLICT (room_id, receipt_type, user_id, thread_id) DO UPDATE SET event_id = excluded.event_id, ts = excluded.ts, pos = excluded.pos",
@@ -422,21 +609,38 @@ pub struct ReceiptRow {
     pub ts: i64,
 }
 
-pub fn list_receipts_since(conn: &Connection, room_id: &str, since: i64) -> Result<Vec<ReceiptRow>> {
+pub fn list_receipts_since(
+    conn: &Connection,
+    room_id: &str,
+    since: i64,
+) -> Result<Vec<ReceiptRow>> {
     let mut stmt = conn.prepare_cached("SELECT receipt_type, user_id, thread_id, event_id, ts FROM receipts WHERE room_id = ?1 AND pos > ?2")?;
     let rows = stmt.query_map(params![room_id, since], |r| {
-        Ok(ReceiptRow { kind: r.get(0)?, user_id: r.get(1)?, thread_id: r.get(2)?, event_id: r.get(3)?, ts: r.get(4)? })
+        Ok(ReceiptRow {
+            kind: r.get(0)?,
+            user_id: r.get(1)?,
+            thread_id: r.get(2)?,
+            event_id: r.get(3)?,
+            ts: r.get(4)?,
+        })
     })?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
 pub fn insert_filter(conn: &Connection, user_id: &str, json: &str) -> Result<i64> {
-    conn.execute("INSERT INTO filters (user_id, json) VALUES (?1, ?2)", [user_id, json])?;
+    conn.execute(
+        "INSERT INTO filters (user_id, json) VALUES (?1, ?2)",
+        [user_id, json],
+    )?;
     Ok(conn.last_insert_rowid())
 }
 
 pub fn get_filter(conn: &Connection, user_id: &str, filter_id: i64) -> Result<Option<String>> {
     Ok(conn
-        .query_row("SELECT json FROM filters WHERE user_id = ?1 AND filter_id = ?2", params![user_id, filter_id], |r| r.get(0))
+        .query_row(
+            "SELECT json FROM filters WHERE user_id = ?1 AND filter_id = ?2",
+            params![user_id, filter_id],
+            |r| r.get(0),
+        )
         .optional()?)
 }

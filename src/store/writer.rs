@@ -68,7 +68,10 @@ impl Writer {
             .name("hearth-writer".into())
             .spawn(move || run(conn, rx, start_pos, clock, notifier))
             .map_err(Error::internal)?;
-        Ok(Self { jobs, thread: Arc::new(Mutex::new(Some(thread))) })
+        Ok(Self {
+            jobs,
+            thread: Arc::new(Mutex::new(Some(thread))),
+        })
     }
 
     pub async fn write<T, F>(&self, f: F) -> Result<T>
@@ -85,23 +88,39 @@ impl Writer {
             });
             (ok, reply)
         });
-        self.jobs.send(job).await.map_err(|_| Error::unavailable("The server is shutting down"))?;
+        self.jobs
+            .send(job)
+            .await
+            .map_err(|_| Error::unavailable("The server is shutting down"))?;
         // Dropping here (the caller went away) does not stop the job: it is already queued.
-        wait.recv().await.map_err(|_| Error::internal("writer stopped before answering"))?
+        wait.recv()
+            .await
+            .map_err(|_| Error::internal("writer stopped before answering"))?
     }
 
     /// Lets queued writes finish, stops the thread and checkpoints the WAL.
     pub fn close(&self) -> Result<()> {
         self.jobs.close();
-        let handle = self.thread.lock().map_err(|_| Error::internal("writer lock poisoned"))?.take();
+        let handle = self
+            .thread
+            .lock()
+            .map_err(|_| Error::internal("writer lock poisoned"))?
+            .take();
         if let Some(h) = handle {
-            h.join().map_err(|_| Error::internal("writer thread panicked"))?;
+            h.join()
+                .map_err(|_| Error::internal("writer thread panicked"))?;
         }
         Ok(())
     }
 }
 
-fn run(mut conn: Connection, rx: async_channel::Receiver<Job>, mut pos: i64, clock: Arc<dyn Clock>, notifier: Notifier) {
+fn run(
+    mut conn: Connection,
+    rx: async_channel::Receiver<Job>,
+    mut pos: i64,
+    clock: Arc<dyn Clock>,
+    notifier: Notifier,
+) {
     while let Ok(first) = rx.recv_blocking() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -128,7 +147,12 @@ fn run(mut conn: Connection, rx: async_channel::Receiver<Job>, mut pos: i64, clo
     log::debug!("writer stopped");
 }
 
-fn run_batch(conn: &mut Connection, batch: Vec<Job>, pos: &mut i64, now_ms: u64) -> (Vec<Reply>, Result<()>) {
+fn run_batch(
+    conn: &mut Connection,
+    batch: Vec<Job>,
+    pos: &mut i64,
+    now_ms: u64,
+) -> (Vec<Reply>, Result<()>) {
     let mut replies = Vec::with_capacity(batch.len());
     let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
@@ -142,9 +166,17 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>, pos: &mut i64, now_ms: u64)
         if let Err(e) = tx.execute_batch("SAVEPOINT op") {
             return (replies, Err(e.into()));
         }
-        let mut ctx = Tx { tx: &tx, next_pos: pos, now_ms };
+        let mut ctx = Tx {
+            tx: &tx,
+            next_pos: pos,
+            now_ms,
+        };
         let (ok, reply) = job(&mut ctx);
-        let end = if ok { "RELEASE op" } else { "ROLLBACK TO op; RELEASE op" };
+        let end = if ok {
+            "RELEASE op"
+        } else {
+            "ROLLBACK TO op; RELEASE op"
+        };
         replies.push(reply);
         if let Err(e) = tx.execute_batch(end) {
             return (replies, Err(e.into()));

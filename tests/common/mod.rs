@@ -33,7 +33,11 @@ impl TestServer {
         f(&mut c);
         let hs = hearth::Homeserver::start(c).unwrap();
         let base = format!("http://{}", hs.addrs()[0]);
-        Self { hs: Some(hs), base, dir }
+        Self {
+            hs: Some(hs),
+            base,
+            dir,
+        }
     }
 
     pub fn hs(&self) -> &hearth::Homeserver {
@@ -41,11 +45,23 @@ impl TestServer {
     }
 
     /// Any request; returns (status, JSON body or Null).
-    pub fn req(&self, method: &str, path: &str, token: Option<&str>, body: Option<&Value>) -> (u16, Value) {
+    pub fn req(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
         self.raw(method, path, token, body.map(|b| b.to_string()).as_deref())
     }
 
-    pub fn raw(&self, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, Value) {
+    pub fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, Value) {
         let url = format!("{}{}", self.base, path);
         let mut r = ureq::request(method, &url).timeout(Duration::from_secs(60));
         if let Some(t) = token {
@@ -73,9 +89,21 @@ impl TestServer {
     }
 
     /// Expects an error status and errcode.
-    pub fn err(&self, method: &str, path: &str, token: Option<&str>, body: Option<&Value>, status: u16, errcode: &str) -> Value {
+    pub fn err(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+        status: u16,
+        errcode: &str,
+    ) -> Value {
         let (s, v) = self.req(method, path, token, body);
-        assert_eq!((s, v["errcode"].as_str().unwrap_or("")), (status, errcode), "{method} {path} -> {s} {v}");
+        assert_eq!(
+            (s, v["errcode"].as_str().unwrap_or("")),
+            (status, errcode),
+            "{method} {path} -> {s} {v}"
+        );
         v
     }
 
@@ -87,20 +115,47 @@ impl TestServer {
             None,
             Some(&json!({ "username": name, "password": format!("pw-{name}"), "auth": { "type": "m.login.dummy" } })),
         );
-        (v["user_id"].as_str().unwrap().to_owned(), v["access_token"].as_str().unwrap().to_owned())
+        (
+            v["user_id"].as_str().unwrap().to_owned(),
+            v["access_token"].as_str().unwrap().to_owned(),
+        )
     }
 
     pub fn create_room(&self, token: &str, body: Value) -> String {
-        self.ok("POST", "/_matrix/client/v3/createRoom", Some(token), Some(&body))["room_id"].as_str().unwrap().to_owned()
+        self.ok(
+            "POST",
+            "/_matrix/client/v3/createRoom",
+            Some(token),
+            Some(&body),
+        )["room_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
     }
 
     pub fn send(&self, token: &str, room: &str, txn: &str, body: &str) -> String {
-        let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(room));
-        self.ok("PUT", &path, Some(token), Some(&json!({ "msgtype": "m.text", "body": body })))["event_id"].as_str().unwrap().to_owned()
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}",
+            enc(room)
+        );
+        self.ok(
+            "PUT",
+            &path,
+            Some(token),
+            Some(&json!({ "msgtype": "m.text", "body": body })),
+        )["event_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
     }
 
     pub fn sync(&self, token: &str, query: &str) -> Value {
-        self.ok("GET", &format!("/_matrix/client/v3/sync?{query}"), Some(token), None)
+        self.ok(
+            "GET",
+            &format!("/_matrix/client/v3/sync?{query}"),
+            Some(token),
+            None,
+        )
     }
 }
 
@@ -108,7 +163,9 @@ impl TestServer {
 pub fn enc(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -118,6 +175,10 @@ pub fn enc(s: &str) -> String {
 pub fn timeline_bodies(sync: &Value, room: &str) -> Vec<String> {
     sync["rooms"]["join"][room]["timeline"]["events"]
         .as_array()
-        .map(|a| a.iter().filter_map(|e| e["content"]["body"].as_str().map(str::to_owned)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default()
 }

@@ -1,0 +1,43 @@
+//! Long-running tasks, spawned by `server::run` through the tracked spawner. Each one sleeps
+//! until its next deadline or a wake-up, then rescans its state, so a lost wake-up only delays
+//! it. (The federation sender, the partial-state resync and sticky-event expiry will live here.)
+
+use std::time::Duration;
+
+use futures_lite::FutureExt;
+
+use crate::App;
+
+/// Longest sleep when nothing is pending: bounds the cost of a missed wake-up.
+const IDLE_SLEEP: Duration = Duration::from_secs(30);
+
+/// Expires typing notifications when their timeout runs out, so long-polling clients see the
+/// user stop typing even if the client never says so.
+pub async fn typing_expiry(app: App) {
+    loop {
+        let now = app.clock.now_ms();
+        app.typing.expire(now);
+        let sleep = match app.typing.next_expiry() {
+            Some(t) => Duration::from_millis(t.saturating_sub(now).max(1)),
+            None => IDLE_SLEEP,
+        };
+        let seen = (app.notifier.pos(), app.notifier.ephemeral());
+        let woken = async {
+            // Any ephemeral change may have added an earlier deadline.
+            app.notifier.changed_since(seen).await;
+        };
+        let stop = async {
+            app.shutdown.wait().await;
+        };
+        let timer = async {
+            smol::Timer::after(sleep).await;
+        };
+        if app.shutdown.is_set() {
+            return;
+        }
+        woken.or(timer).or(stop).await;
+        if app.shutdown.is_set() {
+            return;
+        }
+    }
+}

@@ -18,7 +18,7 @@ use ruma::{
 use rusqlite::{params, Connection};
 use serde_json::{json, Value};
 
-use super::{power::PowerLevels, Pdu, SigningKey};
+use super::{power::PowerLevels, state, Pdu, SigningKey};
 use crate::{
     error::{Error, Result},
     store::{queries as q, Tx},
@@ -104,6 +104,46 @@ pub fn send(
     new: NewEvent,
     txn: Option<TxnRef<'_>>,
 ) -> Result<Persisted> {
+    send_with_prevs(tx, local, room_id, sender, new, txn, None)
+}
+
+/// Where an event's state before comes from.
+enum StateAt {
+    /// It follows the room's only forward extremity: the `current_state` table.
+    Current,
+    /// Anything else: resolved from the states after its prev events.
+    Resolved(state::StateMap),
+}
+
+impl StateAt {
+    fn get(
+        &self,
+        conn: &Connection,
+        room_id: &str,
+        kind: &str,
+        key: &str,
+    ) -> Result<Option<String>> {
+        match self {
+            StateAt::Current => q::get_current_state(conn, room_id, kind, key),
+            StateAt::Resolved(m) => Ok(m
+                .get(&(StateEventType::from(kind), key.to_owned()))
+                .map(|e| e.to_string())),
+        }
+    }
+}
+
+/// Like [`send`], with explicit `prev_events` (default: the forward extremities). Events that
+/// do not simply follow the single extremity are authorised against the resolved state of
+/// their prev events, and the room's current state is re-resolved over the new extremities.
+pub fn send_with_prevs(
+    tx: &mut Tx<'_>,
+    local: &Local,
+    room_id: &RoomId,
+    sender: &UserId,
+    new: NewEvent,
+    txn: Option<TxnRef<'_>>,
+    prev_events: Option<Vec<OwnedEventId>>,
+) -> Result<Persisted> {
     let version = room_version(tx, room_id)?;
     let rules = version
         .rules()
@@ -111,16 +151,44 @@ pub fn send(
     let rid = room_id.as_str();
 
     let content_raw = serde_json::value::to_raw_value(&new.content)?;
-    let mut prev: Vec<(String, i64)> = {
+    let extremities: Vec<(String, i64)> = {
         let mut stmt = tx.prepare_cached(
             "SELECT f.event_id, e.depth FROM forward_extremities f JOIN events e ON e.event_id = f.event_id WHERE f.room_id = ?1",
         )?;
         let rows = stmt.query_map([rid], |r| Ok((r.get(0)?, r.get(1)?)))?;
         rows.collect::<rusqlite::Result<_>>()?
     };
+    let mut prev: Vec<(String, i64)> = match prev_events {
+        None => extremities.clone(),
+        Some(ids) => ids
+            .iter()
+            .map(|id| {
+                let row = q::get_event(tx, id.as_str())?
+                    .ok_or_else(|| Error::not_found(format!("unknown prev event {id}")))?;
+                let depth: i64 = tx.query_row(
+                    "SELECT depth FROM events WHERE event_id = ?1",
+                    [&row.event_id],
+                    |r| r.get(0),
+                )?;
+                Ok((row.event_id, depth))
+            })
+            .collect::<Result<_>>()?,
+    };
     prev.sort_by(|a, b| b.1.cmp(&a.1));
     prev.truncate(20);
     let depth = prev.iter().map(|p| p.1).max().unwrap_or(0) + 1;
+    let state_at = if prev.len() <= 1
+        && extremities.len() <= 1
+        && prev.first().map(|p| &p.0) == extremities.first().map(|e| &e.0)
+    {
+        StateAt::Current
+    } else {
+        let ids = prev
+            .iter()
+            .map(|p| OwnedEventId::try_from(p.0.as_str()).map_err(Error::internal))
+            .collect::<Result<Vec<_>>>()?;
+        StateAt::Resolved(state::state_before(tx, &rules, &ids)?)
+    };
 
     let auth_events: Vec<String> = if new.kind == TimelineEventType::RoomCreate {
         Vec::new()
@@ -135,7 +203,7 @@ pub fn send(
         .map_err(Error::bad_json)?;
         let mut ids = Vec::new();
         for (t, k) in types {
-            if let Some(id) = q::get_current_state(tx, rid, &t.to_string(), &k)? {
+            if let Some(id) = state_at.get(tx, rid, &t.to_string(), &k)? {
                 if !ids.contains(&id) {
                     ids.push(id);
                 }
@@ -193,14 +261,15 @@ pub fn send(
     })
     .map_err(|e| Error::forbidden(format!("Event not allowed: {e}")))?;
     check_state_dependent_auth_rules(&rules.authorization, &pdu, |t: &StateEventType, k: &str| {
-        current_pdu(tx, rid, &t.to_string(), k)
+        let id = state_at.get(tx, rid, &t.to_string(), k).ok().flatten()?;
+        load_pdu(tx, &id).ok().flatten()
     })
     .map_err(|e| Error::forbidden(format!("Event not allowed: {e}")))?;
 
     if pdu.kind == TimelineEventType::RoomRedaction {
         check_redaction_allowed(tx, &pdu)?;
     }
-    persist(tx, &pdu, &json, &rules, txn)
+    persist(tx, &pdu, &json, &rules, txn, state_at)
 }
 
 /// The auth rules (since v3) leave redaction permission to the server: the sender may redact
@@ -255,6 +324,7 @@ fn persist(
     json: &str,
     rules: &ruma::room_version_rules::RoomVersionRules,
     txn: Option<TxnRef<'_>>,
+    state_at: StateAt,
 ) -> Result<Persisted> {
     let pos = tx.next_pos();
     let rid = pdu.room_id.as_str();
@@ -262,8 +332,28 @@ fn persist(
     let kind = pdu.kind.to_string();
     let parent = q::get_room_state_group(tx, rid)?;
     let mut replaces = None;
-    let group = match &pdu.state_key {
-        Some(key) => {
+    let resolved = matches!(state_at, StateAt::Resolved(_));
+    let group = match (&pdu.state_key, state_at) {
+        (key, StateAt::Resolved(mut before)) => {
+            if let Some(key) = key {
+                replaces = before
+                    .insert(
+                        (StateEventType::from(kind.as_str()), key.clone()),
+                        pdu.event_id.clone(),
+                    )
+                    .map(|e| e.to_string());
+            }
+            let entries: Vec<(String, String, String)> = before
+                .iter()
+                .map(|((t, k), e)| (t.to_string(), k.clone(), e.to_string()))
+                .collect();
+            let refs: Vec<(&str, &str, &str)> = entries
+                .iter()
+                .map(|(t, k, e)| (t.as_str(), k.as_str(), e.as_str()))
+                .collect();
+            q::insert_state_group(tx, rid, None, &refs)?
+        }
+        (Some(key), StateAt::Current) => {
             replaces = q::get_current_state(tx, rid, &kind, key)?;
             let g = q::insert_state_group(tx, rid, parent, &[(kind.as_str(), key.as_str(), eid)])?;
             let membership = if pdu.kind == TimelineEventType::RoomMember {
@@ -286,7 +376,9 @@ fn persist(
             )?;
             g
         }
-        None => parent.ok_or_else(|| Error::internal("non-state event in a room without state"))?,
+        (None, StateAt::Current) => {
+            parent.ok_or_else(|| Error::internal("non-state event in a room without state"))?
+        }
     };
     tx.execute(
         "INSERT INTO events (pos, event_id, room_id, type, state_key, sender, origin_server_ts, depth, json, state_group,
@@ -315,6 +407,9 @@ fn persist(
     }
     if let Some(target) = &pdu.redacts {
         apply_redaction(tx, rid, target.as_str(), eid, rules)?;
+    }
+    if resolved {
+        state::recompute_current_state(tx, rules, rid)?;
     }
     Ok(Persisted {
         event_id: pdu.event_id.clone(),

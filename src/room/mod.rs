@@ -5,6 +5,7 @@
 pub mod build;
 pub mod format;
 pub mod power;
+pub mod state;
 
 use ruma::{
     events::TimelineEventType, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId,

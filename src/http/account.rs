@@ -23,14 +23,46 @@ use crate::{
     App,
 };
 
+/// At most this many argon2 computations at once. Each takes 19 MiB (argon2's default
+/// memory cost): unbounded, a burst of logins would multiply the server's memory on a Pi.
+const MAX_CONCURRENT_HASHES: usize = 2;
+
+static HASH_SLOTS: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
+static HASH_FREED: std::sync::Condvar = std::sync::Condvar::new();
+
+/// Runs `f` in one of the argon2 slots. Called on the blocking pool (never on the executor),
+/// so waiting here blocks only a pool thread; the slot is held by a guard inside that thread,
+/// so a dropped request cannot leak it.
+fn with_hash_slot<T>(f: impl FnOnce() -> T) -> T {
+    struct Slot;
+    impl Drop for Slot {
+        fn drop(&mut self) {
+            let mut n = HASH_SLOTS.lock().unwrap_or_else(|p| p.into_inner());
+            *n -= 1;
+            HASH_FREED.notify_one();
+        }
+    }
+    {
+        let mut n = HASH_SLOTS.lock().unwrap_or_else(|p| p.into_inner());
+        while *n >= MAX_CONCURRENT_HASHES {
+            n = HASH_FREED.wait(n).unwrap_or_else(|p| p.into_inner());
+        }
+        *n += 1;
+    }
+    let _slot = Slot;
+    f()
+}
+
 /// Hashes a password with argon2id on the blocking pool (~tens of ms of CPU).
 async fn hash_password(password: String) -> Result<String> {
     smol::unblock(move || {
-        let salt = SaltString::generate(&mut OsRng);
-        Argon2::default()
-            .hash_password(password.as_bytes(), &salt)
-            .map(|h| h.to_string())
-            .map_err(Error::internal)
+        with_hash_slot(|| {
+            let salt = SaltString::generate(&mut OsRng);
+            Argon2::default()
+                .hash_password(password.as_bytes(), &salt)
+                .map(|h| h.to_string())
+                .map_err(Error::internal)
+        })
     })
     .await
 }

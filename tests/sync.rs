@@ -536,3 +536,21 @@ fn typing_expires_and_wakes_long_polls() {
         json!([])
     );
 }
+
+#[test]
+fn a_rejected_invite_reveals_no_history() {
+    let s = TestServer::start();
+    let (_, a) = s.register("alice");
+    let (bob, b) = s.register("bob");
+    let room = s.create_room(&a, json!({ "preset": "private_chat", "name": "secret room" }));
+    s.send(&a, &room, "1", "secret message");
+    s.ok("POST", &format!("/_matrix/client/v3/rooms/{}/invite", enc(&room)), Some(&a), Some(&json!({ "user_id": bob })));
+    let since = next(&s.sync(&b, ""));
+    s.ok("POST", &format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)), Some(&b), Some(&json!({})));
+    let v = s.sync(&b, &format!("since={since}"));
+    let left = &v["rooms"]["leave"][&room];
+    let events = left["timeline"]["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1, "{left}");
+    assert_eq!(events[0]["content"]["membership"], "leave");
+    assert!(left["state"]["events"].as_array().unwrap().is_empty());
+}

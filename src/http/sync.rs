@@ -385,7 +385,12 @@ fn joined_room(
     now: u64,
 ) -> Result<Value> {
     let limit = filter.timeline_limit;
-    let (lo, _) = super::events::visible_range(c, room, user).unwrap_or((0, i64::MAX));
+    // A user who never joined (a rejected invite, a ban before joining) sees only the event
+    // that ended their membership, and no room state.
+    let (lo, outsider) = match super::events::visible_range(c, room, user) {
+        Ok((lo, _)) => (lo, false),
+        Err(_) => (upto - 1, true),
+    };
     let after = since.unwrap_or(0).max(lo);
     // Newest first, filtered, then back to stream order.
     let mut timeline: Vec<EventRow> = Vec::new();
@@ -410,6 +415,7 @@ fn joined_room(
     timeline.reverse();
     let start = timeline.first().map(|r| r.pos - 1).unwrap_or(upto);
     let state_rows: Vec<EventRow> = match since {
+        _ if outsider => Vec::new(),
         None => {
             let group = q::get_state_group_at(c, room, start)?;
             let ids: Vec<String> = match group {

@@ -542,15 +542,77 @@ fn a_rejected_invite_reveals_no_history() {
     let s = TestServer::start();
     let (_, a) = s.register("alice");
     let (bob, b) = s.register("bob");
-    let room = s.create_room(&a, json!({ "preset": "private_chat", "name": "secret room" }));
+    let room = s.create_room(
+        &a,
+        json!({ "preset": "private_chat", "name": "secret room" }),
+    );
     s.send(&a, &room, "1", "secret message");
-    s.ok("POST", &format!("/_matrix/client/v3/rooms/{}/invite", enc(&room)), Some(&a), Some(&json!({ "user_id": bob })));
+    s.ok(
+        "POST",
+        &format!("/_matrix/client/v3/rooms/{}/invite", enc(&room)),
+        Some(&a),
+        Some(&json!({ "user_id": bob })),
+    );
     let since = next(&s.sync(&b, ""));
-    s.ok("POST", &format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)), Some(&b), Some(&json!({})));
+    s.ok(
+        "POST",
+        &format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)),
+        Some(&b),
+        Some(&json!({})),
+    );
     let v = s.sync(&b, &format!("since={since}"));
     let left = &v["rooms"]["leave"][&room];
     let events = left["timeline"]["events"].as_array().unwrap();
     assert_eq!(events.len(), 1, "{left}");
     assert_eq!(events[0]["content"]["membership"], "leave");
     assert!(left["state"]["events"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn user_directory_finds_people_in_shared_and_public_rooms() {
+    let s = TestServer::start();
+    let (_, a) = s.register("alice");
+    let (_, b) = s.register("bob");
+    let (_, _c) = s.register("bobby");
+    let search = |tok: &str, term: &str| -> Vec<String> {
+        let v = s.ok(
+            "POST",
+            "/_matrix/client/v3/user_directory/search",
+            Some(tok),
+            Some(&json!({ "search_term": term })),
+        );
+        v["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["user_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert!(search(&a, "bob").is_empty(), "no shared or public room yet");
+    let room = s.create_room(&a, json!({ "preset": "private_chat" }));
+    s.ok(
+        "POST",
+        &format!("/_matrix/client/v3/rooms/{}/invite", enc(&room)),
+        Some(&a),
+        Some(&json!({ "user_id": "@bob:hearth.test" })),
+    );
+    s.ok(
+        "POST",
+        &format!("/_matrix/client/v3/rooms/{}/join", enc(&room)),
+        Some(&b),
+        Some(&json!({})),
+    );
+    assert_eq!(
+        search(&a, "BOB"),
+        ["@bob:hearth.test"],
+        "bobby shares no room with alice"
+    );
+    s.err(
+        "POST",
+        "/_matrix/client/v3/user_directory/search",
+        Some(&a),
+        Some(&json!({})),
+        400,
+        "M_BAD_JSON",
+    );
 }

@@ -302,6 +302,8 @@ pub fn routes(app: App) -> tide::Server<App> {
     client!(s, get "/rooms/:room_id/event/:event_id" => c(events::get_event));
     client!(s, get "/rooms/:room_id/context/:event_id" => c(events::context));
 
+    client!(s, post "/user_directory/search" => c(user::search_users));
+
     // sync
     client!(s, get "/sync" => c(sync::sync));
     client!(s, post "/user/:user_id/filter" => h(user::create_filter));

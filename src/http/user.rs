@@ -560,3 +560,48 @@ pub async fn put_push_rule_attr(mut req: Req) -> Result<Response> {
     }
     json(&json!({}))
 }
+
+// ---------------------------------------------------------------- user directory
+
+/// # `POST /_matrix/client/v3/user_directory/search`
+///
+/// Like Synapse's default (`search_all_users: false`): users who share a room with the
+/// requester or are in a public room, matched on user ID or display name.
+pub async fn search_users(mut req: Req) -> Result<Response> {
+    let who = auth(&req).await?;
+    let body = body_json(&mut req).await?;
+    let term = body
+        .get("search_term")
+        .and_then(Value::as_str)
+        .ok_or_else(|| Error::bad_json("search_term is required"))?
+        .to_lowercase();
+    let limit = body
+        .get("limit")
+        .and_then(Value::as_u64)
+        .unwrap_or(10)
+        .clamp(1, 100) as usize;
+    let me = who.user_id.to_string();
+    let (results, limited) = req
+        .state()
+        .store
+        .read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT DISTINCT u.user_id, u.displayname, u.avatar_url
+                 FROM users u JOIN current_state m ON m.type = 'm.room.member' AND m.state_key = u.user_id AND m.membership = 'join'
+                 WHERE u.deactivated = 0
+                   AND (m.room_id IN (SELECT room_id FROM current_state WHERE type = 'm.room.member' AND state_key = ?1 AND membership = 'join')
+                        OR m.room_id IN (SELECT room_id FROM rooms WHERE is_public = 1))
+                   AND (instr(lower(u.user_id), ?2) > 0 OR instr(lower(coalesce(u.displayname, '')), ?2) > 0)
+                 ORDER BY u.user_id LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(rusqlite::params![me, term, limit as i64 + 1], |r| {
+                Ok(json!({ "user_id": r.get::<_, String>(0)?, "display_name": r.get::<_, Option<String>>(1)?, "avatar_url": r.get::<_, Option<String>>(2)? }))
+            })?;
+            let mut all: Vec<Value> = rows.collect::<rusqlite::Result<_>>()?;
+            let limited = all.len() > limit;
+            all.truncate(limit);
+            Ok((all, limited))
+        })
+        .await?;
+    json(&json!({ "results": results, "limited": limited }))
+}

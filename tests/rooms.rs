@@ -632,3 +632,50 @@ fn events_are_signed_pdus_with_reference_hash_ids() {
     );
     assert!(ruma::signatures::verify_event(&map, &bad, &rules).is_err());
 }
+
+#[test]
+fn oversized_events_are_refused() {
+    let s = TestServer::start();
+    let (_, a) = s.register("alice");
+    let room = s.create_room(&a, json!({}));
+    let big = "x".repeat(70_000);
+    let path = format!(
+        "/_matrix/client/v3/rooms/{}/send/m.room.message/big",
+        enc(&room)
+    );
+    s.err(
+        "PUT",
+        &path,
+        Some(&a),
+        Some(&json!({ "msgtype": "m.text", "body": big })),
+        413,
+        "M_TOO_LARGE",
+    );
+    let path = format!(
+        "/_matrix/client/v3/rooms/{}/send/m.room.message/float",
+        enc(&room)
+    );
+    s.err(
+        "PUT",
+        &path,
+        Some(&a),
+        Some(&json!({ "n": 1.5 })),
+        400,
+        "M_BAD_JSON",
+    );
+    // Nothing was stored for either.
+    let page = s.ok(
+        "GET",
+        &format!(
+            "/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50",
+            enc(&room)
+        ),
+        Some(&a),
+        None,
+    );
+    assert!(page["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["type"] != "m.room.message"));
+}

@@ -8,25 +8,57 @@ fn serves_the_client_api_over_tls() {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     let ok = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ed25519", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ed25519",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
         .arg("-keyout")
         .arg(&key)
         .arg("-out")
         .arg(&cert)
         .output()
         .expect("openssl is installed");
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let mut c = common::config_in(dir.path());
     c.tls_cert = Some(cert.clone());
     c.tls_key = Some(key);
     let hs = hearth::Homeserver::start(c).unwrap();
-    let url = format!("https://127.0.0.1:{}/_matrix/client/versions", hs.addrs()[0].port());
-    let out = Command::new("curl").args(["-sS", "--max-time", "10", "--cacert"]).arg(&cert).arg(&url).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let url = format!(
+        "https://127.0.0.1:{}/_matrix/client/versions",
+        hs.addrs()[0].port()
+    );
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(&cert)
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["versions"].as_array().unwrap().len() > 3);
     // Plain HTTP on the TLS port is refused, not served.
-    let plain = Command::new("curl").args(["-sS", "--max-time", "5"]).arg(url.replace("https", "http")).output().unwrap();
+    let plain = Command::new("curl")
+        .args(["-sS", "--max-time", "5"])
+        .arg(url.replace("https", "http"))
+        .output()
+        .unwrap();
     assert!(!String::from_utf8_lossy(&plain.stdout).contains("versions"));
     hs.stop().unwrap();
 }

@@ -244,7 +244,12 @@ pub fn send_with_prevs(
         &mut obj,
         &rules.redaction,
     )
-    .map_err(|e| Error::bad_json(format!("cannot sign event: {e}")))?;
+    .map_err(|e| match e {
+        ruma::signatures::JsonError::PduTooLarge => {
+            Error::too_large("Event is larger than 65536 bytes")
+        }
+        e => Error::bad_json(format!("cannot sign event: {e}")),
+    })?;
     let event_id = format!(
         "${}",
         reference_hash(&obj, &rules).map_err(|_| Error::too_large("Event too large"))?

@@ -16,6 +16,11 @@ pub const SCHEMA_VERSION: i64 = 1;
 const STEPS: &[&str] = &[];
 
 pub fn migrate(conn: &mut Connection) -> Result<()> {
+    migrate_with(conn, SCHEMA, SCHEMA_VERSION, STEPS)
+}
+
+/// The runner, with the schema and steps as parameters so tests can exercise an upgrade.
+fn migrate_with(conn: &mut Connection, schema: &str, target: i64, steps: &[&str]) -> Result<()> {
     let has_meta: bool = conn
         .query_row(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
@@ -36,22 +41,22 @@ pub fn migrate(conn: &mut Connection) -> Result<()> {
     } else {
         0
     };
-    if current > SCHEMA_VERSION {
+    if current > target {
         return Err(Error::internal(format_args!(
-            "database schema version {current} is newer than this binary's {SCHEMA_VERSION}"
+            "database schema version {current} is newer than this binary's {target}"
         )));
     }
     if current == 0 {
         let tx = conn.transaction()?;
-        tx.execute_batch(SCHEMA)?;
-        set_version(&tx, SCHEMA_VERSION)?;
+        tx.execute_batch(schema)?;
+        set_version(&tx, target)?;
         tx.commit()?;
-        log::info!("created database schema version {SCHEMA_VERSION}");
+        log::info!("created database schema version {target}");
         return Ok(());
     }
-    for v in current..SCHEMA_VERSION {
+    for v in current..target {
         let tx = conn.transaction()?;
-        let step = STEPS
+        let step = steps
             .get((v - 1) as usize)
             .ok_or_else(|| Error::internal("missing migration step"))?;
         tx.execute_batch(step)?;
@@ -96,6 +101,42 @@ mod tests {
             )
             .unwrap();
         assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn older_database_is_upgraded_in_place_step_by_step() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        let v1 = "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL); CREATE TABLE t (a INTEGER);";
+        migrate_with(&mut conn, v1, 1, &[]).unwrap();
+        conn.execute("INSERT INTO t (a) VALUES (7)", []).unwrap();
+        let steps = [
+            "ALTER TABLE t ADD COLUMN b TEXT DEFAULT 'x';",
+            "CREATE INDEX t_b ON t(b);",
+        ];
+        migrate_with(&mut conn, "unused for an existing database", 3, &steps).unwrap();
+        let (a, b): (i64, String) = conn
+            .query_row("SELECT a, b FROM t", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap();
+        assert_eq!((a, b.as_str()), (7, "x"), "existing rows are kept");
+        let v: String = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key='schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(v, "3");
+        // A failing step leaves the database at the last good version.
+        let bad = ["ALTER TABLE t ADD COLUMN b TEXT;"];
+        assert!(migrate_with(&mut conn, "", 4, &[steps[0], steps[1], bad[0]]).is_err());
+        let v: String = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key='schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(v, "3");
     }
 
     #[test]

@@ -536,10 +536,7 @@ pub async fn members(req: Req) -> Result<Response> {
                 Some(p) => {
                     let g = q::get_state_group_at(c, &room_id, p)?
                         .ok_or_else(|| Error::not_found("No state"))?;
-                    q::load_state_group(c, g)?
-                        .into_values()
-                        .filter_map(|id| q::get_event(c, &id).ok().flatten())
-                        .collect()
+                    q::get_events(c, q::load_state_group(c, g)?.into_values())?
                 }
             };
             let mut chunk = Vec::new();
@@ -666,10 +663,7 @@ pub async fn context(req: Req) -> Result<Response> {
                     .collect();
                 lazy_members_of(c, &room_id, &all)?
             } else {
-                q::load_state_group(c, row.state_group)?
-                    .into_values()
-                    .filter_map(|id| q::get_event(c, &id).ok().flatten())
-                    .collect()
+                q::get_events(c, q::load_state_group(c, row.state_group)?.into_values())?
             };
             let v = Some(viewer(&who));
             Ok(json!({

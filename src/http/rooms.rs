@@ -306,8 +306,8 @@ pub async fn join_by_id_or_alias(mut req: Req) -> Result<Response> {
     json(&json!({ "room_id": room_id }))
 }
 
-/// # `POST /_matrix/client/v3/rooms/{roomId}/join`
-pub async fn join_by_id(mut req: Req) -> Result<Response> {
+/// The caller changes their own membership in the room named by the path.
+async fn own_membership(mut req: Req, membership: &str) -> Result<OwnedRoomId> {
     let who = auth(&req).await?;
     let room_id = room_param(&req)?;
     let body = body_json(&mut req).await?;
@@ -316,27 +316,22 @@ pub async fn join_by_id(mut req: Req) -> Result<Response> {
         &room_id,
         &who.user_id,
         &who.user_id,
-        "join",
+        membership,
         reason(&body),
     )
     .await?;
+    Ok(room_id)
+}
+
+/// # `POST /_matrix/client/v3/rooms/{roomId}/join`
+pub async fn join_by_id(req: Req) -> Result<Response> {
+    let room_id = own_membership(req, "join").await?;
     json(&json!({ "room_id": room_id }))
 }
 
 /// # `POST /_matrix/client/v3/rooms/{roomId}/leave`
-pub async fn leave(mut req: Req) -> Result<Response> {
-    let who = auth(&req).await?;
-    let room_id = room_param(&req)?;
-    let body = body_json(&mut req).await?;
-    set_membership(
-        req.state(),
-        &room_id,
-        &who.user_id,
-        &who.user_id,
-        "leave",
-        reason(&body),
-    )
-    .await?;
+pub async fn leave(req: Req) -> Result<Response> {
+    own_membership(req, "leave").await?;
     json(&json!({}))
 }
 

@@ -414,45 +414,37 @@ fn joined_room(
     }
     timeline.reverse();
     let start = timeline.first().map(|r| r.pos - 1).unwrap_or(upto);
-    let state_rows: Vec<EventRow> = match since {
-        _ if outsider => Vec::new(),
-        None => {
-            let group = q::get_state_group_at(c, room, start)?;
-            let ids: Vec<String> = match group {
-                Some(g) => q::load_state_group(c, g)?
+    // Full state at the timeline's start for a room new to the client; for a gap, the state
+    // that changed between `since` and the timeline's start.
+    let state_ids: Option<Vec<String>> = match since {
+        _ if outsider => None,
+        None => match q::get_state_group_at(c, room, start)? {
+            Some(g) => Some(
+                q::load_state_group(c, g)?
                     .into_iter()
                     .filter(|((t, k), _)| {
                         !filter.lazy_load_members || t != "m.room.member" || k == user
                     })
                     .map(|(_, e)| e)
                     .collect(),
-                None => Vec::new(),
-            };
-            let mut rows: Vec<EventRow> = ids
-                .iter()
-                .filter_map(|id| q::get_event(c, id).ok().flatten())
-                .collect();
-            if filter.lazy_load_members {
-                rows.extend(
-                    lazy_members_of(c, room, &timeline)?
-                        .into_iter()
-                        .filter(|r| r.pos <= start),
-                );
-            }
-            rows
-        }
+            ),
+            None => Some(Vec::new()),
+        },
         Some(s) if limited => {
-            // The state that changed in the gap between `since` and the timeline's start.
             let mut stmt = c.prepare_cached(
                 "SELECT event_id FROM current_state WHERE room_id = ?1 AND pos > ?2 AND pos <= ?3",
             )?;
-            let ids: Vec<String> = stmt
+            let ids = stmt
                 .query_map(params![room, s, start], |r| r.get(0))?
                 .collect::<rusqlite::Result<_>>()?;
-            let mut rows: Vec<EventRow> = ids
-                .iter()
-                .filter_map(|id| q::get_event(c, id).ok().flatten())
-                .collect();
+            Some(ids)
+        }
+        Some(_) => None,
+    };
+    let mut state_rows = match state_ids {
+        None => Vec::new(),
+        Some(ids) => {
+            let mut rows = q::get_events(c, ids)?;
             if filter.lazy_load_members {
                 rows.extend(
                     lazy_members_of(c, room, &timeline)?
@@ -462,9 +454,7 @@ fn joined_room(
             }
             rows
         }
-        Some(_) => Vec::new(),
     };
-    let mut state_rows = state_rows;
     state_rows.sort_by_key(|r| r.pos);
     state_rows.dedup_by(|a, b| a.event_id == b.event_id);
     let mut out = json!({

@@ -419,6 +419,21 @@ pub fn get_event(conn: &Connection, event_id: &str) -> Result<Option<EventRow>> 
     Ok(stmt.query_row([event_id], event_row).optional()?)
 }
 
+/// The stored events among `ids` (unknown IDs are skipped), in the order given.
+pub fn get_events<I, S>(conn: &Connection, ids: I) -> Result<Vec<EventRow>>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<str>,
+{
+    let mut out = Vec::new();
+    for id in ids {
+        if let Some(row) = get_event(conn, id.as_ref())? {
+            out.push(row);
+        }
+    }
+    Ok(out)
+}
+
 pub fn get_event_room(conn: &Connection, event_id: &str) -> Result<Option<String>> {
     Ok(conn
         .query_row(

@@ -184,9 +184,20 @@ pub struct Metrics {
 
 impl Metrics {
     /// Prometheus text exposition format.
-    pub fn render(&self, notifier: &Notifier, live_tasks: usize) -> String {
+    pub fn render(
+        &self,
+        notifier: &Notifier,
+        live_tasks: usize,
+        writer: &crate::store::writer::WriterStats,
+    ) -> String {
         let g = |a: &AtomicU64| a.load(Ordering::SeqCst);
-        format!(
+        let db = format!(
+            "# HELP hearth_db_commits_total SQLite transactions committed by the writer.\n# TYPE hearth_db_commits_total counter\nhearth_db_commits_total {}\n\
+             # HELP hearth_db_writes_total Write operations run by the writer (several per commit under load).\n# TYPE hearth_db_writes_total counter\nhearth_db_writes_total {}\n\
+             # HELP hearth_db_failed_writes_total Write operations rolled back alone.\n# TYPE hearth_db_failed_writes_total counter\nhearth_db_failed_writes_total {}\n",
+            g(&writer.commits), g(&writer.writes), g(&writer.failed_writes)
+        );
+        db + &format!(
             "# HELP hearth_http_requests_total HTTP requests received.\n# TYPE hearth_http_requests_total counter\nhearth_http_requests_total {}\n\
              # HELP hearth_http_requests_in_flight HTTP requests being handled now.\n# TYPE hearth_http_requests_in_flight gauge\nhearth_http_requests_in_flight {}\n\
              # HELP hearth_http_requests_cancelled_total Requests dropped because the client disconnected.\n# TYPE hearth_http_requests_cancelled_total counter\nhearth_http_requests_cancelled_total {}\n\

@@ -54,7 +54,11 @@ pub async fn well_known_client(req: Req) -> Result<Response> {
 pub async fn metrics(req: Req) -> Result<Response> {
     let app = req.state();
     let mut res = Response::new(200);
-    res.set_body(app.metrics.render(&app.notifier, app.spawner.live_tasks()));
+    res.set_body(app.metrics.render(
+        &app.notifier,
+        app.spawner.live_tasks(),
+        app.store.writer_stats(),
+    ));
     res.set_content_type("text/plain; version=0.0.4");
     Ok(res)
 }

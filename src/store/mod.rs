@@ -35,7 +35,7 @@ pub struct Store {
 
 /// Settings every connection gets. WAL lets readers run beside the writer; FULL makes a
 /// commit survive a power cut; the busy timeout covers the WAL checkpoint.
-fn configure(conn: &Connection) -> rusqlite::Result<()> {
+pub(crate) fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(
         "PRAGMA foreign_keys = ON;
          PRAGMA synchronous = FULL;
@@ -90,6 +90,11 @@ impl Store {
         F: FnOnce(&mut Tx<'_>) -> Result<T> + Send + 'static,
     {
         self.writer.write(f).await
+    }
+
+    /// Group-commit counters of the writer.
+    pub fn writer_stats(&self) -> &writer::WriterStats {
+        &self.writer.stats
     }
 
     /// Stops the writer after the queued writes and checkpoints the WAL into the main file.

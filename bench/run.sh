@@ -1,0 +1,285 @@
+#!/usr/bin/env bash
+# bench/run.sh — reproduce every figure in BENCHMARKS.md: Hearth and Synapse side by side.
+#
+#   bench/run.sh                 everything (~6 min on 2 cores); results in $BENCH_OUT
+#   BENCH_SKIP_SYNAPSE=1 bench/run.sh     Hearth only
+#
+# Phases (each server fresh, i.e. a new data dir, one after the other):
+#   1. start-up: bench/startup.sh (5 timed restarts of an existing server each; exec ->
+#      first 200 on /_matrix/client/versions, polled every 5 ms) + idle VmRSS 5 s after start
+#   2. load: bench/load.py defaults (8 senders x 250 messages, 50 wake-ups) with --pid,
+#      two runs per server, fresh server per run, order Hearth, Synapse, Hearth, Synapse
+#   3. Hearth only: wrk -t1 -c32 -d10s on GET /_matrix/client/versions (cancellable route)
+#      vs GET /_hearth/health (not cancellable), alternated 3 times each, RUST_LOG=warn
+#   4. abandoned long-polls: bench/abandon.py (1,000 parked /sync, then all sockets closed);
+#      Hearth twice on the same server (is the memory reused?), Synapse once (--late-s 32)
+#
+# Every server started here is stopped here (Hearth: SIGTERM; Synapse: synapse-peer/stop.sh),
+# also on error or Ctrl-C. Every step runs under `timeout`.
+#
+# Knobs: HEARTH_BIN (default target/release/hearth; copied into $BENCH_OUT first so a rebuild
+# during the run cannot change it), BENCH_OUT (/tmp/hearth-bench), HEARTH_PORT (8590),
+# SYNAPSE_PORT (8591), SYNAPSE_NAME (hbench, a synapse-peer instance; it is wiped),
+# SYNPEER_DIR (/work/shared/synapse-peer), SYNPEER_HOME (/tmp/synpeer, its venv is reused),
+# PY (/tmp/hearth-pyvenv/bin/python; bench/setup.sh creates it), WRK_SECONDS (10).
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/.." && pwd)
+OUT=${BENCH_OUT:-/tmp/hearth-bench}
+HPORT=${HEARTH_PORT:-8590}
+SPORT=${SYNAPSE_PORT:-8591}
+SNAME=${SYNAPSE_NAME:-hbench}
+SYNPEER_DIR=${SYNPEER_DIR:-/work/shared/synapse-peer}
+export SYNPEER_HOME=${SYNPEER_HOME:-/tmp/synpeer}
+PY=${PY:-/tmp/hearth-pyvenv/bin/python}
+WRK_SECONDS=${WRK_SECONDS:-10}
+SKIP_SYNAPSE=${BENCH_SKIP_SYNAPSE:-}
+T_START=$(date +%s)
+
+log() { printf '[bench %4ds] %s\n' $(( $(date +%s) - T_START )) "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+[ -x "$PY" ] || "$HERE/setup.sh" >/dev/null
+command -v wrk >/dev/null || die "wrk not found (apt-get install -y wrk)"
+command -v curl >/dev/null || die "curl not found"
+
+rm -rf "$OUT"; mkdir -p "$OUT/logs" "$OUT/data"
+BIN=$OUT/hearth
+cp "${HEARTH_BIN:-$REPO/target/release/hearth}" "$BIN"
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true   # 1,000 long-polls need fds (servers inherit it)
+
+# ------------------------------------------------------------------ servers ----
+HPID=""
+SYN_UP=""
+cleanup() {
+    if [ -n "$HPID" ] && kill -0 "$HPID" 2>/dev/null; then
+        kill -TERM "$HPID" 2>/dev/null || true
+        for _ in $(seq 1 100); do kill -0 "$HPID" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$HPID" 2>/dev/null || true
+    fi
+    if [ -n "$SYN_UP" ]; then "$SYNPEER_DIR/stop.sh" "$SNAME" 2>/dev/null || true; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# hearth_start TAG: a fresh Hearth (new data dir) on $HPORT, log in logs/hearth-TAG.log
+hearth_start() {
+    local dir=$OUT/data/hearth-$1
+    rm -rf "$dir"; mkdir -p "$dir"
+    "$BIN" --database "$dir/hearth.db" --listen "127.0.0.1:$HPORT" \
+        --server-name "127.0.0.1:$HPORT" --no-rate-limit >"$OUT/logs/hearth-$1.log" 2>&1 &
+    HPID=$!
+    for _ in $(seq 1 600); do
+        curl -sf -o /dev/null "http://127.0.0.1:$HPORT/_matrix/client/versions" && return 0
+        kill -0 "$HPID" 2>/dev/null || die "hearth exited during start-up (logs/hearth-$1.log)"
+        sleep 0.05
+    done
+    die "hearth not ready after 30 s"
+}
+hearth_stop() {
+    kill -TERM "$HPID"
+    for _ in $(seq 1 150); do kill -0 "$HPID" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$HPID" 2>/dev/null && { log "hearth ignored SIGTERM for 15 s: SIGKILL"; kill -KILL "$HPID"; }
+    local rc=0; wait "$HPID" || rc=$?
+    [ "$rc" = 0 ] || log "hearth exited with $rc"
+    HPID=""
+}
+# synapse_start: a fresh Synapse (SYNPEER_RESET=1) on $SPORT; SPID is its python process
+synapse_start() {
+    SYN_UP=1
+    SYNPEER_RESET=1 timeout 180 "$SYNPEER_DIR/start.sh" "$SNAME" "$SPORT" >/dev/null 2>"$OUT/logs/synapse-start.err" \
+        || { cat "$OUT/logs/synapse-start.err" >&2; die "synapse did not start"; }
+    SPID=$(cat "$SYNPEER_HOME/$SNAME/synapse.pid")
+}
+# synapse_stop TAG: stop.sh, then keep its logs as logs/synapse-TAG.*.log
+synapse_stop() {
+    "$SYNPEER_DIR/stop.sh" "$SNAME" 2>/dev/null || true
+    SYN_UP=""
+    cp "$SYNPEER_HOME/$SNAME/homeserver.log" "$OUT/logs/synapse-$1.homeserver.log" 2>/dev/null || true
+    cp "$SYNPEER_HOME/$SNAME/stdout.log" "$OUT/logs/synapse-$1.stdout.log" 2>/dev/null || true
+}
+
+# ------------------------------------------------------------------ context ----
+{
+    echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+    echo "nproc: $(nproc)"
+    echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
+    echo "kernel: $(uname -sr)"
+    echo "memory: $(free -m | awk '/Mem:/ {print $2" MiB"}')"
+    echo "hearth: $("$BIN" --version) sha256 $(sha256sum "$BIN" | cut -c1-16) (git $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?'))"
+    [ -n "$SKIP_SYNAPSE" ] || echo "synapse: $("$SYNPEER_HOME/venv/bin/python" -c 'import synapse; print(synapse.__version__)') ($("$SYNPEER_HOME/venv/bin/python" --version))"
+    echo "load generator: $("$PY" --version), aiohttp $("$PY" -c 'import aiohttp; print(aiohttp.__version__)')"
+    echo "wrk: $(wrk --version 2>&1 | head -1 | awk '{print $1, $2}')"
+    echo "loadavg at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+} > "$OUT/env.txt"
+cat "$OUT/env.txt" >&2
+
+# --------------------------------------------------------- 1. start-up + idle ----
+log "1. start-up: Hearth (5 restarts)"
+HEARTH_BIN=$BIN PY=$PY timeout 120 "$HERE/startup.sh" hearth "$OUT/data/hearth-startup" "$HPORT" 5 \
+    >"$OUT/startup-hearth.json" 2>"$OUT/logs/startup-hearth.err" || { cat "$OUT/logs/startup-hearth.err" >&2; die "startup.sh hearth"; }
+cp "$OUT/data/hearth-startup/hearth.log" "$OUT/logs/hearth-startup.log"
+if [ -z "$SKIP_SYNAPSE" ]; then
+    log "1. start-up: Synapse (fresh instance, then 5 restarts)"
+    SYN_UP=1
+    PY=$PY timeout 240 "$HERE/startup.sh" synapse "$SNAME" "$SPORT" 5 \
+        >"$OUT/startup-synapse.json" 2>"$OUT/logs/startup-synapse.err" || { cat "$OUT/logs/startup-synapse.err" >&2; die "startup.sh synapse"; }
+    synapse_stop startup
+fi
+
+# ---------------------------------------------------------------------- 2. load ----
+for run in 1 2; do
+    log "2. load run $run: Hearth"
+    hearth_start "load$run"
+    timeout 300 "$PY" "$HERE/load.py" --url "http://127.0.0.1:$HPORT" --pid "$HPID" \
+        >"$OUT/load-hearth-$run.json" 2>"$OUT/logs/load-hearth-$run.err" || { cat "$OUT/logs/load-hearth-$run.err" >&2; die "load.py hearth"; }
+    tail -1 "$OUT/logs/load-hearth-$run.err" >&2
+    du -k "$OUT/data/hearth-load$run" | awk '{print $1}' > "$OUT/load-hearth-$run.db_kib"
+    hearth_stop
+    [ -n "$SKIP_SYNAPSE" ] && continue
+    log "2. load run $run: Synapse"
+    synapse_start
+    timeout 420 "$PY" "$HERE/load.py" --url "https://127.0.0.1:$SPORT" --insecure --pid "$SPID" \
+        >"$OUT/load-synapse-$run.json" 2>"$OUT/logs/load-synapse-$run.err" || { cat "$OUT/logs/load-synapse-$run.err" >&2; die "load.py synapse"; }
+    tail -1 "$OUT/logs/load-synapse-$run.err" >&2
+    du -k "$SYNPEER_HOME/$SNAME/homeserver.db" | awk '{print $1}' > "$OUT/load-synapse-$run.db_kib"
+    synapse_stop "load$run"
+done
+
+# -------------------------------------------------- 3. cancellable-route cost ----
+log "3. wrk: /_matrix/client/versions (cancellable) vs /_hearth/health, ${WRK_SECONDS}s each, x3"
+RUST_LOG=warn hearth_start wrk
+for i in 1 2 3; do
+    for route in versions health; do
+        case $route in
+            versions) path=/_matrix/client/versions ;;
+            health) path=/_hearth/health ;;
+        esac
+        timeout $(( WRK_SECONDS + 30 )) wrk -t1 -c32 -d"${WRK_SECONDS}s" --latency "http://127.0.0.1:$HPORT$path" \
+            > "$OUT/wrk-$route-$i.txt" 2>&1 || die "wrk failed"
+        log "   $route #$i: $(awk '/Requests\/sec/ {print $2}' "$OUT/wrk-$route-$i.txt") req/s"
+    done
+done
+curl -s "http://127.0.0.1:$HPORT/_hearth/metrics" > "$OUT/wrk-metrics.txt"
+hearth_stop
+
+# -------------------------------------------------- 4. abandoned long-polls ----
+log "4. abandon: Hearth, 1,000 parked /sync then closed (two rounds, same server)"
+hearth_start abandon
+for round in 1 2; do
+    timeout 150 "$PY" "$HERE/abandon.py" --url "http://127.0.0.1:$HPORT" --pid "$HPID" \
+        >"$OUT/abandon-hearth-$round.json" 2>"$OUT/logs/abandon-hearth-$round.err" || { cat "$OUT/logs/abandon-hearth-$round.err" >&2; die "abandon.py hearth"; }
+    tail -1 "$OUT/logs/abandon-hearth-$round.err" >&2
+done
+hearth_stop
+if [ -z "$SKIP_SYNAPSE" ]; then
+    log "4. abandon: Synapse, 1,000 parked /sync then closed (RSS also 32 s after the close)"
+    synapse_start
+    timeout 240 "$PY" "$HERE/abandon.py" --url "https://127.0.0.1:$SPORT" --insecure --pid "$SPID" --late-s 32 \
+        >"$OUT/abandon-synapse.json" 2>"$OUT/logs/abandon-synapse.err" || { cat "$OUT/logs/abandon-synapse.err" >&2; die "abandon.py synapse"; }
+    tail -1 "$OUT/logs/abandon-synapse.err" >&2
+    synapse_stop abandon
+fi
+echo "loadavg at end: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/env.txt"
+
+# ------------------------------------------------------------------- summary ----
+"$PY" - "$OUT" "$SKIP_SYNAPSE" <<'EOF' | tee "$OUT/summary.txt"
+import glob, json, os, re, statistics, sys
+
+out, skip_syn = sys.argv[1], bool(sys.argv[2])
+J = lambda name: json.load(open(os.path.join(out, name)))
+def ratio(h, s, higher_better):
+    if h is None or s is None or h == 0 or s == 0:
+        return "-"
+    r = h / s if higher_better else s / h
+    return f"{r:.1f}x better" if r >= 1 else f"{1/r:.1f}x worse"
+rows = []
+def row(name, h, s, higher_better, fmt="{:g}"):
+    f = lambda v: "-" if v is None else fmt.format(v)
+    rows.append((name, f(h), f(s), ratio(h, s, higher_better) if not skip_syn else "-"))
+
+sh = J("startup-hearth.json"); ss = None if skip_syn else J("startup-synapse.json")
+row("start-up, median of 5 restarts (ms)", sh["startup_ms_median"], ss and ss["startup_ms_median"], False)
+row("idle VmRSS 5 s after start, median (MiB)", sh["idle_rss_mib_median"], ss and ss["idle_rss_mib_median"], False)
+for run in (1, 2):
+    h = J(f"load-hearth-{run}.json"); s = None if skip_syn else J(f"load-synapse-{run}.json")
+    g = lambda d, *k: None if d is None else __import__("functools").reduce(lambda a, b: a[b], k, d)
+    row(f"load #{run}: msgs/s (8 x 250)", g(h, "send", "msgs_per_s"), g(s, "send", "msgs_per_s"), True)
+    row(f"load #{run}: send p50 (ms)", g(h, "send", "latency", "p50_ms"), g(s, "send", "latency", "p50_ms"), False)
+    row(f"load #{run}: send p99 (ms)", g(h, "send", "latency", "p99_ms"), g(s, "send", "latency", "p99_ms"), False)
+    row(f"load #{run}: server CPU per msg (ms)", g(h, "send", "server_cpu_ms_per_msg"), g(s, "send", "server_cpu_ms_per_msg"), False)
+    row(f"load #{run}: wake-up p50 (ms)", g(h, "wakeup", "latency", "p50_ms"), g(s, "wakeup", "latency", "p50_ms"), False)
+    row(f"load #{run}: wake-up p99 (ms)", g(h, "wakeup", "latency", "p99_ms"), g(s, "wakeup", "latency", "p99_ms"), False)
+    row(f"load #{run}: VmRSS before (MiB)", g(h, "server_before", "VmRSS"), g(s, "server_before", "VmRSS"), False)
+    row(f"load #{run}: VmRSS after (MiB)", g(h, "server_after", "VmRSS"), g(s, "server_after", "VmRSS"), False)
+    row(f"load #{run}: VmHWM after (MiB)", g(h, "server_after", "VmHWM"), g(s, "server_after", "VmHWM"), False)
+    row(f"load #{run}: load.py CPU, send phase (s)", g(h, "send", "loadgen_cpu_s"), g(s, "send", "loadgen_cpu_s"), False)
+    row(f"load #{run}: load.py CPU, whole run (s)", g(h, "loadgen_cpu_s"), g(s, "loadgen_cpu_s"), False)
+    dbh = int(open(os.path.join(out, f"load-hearth-{run}.db_kib")).read())
+    dbs = None if skip_syn else int(open(os.path.join(out, f"load-synapse-{run}.db_kib")).read())
+    row(f"load #{run}: database on disk (MiB)", round(dbh / 1024, 1), dbs and round(dbs / 1024, 1), False)
+    row(f"load #{run}: 429s seen", g(h, "ratelimited_429s"), g(s, "ratelimited_429s"), False)
+
+ah = [J(f"abandon-hearth-{r}.json") for r in (1, 2)]
+asn = None if skip_syn else J("abandon-synapse.json")
+row("abandon: VmRSS before (MiB)", ah[0]["rss_before_mib"], asn and asn["rss_before_mib"], False)
+row("abandon: VmRSS with 1,000 parked (MiB)", ah[0]["rss_with_mib"], asn and asn["rss_with_mib"], False)
+row("abandon: VmRSS 1 s after close (MiB)", ah[0]["rss_after_1s_mib"], asn and asn["rss_after_1s_mib"], False)
+row("abandon: growth per parked poll (KiB)", ah[0]["kib_per_parked_poll"], asn and asn["kib_per_parked_poll"], False)
+
+w = 42
+print(f"\n{'measurement':<{w}} {'Hearth':>10} {'Synapse':>10}  Hearth vs Synapse")
+for r in rows:
+    print(f"{r[0]:<{w}} {r[1]:>10} {r[2]:>10}  {r[3]}")
+
+print("\nHearth start-up runs (ms):", [r["startup_ms"] for r in sh["runs"]],
+      " last refused poll sent at (ms):", [r["last_failed_poll_sent_ms"] for r in sh["runs"]])
+if ss:
+    print("Synapse start-up runs (ms):", [r["startup_ms"] for r in ss["runs"]])
+
+# wrk
+rps = {}
+for route in ("versions", "health"):
+    rps[route] = []
+    for i in (1, 2, 3):
+        t = open(os.path.join(out, f"wrk-{route}-{i}.txt")).read()
+        rps[route].append(float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1)))
+        if "Non-2xx" in t or "Socket errors" in t:
+            print(f"wrk {route} #{i}:", " ".join(l.strip() for l in t.splitlines() if "Non-2xx" in l or "Socket" in l))
+mv, mh = statistics.median(rps["versions"]), statistics.median(rps["health"])
+print(f"\nwrk -t1 -c32: /versions (cancellable) {rps['versions']} req/s, median {mv:.0f}")
+print(f"wrk -t1 -c32: /_hearth/health        {rps['health']} req/s, median {mh:.0f}")
+print(f"ratio versions/health: {mv / mh:.3f}  (cost of the cancellable wrapper: {(1 - mv / mh) * 100:+.1f}% throughput)")
+
+for r, a in enumerate(ah, 1):
+    print(f"\nHearth abandon round {r}: opened {a['opened']}, in-flight parked {a.get('in_flight_parked')} "
+          f"(all parked: {a['all_parked']}), RSS {a['rss_before_mib']} -> {a['rss_with_mib']} -> {a['rss_after_1s_mib']} MiB, "
+          f"gauge back to idle {a.get('gauge_idle_after_last_close_ms')} ms after the last close "
+          f"({a.get('gauge_idle_after_first_close_ms')} ms after the first), "
+          f"cancelled_total {a['metrics_after']['hearth_http_requests_cancelled_total']:g}, "
+          f"tasks_live {a['metrics_with']['hearth_tasks_live']:g} -> {a['metrics_after']['hearth_tasks_live']:g}")
+if asn:
+    print(f"Synapse abandon: opened {asn['opened']}, RSS {asn['rss_before_mib']} -> {asn['rss_with_mib']} -> "
+          f"{asn['rss_after_1s_mib']} MiB (1 s), {asn.get('rss_late_mib')} MiB ({asn.get('late_s')} s after the close)")
+    lg = os.path.join(out, "logs", "synapse-abandon.homeserver.log")
+    if os.path.exists(lg):
+        quick = slow = 0
+        for line in open(lg, errors="replace"):
+            m = re.search(r"Processed request: ([\d.]+)sec.* 499! \"GET /_matrix/client/v3/sync\?since", line)
+            if m:
+                if float(m.group(1)) < 25: quick += 1
+                else: slow += 1
+        print(f"Synapse log: {quick} abandoned /sync ended (499) within 25 s, {slow} ran to their 30 s timeout")
+
+# errors in server logs
+print()
+for f in sorted(glob.glob(os.path.join(out, "logs", "*.log"))):
+    n_err = n_warn = 0
+    for line in open(f, errors="replace"):
+        if re.search(r"\bERROR\b|Traceback|panicked", line): n_err += 1
+        elif re.search(r"\bWARN(ING)?\b", line): n_warn += 1
+    print(f"log {os.path.basename(f)}: {n_err} error lines, {n_warn} warning lines")
+EOF
+cat "$OUT/env.txt" | tail -1 >&2
+log "done in $(( $(date +%s) - T_START )) s; results in $OUT"

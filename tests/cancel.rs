@@ -181,6 +181,17 @@ fn every_cancellable_endpoint_survives_a_drop_at_every_await() {
         format!("/_matrix/client/v3/rooms/{room}/event/{ev}"),
         "/_matrix/client/v3/publicRooms".to_owned(),
         "/_matrix/client/v3/account/whoami".to_owned(),
+        "/_matrix/client/v3/capabilities".to_owned(),
+        "/_matrix/client/v3/devices".to_owned(),
+        "/_matrix/client/v3/joined_rooms".to_owned(),
+        format!("/_matrix/client/v3/rooms/{room}/aliases"),
+        format!("/_matrix/client/v3/directory/list/room/{room}"),
+        format!("/_matrix/client/v3/profile/{}", enc("@alice:hearth.test")),
+        format!("/_matrix/client/v3/user/{}/account_data/m.push_rules", enc("@alice:hearth.test")),
+        "/_matrix/client/v3/pushrules/".to_owned(),
+        "/_matrix/client/v3/login".to_owned(),
+        "/_matrix/client/versions".to_owned(),
+        "/_hearth/metrics".to_owned(),
     ];
     // How many awaits a read has depends on timing (a blocking-pool read may already be done
     // when first polled); a long-poll always parks at least once.

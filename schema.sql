@@ -79,6 +79,8 @@ CREATE TABLE IF NOT EXISTS events (
     outlier          INTEGER NOT NULL DEFAULT 0
 ) STRICT;
 CREATE INDEX IF NOT EXISTS events_room_pos ON events(room_id, pos);
+-- Membership history of a user in a room (visibility checks) without scanning the room.
+CREATE INDEX IF NOT EXISTS events_room_state ON events(room_id, type, state_key, pos) WHERE state_key IS NOT NULL;
 
 -- Dedupe of client sends: a retried txnId returns the first event ID.
 CREATE TABLE IF NOT EXISTS txn_ids (

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/run.sh — reproduce every figure in BENCHMARKS.md: Hearth and Synapse side by side.
 #
-#   bench/run.sh                 everything (~6 min on 2 cores); results in $BENCH_OUT
+#   bench/run.sh                 everything (~5 min on 2 cores); results in $BENCH_OUT (summary.txt)
 #   BENCH_SKIP_SYNAPSE=1 bench/run.sh     Hearth only
 #
 # Phases (each server fresh, i.e. a new data dir, one after the other):
@@ -43,6 +43,8 @@ die() { log "ERROR: $*"; exit 1; }
 [ -x "$PY" ] || "$HERE/setup.sh" >/dev/null
 command -v wrk >/dev/null || die "wrk not found (apt-get install -y wrk)"
 command -v curl >/dev/null || die "curl not found"
+[ -x /usr/bin/time ] || die "/usr/bin/time not found (apt-get install -y time)"
+command -v bc >/dev/null || die "bc not found (apt-get install -y bc)"
 
 rm -rf "$OUT"; mkdir -p "$OUT/logs" "$OUT/data"
 BIN=$OUT/hearth
@@ -100,6 +102,9 @@ synapse_stop() {
     cp "$SYNPEER_HOME/$SNAME/stdout.log" "$OUT/logs/synapse-$1.stdout.log" 2>/dev/null || true
 }
 
+proc_ticks() { awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }   # utime+stime
+busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat; }  # all non-idle
+
 # ------------------------------------------------------------------ context ----
 {
     echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
@@ -107,7 +112,7 @@ synapse_stop() {
     echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
     echo "kernel: $(uname -sr)"
     echo "memory: $(free -m | awk '/Mem:/ {print $2" MiB"}')"
-    echo "hearth: $("$BIN" --version) sha256 $(sha256sum "$BIN" | cut -c1-16) (git $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?'))"
+    echo "hearth: $("$BIN" --version) sha256 $(sha256sum "$BIN" | cut -c1-16) (binary built $(date -u -r "${HEARTH_BIN:-$REPO/target/release/hearth}" '+%Y-%m-%d %H:%M UTC'); repo HEAD now $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?'))"
     [ -n "$SKIP_SYNAPSE" ] || echo "synapse: $("$SYNPEER_HOME/venv/bin/python" -c 'import synapse; print(synapse.__version__)') ($("$SYNPEER_HOME/venv/bin/python" --version))"
     echo "load generator: $("$PY" --version), aiohttp $("$PY" -c 'import aiohttp; print(aiohttp.__version__)')"
     echo "wrk: $(wrk --version 2>&1 | head -1 | awk '{print $1, $2}')"
@@ -132,16 +137,20 @@ fi
 for run in 1 2; do
     log "2. load run $run: Hearth"
     hearth_start "load$run"
+    b0=$(busy_ticks); t0=$(date +%s.%N)
     timeout 300 "$PY" "$HERE/load.py" --url "http://127.0.0.1:$HPORT" --pid "$HPID" \
         >"$OUT/load-hearth-$run.json" 2>"$OUT/logs/load-hearth-$run.err" || { cat "$OUT/logs/load-hearth-$run.err" >&2; die "load.py hearth"; }
+    echo "busy_ticks $(( $(busy_ticks) - b0 )) clk_tck $(getconf CLK_TCK) wall_s $(echo "$(date +%s.%N) - $t0" | bc)" > "$OUT/load-hearth-$run.busy"
     tail -1 "$OUT/logs/load-hearth-$run.err" >&2
     du -k "$OUT/data/hearth-load$run" | awk '{print $1}' > "$OUT/load-hearth-$run.db_kib"
     hearth_stop
     [ -n "$SKIP_SYNAPSE" ] && continue
     log "2. load run $run: Synapse"
     synapse_start
+    b0=$(busy_ticks); t0=$(date +%s.%N)
     timeout 420 "$PY" "$HERE/load.py" --url "https://127.0.0.1:$SPORT" --insecure --pid "$SPID" \
         >"$OUT/load-synapse-$run.json" 2>"$OUT/logs/load-synapse-$run.err" || { cat "$OUT/logs/load-synapse-$run.err" >&2; die "load.py synapse"; }
+    echo "busy_ticks $(( $(busy_ticks) - b0 )) clk_tck $(getconf CLK_TCK) wall_s $(echo "$(date +%s.%N) - $t0" | bc)" > "$OUT/load-synapse-$run.busy"
     tail -1 "$OUT/logs/load-synapse-$run.err" >&2
     du -k "$SYNPEER_HOME/$SNAME/homeserver.db" | awk '{print $1}' > "$OUT/load-synapse-$run.db_kib"
     synapse_stop "load$run"
@@ -156,8 +165,14 @@ for i in 1 2 3; do
             versions) path=/_matrix/client/versions ;;
             health) path=/_hearth/health ;;
         esac
-        timeout $(( WRK_SECONDS + 30 )) wrk -t1 -c32 -d"${WRK_SECONDS}s" --latency "http://127.0.0.1:$HPORT$path" \
+        # CPU accounting around each run: Hearth's utime+stime, wrk's (GNU time), and the
+        # whole machine's busy time (/proc/stat), so interference from other processes shows.
+        h0=$(proc_ticks "$HPID"); b0=$(busy_ticks)
+        timeout $(( WRK_SECONDS + 30 )) /usr/bin/time -f 'wrk_cpu_s %U %S' -o "$OUT/wrk-$route-$i.cpu" \
+            wrk -t1 -c32 -d"${WRK_SECONDS}s" --latency "http://127.0.0.1:$HPORT$path" \
             > "$OUT/wrk-$route-$i.txt" 2>&1 || die "wrk failed"
+        h1=$(proc_ticks "$HPID"); b1=$(busy_ticks)
+        echo "hearth_ticks $((h1 - h0)) busy_ticks $((b1 - b0)) clk_tck $(getconf CLK_TCK)" >> "$OUT/wrk-$route-$i.cpu"
         log "   $route #$i: $(awk '/Requests\/sec/ {print $2}' "$OUT/wrk-$route-$i.txt") req/s"
     done
 done
@@ -220,6 +235,15 @@ for run in (1, 2):
     dbs = None if skip_syn else int(open(os.path.join(out, f"load-synapse-{run}.db_kib")).read())
     row(f"load #{run}: database on disk (MiB)", round(dbh / 1024, 1), dbs and round(dbs / 1024, 1), False)
     row(f"load #{run}: 429s seen", g(h, "ratelimited_429s"), g(s, "ratelimited_429s"), False)
+    def other(srv, d):  # machine busy time not spent by the server or load.py during the run
+        if d is None:
+            return None
+        bt, tck, wall = re.search(r"busy_ticks (\d+) clk_tck (\d+) wall_s ([\d.]+)",
+                                  open(os.path.join(out, f"load-{srv}-{run}.busy")).read()).groups()
+        srv_cpu = d["server_after"]["cpu_s"] - d["server_before"]["cpu_s"]
+        return round(max(0.0, int(bt) / int(tck) - srv_cpu - d["loadgen_cpu_s"]), 2)
+    rows.append((f"load #{run}: other CPU on machine (s, ~)", str(other("hearth", h)),
+                 "-" if s is None else str(other("synapse", s)), "(interference check; includes load.py start-up)"))
 
 ah = [J(f"abandon-hearth-{r}.json") for r in (1, 2)]
 asn = None if skip_syn else J("abandon-synapse.json")
@@ -238,19 +262,34 @@ print("\nHearth start-up runs (ms):", [r["startup_ms"] for r in sh["runs"]],
 if ss:
     print("Synapse start-up runs (ms):", [r["startup_ms"] for r in ss["runs"]])
 
+ready = [float(m) for m in re.findall(r"ready as \S+ in ([\d.]+)ms", open(os.path.join(out, "logs", "hearth-startup.log")).read())]
+print("Hearth's own 'ready in' log line (ms; first = the priming start that creates the schema):", [round(x, 1) for x in ready])
+
 # wrk
-rps = {}
+rps, cpu_us, p50 = {}, {}, {}
+print()
 for route in ("versions", "health"):
-    rps[route] = []
+    rps[route], cpu_us[route], p50[route] = [], [], []
     for i in (1, 2, 3):
         t = open(os.path.join(out, f"wrk-{route}-{i}.txt")).read()
-        rps[route].append(float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1)))
+        c = open(os.path.join(out, f"wrk-{route}-{i}.cpu")).read()
+        r = float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1))
+        n, dur = re.search(r"(\d+) requests in ([\d.]+)s", t).groups()
+        n, cap = int(n), (os.cpu_count() or 1) * float(dur)
+        lat = re.search(r"50%\s+(\S+)", t).group(1)
+        wu, ws = map(float, re.search(r"wrk_cpu_s ([\d.]+) ([\d.]+)", c).groups())
+        ht, bt, tck = map(int, re.search(r"hearth_ticks (\d+) busy_ticks (\d+) clk_tck (\d+)", c).groups())
+        hs, bs = ht / tck, bt / tck
+        rps[route].append(r); cpu_us[route].append(hs / n * 1e6); p50[route].append(lat)
+        print(f"wrk {route:8} #{i}: {r:8.0f} req/s, p50 {lat:>8}, Hearth CPU {hs:5.2f} s ({hs / n * 1e6:5.1f} us/req), "
+              f"wrk CPU {wu + ws:5.2f} s, other processes ~{max(0.0, bs - hs - wu - ws):4.2f} s, machine busy {bs:5.2f} of {cap:.0f} core-s")
         if "Non-2xx" in t or "Socket errors" in t:
-            print(f"wrk {route} #{i}:", " ".join(l.strip() for l in t.splitlines() if "Non-2xx" in l or "Socket" in l))
+            print(f"   wrk {route} #{i}:", " ".join(l.strip() for l in t.splitlines() if "Non-2xx" in l or "Socket" in l))
 mv, mh = statistics.median(rps["versions"]), statistics.median(rps["health"])
-print(f"\nwrk -t1 -c32: /versions (cancellable) {rps['versions']} req/s, median {mv:.0f}")
-print(f"wrk -t1 -c32: /_hearth/health        {rps['health']} req/s, median {mh:.0f}")
-print(f"ratio versions/health: {mv / mh:.3f}  (cost of the cancellable wrapper: {(1 - mv / mh) * 100:+.1f}% throughput)")
+cv, ch = statistics.median(cpu_us["versions"]), statistics.median(cpu_us["health"])
+print(f"wrk -t1 -c32: /versions (cancellable) median {mv:.0f} req/s, {cv:.1f} us Hearth CPU/req")
+print(f"wrk -t1 -c32: /_hearth/health         median {mh:.0f} req/s, {ch:.1f} us Hearth CPU/req")
+print(f"ratio versions/health: throughput {mv / mh:.3f}, CPU per request {cv / ch:.3f}")
 
 for r, a in enumerate(ah, 1):
     print(f"\nHearth abandon round {r}: opened {a['opened']}, in-flight parked {a.get('in_flight_parked')} "
@@ -275,11 +314,19 @@ if asn:
 # errors in server logs
 print()
 for f in sorted(glob.glob(os.path.join(out, "logs", "*.log"))):
-    n_err = n_warn = 0
+    n_err = 0
+    kinds = {}
     for line in open(f, errors="replace"):
-        if re.search(r"\bERROR\b|Traceback|panicked", line): n_err += 1
-        elif re.search(r"\bWARN(ING)?\b", line): n_warn += 1
-    print(f"log {os.path.basename(f)}: {n_err} error lines, {n_warn} warning lines")
+        if re.search(r"\bERROR\b|Traceback|panicked", line):
+            n_err += 1
+        if re.search(r"\b(ERROR|WARN|WARNING)\b|Traceback|panicked", line):
+            # Synapse: "date - logger - lineno - LEVEL - request - message"; Hearth: "[date LEVEL target] message"
+            parts = line.split(" - ")
+            key = " - ".join(parts[1:2] + parts[5:6])[:70] if len(parts) > 5 else re.sub(r"^\[[^]]*\] ", "", line)[:70]
+            key = re.sub(r"\d+", "N", key.strip())
+            kinds[key] = kinds.get(key, 0) + 1
+    top = "; ".join(f"{v}x {k}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])[:4])
+    print(f"log {os.path.basename(f)}: {n_err} error lines, {sum(kinds.values())} error+warning lines{': ' + top if top else ''}")
 EOF
 cat "$OUT/env.txt" | tail -1 >&2
 log "done in $(( $(date +%s) - T_START )) s; results in $OUT"

@@ -10,7 +10,8 @@
 # stops it, then times RUNS (default 5) restarts of the bare server process.
 # IDLE_S seconds (default 5) after each start it reads VmRSS/VmHWM/threads from
 # /proc/PID/status, then stops the server (Hearth: SIGTERM; Synapse: synapse-peer/stop.sh)
-# and times the stop. Prints one JSON document on stdout.
+# and times the stop. Prints one JSON document on stdout; each run also records when the
+# last refused poll was sent (readiness lies between that and startup_ms).
 #
 #   HEARTH_BIN   Hearth binary (default: target/release/hearth of this repo)
 #   SYNPEER_DIR  synapse-peer scripts (default /work/shared/synapse-peer)

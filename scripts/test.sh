@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: the Rust unit and integration tests, then the client-library interop test
-# (matrix-nio from PyPI, installed into a venv by tests/py/setup.sh) against a freshly built
+# (matrix-nio from PyPI, installed into a venv by tests/py/setup.sh; matrix-js-sdk from npm,
+# installed by tests/js/setup.sh) against a freshly built
 # server on a free loopback port.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,12 @@ for _ in $(seq 1 100); do
     sleep 0.1
 done
 PYTHONDONTWRITEBYTECODE=1 HEARTH_URL="http://127.0.0.1:$port" "$VENV/bin/pytest" -q tests/py || {
+    echo "--- server log ---"; tail -n 50 "$work/server.log"; exit 1;
+}
+
+echo "== client library interop (matrix-js-sdk, Element's SDK) =="
+tests/js/setup.sh
+HEARTH_URL="http://127.0.0.1:$port" node --test tests/js/ || {
     echo "--- server log ---"; tail -n 50 "$work/server.log"; exit 1;
 }
 # The server must stop cleanly on SIGTERM (exit 0 after checkpointing the WAL).

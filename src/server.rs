@@ -46,6 +46,20 @@ impl ConnWatch {
     }
 }
 
+/// Pending connections the kernel queues before `accept`. std's default (128) drops SYNs when
+/// hundreds of clients connect at once (each drop costs the client a 1 s retransmit).
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// Binds a listening socket with our backlog (socket2: std cannot set it).
+pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
 /// Loads the TLS certificate and key named in the config, if any.
 pub fn load_tls(config: &Config) -> Result<Option<TlsAcceptor>, String> {
     let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {

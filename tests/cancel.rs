@@ -187,7 +187,10 @@ fn every_cancellable_endpoint_survives_a_drop_at_every_await() {
         format!("/_matrix/client/v3/rooms/{room}/aliases"),
         format!("/_matrix/client/v3/directory/list/room/{room}"),
         format!("/_matrix/client/v3/profile/{}", enc("@alice:hearth.test")),
-        format!("/_matrix/client/v3/user/{}/account_data/m.push_rules", enc("@alice:hearth.test")),
+        format!(
+            "/_matrix/client/v3/user/{}/account_data/m.push_rules",
+            enc("@alice:hearth.test")
+        ),
         "/_matrix/client/v3/pushrules/".to_owned(),
         "/_matrix/client/v3/login".to_owned(),
         "/_matrix/client/versions".to_owned(),

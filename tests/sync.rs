@@ -498,6 +498,22 @@ fn versions_capabilities_metrics() {
         .unwrap();
     assert!(text.contains("hearth_http_requests_in_flight 1"), "{text}");
     assert!(text.contains("hearth_http_requests_cancelled_total 0"));
+    assert_eq!(
+        s.ok("GET", "/_matrix/client/v3/pushers", Some(&a), None),
+        json!({ "pushers": [] })
+    );
+    assert_eq!(
+        s.ok("GET", "/_matrix/client/v3/account/3pid", Some(&a), None),
+        json!({ "threepids": [] })
+    );
+    s.err(
+        "GET",
+        "/_matrix/client/v3/pushers",
+        None,
+        None,
+        401,
+        "M_MISSING_TOKEN",
+    );
     // r0 aliases still work.
     assert_eq!(
         s.ok("GET", "/_matrix/client/r0/account/whoami", Some(&a), None)["user_id"],

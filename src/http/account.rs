@@ -612,3 +612,12 @@ pub async fn delete_device(mut req: Req) -> Result<Response> {
 pub async fn delete_devices(mut req: Req) -> Result<Response> {
     delete_devices_inner(&mut req, None).await
 }
+
+/// # `GET /_matrix/client/v3/account/3pid`
+///
+/// Hearth has no identity-server integration, so no third-party identifier can be bound to an
+/// account: the list is truthfully empty. (Element's notification settings load it.)
+pub async fn threepids(req: Req) -> Result<Response> {
+    auth(&req).await?;
+    json(&json!({ "threepids": [] }))
+}

@@ -260,6 +260,7 @@ pub fn routes(app: App) -> tide::Server<App> {
     client!(s, post "/logout/all" => h(account::logout_all));
     client!(s, get "/account/whoami" => c(account::whoami));
     client!(s, post "/account/password" => h(account::change_password));
+    client!(s, get "/account/3pid" => c(account::threepids));
     client!(s, get "/devices" => c(account::list_devices));
     client!(s, get "/devices/:device_id" => c(account::get_device));
     client!(s, put "/devices/:device_id" => h(account::update_device));
@@ -320,6 +321,7 @@ pub fn routes(app: App) -> tide::Server<App> {
     client!(s, put "/rooms/:room_id/typing/:user_id" => h(user::typing));
     client!(s, post "/rooms/:room_id/receipt/:receipt_type/:event_id" => h(user::receipt));
     client!(s, post "/rooms/:room_id/read_markers" => h(user::read_markers));
+    client!(s, get "/pushers" => c(user::pushers));
     client!(s, get "/pushrules/" => c(user::get_push_rules));
     client!(s, get "/pushrules" => c(user::get_push_rules));
     client!(s, get "/pushrules/global/" => c(user::get_push_rules_global));

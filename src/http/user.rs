@@ -605,3 +605,12 @@ pub async fn search_users(mut req: Req) -> Result<Response> {
         .await?;
     json(&json!({ "results": results, "limited": limited }))
 }
+
+/// # `GET /_matrix/client/v3/pushers`
+///
+/// Hearth does not deliver push notifications to push gateways yet, so it stores no pushers
+/// (`POST /pushers/set` is not offered) and the list is truthfully empty.
+pub async fn pushers(req: Req) -> Result<Response> {
+    auth(&req).await?;
+    json(&json!({ "pushers": [] }))
+}

@@ -31,8 +31,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Who is typing where, with expiry times. Changes wake `/sync` through the notifier, and each
 /// room remembers the ephemeral serial of its last change so an incremental sync sends the
 /// typing list only for rooms where it changed.
+/// Per room: user → typing-until (ms), and the ephemeral serial of the room's last change.
+type TypingRooms = HashMap<String, (HashMap<String, u64>, i64)>;
+
 pub struct Typing {
-    rooms: Mutex<HashMap<String, (HashMap<String, u64>, i64)>>,
+    rooms: Mutex<TypingRooms>,
     notifier: Notifier,
 }
 
@@ -98,11 +101,14 @@ impl Typing {
 
 // ---------------------------------------------------------------- rate limits
 
+type Bucket = (f64, u64);
+
 /// Token buckets per (kind, key). Disabled entirely by `--no-rate-limit`.
 pub struct RateLimiter {
     config: RateLimits,
     clock: Arc<dyn Clock>,
-    buckets: Mutex<HashMap<(&'static str, String), (f64, u64)>>,
+    /// (kind, key) → (tokens left, last refill in ms).
+    buckets: Mutex<HashMap<(&'static str, String), Bucket>>,
 }
 
 impl RateLimiter {

@@ -5,13 +5,13 @@
 //! - `config`    `Config` (TOML + flags), defaults, validation.
 //! - `error`     The one error type and its mapping to Matrix `errcode` + HTTP status.
 //! - `server`    The smol accept loop (plain or TLS), async-h1, disconnect → cancellation,
-//!               CORS, the per-request log line, shutdown.
+//!   CORS, the per-request log line, shutdown.
 //! - `http`      The tide route table (with the cancellable marker), the typed request
-//!               helpers (`ruma_req`, `auth`), and the handlers, one file per spec area.
+//!   helpers (`ruma_req`, `auth`), and the handlers, one file per spec area.
 //! - `room`      Pure Matrix logic: the PDU type, signing key, building/authorising/persisting
-//!               local events, the client event format.
+//!   local events, the client event format.
 //! - `store`     The only module that speaks SQL: read pool, the single group-committing
-//!               writer, schema migrations, queries.
+//!   writer, schema migrations, queries.
 //! - `notify`    Data-less wake-ups for long-polling `/sync`.
 //! - `cancel`    Shield, response cache, linearizer, and the drop-at-every-await test helper.
 //! - `workers`   Long-running tasks woken by deadlines and data-less wake-ups (typing expiry).

@@ -174,7 +174,7 @@ pub fn send_with_prevs(
             })
             .collect::<Result<_>>()?,
     };
-    prev.sort_by(|a, b| b.1.cmp(&a.1));
+    prev.sort_by_key(|p| std::cmp::Reverse(p.1));
     prev.truncate(20);
     let depth = prev.iter().map(|p| p.1).max().unwrap_or(0) + 1;
     let state_at = if prev.len() <= 1

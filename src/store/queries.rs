@@ -598,6 +598,7 @@ pub fn list_account_data_since(
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
+#[allow(clippy::too_many_arguments)] // one argument per column of the row
 pub fn upsert_receipt(
     conn: &Connection,
     room_id: &str,

@@ -13,10 +13,12 @@ pub struct TestServer {
 }
 
 pub fn config_in(dir: &std::path::Path) -> hearth::Config {
-    let mut c = hearth::Config::default();
-    c.database = dir.join("hearth.db");
-    c.listen = vec!["127.0.0.1:0".parse().unwrap()];
-    c.server_name = "hearth.test".into();
+    let mut c = hearth::Config {
+        database: dir.join("hearth.db"),
+        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        server_name: "hearth.test".into(),
+        ..Default::default()
+    };
     c.rate_limits.enabled = false;
     c
 }

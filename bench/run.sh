@@ -8,11 +8,13 @@
 #   1. start-up: bench/startup.sh (5 timed restarts of an existing server each; exec ->
 #      first 200 on /_matrix/client/versions, polled every 5 ms) + idle VmRSS 5 s after start
 #   2. load: bench/load.py defaults (8 senders x 250 messages, 50 wake-ups) with --pid,
+#      Hearth's /_hearth/metrics saved after each load run (group-commit batch = writes/commits),
 #      two runs per server, fresh server per run, order Hearth, Synapse, Hearth, Synapse
 #   3. Hearth only: wrk -t1 -c32 -d10s on GET /_matrix/client/versions (cancellable route)
 #      vs GET /_hearth/health (not cancellable), alternated 3 times each, RUST_LOG=warn
 #   4. abandoned long-polls: bench/abandon.py (1,000 parked /sync, then all sockets closed);
-#      Hearth twice on the same server (is the memory reused?), Synapse once (--late-s 32)
+#      Hearth twice on the same server (is the memory reused?), Synapse once (--late-s 32); TcpExtListenOverflows
+#      (/proc/net/netstat) counted around each round
 #
 # Every server started here is stopped here (Hearth: SIGTERM; Synapse: synapse-peer/stop.sh),
 # also on error or Ctrl-C. Every step runs under `timeout`.
@@ -102,6 +104,7 @@ synapse_stop() {
     cp "$SYNPEER_HOME/$SNAME/stdout.log" "$OUT/logs/synapse-$1.stdout.log" 2>/dev/null || true
 }
 
+listen_overflows() { awk '/^TcpExt:/ { if (!h) { for (i = 1; i <= NF; i++) if ($i == "ListenOverflows") c = i; h = 1 } else print $c }' /proc/net/netstat; }
 proc_ticks() { awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }   # utime+stime
 busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat; }  # all non-idle
 
@@ -142,6 +145,7 @@ for run in 1 2; do
         >"$OUT/load-hearth-$run.json" 2>"$OUT/logs/load-hearth-$run.err" || { cat "$OUT/logs/load-hearth-$run.err" >&2; die "load.py hearth"; }
     echo "busy_ticks $(( $(busy_ticks) - b0 )) clk_tck $(getconf CLK_TCK) wall_s $(echo "$(date +%s.%N) - $t0" | bc)" > "$OUT/load-hearth-$run.busy"
     tail -1 "$OUT/logs/load-hearth-$run.err" >&2
+    curl -s "http://127.0.0.1:$HPORT/_hearth/metrics" > "$OUT/load-hearth-$run.metrics" || true
     du -k "$OUT/data/hearth-load$run" | awk '{print $1}' > "$OUT/load-hearth-$run.db_kib"
     hearth_stop
     [ -n "$SKIP_SYNAPSE" ] && continue
@@ -183,17 +187,21 @@ hearth_stop
 log "4. abandon: Hearth, 1,000 parked /sync then closed (two rounds, same server)"
 hearth_start abandon
 for round in 1 2; do
+    o0=$(listen_overflows)
     timeout 150 "$PY" "$HERE/abandon.py" --url "http://127.0.0.1:$HPORT" --pid "$HPID" \
         >"$OUT/abandon-hearth-$round.json" 2>"$OUT/logs/abandon-hearth-$round.err" || { cat "$OUT/logs/abandon-hearth-$round.err" >&2; die "abandon.py hearth"; }
     tail -1 "$OUT/logs/abandon-hearth-$round.err" >&2
+    echo "listen_overflows $(( $(listen_overflows) - o0 ))" > "$OUT/abandon-hearth-$round.overflows"
 done
 hearth_stop
 if [ -z "$SKIP_SYNAPSE" ]; then
     log "4. abandon: Synapse, 1,000 parked /sync then closed (RSS also 32 s after the close)"
     synapse_start
+    o0=$(listen_overflows)
     timeout 240 "$PY" "$HERE/abandon.py" --url "https://127.0.0.1:$SPORT" --insecure --pid "$SPID" --late-s 32 \
         >"$OUT/abandon-synapse.json" 2>"$OUT/logs/abandon-synapse.err" || { cat "$OUT/logs/abandon-synapse.err" >&2; die "abandon.py synapse"; }
     tail -1 "$OUT/logs/abandon-synapse.err" >&2
+    echo "listen_overflows $(( $(listen_overflows) - o0 ))" > "$OUT/abandon-synapse.overflows"
     synapse_stop abandon
 fi
 echo "loadavg at end: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/env.txt"
@@ -234,6 +242,12 @@ for run in (1, 2):
     dbh = int(open(os.path.join(out, f"load-hearth-{run}.db_kib")).read())
     dbs = None if skip_syn else int(open(os.path.join(out, f"load-synapse-{run}.db_kib")).read())
     row(f"load #{run}: database on disk (MiB)", round(dbh / 1024, 1), dbs and round(dbs / 1024, 1), False)
+    mp = os.path.join(out, f"load-hearth-{run}.metrics")
+    mt = dict(re.findall(r"^(hearth_db_(?:writes|commits)_total) ([\d.e+]+)$", open(mp).read(), re.M)) if os.path.exists(mp) else {}
+    if len(mt) == 2 and float(mt["hearth_db_commits_total"]) > 0:
+        w_, c_ = float(mt["hearth_db_writes_total"]), float(mt["hearth_db_commits_total"])
+        rows.append((f"load #{run}: writes/commits (group-commit batch)", f"{w_ / c_:.2f}", "-",
+                     f"({w_:g} writes / {c_:g} commits, whole run incl. setup and wake-ups)"))
     row(f"load #{run}: 429s seen", g(h, "ratelimited_429s"), g(s, "ratelimited_429s"), False)
     def other(srv, d):  # machine busy time not spent by the server or load.py during the run
         if d is None:
@@ -276,7 +290,7 @@ for route in ("versions", "health"):
         r = float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1))
         n, dur = re.search(r"(\d+) requests in ([\d.]+)s", t).groups()
         n, cap = int(n), (os.cpu_count() or 1) * float(dur)
-        lat = re.search(r"50%\s+(\S+)", t).group(1)
+        lat = re.search(r"^\s*50%\s+(\S+)", t, re.M).group(1)  # not the "+/- Stdev" column
         wu, ws = map(float, re.search(r"wrk_cpu_s ([\d.]+) ([\d.]+)", c).groups())
         ht, bt, tck = map(int, re.search(r"hearth_ticks (\d+) busy_ticks (\d+) clk_tck (\d+)", c).groups())
         hs, bs = ht / tck, bt / tck
@@ -291,15 +305,20 @@ print(f"wrk -t1 -c32: /versions (cancellable) median {mv:.0f} req/s, {cv:.1f} us
 print(f"wrk -t1 -c32: /_hearth/health         median {mh:.0f} req/s, {ch:.1f} us Hearth CPU/req")
 print(f"ratio versions/health: throughput {mv / mh:.3f}, CPU per request {cv / ch:.3f}")
 
+def ovf(name):
+    p = os.path.join(out, name)
+    return open(p).read().split()[1] if os.path.exists(p) else "?"
 for r, a in enumerate(ah, 1):
-    print(f"\nHearth abandon round {r}: opened {a['opened']}, in-flight parked {a.get('in_flight_parked')} "
+    print(f"\nHearth abandon round {r}: opened {a['opened']} in {a.get('open_s')} s "
+          f"(TcpExtListenOverflows +{ovf(f'abandon-hearth-{r}.overflows')}), in-flight parked {a.get('in_flight_parked')} "
           f"(all parked: {a['all_parked']}), RSS {a['rss_before_mib']} -> {a['rss_with_mib']} -> {a['rss_after_1s_mib']} MiB, "
           f"gauge back to idle {a.get('gauge_idle_after_last_close_ms')} ms after the last close "
           f"({a.get('gauge_idle_after_first_close_ms')} ms after the first), "
           f"cancelled_total {a['metrics_after']['hearth_http_requests_cancelled_total']:g}, "
           f"tasks_live {a['metrics_with']['hearth_tasks_live']:g} -> {a['metrics_after']['hearth_tasks_live']:g}")
 if asn:
-    print(f"Synapse abandon: opened {asn['opened']}, RSS {asn['rss_before_mib']} -> {asn['rss_with_mib']} -> "
+    print(f"Synapse abandon: opened {asn['opened']} in {asn.get('open_s')} s "
+          f"(TcpExtListenOverflows +{ovf('abandon-synapse.overflows')}), RSS {asn['rss_before_mib']} -> {asn['rss_with_mib']} -> "
           f"{asn['rss_after_1s_mib']} MiB (1 s), {asn.get('rss_late_mib')} MiB ({asn.get('late_s')} s after the close)")
     lg = os.path.join(out, "logs", "synapse-abandon.homeserver.log")
     if os.path.exists(lg):

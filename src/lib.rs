@@ -179,8 +179,7 @@ impl Homeserver {
         let tls = server::load_tls(&app.config)?;
         let mut listeners = Vec::new();
         for addr in &app.config.listen {
-            let l =
-                std::net::TcpListener::bind(addr).map_err(|e| format!("listen on {addr}: {e}"))?;
+            let l = server::bind(*addr).map_err(|e| format!("listen on {addr}: {e}"))?;
             listeners.push(l);
         }
         let addrs = listeners

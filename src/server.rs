@@ -260,3 +260,23 @@ pub struct RequestId(pub u64);
 /// Synapse's convention; http-types has no 499, and nobody reads the body anyway).
 #[derive(Clone, Copy, Debug)]
 pub struct Cancelled;
+
+#[cfg(test)]
+mod tests {
+    use std::{net::TcpStream, time::Duration};
+
+    #[test]
+    fn backlog_queues_a_burst_of_connections_without_accepting() {
+        // Nobody accepts: the kernel queue alone must hold 300 connections (std's 128 would
+        // drop SYNs and the later connects would time out).
+        let l = super::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = l.local_addr().unwrap();
+        let socks: Vec<TcpStream> = (0..300)
+            .map(|i| {
+                TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+                    .unwrap_or_else(|e| panic!("connect {i}: {e}"))
+            })
+            .collect();
+        assert_eq!(socks.len(), 300);
+    }
+}

@@ -151,13 +151,15 @@ fn check_server_name(conn: &rusqlite::Connection, name: &OwnedServerName) -> Res
 /// A running homeserver: the embedding API.
 ///
 /// ```no_run
+/// # fn main() -> Result<(), String> {
 /// let mut config = hearth::Config::default();
 /// config.database = "/tmp/app/hearth.db".into();
-/// config.listen = vec!["127.0.0.1:0".parse().unwrap()];
-/// let hs = hearth::Homeserver::start(config).unwrap();
-/// let user = hs.create_user("alice", Some("secret"), false).unwrap();
+/// config.listen = vec![([127, 0, 0, 1], 0).into()];
+/// let hs = hearth::Homeserver::start(config)?;
+/// let user = hs.create_user("alice", Some("secret"), false)?;
 /// println!("{user} can log in at http://{}", hs.addrs()[0]);
-/// hs.stop().unwrap();
+/// hs.stop()
+/// # }
 /// ```
 pub struct Homeserver {
     app: App,

@@ -348,15 +348,7 @@ fn persist(
                     )
                     .map(|e| e.to_string());
             }
-            let entries: Vec<(String, String, String)> = before
-                .iter()
-                .map(|((t, k), e)| (t.to_string(), k.clone(), e.to_string()))
-                .collect();
-            let refs: Vec<(&str, &str, &str)> = entries
-                .iter()
-                .map(|(t, k, e)| (t.as_str(), k.as_str(), e.as_str()))
-                .collect();
-            q::insert_state_group(tx, rid, None, &refs)?
+            state::insert_full_group(tx, rid, &before)?
         }
         (Some(key), StateAt::Current) => {
             replaces = q::get_current_state(tx, rid, &kind, key)?;

@@ -105,6 +105,23 @@ pub fn state_before(
     resolve(conn, rules, states)
 }
 
+fn entries_of(state: &StateMap) -> Vec<(String, String, String)> {
+    state
+        .iter()
+        .map(|((t, k), e)| (t.to_string(), k.clone(), e.to_string()))
+        .collect()
+}
+
+/// Stores a whole state map as a new (root) state group.
+pub fn insert_full_group(conn: &Connection, room_id: &str, state: &StateMap) -> Result<i64> {
+    let entries = entries_of(state);
+    let refs: Vec<(&str, &str, &str)> = entries
+        .iter()
+        .map(|(t, k, e)| (t.as_str(), k.as_str(), e.as_str()))
+        .collect();
+    q::insert_state_group(conn, room_id, None, &refs)
+}
+
 /// Rewrites `current_state` (and the room's state group) as the resolution of the states after
 /// every forward extremity. Called after persisting an event off the fast path.
 pub fn recompute_current_state(
@@ -123,15 +140,8 @@ pub fn recompute_current_state(
         .collect::<Result<_>>()?
     };
     let resolved = state_before(conn, rules, &extremities)?;
-    let entries: Vec<(String, String, String)> = resolved
-        .iter()
-        .map(|((t, k), e)| (t.to_string(), k.clone(), e.to_string()))
-        .collect();
-    let refs: Vec<(&str, &str, &str)> = entries
-        .iter()
-        .map(|(t, k, e)| (t.as_str(), k.as_str(), e.as_str()))
-        .collect();
-    let group = q::insert_state_group(conn, room_id, None, &refs)?;
+    let entries = entries_of(&resolved);
+    let group = insert_full_group(conn, room_id, &resolved)?;
     conn.execute(
         "UPDATE rooms SET state_group = ?2 WHERE room_id = ?1",
         params![room_id, group],

@@ -1,14 +1,8 @@
 #!/usr/bin/env bash
-# Create (or update) the Python venv for bench/load.py (same venv as tests/py).
-#   HEARTH_PYVENV  venv location (default /tmp/hearth-pyvenv)
-#   HEARTH_PYTHON  interpreter used to create it (default python3)
-# Idempotent: re-running only installs what requirements.txt is missing.
+# Create (or update) the Python venv for bench/load.py: the tests' venv (tests/py/setup.sh,
+# which honours HEARTH_PYVENV and HEARTH_PYTHON) plus the benchmark's own requirements.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-VENV=${HEARTH_PYVENV:-/tmp/hearth-pyvenv}
-if [ ! -x "$VENV/bin/python" ]; then
-    "${HEARTH_PYTHON:-python3}" -m venv "$VENV"
-    "$VENV/bin/pip" install -q --upgrade pip
-fi
+VENV=$("$HERE/../tests/py/setup.sh" | tail -n 1)
 "$VENV/bin/pip" install -q -r "$HERE/requirements.txt"
 echo "$VENV"

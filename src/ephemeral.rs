@@ -81,19 +81,20 @@ impl Typing {
         // so an incremental sync still learns that the list became empty.
     }
 
-    /// Users typing in a room now (expired entries are dropped on the way), and the serial of
+    /// Users typing in a room now (ignoring entries past their expiry), and the serial of
     /// the room's last change.
     pub fn users(&self, room_id: &str, now_ms: u64) -> (Vec<String>, i64) {
-        let mut rooms = lock(&self.rooms);
-        let Some(room) = rooms.get_mut(room_id) else {
+        let rooms = lock(&self.rooms);
+        let Some(room) = rooms.get(room_id) else {
             return (Vec::new(), 0);
         };
-        let before = room.0.len();
-        room.0.retain(|_, until| *until > now_ms);
-        if room.0.len() != before {
-            room.1 = self.notifier.bump_ephemeral();
-        }
-        let mut users: Vec<String> = room.0.keys().cloned().collect();
+        // Removal and the wake-up that goes with it are the expiry worker's job (`expire`).
+        let mut users: Vec<String> = room
+            .0
+            .iter()
+            .filter(|(_, until)| **until > now_ms)
+            .map(|(u, _)| u.clone())
+            .collect();
         users.sort();
         (users, room.1)
     }

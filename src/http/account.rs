@@ -125,22 +125,20 @@ pub async fn create_user(
     Ok(user_id)
 }
 
-/// Creates a device and an access token for it; returns the token.
+/// Creates a device and an access token for it; returns the token and the hashes of the
+/// device's previous tokens (to evict from the cache).
 fn new_session(
     tx: &mut crate::store::Tx<'_>,
     user_id: &str,
     device_id: &str,
     display_name: Option<&str>,
-) -> Result<String> {
+) -> Result<(String, Vec<String>)> {
     // A login that reuses a device ID replaces that device's old tokens.
-    tx.execute(
-        "DELETE FROM access_tokens WHERE user_id = ?1 AND device_id = ?2",
-        [user_id, device_id],
-    )?;
+    let old = q::delete_sessions(tx, user_id, q::Devices::One(device_id), false)?;
     q::upsert_device(tx, user_id, device_id, display_name, tx.now_ms)?;
     let token = format!("hth_{}", random_string(40));
     q::insert_token(tx, &hash_token(&token), user_id, device_id, tx.now_ms)?;
-    Ok(token)
+    Ok((token, old))
 }
 
 fn uia_401(flows: Value, error: Option<Error>) -> Error {
@@ -262,7 +260,7 @@ pub async fn register(mut req: Req) -> Result<Response> {
             if inhibit_login {
                 return Ok(None);
             }
-            new_session(tx, uid.as_str(), &dev, display.as_deref()).map(Some)
+            new_session(tx, uid.as_str(), &dev, display.as_deref()).map(|(t, _)| Some(t))
         })
         .await?;
     let mut out = json!({ "user_id": user_id, "home_server": app.server_name });
@@ -387,13 +385,7 @@ pub async fn login(mut req: Req) -> Result<Response> {
         .unwrap_or_else(|| random_string(10).to_uppercase());
     let display = str_field(&body, "initial_device_display_name")?.map(str::to_owned);
     let (uid, dev) = (user_id.clone(), device_id.clone());
-    let old = {
-        let (u, d) = (uid.to_string(), dev.clone());
-        app.store
-            .read(move |c| q::list_token_hashes(c, &u, Some(&d)))
-            .await?
-    };
-    let token = app
+    let (token, old) = app
         .store
         .write(move |tx| new_session(tx, uid.as_str(), &dev, display.as_deref()))
         .await?;
@@ -408,10 +400,11 @@ pub async fn logout(req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     let app = req.state().clone();
     let (u, d) = (who.user_id.to_string(), who.device_id.to_string());
-    app.store
-        .write(move |tx| q::delete_device(tx, &u, &d))
+    let hashes = app
+        .store
+        .write(move |tx| q::delete_sessions(tx, &u, q::Devices::One(&d), true))
         .await?;
-    app.tokens.remove(&[who.token_hash]);
+    app.tokens.remove(&hashes);
     json(&json!({}))
 }
 
@@ -420,17 +413,9 @@ pub async fn logout_all(req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     let app = req.state().clone();
     let u = who.user_id.to_string();
-    let hashes = {
-        let u = u.clone();
-        app.store
-            .read(move |c| q::list_token_hashes(c, &u, None))
-            .await?
-    };
-    app.store
-        .write(move |tx| {
-            tx.execute("DELETE FROM devices WHERE user_id = ?1", [&u])?;
-            Ok(())
-        })
+    let hashes = app
+        .store
+        .write(move |tx| q::delete_sessions(tx, &u, q::Devices::All, true))
         .await?;
     app.tokens.remove(&hashes);
     json(&json!({}))
@@ -481,33 +466,17 @@ pub async fn change_password(mut req: Req) -> Result<Response> {
         .unwrap_or(true);
     let hash = hash_password(new.to_owned()).await?;
     let (u, d) = (who.user_id.to_string(), who.device_id.to_string());
-    let hashes = {
-        let u = u.clone();
-        app.store
-            .read(move |c| q::list_token_hashes(c, &u, None))
-            .await?
-    };
-    app.store
+    let hashes = app
+        .store
         .write(move |tx| {
             q::update_password(tx, &u, &hash)?;
             if logout_devices {
-                tx.execute(
-                    "DELETE FROM devices WHERE user_id = ?1 AND device_id != ?2",
-                    [&u, &d],
-                )?;
+                return q::delete_sessions(tx, &u, q::Devices::AllBut(&d), true);
             }
-            Ok(())
+            Ok(Vec::new())
         })
         .await?;
-    if logout_devices {
-        let keep = who.token_hash.clone();
-        app.tokens.remove(
-            &hashes
-                .into_iter()
-                .filter(|h| *h != keep)
-                .collect::<Vec<_>>(),
-        );
-    }
+    app.tokens.remove(&hashes);
     json(&json!({}))
 }
 
@@ -581,21 +550,14 @@ async fn delete_devices_inner(req: &mut Req, ids: Option<Vec<String>>) -> Result
     };
     require_password_uia(&app, &who, &body).await?;
     let u = who.user_id.to_string();
-    let mut hashes = Vec::new();
-    for id in &ids {
-        let (u, id) = (u.clone(), id.clone());
-        hashes.extend(
-            app.store
-                .read(move |c| q::list_token_hashes(c, &u, Some(&id)))
-                .await?,
-        );
-    }
-    app.store
+    let hashes = app
+        .store
         .write(move |tx| {
+            let mut hashes = Vec::new();
             for id in &ids {
-                q::delete_device(tx, &u, id)?;
+                hashes.extend(q::delete_sessions(tx, &u, q::Devices::One(id), true)?);
             }
-            Ok(())
+            Ok(hashes)
         })
         .await?;
     app.tokens.remove(&hashes);

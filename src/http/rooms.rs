@@ -534,18 +534,8 @@ fn can_send_state(
     if q::get_membership(conn, room_id, user_id)?.as_deref() != Some("join") {
         return Ok(false);
     }
-    let pl = current_content(conn, room_id, "m.room.power_levels", "")?.unwrap_or(Value::Null);
-    let creator = current_content(conn, room_id, "m.room.create", "")?
-        .and_then(|c| c.get("creator").and_then(Value::as_str).map(str::to_owned))
-        .unwrap_or_default();
-    let levels = crate::room::power::PowerLevels::new(Some(pl.clone()));
-    let needed = pl
-        .get("events")
-        .and_then(|e| e.get(kind))
-        .and_then(Value::as_i64)
-        .or_else(|| pl.get("state_default").and_then(Value::as_i64))
-        .unwrap_or(50);
-    Ok(levels.user(user_id, &creator) >= needed)
+    let levels = build::power_levels(conn, room_id)?;
+    Ok(levels.user(user_id) >= levels.state_event(kind))
 }
 
 /// # `GET /_matrix/client/v3/rooms/{roomId}/aliases`

@@ -501,17 +501,11 @@ fn receipts(
     since: i64,
     upto: i64,
 ) -> Result<Option<Value>> {
-    let rows = q::list_receipts_since(c, room, since)?;
+    let rows = q::list_receipts_between(c, room, since, upto)?;
     let mut content = Map::new();
     let mut any = false;
-    let mut stmt = c.prepare_cached("SELECT pos FROM receipts WHERE room_id = ?1 AND receipt_type = ?2 AND user_id = ?3 AND thread_id = ?4")?;
     for r in rows {
         if r.kind == "m.read.private" && r.user_id != user {
-            continue;
-        }
-        let pos: i64 =
-            stmt.query_row(params![room, r.kind, r.user_id, r.thread_id], |x| x.get(0))?;
-        if pos > upto {
             continue;
         }
         any = true;

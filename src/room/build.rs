@@ -289,19 +289,24 @@ fn check_redaction_allowed(conn: &Connection, pdu: &Pdu) -> Result<()> {
     if row.sender == pdu.sender.as_str() {
         return Ok(());
     }
-    let rid = pdu.room_id.as_str();
-    let pl = current_content(conn, rid, "m.room.power_levels", "")?;
-    let creator = current_pdu(conn, rid, "m.room.create", "")
-        .map(|c| c.sender.to_string())
-        .unwrap_or_default();
-    let levels = PowerLevels::new(pl);
-    if levels.user(pdu.sender.as_str(), &creator) >= levels.action("redact") {
+    let levels = power_levels(conn, pdu.room_id.as_str())?;
+    if levels.user(pdu.sender.as_str()) >= levels.action("redact") {
         Ok(())
     } else {
         Err(Error::forbidden(
             "You may not redact other users' events in this room",
         ))
     }
+}
+
+/// The room's current power levels (and creator, from the create event's sender, which is
+/// right for every room version, unlike `content.creator`, gone since v11).
+pub fn power_levels(conn: &Connection, room_id: &str) -> Result<PowerLevels> {
+    let content = current_content(conn, room_id, "m.room.power_levels", "")?;
+    let creator = current_pdu(conn, room_id, "m.room.create", "")
+        .map(|c| c.sender.to_string())
+        .unwrap_or_default();
+    Ok(PowerLevels::new(content, creator))
 }
 
 /// The content of a current state event, as JSON.

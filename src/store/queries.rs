@@ -154,12 +154,42 @@ pub fn update_device_name(
     )? > 0)
 }
 
-/// Deletes a device and (by cascade) its access tokens.
-pub fn delete_device(conn: &Connection, user_id: &str, device_id: &str) -> Result<bool> {
-    Ok(conn.execute(
-        "DELETE FROM devices WHERE user_id = ?1 AND device_id = ?2",
-        [user_id, device_id],
-    )? > 0)
+/// Which of a user's devices an operation applies to.
+#[derive(Clone, Copy)]
+pub enum Devices<'a> {
+    One(&'a str),
+    All,
+    AllBut(&'a str),
+}
+
+/// Deletes access tokens (and, with `and_devices`, the devices themselves) and returns the
+/// hashes of the tokens removed, so the caller can evict exactly those from the token cache
+/// without a separate read.
+pub fn delete_sessions(
+    conn: &Connection,
+    user_id: &str,
+    which: Devices<'_>,
+    and_devices: bool,
+) -> Result<Vec<String>> {
+    let (device, all_but) = match which {
+        Devices::One(d) => (Some(d), false),
+        Devices::All => (None, false),
+        Devices::AllBut(d) => (Some(d), true),
+    };
+    let filter = "user_id = ?1 AND (?2 IS NULL OR (device_id = ?2) != ?3)";
+    let mut stmt = conn.prepare_cached(&format!(
+        "DELETE FROM access_tokens WHERE {filter} RETURNING token_hash"
+    ))?;
+    let hashes = stmt
+        .query_map(params![user_id, device, all_but], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    if and_devices {
+        conn.execute(
+            &format!("DELETE FROM devices WHERE {filter}"),
+            params![user_id, device, all_but],
+        )?;
+    }
+    Ok(hashes)
 }
 
 pub fn insert_token(
@@ -185,17 +215,6 @@ pub fn get_token(conn: &Connection, token_hash: &str) -> Result<Option<(String, 
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()?)
-}
-
-/// Token hashes of a user's devices (all, or all but one), for invalidating the token cache.
-pub fn list_token_hashes(
-    conn: &Connection,
-    user_id: &str,
-    device_id: Option<&str>,
-) -> Result<Vec<String>> {
-    let mut stmt = conn.prepare_cached("SELECT token_hash FROM access_tokens WHERE user_id = ?1 AND (?2 IS NULL OR device_id = ?2)")?;
-    let rows = stmt.query_map(params![user_id, device_id], |r| r.get(0))?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
 // ---------------------------------------------------------------- rooms and state
@@ -625,13 +644,15 @@ pub struct ReceiptRow {
     pub ts: i64,
 }
 
-pub fn list_receipts_since(
+/// Receipts of a room with `since < pos <= upto`.
+pub fn list_receipts_between(
     conn: &Connection,
     room_id: &str,
     since: i64,
+    upto: i64,
 ) -> Result<Vec<ReceiptRow>> {
-    let mut stmt = conn.prepare_cached("SELECT receipt_type, user_id, thread_id, event_id, ts FROM receipts WHERE room_id = ?1 AND pos > ?2")?;
-    let rows = stmt.query_map(params![room_id, since], |r| {
+    let mut stmt = conn.prepare_cached("SELECT receipt_type, user_id, thread_id, event_id, ts FROM receipts WHERE room_id = ?1 AND pos > ?2 AND pos <= ?3")?;
+    let rows = stmt.query_map(params![room_id, since, upto], |r| {
         Ok(ReceiptRow {
             kind: r.get(0)?,
             user_id: r.get(1)?,

@@ -995,7 +995,13 @@ mod tests {
                     drop(first);
                 });
                 let guard = lin.lock("!room").await; // queued behind `holder`
-                let read = smol::unblock(|| 5).await; // a blocking "DB read"
+                                                     // A blocking "DB read" that is still running at its first poll, so the
+                                                     // number of suspension points does not depend on the thread pool's timing.
+                let read = smol::unblock(|| {
+                    std::thread::sleep(Duration::from_millis(2));
+                    5
+                })
+                .await;
                 entered.fetch_add(1, SeqCst);
                 let out = shield(&sp, "persist", async move {
                     Timer::after(Duration::from_millis(1)).await;

@@ -16,7 +16,7 @@ use event_listener::{Event, Listener};
 use crate::{
     config::{RateLimit, RateLimits},
     error::Error,
-    notify::Notifier,
+    notify::{Notifier, Topic},
     Clock,
 };
 
@@ -37,6 +37,9 @@ type TypingRooms = HashMap<String, (HashMap<String, u64>, i64)>;
 pub struct Typing {
     rooms: Mutex<TypingRooms>,
     notifier: Notifier,
+    /// Wakes the expiry worker when an entry is added (it may run out before its next
+    /// deadline). Data-less: the worker rescans.
+    added: Event,
 }
 
 impl Typing {
@@ -44,6 +47,7 @@ impl Typing {
         Self {
             rooms: Mutex::default(),
             notifier,
+            added: Event::new(),
         }
     }
 
@@ -55,8 +59,16 @@ impl Typing {
             None => room.0.remove(user_id).is_some(),
         };
         if changed {
-            room.1 = self.notifier.bump_ephemeral();
+            room.1 = self.notifier.bump_ephemeral(&Topic::room(room_id));
         }
+        if until_ms.is_some() {
+            self.added.notify(usize::MAX);
+        }
+    }
+
+    /// A listener that fires at the next `set` that adds or extends an entry.
+    pub fn listen_added(&self) -> event_listener::EventListener {
+        self.added.listen()
     }
 
     /// The earliest time a typing entry runs out, if any.
@@ -70,11 +82,11 @@ impl Typing {
     /// Drops every entry that ran out by `now_ms`, waking syncs for the rooms that changed.
     pub fn expire(&self, now_ms: u64) {
         let mut rooms = lock(&self.rooms);
-        for (users, serial) in rooms.values_mut() {
+        for (room_id, (users, serial)) in rooms.iter_mut() {
             let before = users.len();
             users.retain(|_, until| *until > now_ms);
             if users.len() != before {
-                *serial = self.notifier.bump_ephemeral();
+                *serial = self.notifier.bump_ephemeral(&Topic::room(room_id.as_str()));
             }
         }
         // Rooms stay in the map with their serial (one small entry per room ever typed in),
@@ -187,6 +199,8 @@ pub struct Metrics {
     pub in_flight: AtomicU64,
     pub cancelled_total: AtomicU64,
     pub connections: AtomicU64,
+    /// Parked `/sync` long-polls woken by a change on a topic they watch.
+    pub sync_wakeups_total: AtomicU64,
 }
 
 impl Metrics {
@@ -210,8 +224,11 @@ impl Metrics {
              # HELP hearth_http_requests_cancelled_total Requests dropped because the client disconnected.\n# TYPE hearth_http_requests_cancelled_total counter\nhearth_http_requests_cancelled_total {}\n\
              # HELP hearth_http_connections Open client connections.\n# TYPE hearth_http_connections gauge\nhearth_http_connections {}\n\
              # HELP hearth_tasks_live Tasks alive on the executor.\n# TYPE hearth_tasks_live gauge\nhearth_tasks_live {}\n\
-             # HELP hearth_stream_position Latest committed stream position.\n# TYPE hearth_stream_position gauge\nhearth_stream_position {}\n",
-            g(&self.requests_total), g(&self.in_flight), g(&self.cancelled_total), g(&self.connections), live_tasks, notifier.pos()
+             # HELP hearth_stream_position Latest committed stream position.\n# TYPE hearth_stream_position gauge\nhearth_stream_position {}\n\
+             # HELP hearth_sync_wakeups_total Parked /sync long-polls woken by a change they watch.\n# TYPE hearth_sync_wakeups_total counter\nhearth_sync_wakeups_total {}\n\
+             # HELP hearth_notify_watched_topics Rooms and users with a parked long-poll watching them.\n# TYPE hearth_notify_watched_topics gauge\nhearth_notify_watched_topics {}\n",
+            g(&self.requests_total), g(&self.in_flight), g(&self.cancelled_total), g(&self.connections), live_tasks, notifier.pos(),
+            g(&self.sync_wakeups_total), notifier.watched_topics()
         )
     }
 }

@@ -74,6 +74,8 @@ pub struct AppInner {
     pub metrics: ephemeral::Metrics,
     pub spawner: cancel::Spawner,
     pub shutdown: ephemeral::Latch,
+    /// Member events each device was sent for lazy loading (see `http::sync`).
+    pub lazy_members: Arc<http::sync::LazyMembers>,
     /// Shared `/sync` computations (see `http::sync`).
     pub sync_cache:
         cancel::ResponseCache<http::sync::SyncKey, error::Result<http::sync::SyncOutput>>,
@@ -123,6 +125,7 @@ impl App {
             tokens: ephemeral::TokenCache::default(),
             metrics: ephemeral::Metrics::default(),
             clock,
+            lazy_members: Arc::default(),
             sync_cache: cancel::ResponseCache::new(
                 &spawner,
                 "sync",

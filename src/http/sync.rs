@@ -5,13 +5,25 @@
 //! exactly `(since, upto]` where `upto` is read from the notifier *before* the database, so
 //! nothing committed later can slip in unannounced or be skipped.
 //!
-//! Long-poll: compute; if empty, wait on the notifier (or the deadline) and compute again.
-//! The wait holds only a listener, so dropping the request at any point leaves nothing behind.
+//! Long-poll: compute; if empty, watch the user and the rooms they are joined to (see
+//! `notify`) and compute again when one of them announces a change (or at the deadline). A
+//! message into a room wakes that room's members only, and a woken poll reads only the rooms
+//! its user is in. The wait holds only listeners, so dropping the request at any point leaves
+//! nothing behind.
+//!
+//! Lazy-loaded members: each device's member events already sent are remembered in memory
+//! ([`LazyMembers`]) with the position of the response that carried them, and count as
+//! delivered only once the client syncs from that position or later; a lost response or a
+//! restart costs a duplicate, never a missing member.
 
-use std::{collections::HashSet, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Mutex,
+    time::Duration,
+};
 
 use futures_lite::FutureExt;
-use rusqlite::{params, Connection};
+use rusqlite::Connection;
 use serde_json::{json, Map, Value};
 use tide::Response;
 
@@ -22,6 +34,7 @@ use super::{
 };
 use crate::{
     error::{Error, Result},
+    notify::{Topic, Watch},
     room::{
         build::stripped_state,
         format::{client_events, Viewer},
@@ -90,6 +103,24 @@ pub struct Since {
     pub eph: i64,
 }
 
+impl From<crate::notify::Marks> for Since {
+    fn from(m: crate::notify::Marks) -> Self {
+        Self {
+            pos: m.pos,
+            eph: m.eph,
+        }
+    }
+}
+
+impl From<Since> for crate::notify::Marks {
+    fn from(s: Since) -> Self {
+        Self {
+            pos: s.pos,
+            eph: s.eph,
+        }
+    }
+}
+
 pub fn parse_since(t: &str) -> Result<Since> {
     let bad = || Error::invalid_param("Invalid since token");
     let rest = t.strip_prefix('s').ok_or_else(bad)?;
@@ -122,11 +153,10 @@ pub async fn sync(req: Req) -> Result<Response> {
     let filter_param = get("filter");
     let filter = load_filter(&app, &who, filter_param.clone()).await?;
     let deadline = std::time::Instant::now() + Duration::from_millis(timeout);
+    // The topics this poll watches, kept across wake-ups while the user's rooms stay the same.
+    let mut watch: Option<(Vec<String>, Watch)> = None;
     loop {
-        let upto = Since {
-            pos: app.notifier.pos(),
-            eph: app.notifier.ephemeral(),
-        };
+        let upto = Since::from(app.notifier.marks());
         // Identical concurrent requests (a client retrying after a disconnect, two tabs of
         // one device) share one computation, run in its own task: dropping this request
         // never cancels it for the others.
@@ -149,8 +179,22 @@ pub async fn sync(req: Req) -> Result<Response> {
         if out.has_data || since.is_none() || now >= deadline || app.shutdown.is_set() {
             return json(&out.body);
         }
+        // Watch the user (new rooms, invites, account data) and every room they are joined
+        // to. Created after the computation: a change committed since `upto` on a topic that
+        // nobody watched yet is still seen, because a new slot starts at the global marks.
+        if watch.as_ref().is_none_or(|(rooms, _)| *rooms != out.joined) {
+            let topics = out
+                .joined
+                .iter()
+                .map(|r| Topic::room(r.as_str()))
+                .chain([Topic::user(who.user_id.as_str())]);
+            watch = Some((out.joined.clone(), app.notifier.watch(topics)));
+        }
+        let Some((_, w)) = &watch else {
+            return json(&out.body);
+        };
         let wake = async {
-            app.notifier.changed_since((upto.pos, upto.eph)).await;
+            w.changed_since(upto.into()).await;
             true
         };
         let expire = async {
@@ -161,6 +205,9 @@ pub async fn sync(req: Req) -> Result<Response> {
             // Deadline: answer with the empty response computed above.
             return json(&out.body);
         }
+        app.metrics
+            .sync_wakeups_total
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -203,6 +250,77 @@ pub struct SyncKey {
 pub struct SyncOutput {
     pub body: Value,
     pub has_data: bool,
+    /// The rooms the user is joined to (what a long-poll watches besides the user).
+    pub joined: Vec<String>,
+}
+
+/// Per device: which member events were sent for lazy loading, and in the response up to
+/// which position. In memory only (like Synapse's cache): losing it costs duplicates.
+#[derive(Default)]
+pub struct LazyMembers {
+    map: Mutex<HashMap<DeviceKey, SentMembers>>,
+}
+
+/// (user, device).
+type DeviceKey = (String, String);
+/// (room, member) → (member event ID, `upto` of the response that carried it).
+type SentMembers = HashMap<(String, String), (String, i64)>;
+
+/// Bounds on the cache; past them it starts over (members are then sent again).
+const LAZY_MAX_DEVICES: usize = 10_000;
+const LAZY_MAX_PER_DEVICE: usize = 100_000;
+
+impl LazyMembers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<DeviceKey, SentMembers>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Forgets what a device was sent (an initial sync starts over).
+    fn reset(&self, device: &DeviceKey) {
+        self.lock().remove(device);
+    }
+
+    /// Keeps the member events this device has not been sent as of `since`.
+    fn unsent(
+        &self,
+        device: &DeviceKey,
+        room: &str,
+        since: i64,
+        rows: Vec<EventRow>,
+    ) -> Vec<EventRow> {
+        let map = self.lock();
+        let Some(sent) = map.get(device) else {
+            return rows;
+        };
+        rows.into_iter()
+            .filter(|r| {
+                let key = (room.to_owned(), r.state_key.clone().unwrap_or_default());
+                !matches!(sent.get(&key), Some((id, at)) if *id == r.event_id && *at <= since)
+            })
+            .collect()
+    }
+
+    /// Records member events sent in the response that covers up to `upto`.
+    fn record(&self, device: &DeviceKey, room: &str, upto: i64, rows: &[EventRow]) {
+        let mut map = self.lock();
+        if map.len() >= LAZY_MAX_DEVICES && !map.contains_key(device) {
+            map.clear();
+        }
+        let sent = map.entry(device.clone()).or_default();
+        if sent.len() >= LAZY_MAX_PER_DEVICE {
+            sent.clear();
+        }
+        for r in rows.iter().filter(|r| r.kind == "m.room.member") {
+            let key = (room.to_owned(), r.state_key.clone().unwrap_or_default());
+            match sent.get_mut(&key) {
+                // Sent before in an earlier response: the earliest position counts.
+                Some((id, at)) if *id == r.event_id => *at = (*at).min(upto),
+                _ => {
+                    sent.insert(key, (r.event_id.clone(), upto));
+                }
+            }
+        }
+    }
 }
 
 /// Computes one sync response covering `(since, upto]`.
@@ -230,55 +348,57 @@ pub async fn compute(
             }
         }
     }
-    let who = who.clone();
-    let filter = filter.clone();
-    app.store
-        .read(move |c| {
-            build(
-                c, &who, since, upto, &filter, full_state, rooms, typing, now,
-            )
-        })
-        .await
+    let ctx = Ctx {
+        who: who.clone(),
+        since,
+        upto,
+        filter: filter.clone(),
+        full_state,
+        now,
+        lazy: app.lazy_members.clone(),
+    };
+    app.store.read(move |c| build(c, &ctx, rooms, typing)).await
 }
 
-#[allow(clippy::too_many_arguments)]
-fn build(
-    c: &Connection,
-    who: &Authed,
+/// Everything one sync computation needs besides the database.
+struct Ctx {
+    who: Authed,
     since: Option<Since>,
     upto: Since,
-    filter: &SyncFilter,
+    filter: SyncFilter,
     full_state: bool,
+    now: u64,
+    lazy: std::sync::Arc<LazyMembers>,
+}
+
+impl Ctx {
+    fn device(&self) -> DeviceKey {
+        (self.who.user_id.to_string(), self.who.device_id.to_string())
+    }
+}
+
+/// Builds the response from the user's own rooms only: a room is looked at when the user's
+/// membership changed in `(since, upto]` or when it has events or receipts in that range
+/// (one indexed probe per room), never by scanning what changed server-wide.
+fn build(
+    c: &Connection,
+    ctx: &Ctx,
     rooms: Vec<(String, String, i64)>,
     typing: Map<String, Value>,
-    now: u64,
 ) -> Result<SyncOutput> {
-    let user = who.user_id.as_str();
-    let viewer = Viewer {
-        user_id: user,
-        device_id: who.device_id.as_str(),
-    };
+    let (since, upto, filter) = (ctx.since, ctx.upto, &ctx.filter);
+    let user = ctx.who.user_id.as_str();
     let since_pos = since.map(|s| s.pos).unwrap_or(0);
-    let changed: HashSet<String> = if since.is_some() {
-        let mut set: HashSet<String> = q::list_rooms_changed_since(c, since_pos)?
-            .into_iter()
-            .collect();
-        let mut stmt =
-            c.prepare_cached("SELECT DISTINCT room_id FROM receipts WHERE pos > ?1 AND pos <= ?2")?;
-        for r in stmt.query_map(params![since_pos, upto.pos], |r| r.get::<_, String>(0))? {
-            set.insert(r?);
-        }
-        set
-    } else {
-        HashSet::new()
-    };
-    let account_data = q::list_account_data_since(c, user, since_pos)?;
-    let forgotten: HashSet<String> = {
-        let mut stmt =
-            c.prepare_cached("SELECT room_id FROM forgotten_rooms WHERE user_id = ?1")?;
-        let rows = stmt.query_map([user], |r| r.get::<_, String>(0))?;
-        rows.collect::<rusqlite::Result<_>>()?
-    };
+    if since.is_none() {
+        ctx.lazy.reset(&ctx.device());
+    }
+    let account_data = q::list_account_data_between(c, user, since_pos, upto.pos)?;
+    let forgotten: HashSet<String> = q::list_forgotten_rooms(c, user)?.into_iter().collect();
+    let joined: Vec<String> = rooms
+        .iter()
+        .filter(|(_, m, _)| m == "join")
+        .map(|(r, _, _)| r.clone())
+        .collect();
 
     let (mut join, mut invite, mut leave) = (Map::new(), Map::new(), Map::new());
     for (room, membership, mpos) in rooms {
@@ -292,21 +412,23 @@ fn build(
             .collect();
         match membership.as_str() {
             "join" => {
-                let fresh = since.is_none() || mpos > since_pos || full_state;
+                // New to this client: the whole room, timeline unbounded below.
+                let fresh = since.is_none() || mpos > since_pos;
                 let typing_ev = typing.get(&room).cloned();
-                if !fresh && !changed.contains(&room) && room_ad.is_empty() && typing_ev.is_none() {
+                if !fresh
+                    && !ctx.full_state
+                    && room_ad.is_empty()
+                    && typing_ev.is_none()
+                    && !q::room_changed_between(c, &room, since_pos, upto.pos)?
+                {
                     continue;
                 }
-                let mut r = joined_room(
-                    c,
-                    &room,
-                    user,
-                    viewer,
-                    if fresh { None } else { Some(since_pos) },
-                    upto.pos,
-                    filter,
-                    now,
-                )?;
+                let window = Window {
+                    since: (!fresh).then_some(since_pos),
+                    upto: upto.pos,
+                    full_state: fresh || ctx.full_state,
+                };
+                let mut r = joined_room(c, ctx, &room, window)?;
                 let mut ephemeral: Vec<Value> = typing_ev.into_iter().collect();
                 if let Some(rec) =
                     receipts(c, &room, user, if fresh { 0 } else { since_pos }, upto.pos)?
@@ -316,6 +438,7 @@ fn build(
                 r["ephemeral"] = json!({ "events": ephemeral });
                 r["account_data"] = json!({ "events": room_ad });
                 let empty = !fresh
+                    && !ctx.full_state
                     && r["timeline"]["events"].as_array().is_none_or(Vec::is_empty)
                     && ephemeral.is_empty()
                     && room_ad.is_empty()
@@ -340,16 +463,12 @@ fn build(
                         || (since.is_none() && filter.include_leave)) =>
             {
                 // The timeline runs up to the leave event; nothing after it is visible.
-                let r = joined_room(
-                    c,
-                    &room,
-                    user,
-                    viewer,
-                    since.map(|_| since_pos),
-                    mpos,
-                    filter,
-                    now,
-                )?;
+                let window = Window {
+                    since: since.map(|_| since_pos),
+                    upto: mpos,
+                    full_state: since.is_none() || ctx.full_state,
+                };
+                let r = joined_room(c, ctx, &room, window)?;
                 leave.insert(room, json!({ "timeline": r["timeline"], "state": r["state"], "account_data": { "events": room_ad } }));
             }
             _ => {}
@@ -368,28 +487,41 @@ fn build(
         "account_data": { "events": global_ad },
         "presence": { "events": [] },
     });
-    Ok(SyncOutput { body, has_data })
+    Ok(SyncOutput {
+        body,
+        has_data,
+        joined,
+    })
 }
 
-/// One joined (or left) room: timeline in `(since, upto]`, state, summary. `since = None`
-/// means the client knows nothing of the room yet: full state at the timeline's start.
-#[allow(clippy::too_many_arguments)]
-fn joined_room(
-    c: &Connection,
-    room: &str,
-    user: &str,
-    viewer: Viewer<'_>,
+/// What part of a room's history one response covers.
+#[derive(Clone, Copy)]
+struct Window {
+    /// The client knows the room up to here (`None`: nothing yet; the timeline is then
+    /// bounded only by its limit and the user's visibility).
     since: Option<i64>,
     upto: i64,
-    filter: &SyncFilter,
-    now: u64,
-) -> Result<Value> {
+    /// Send the whole state at the timeline's start (new room, or `full_state=true`), not
+    /// only what changed since `since`. Never widens the timeline.
+    full_state: bool,
+}
+
+/// One joined (or left) room: timeline in `(since, upto]`, state, summary.
+fn joined_room(c: &Connection, ctx: &Ctx, room: &str, w: Window) -> Result<Value> {
+    let filter = &ctx.filter;
+    let user = ctx.who.user_id.as_str();
+    let viewer = Viewer {
+        user_id: user,
+        device_id: ctx.who.device_id.as_str(),
+    };
+    let (since, upto) = (w.since, w.upto);
     let limit = filter.timeline_limit;
     // A user who never joined (a rejected invite, a ban before joining) sees only the event
-    // that ended their membership, and no room state.
+    // that ended their membership, and no room state. Database errors stay errors.
     let (lo, outsider) = match super::events::visible_range(c, room, user) {
         Ok((lo, _)) => (lo, false),
-        Err(_) => (upto - 1, true),
+        Err(e) if e.status == 403 || e.status == 404 => (upto - 1, true),
+        Err(e) => return Err(e),
     };
     let after = since.unwrap_or(0).max(lo);
     // Newest first, filtered, then back to stream order.
@@ -414,58 +546,56 @@ fn joined_room(
     }
     timeline.reverse();
     let start = timeline.first().map(|r| r.pos - 1).unwrap_or(upto);
-    // Full state at the timeline's start for a room new to the client; for a gap, the state
-    // that changed between `since` and the timeline's start.
-    let state_ids: Option<Vec<String>> = match since {
-        _ if outsider => None,
-        None => match q::get_state_group_at(c, room, start)? {
-            Some(g) => Some(
-                q::load_state_group(c, g)?
-                    .into_iter()
-                    .filter(|((t, k), _)| {
-                        !filter.lazy_load_members || t != "m.room.member" || k == user
-                    })
-                    .map(|(_, e)| e)
-                    .collect(),
-            ),
-            None => Some(Vec::new()),
+    // Full state at the timeline's start for a room new to the client (or `full_state`);
+    // for a gap, the state that changed between `since` and the timeline's start.
+    let state_ids: Vec<String> = match since {
+        _ if outsider => Vec::new(),
+        _ if w.full_state => match q::get_state_group_at(c, room, start)? {
+            Some(g) => q::load_state_group(c, g)?
+                .into_iter()
+                .filter(|((t, k), _)| {
+                    !filter.lazy_load_members || t != "m.room.member" || k == user
+                })
+                .map(|(_, e)| e)
+                .collect(),
+            None => Vec::new(),
         },
-        Some(s) if limited => {
-            let mut stmt = c.prepare_cached(
-                "SELECT event_id FROM current_state WHERE room_id = ?1 AND pos > ?2 AND pos <= ?3",
-            )?;
-            let ids = stmt
-                .query_map(params![room, s, start], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?;
-            Some(ids)
-        }
-        Some(_) => None,
+        Some(s) if limited => q::list_current_state_ids_between(c, room, s, start)?,
+        // Not limited: every state change since `since` is in the timeline.
+        Some(_) | None => Vec::new(),
     };
-    let mut state_rows = match state_ids {
-        None => Vec::new(),
-        Some(ids) => {
-            let mut rows = q::get_events(c, ids)?;
-            if filter.lazy_load_members {
-                rows.extend(
-                    lazy_members_of(c, room, &timeline)?
-                        .into_iter()
-                        .filter(|r| r.pos <= start),
-                );
-            }
-            rows
-        }
-    };
+    let mut state_rows = q::get_events(c, state_ids)?;
+    if filter.lazy_load_members && !outsider {
+        // The member events of the timeline's senders that this device lacks, whether or
+        // not the timeline is limited (those after the timeline's start are in it).
+        let members: Vec<EventRow> = lazy_members_of(c, room, &timeline)?
+            .into_iter()
+            .filter(|r| r.pos <= start)
+            .collect();
+        let device = ctx.device();
+        let members = match since {
+            Some(s) if !w.full_state => ctx.lazy.unsent(&device, room, s, members),
+            _ => members,
+        };
+        state_rows.extend(members);
+    }
     state_rows.sort_by_key(|r| r.pos);
     state_rows.dedup_by(|a, b| a.event_id == b.event_id);
+    if filter.lazy_load_members {
+        // Whatever member events this response carries, in the state or the timeline.
+        let device = ctx.device();
+        ctx.lazy.record(&device, room, ctx.upto.pos, &state_rows);
+        ctx.lazy.record(&device, room, ctx.upto.pos, &timeline);
+    }
     let mut out = json!({
         "timeline": {
-            "events": client_events(c, &timeline, Some(viewer), now, false)?,
+            "events": client_events(c, &timeline, Some(viewer), ctx.now, false)?,
             "limited": limited,
             "prev_batch": format!("t{start}"),
         },
-        "state": { "events": client_events(c, &state_rows, Some(viewer), now, false)? },
+        "state": { "events": client_events(c, &state_rows, Some(viewer), ctx.now, false)? },
     });
-    let members_changed = since.is_none()
+    let members_changed = w.full_state
         || timeline
             .iter()
             .chain(state_rows.iter())

@@ -14,6 +14,7 @@ use tide::Response;
 use super::{auth, body_json, json, param, Authed, Req};
 use crate::{
     error::{Error, Result},
+    notify::Topic,
     room::build::{self, NewEvent},
     store::{queries as q, Tx},
 };
@@ -185,7 +186,7 @@ fn put_account_data_tx(
     kind: &str,
     content: &Value,
 ) -> Result<()> {
-    let pos = tx.next_pos();
+    let pos = tx.next_pos([Topic::user(user)]);
     q::upsert_account_data(tx, user, room, kind, &content.to_string(), pos)
 }
 
@@ -313,7 +314,7 @@ async fn store_receipt(
             if k == "m.fully_read" {
                 return put_account_data_tx(tx, &u, &r, "m.fully_read", &json!({ "event_id": e }));
             }
-            let pos = tx.next_pos();
+            let pos = tx.next_pos([Topic::room(r.as_str())]);
             q::upsert_receipt(tx, &r, &k, &u, &t, &e, tx.now_ms, pos)
         })
         .await

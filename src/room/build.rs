@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 use super::{power::PowerLevels, state, Pdu, SigningKey};
 use crate::{
     error::{Error, Result},
+    notify::Topic,
     store::{queries as q, Tx},
 };
 
@@ -336,7 +337,13 @@ fn persist(
     txn: Option<TxnRef<'_>>,
     state_at: StateAt,
 ) -> Result<Persisted> {
-    let pos = tx.next_pos();
+    // The room's members see the event; a membership change also concerns its subject (an
+    // invitee or a joiner is not watching the room yet).
+    let subject = match (&pdu.state_key, pdu.kind == TimelineEventType::RoomMember) {
+        (Some(user), true) => Some(Topic::user(user.as_str())),
+        _ => None,
+    };
+    let pos = tx.next_pos(std::iter::once(Topic::room(pdu.room_id.as_str())).chain(subject));
     let rid = pdu.room_id.as_str();
     let eid = pdu.event_id.as_str();
     let kind = pdu.kind.to_string();

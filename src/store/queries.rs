@@ -508,10 +508,39 @@ pub fn get_txn(
         .optional()?)
 }
 
-/// Rooms with an event after `since` (for incremental sync).
-pub fn list_rooms_changed_since(conn: &Connection, since: i64) -> Result<Vec<String>> {
-    let mut stmt = conn.prepare_cached("SELECT DISTINCT room_id FROM events WHERE pos > ?1")?;
-    let rows = stmt.query_map([since], |r| r.get(0))?;
+/// Whether a room has an event or a receipt with `since < pos <= upto` (two index probes:
+/// `events_room_pos`, `receipts_room_pos`).
+pub fn room_changed_between(
+    conn: &Connection,
+    room_id: &str,
+    since: i64,
+    upto: i64,
+) -> Result<bool> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM events WHERE room_id = ?1 AND pos > ?2 AND pos <= ?3)
+             OR EXISTS (SELECT 1 FROM receipts WHERE room_id = ?1 AND pos > ?2 AND pos <= ?3)",
+    )?;
+    Ok(stmt.query_row(params![room_id, since, upto], |r| r.get(0))?)
+}
+
+/// Event IDs of the room's current state that changed with `since < pos <= upto`.
+pub fn list_current_state_ids_between(
+    conn: &Connection,
+    room_id: &str,
+    since: i64,
+    upto: i64,
+) -> Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT event_id FROM current_state WHERE room_id = ?1 AND pos > ?2 AND pos <= ?3",
+    )?;
+    let rows = stmt.query_map(params![room_id, since, upto], |r| r.get(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Rooms a user has forgotten.
+pub fn list_forgotten_rooms(conn: &Connection, user_id: &str) -> Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached("SELECT room_id FROM forgotten_rooms WHERE user_id = ?1")?;
+    let rows = stmt.query_map([user_id], |r| r.get(0))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
@@ -602,16 +631,17 @@ pub fn get_account_data(
         .optional()?)
 }
 
-/// (room_id, type, content) changed after `since`.
-pub fn list_account_data_since(
+/// (room_id, type, content) changed with `since < pos <= upto`.
+pub fn list_account_data_between(
     conn: &Connection,
     user_id: &str,
     since: i64,
+    upto: i64,
 ) -> Result<Vec<(String, String, String)>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT room_id, type, content FROM account_data WHERE user_id = ?1 AND pos > ?2",
+        "SELECT room_id, type, content FROM account_data WHERE user_id = ?1 AND pos > ?2 AND pos <= ?3",
     )?;
-    let rows = stmt.query_map(params![user_id, since], |r| {
+    let rows = stmt.query_map(params![user_id, since, upto], |r| {
         Ok((r.get(0)?, r.get(1)?, r.get(2)?))
     })?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)

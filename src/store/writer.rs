@@ -7,7 +7,12 @@
 //!
 //! The writer also owns the stream-position counter: positions are handed out inside the
 //! transaction and become visible together at COMMIT, in order, so a reader never sees
-//! position N+1 without N. After each commit it tells the `Notifier` (a wake-up without data).
+//! position N+1 without N. Taking a position names the topics (rooms, users) the change
+//! concerns; after each commit the writer announces them on the `Notifier` (wake-ups without
+//! data), so only the long-polls a change concerns wake.
+//!
+//! A write closure that panics fails alone, like one that returns an error: its SAVEPOINT is
+//! rolled back, its caller gets a 500, and the writer goes on with the rest of the batch.
 
 use std::{
     sync::{
@@ -21,7 +26,7 @@ use rusqlite::{Connection, Transaction, TransactionBehavior};
 
 use crate::{
     error::{Error, Result},
-    notify::Notifier,
+    notify::{Notifier, Topic},
     Clock,
 };
 
@@ -29,13 +34,17 @@ use crate::{
 pub struct Tx<'a> {
     pub tx: &'a Transaction<'a>,
     next_pos: &'a mut i64,
+    topics: &'a mut Vec<Topic>,
     /// Milliseconds since the epoch, read once per batch from the injected clock.
     pub now_ms: u64,
 }
 
 impl Tx<'_> {
-    /// Takes the next stream position.
-    pub fn next_pos(&mut self) -> i64 {
+    /// Takes the next stream position for a change that concerns `topics`: after the commit,
+    /// the long-polls watching them wake. Every position names whom it concerns, so no
+    /// change that `/sync` would show can be committed without its wake-up.
+    pub fn next_pos(&mut self, topics: impl IntoIterator<Item = Topic>) -> i64 {
+        self.topics.extend(topics);
         *self.next_pos += 1;
         *self.next_pos
     }
@@ -147,7 +156,9 @@ fn run(
         }
         let before = pos;
         let n = batch.len() as u64;
-        let (replies, committed, failed) = run_batch(&mut conn, batch, &mut pos, clock.now_ms());
+        let mut topics = Vec::new();
+        let (replies, committed, failed) =
+            run_batch(&mut conn, batch, &mut pos, &mut topics, clock.now_ms());
         stats.writes.fetch_add(n, Ordering::Relaxed);
         stats.failed_writes.fetch_add(failed, Ordering::Relaxed);
         if committed.is_err() {
@@ -156,7 +167,9 @@ fn run(
             stats.commits.fetch_add(1, Ordering::Relaxed);
         }
         if pos > before && committed.is_ok() {
-            notifier.advance(pos);
+            topics.sort_unstable();
+            topics.dedup();
+            notifier.advance(pos, &topics);
         }
         for reply in replies {
             reply(committed.clone());
@@ -172,6 +185,7 @@ fn run_batch(
     conn: &mut Connection,
     batch: Vec<Job>,
     pos: &mut i64,
+    topics: &mut Vec<Topic>,
     now_ms: u64,
 ) -> (Vec<Reply>, Result<()>, u64) {
     let mut replies = Vec::with_capacity(batch.len());
@@ -188,19 +202,40 @@ fn run_batch(
         if let Err(e) = tx.execute_batch("SAVEPOINT op") {
             return (replies, Err(e.into()), failed);
         }
+        let (pos_before, topics_before) = (*pos, topics.len());
         let mut ctx = Tx {
             tx: &tx,
             next_pos: pos,
+            topics,
             now_ms,
         };
-        let (ok, reply) = job(&mut ctx);
+        // A panicking closure is a failed write (its caller's reply channel is dropped, which
+        // it sees as a 500), never a dead writer.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut ctx)));
+        let ok = match outcome {
+            Ok((ok, reply)) => {
+                replies.push(reply);
+                ok
+            }
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                log::error!("a write panicked and was rolled back: {what}");
+                false
+            }
+        };
         let end = if ok {
             "RELEASE op"
         } else {
+            // Positions and topics of a rolled-back write are given back.
             failed += 1;
+            *pos = pos_before;
+            topics.truncate(topics_before);
             "ROLLBACK TO op; RELEASE op"
         };
-        replies.push(reply);
         if let Err(e) = tx.execute_batch(end) {
             return (replies, Err(e.into()), failed);
         }
@@ -241,7 +276,7 @@ mod tests {
                             if i % 10 == 3 {
                                 return Err(Error::forbidden("this one fails after writing"));
                             }
-                            Ok(tx.next_pos())
+                            Ok(tx.next_pos([]))
                         })
                         .await
                     })
@@ -276,6 +311,60 @@ mod tests {
             .optional()
             .unwrap();
         assert!(k3.is_none());
+    }
+
+    #[test]
+    fn a_panicking_write_fails_alone_and_the_writer_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = writer(dir.path());
+        let panicked: Result<i64> = smol::block_on(w.write(|tx| {
+            tx.execute("INSERT INTO meta (key, value) VALUES ('p', 'v')", [])?;
+            tx.next_pos([Topic::room("!r:x")]);
+            panic!("a bug in a write closure");
+        }));
+        assert!(panicked.is_err());
+        // The writer still serves, and the panicking write left nothing behind (its
+        // position is given back).
+        let pos = smol::block_on(w.write(|tx| {
+            tx.execute("INSERT INTO meta (key, value) VALUES ('q', 'v')", [])?;
+            Ok(tx.next_pos([]))
+        }))
+        .unwrap();
+        assert_eq!(pos, 1);
+        w.close().unwrap();
+        let conn = Connection::open(dir.path().join("w.db")).unwrap();
+        let keys: Vec<String> = conn
+            .prepare("SELECT key FROM meta WHERE key IN ('p', 'q')")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(keys, vec!["q".to_string()]);
+    }
+
+    #[test]
+    fn committed_writes_wake_only_their_topics() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("w.db")).unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        super::super::configure(&conn).unwrap();
+        super::super::migrate::migrate(&mut conn).unwrap();
+        let n = Notifier::default();
+        let w = Writer::start(conn, Arc::new(SystemClock), n.clone()).unwrap();
+        let busy = n.watch([Topic::room("!busy:x")]);
+        let quiet = n.watch([Topic::room("!quiet:x"), Topic::user("@b:x")]);
+        let seen = n.marks();
+        // A failing write's topics are not announced.
+        let _ = smol::block_on(w.write(|tx| -> Result<()> {
+            tx.next_pos([Topic::room("!quiet:x")]);
+            Err(Error::forbidden("no"))
+        }));
+        smol::block_on(w.write(|tx| Ok(tx.next_pos([Topic::room("!busy:x")])))).unwrap();
+        assert!(busy.changed(seen));
+        assert!(!quiet.changed(seen));
+        assert_eq!(n.pos(), 1);
+        w.close().unwrap();
     }
 
     #[test]

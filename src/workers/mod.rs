@@ -15,16 +15,17 @@ const IDLE_SLEEP: Duration = Duration::from_secs(30);
 /// user stop typing even if the client never says so.
 pub async fn typing_expiry(app: App) {
     loop {
+        // Listen first, then look: an entry added after the scan below (perhaps with an
+        // earlier deadline) fires the listener, so it is never slept past.
+        let added = app.typing.listen_added();
         let now = app.clock.now_ms();
         app.typing.expire(now);
         let sleep = match app.typing.next_expiry() {
             Some(t) => Duration::from_millis(t.saturating_sub(now).max(1)),
             None => IDLE_SLEEP,
         };
-        let seen = (app.notifier.pos(), app.notifier.ephemeral());
         let woken = async {
-            // Any ephemeral change may have added an earlier deadline.
-            app.notifier.changed_since(seen).await;
+            added.await;
         };
         let stop = async {
             app.shutdown.wait().await;

@@ -57,30 +57,61 @@ CREATE TABLE IF NOT EXISTS rooms (
 ) STRICT;
 
 -- Every PDU we hold. `json` is the canonical PDU as signed (redacted in place on redaction).
--- `state_group` is the room state *after* this event.
+--
+-- Two orders: `pos` is the stream order (when this server learnt of the event; what /sync
+-- walks), `depth` then `pos` the topological order (what /messages and backfill walk), so
+-- history fetched later can sort before what users have already seen.
+--
+-- Not every event we hold is part of the room as clients see it:
+-- - an *outlier* (`outlier = 1`) is known without its state: an auth event fetched to check
+--   another, an invite to a remote room. `state_group` is NULL.
+-- - a *rejected* event (`rejected_reason` set) failed the auth rules against its auth events
+--   or the state before it: kept so it is not fetched again, never served as part of the room.
+-- - a *soft-failed* event (`soft_failed = 1`) passed those but not the current state: stored
+--   and referenced by the graph, but not in current state and not sent to clients.
+-- `state_group` is the room state *after* the event; `received_ts` is when it reached us.
 CREATE TABLE IF NOT EXISTS events (
     pos              INTEGER PRIMARY KEY,
     event_id         TEXT NOT NULL UNIQUE,
-    room_id          TEXT NOT NULL REFERENCES rooms(room_id),
+    room_id          TEXT NOT NULL,
     type             TEXT NOT NULL,
     state_key        TEXT,
     sender           TEXT NOT NULL,
     origin_server_ts INTEGER NOT NULL,
+    received_ts      INTEGER NOT NULL,
     depth            INTEGER NOT NULL,
     json             TEXT NOT NULL,
-    state_group      INTEGER NOT NULL,
+    state_group      INTEGER,
     -- the event this state event replaced, for unsigned.prev_content / replaces_state
     replaces_state   TEXT,
     redacted_by      TEXT,
     -- set for events sent by a local device, for unsigned.transaction_id
     txn_device       TEXT,
     txn_id           TEXT,
-    rejected         INTEGER NOT NULL DEFAULT 0,
+    rejected_reason  TEXT,
+    soft_failed      INTEGER NOT NULL DEFAULT 0,
     outlier          INTEGER NOT NULL DEFAULT 0
 ) STRICT;
 CREATE INDEX IF NOT EXISTS events_room_pos ON events(room_id, pos);
+-- Topological order within a room (/messages, backfill).
+CREATE INDEX IF NOT EXISTS events_room_topo ON events(room_id, depth, pos);
 -- Membership history of a user in a room (visibility checks) without scanning the room.
 CREATE INDEX IF NOT EXISTS events_room_state ON events(room_id, type, state_key, pos) WHERE state_key IS NOT NULL;
+
+-- The event graph as rows: prev events (for missing-event walks and extremities) and auth
+-- events (auth chains are a recursive query, not JSON parsed one event at a time). The
+-- referenced event need not be held (yet).
+CREATE TABLE IF NOT EXISTS event_edges (
+    event_id      TEXT NOT NULL,
+    prev_event_id TEXT NOT NULL,
+    PRIMARY KEY (event_id, prev_event_id)
+) STRICT, WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS event_edges_prev ON event_edges(prev_event_id);
+CREATE TABLE IF NOT EXISTS event_auth (
+    event_id      TEXT NOT NULL,
+    auth_event_id TEXT NOT NULL,
+    PRIMARY KEY (event_id, auth_event_id)
+) STRICT, WITHOUT ROWID;
 
 -- Dedupe of client sends: a retried txnId returns the first event ID.
 CREATE TABLE IF NOT EXISTS txn_ids (

@@ -219,3 +219,219 @@ fn ban_on_one_branch_beats_the_banned_users_topic_on_the_other() {
         .is_some());
     app.store.close().unwrap();
 }
+
+/// Sends a state event through the app (test helper for forks).
+fn state(
+    app: &App,
+    room: &OwnedRoomId,
+    sender: &OwnedUserId,
+    kind: &'static str,
+    key: &str,
+    content: serde_json::Value,
+    prevs: Option<Vec<OwnedEventId>>,
+) -> OwnedEventId {
+    send(
+        app,
+        room,
+        sender,
+        NewEvent::state(kind, key, content),
+        prevs,
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_state_reset_reaches_clients_and_a_fork_writes_a_delta() {
+    let s = common::TestServer::start();
+    let app = s.hs().app().clone();
+    let (alice_id, alice) = s.register("alice");
+    let (bob_id, bob) = s.register("bob");
+    let room_s = s.create_room(
+        &alice,
+        json!({ "preset": "public_chat", "initial_state": [
+            { "type": "m.room.topic", "state_key": "", "content": { "topic": "original" } }
+        ], "power_level_content_override": { "events": { "m.room.topic": 0 } } }),
+    );
+    s.ok(
+        "POST",
+        &format!("/_matrix/client/v3/rooms/{}/join", common::enc(&room_s)),
+        Some(&bob),
+        Some(&json!({})),
+    );
+    let room: OwnedRoomId = room_s.as_str().try_into().unwrap();
+    let alice_uid: OwnedUserId = alice_id.as_str().try_into().unwrap();
+    let bob_uid: OwnedUserId = bob_id.as_str().try_into().unwrap();
+    let fork_point = {
+        let r = room_s.clone();
+        smol::block_on(app.store.read(move |c| q::list_forward_extremities(c, &r))).unwrap()[0]
+            .0
+            .clone()
+    };
+    let fork_point: OwnedEventId = fork_point.as_str().try_into().unwrap();
+
+    // Branch A (the main line, what clients see first): bob sets the topic.
+    state(
+        &app,
+        &room,
+        &bob_uid,
+        "m.room.topic",
+        "",
+        json!({ "topic": "bob's" }),
+        None,
+    );
+    let v = s.sync(&alice, "timeout=0");
+    let since = v["next_batch"].as_str().unwrap().to_owned();
+    assert_eq!(
+        current(&app, &room, "m.room.topic", "").unwrap()["topic"],
+        "bob's"
+    );
+
+    // Branch B, from before bob's topic: alice bans bob. Resolution applies the ban first,
+    // and bob's topic no longer passes auth: the topic goes back to "original" without any
+    // new topic event. That reset must reach alice's client.
+    let ban = state(
+        &app,
+        &room,
+        &alice_uid,
+        "m.room.member",
+        bob_id.as_str(),
+        json!({ "membership": "ban" }),
+        Some(vec![fork_point]),
+    );
+    assert_eq!(
+        current(&app, &room, "m.room.topic", "").unwrap()["topic"],
+        "original"
+    );
+    let v = s.sync(&alice, &format!("since={since}&timeout=0"));
+    let r = &v["rooms"]["join"][&room_s];
+    let timeline_ids: Vec<&str> = r["timeline"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(timeline_ids, vec![ban.as_str()], "{v}");
+    let topic_in_state: Vec<&str> = r["state"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "m.room.topic")
+        .map(|e| e["content"]["topic"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        topic_in_state,
+        vec!["original"],
+        "the reset is in the state section: {v}"
+    );
+
+    // The fork stored the ban's state as a delta against its prev event's group, not whole.
+    let b = ban.to_string();
+    let (entries, prev_group): (i64, Option<i64>) = smol::block_on(app.store.read(move |c| {
+        let g = q::get_event(c, &b)?.unwrap().state_group.unwrap();
+        Ok(c.query_row(
+            "SELECT (SELECT count(*) FROM state_group_entries WHERE group_id = ?1),
+                    (SELECT prev_group FROM state_groups WHERE id = ?1)",
+            [g],
+            |x| Ok((x.get(0)?, x.get(1)?)),
+        )?)
+    }))
+    .unwrap();
+    assert!(prev_group.is_some(), "the fork's group is a delta");
+    assert_eq!(entries, 1, "only the ban's own key differs from its base");
+}
+
+#[test]
+fn the_event_graph_is_in_tables_auth_chains_and_missing_events_are_queries() {
+    let s = common::TestServer::start();
+    let app = s.hs().app().clone();
+    let (_, alice) = s.register("alice");
+    let room = s.create_room(&alice, json!({ "name": "graph" }));
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        sent.push(common::TestServer::send(
+            &s,
+            &alice,
+            &room,
+            &format!("g{i}"),
+            "x",
+        ));
+    }
+    let (r, last, first) = (room.clone(), sent[4].clone(), sent[0].clone());
+    let (chain, json_chain, missing) = smol::block_on(app.store.read(move |c| {
+        let chain = q::list_auth_chain(c, [last.as_str()])?;
+        // The same chain by walking the PDUs' JSON.
+        let mut json_chain = std::collections::BTreeSet::new();
+        let mut todo = vec![last.clone()];
+        while let Some(id) = todo.pop() {
+            let row = q::get_event(c, &id)?.unwrap();
+            let v: serde_json::Value = serde_json::from_str(&row.json)?;
+            for a in v["auth_events"].as_array().unwrap() {
+                let a = a.as_str().unwrap().to_owned();
+                if json_chain.insert(a.clone()) {
+                    todo.push(a);
+                }
+            }
+        }
+        let missing: Vec<String> =
+            q::list_missing_events(c, &r, &[first.as_str()], &[last.as_str()], 10)?
+                .into_iter()
+                .map(|e| e.event_id)
+                .collect();
+        Ok((chain, json_chain, missing))
+    }))
+    .unwrap();
+    let chain: std::collections::BTreeSet<String> = chain.into_iter().collect();
+    assert_eq!(chain, json_chain);
+    assert!(chain.len() >= 3, "create, power levels, member: {chain:?}");
+    // Between the first and the last message: the three in between, newest first.
+    assert_eq!(
+        missing,
+        vec![sent[3].clone(), sent[2].clone(), sent[1].clone()]
+    );
+}
+
+#[test]
+fn a_version_1_database_is_upgraded_with_its_event_graph() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hearth.db");
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(include_str!("fixtures/schema-v1.sql"))
+            .unwrap();
+        conn.execute_batch(
+            "INSERT INTO meta (key, value) VALUES ('schema_version', '1'), ('server_name', 'hearth.test');
+             INSERT INTO rooms (room_id, room_version, creator, created_ts) VALUES ('!r:hearth.test', '10', '@a:hearth.test', 0);
+             INSERT INTO events (pos, event_id, room_id, type, sender, origin_server_ts, depth, json, state_group, rejected)
+             VALUES (7, '$e', '!r:hearth.test', 'm.room.message', '@a:hearth.test', 1234, 3,
+                     '{\"prev_events\":[\"$p1\",\"$p2\"],\"auth_events\":[\"$a1\"]}', 1, 1);",
+        )
+        .unwrap();
+    }
+    let mut config = common::config_in(dir.path());
+    config.database = path.clone();
+    let ex = Arc::new(async_executor::Executor::new());
+    let app = App::open(
+        config,
+        Arc::new(hearth::SystemClock),
+        hearth::cancel::Spawner::new(ex),
+    )
+    .unwrap();
+    let (edges, auth, row) = smol::block_on(app.store.read(|c| {
+        let edges: Vec<String> = c
+            .prepare("SELECT prev_event_id FROM event_edges WHERE event_id = '$e' ORDER BY 1")?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let auth = q::list_auth_chain(c, ["$e"])?;
+        let row: (i64, Option<String>, i64) = c.query_row(
+            "SELECT received_ts, rejected_reason, soft_failed FROM events WHERE event_id = '$e'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
+        Ok((edges, auth, row))
+    }))
+    .unwrap();
+    assert_eq!(edges, vec!["$p1", "$p2"]);
+    assert_eq!(auth, vec!["$a1"]);
+    assert_eq!(row, (1234, Some("rejected".to_owned()), 0));
+    app.store.close().unwrap();
+}

@@ -663,7 +663,10 @@ pub async fn context(req: Req) -> Result<Response> {
                     .collect();
                 lazy_members_of(c, &room_id, &all)?
             } else {
-                q::get_events(c, q::load_state_group(c, row.state_group)?.into_values())?
+                match row.state_group {
+                    Some(g) => q::get_events(c, q::load_state_group(c, g)?.into_values())?,
+                    None => Vec::new(),
+                }
             };
             let v = Some(viewer(&who));
             Ok(json!({

@@ -560,9 +560,17 @@ fn joined_room(c: &Connection, ctx: &Ctx, room: &str, w: Window) -> Result<Value
                 .collect(),
             None => Vec::new(),
         },
-        Some(s) if limited => q::list_current_state_ids_between(c, room, s, start)?,
-        // Not limited: every state change since `since` is in the timeline.
-        Some(_) | None => Vec::new(),
+        // Incremental: the state entries that changed in `(since, upto]` and are not in the
+        // timeline: changes before a limited timeline's start, and state resets (resolution
+        // changing the state without a new event; they take a fresh position).
+        Some(s) => {
+            let in_timeline: HashSet<&str> = timeline.iter().map(|r| r.event_id.as_str()).collect();
+            q::list_current_state_ids_between(c, room, s, upto)?
+                .into_iter()
+                .filter(|id| !in_timeline.contains(id.as_str()))
+                .collect()
+        }
+        None => Vec::new(),
     };
     let mut state_rows = q::get_events(c, state_ids)?;
     if filter.lazy_load_members && !outsider {

@@ -15,7 +15,7 @@ use ruma::{
     CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedServerName, RoomId, RoomVersionId,
     UserId,
 };
-use rusqlite::{params, Connection};
+use rusqlite::Connection;
 use serde_json::{json, Value};
 
 use super::{power::PowerLevels, state, Pdu, SigningKey};
@@ -112,8 +112,12 @@ pub fn send(
 enum StateAt {
     /// It follows the room's only forward extremity: the `current_state` table.
     Current,
-    /// Anything else: resolved from the states after its prev events.
-    Resolved(state::StateMap),
+    /// Anything else: resolved from the states after its prev events. `base` is the state
+    /// group after the first prev event, which the event's own group is stored against.
+    Resolved {
+        before: state::StateMap,
+        base: Option<i64>,
+    },
 }
 
 impl StateAt {
@@ -126,7 +130,7 @@ impl StateAt {
     ) -> Result<Option<String>> {
         match self {
             StateAt::Current => q::get_current_state(conn, room_id, kind, key),
-            StateAt::Resolved(m) => Ok(m
+            StateAt::Resolved { before: m, .. } => Ok(m
                 .get(&(StateEventType::from(kind), key.to_owned()))
                 .map(|e| e.to_string())),
         }
@@ -152,26 +156,15 @@ pub fn send_with_prevs(
     let rid = room_id.as_str();
 
     let content_raw = serde_json::value::to_raw_value(&new.content)?;
-    let extremities: Vec<(String, i64)> = {
-        let mut stmt = tx.prepare_cached(
-            "SELECT f.event_id, e.depth FROM forward_extremities f JOIN events e ON e.event_id = f.event_id WHERE f.room_id = ?1",
-        )?;
-        let rows = stmt.query_map([rid], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        rows.collect::<rusqlite::Result<_>>()?
-    };
+    let extremities = q::list_forward_extremities(tx, rid)?;
     let mut prev: Vec<(String, i64)> = match prev_events {
         None => extremities.clone(),
         Some(ids) => ids
             .iter()
             .map(|id| {
-                let row = q::get_event(tx, id.as_str())?
+                let depth = q::get_event_depth(tx, id.as_str())?
                     .ok_or_else(|| Error::not_found(format!("unknown prev event {id}")))?;
-                let depth: i64 = tx.query_row(
-                    "SELECT depth FROM events WHERE event_id = ?1",
-                    [&row.event_id],
-                    |r| r.get(0),
-                )?;
-                Ok((row.event_id, depth))
+                Ok((id.to_string(), depth))
             })
             .collect::<Result<_>>()?,
     };
@@ -188,7 +181,14 @@ pub fn send_with_prevs(
             .iter()
             .map(|p| OwnedEventId::try_from(p.0.as_str()).map_err(Error::internal))
             .collect::<Result<Vec<_>>>()?;
-        StateAt::Resolved(state::state_before(tx, &rules, &ids)?)
+        let base = match ids.first() {
+            Some(first) => q::get_event(tx, first.as_str())?.and_then(|r| r.state_group),
+            None => None,
+        };
+        StateAt::Resolved {
+            before: state::state_before(tx, &rules, &ids)?,
+            base,
+        }
     };
 
     let auth_events: Vec<String> = if new.kind == TimelineEventType::RoomCreate {
@@ -327,8 +327,9 @@ pub fn current_content(
     Ok(v.get("content").cloned())
 }
 
-/// Appends an authorised event: its row, the new state group and current state if it is a
-/// state event, the forward extremities, the txn-id row and the redaction it applies.
+/// Appends an authorised event: its row and graph edges, its state group (a delta against
+/// its parent's), current state, the forward extremities, the txn-id row and the redaction it
+/// applies.
 fn persist(
     tx: &mut Tx<'_>,
     pdu: &Pdu,
@@ -347,78 +348,66 @@ fn persist(
     let rid = pdu.room_id.as_str();
     let eid = pdu.event_id.as_str();
     let kind = pdu.kind.to_string();
-    let parent = q::get_room_state_group(tx, rid)?;
     let mut replaces = None;
-    let resolved = matches!(state_at, StateAt::Resolved(_));
+    let forked = matches!(state_at, StateAt::Resolved { .. });
     let group = match (&pdu.state_key, state_at) {
-        (key, StateAt::Resolved(mut before)) => {
+        (key, StateAt::Resolved { before, base }) => {
+            let mut after = before;
             if let Some(key) = key {
-                replaces = before
+                replaces = after
                     .insert(
                         (StateEventType::from(kind.as_str()), key.clone()),
                         pdu.event_id.clone(),
                     )
                     .map(|e| e.to_string());
             }
-            state::insert_full_group(tx, rid, &before)?
+            state::insert_group_against(tx, rid, base, &after)?
         }
         (Some(key), StateAt::Current) => {
             replaces = q::get_current_state(tx, rid, &kind, key)?;
-            let g = q::insert_state_group(tx, rid, parent, &[(kind.as_str(), key.as_str(), eid)])?;
-            let membership = if pdu.kind == TimelineEventType::RoomMember {
-                serde_json::from_str::<Value>(pdu.content.get())?
-                    .get("membership")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-            } else {
-                None
-            };
-            tx.execute(
-                "INSERT INTO current_state (room_id, type, state_key, event_id, membership, pos) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (room_id, type, state_key) DO UPDATE SET event_id = excluded.event_id,
-                   membership = excluded.membership, pos = excluded.pos",
-                params![rid, kind, key, eid, membership, pos],
-            )?;
-            tx.execute(
-                "UPDATE rooms SET state_group = ?2 WHERE room_id = ?1",
-                params![rid, g],
-            )?;
-            g
+            let parent = q::get_room_state_group(tx, rid)?;
+            q::insert_state_group(tx, rid, parent, &[(kind.as_str(), key.as_str(), eid)])?
         }
-        (None, StateAt::Current) => {
-            parent.ok_or_else(|| Error::internal("non-state event in a room without state"))?
-        }
+        (None, StateAt::Current) => q::get_room_state_group(tx, rid)?
+            .ok_or_else(|| Error::internal("non-state event in a room without state"))?,
     };
-    tx.execute(
-        "INSERT INTO events (pos, event_id, room_id, type, state_key, sender, origin_server_ts, depth, json, state_group,
-                             replaces_state, txn_device, txn_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-        params![
-            pos, eid, rid, kind, pdu.state_key, pdu.sender.as_str(), u64::from(pdu.origin_server_ts.get()) as i64,
-            pdu.depth as i64, json, group, replaces, txn.as_ref().map(|t| t.device_id), txn.as_ref().map(|t| t.txn_id)
-        ],
+    let prevs: Vec<&str> = pdu.prev_events.iter().map(|e| e.as_str()).collect();
+    let auths: Vec<&str> = pdu.auth_events.iter().map(|e| e.as_str()).collect();
+    q::insert_event(
+        tx,
+        &q::NewEventRow {
+            pos,
+            event_id: eid,
+            room_id: rid,
+            kind: &kind,
+            state_key: pdu.state_key.as_deref(),
+            sender: pdu.sender.as_str(),
+            origin_server_ts: u64::from(pdu.origin_server_ts.get()) as i64,
+            received_ts: tx.now_ms as i64,
+            depth: pdu.depth as i64,
+            json,
+            state_group: Some(group),
+            replaces_state: replaces.as_deref(),
+            txn: txn.as_ref().map(|t| (t.device_id, t.txn_id)),
+            outlier: false,
+            rejected_reason: None,
+            soft_failed: false,
+            prev_events: &prevs,
+            auth_events: &auths,
+        },
     )?;
-    for p in &pdu.prev_events {
-        tx.execute(
-            "DELETE FROM forward_extremities WHERE room_id = ?1 AND event_id = ?2",
-            [rid, p.as_str()],
-        )?;
-    }
-    tx.execute(
-        "INSERT INTO forward_extremities (room_id, event_id) VALUES (?1, ?2)",
-        [rid, eid],
-    )?;
+    q::advance_forward_extremities(tx, rid, eid, &prevs)?;
     if let Some(t) = &txn {
-        tx.execute(
-            "INSERT INTO txn_ids (user_id, device_id, txn_id, event_id) VALUES (?1, ?2, ?3, ?4)",
-            [pdu.sender.as_str(), t.device_id, t.txn_id, eid],
-        )?;
+        q::insert_txn_id(tx, pdu.sender.as_str(), t.device_id, t.txn_id, eid)?;
     }
     if let Some(target) = &pdu.redacts {
         apply_redaction(tx, rid, target.as_str(), eid, rules)?;
     }
-    if resolved {
-        state::recompute_current_state(tx, rules, rid)?;
+    if forked {
+        state::update_current_state(tx, rules, rid, (eid, pos))?;
+    } else if let Some(key) = &pdu.state_key {
+        q::upsert_current_state(tx, rid, &kind, key, eid, pos)?;
+        q::set_room_state_group(tx, rid, group)?;
     }
     Ok(Persisted {
         event_id: pdu.event_id.clone(),
@@ -443,11 +432,7 @@ fn apply_redaction(
     }
     let obj: CanonicalJsonObject = serde_json::from_str(&row.json)?;
     let redacted = redact(obj, &rules.redaction, None).map_err(Error::internal)?;
-    conn.execute(
-        "UPDATE events SET json = ?2, redacted_by = ?3 WHERE event_id = ?1",
-        params![target, serde_json::to_string(&redacted)?, by],
-    )?;
-    Ok(())
+    q::set_event_redacted(conn, target, &serde_json::to_string(&redacted)?, by)
 }
 
 /// The state of a room as `(type, state_key) → content` for the given keys (used to build the

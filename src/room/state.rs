@@ -4,7 +4,7 @@
 //! latest one, get their state before by resolving the states after each prev event. This is
 //! the path federation uses for events from other servers.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use ruma::{
     events::StateEventType,
@@ -12,12 +12,13 @@ use ruma::{
     state_res::{self, utils::event_id_set::EventIdSet},
     OwnedEventId,
 };
-use rusqlite::{params, Connection};
+use rusqlite::Connection;
 
 use super::build::load_pdu;
 use crate::{
     error::{Error, Result},
-    store::queries as q,
+    notify::Topic,
+    store::{queries as q, Tx},
 };
 
 pub type StateMap = state_res::StateMap<OwnedEventId>;
@@ -26,7 +27,10 @@ pub type StateMap = state_res::StateMap<OwnedEventId>;
 pub fn state_after(conn: &Connection, event_id: &str) -> Result<StateMap> {
     let row = q::get_event(conn, event_id)?
         .ok_or_else(|| Error::not_found(format!("unknown event {event_id}")))?;
-    to_state_map(q::load_state_group(conn, row.state_group)?)
+    let group = row
+        .state_group
+        .ok_or_else(|| Error::not_found(format!("no state is known at {event_id}")))?;
+    to_state_map(q::load_state_group(conn, group)?)
 }
 
 fn to_state_map(m: q::StateMap) -> Result<StateMap> {
@@ -40,27 +44,16 @@ fn to_state_map(m: q::StateMap) -> Result<StateMap> {
         .collect()
 }
 
-/// Every event in the auth chains of `roots` (not including the roots).
+/// Every event in the auth chains of `roots` (not including the roots), from the
+/// `event_auth` rows (one recursive query).
 pub fn auth_chain(
     conn: &Connection,
     roots: impl IntoIterator<Item = OwnedEventId>,
 ) -> Result<EventIdSet<OwnedEventId>> {
-    let mut seen: HashSet<OwnedEventId> = HashSet::new();
-    let mut todo: Vec<OwnedEventId> = Vec::new();
-    for r in roots {
-        if let Some(p) = load_pdu(conn, r.as_str())? {
-            todo.extend(p.auth_events);
-        }
-    }
-    while let Some(id) = todo.pop() {
-        if !seen.insert(id.clone()) {
-            continue;
-        }
-        if let Some(p) = load_pdu(conn, id.as_str())? {
-            todo.extend(p.auth_events.into_iter().filter(|a| !seen.contains(a)));
-        }
-    }
-    Ok(seen.into_iter().collect())
+    q::list_auth_chain(conn, roots.into_iter().map(|r| r.to_string()))?
+        .into_iter()
+        .map(|id| OwnedEventId::try_from(id).map_err(Error::internal))
+        .collect()
 }
 
 /// Resolves several states of one room with state resolution v2.
@@ -112,9 +105,30 @@ fn entries_of(state: &StateMap) -> Vec<(String, String, String)> {
         .collect()
 }
 
-/// Stores a whole state map as a new (root) state group.
-pub fn insert_full_group(conn: &Connection, room_id: &str, state: &StateMap) -> Result<i64> {
+/// Stores `state` as a new state group: a delta against `base` when there is one and
+/// nothing was removed from it, else whole. A fork therefore writes the keys that differ,
+/// not the room's whole state.
+pub fn insert_group_against(
+    conn: &Connection,
+    room_id: &str,
+    base: Option<i64>,
+    state: &StateMap,
+) -> Result<i64> {
     let entries = entries_of(state);
+    if let Some(b) = base {
+        let old = q::load_state_group(conn, b)?;
+        let removed = old
+            .keys()
+            .any(|(t, k)| !state.contains_key(&(StateEventType::from(t.as_str()), k.clone())));
+        if !removed {
+            let delta: Vec<(&str, &str, &str)> = entries
+                .iter()
+                .filter(|(t, k, e)| old.get(&(t.clone(), k.clone())) != Some(e))
+                .map(|(t, k, e)| (t.as_str(), k.as_str(), e.as_str()))
+                .collect();
+            return q::insert_state_group(conn, room_id, Some(b), &delta);
+        }
+    }
     let refs: Vec<(&str, &str, &str)> = entries
         .iter()
         .map(|(t, k, e)| (t.as_str(), k.as_str(), e.as_str()))
@@ -122,38 +136,56 @@ pub fn insert_full_group(conn: &Connection, room_id: &str, state: &StateMap) -> 
     q::insert_state_group(conn, room_id, None, &refs)
 }
 
-/// Rewrites `current_state` (and the room's state group) as the resolution of the states after
-/// every forward extremity. Called after persisting an event off the fast path.
-pub fn recompute_current_state(
-    conn: &Connection,
+/// Brings `current_state` (and the room's state group) to the resolution of the states after
+/// every forward extremity, by delta: only the entries that differ are written. An entry set
+/// to the event just persisted (`new`: its ID and position) takes that event's position; any
+/// other change is a *state reset* (resolution undid or replaced state without a new event)
+/// and takes a fresh stream position, so incremental syncs send it in their `state` section.
+pub fn update_current_state(
+    tx: &mut Tx<'_>,
     rules: &RoomVersionRules,
     room_id: &str,
+    new: (&str, i64),
 ) -> Result<()> {
-    let extremities: Vec<OwnedEventId> = {
-        let mut stmt =
-            conn.prepare_cached("SELECT event_id FROM forward_extremities WHERE room_id = ?1")?;
-        let rows = stmt.query_map([room_id], |r| r.get::<_, String>(0))?;
-        rows.map(|r| {
-            r.map_err(Error::from)
-                .and_then(|e| OwnedEventId::try_from(e).map_err(Error::internal))
-        })
-        .collect::<Result<_>>()?
-    };
-    let resolved = state_before(conn, rules, &extremities)?;
-    let entries = entries_of(&resolved);
-    let group = insert_full_group(conn, room_id, &resolved)?;
-    conn.execute(
-        "UPDATE rooms SET state_group = ?2 WHERE room_id = ?1",
-        params![room_id, group],
-    )?;
-    conn.execute("DELETE FROM current_state WHERE room_id = ?1", [room_id])?;
-    let mut insert = conn.prepare_cached(
-        "INSERT INTO current_state (room_id, type, state_key, event_id, membership, pos)
-         SELECT ?1, ?2, ?3, ?4, CASE WHEN ?2 = 'm.room.member' THEN json_extract(json, '$.content.membership') END, pos
-         FROM events WHERE event_id = ?4",
-    )?;
-    for (t, k, e) in &entries {
-        insert.execute(params![room_id, t, k, e])?;
+    let extremities: Vec<OwnedEventId> = q::list_forward_extremities(tx, room_id)?
+        .into_iter()
+        .map(|(e, _)| OwnedEventId::try_from(e).map_err(Error::internal))
+        .collect::<Result<_>>()?;
+    let resolved = state_before(tx, rules, &extremities)?;
+    let current: HashMap<(String, String), String> = q::list_current_state(tx, room_id)?
+        .into_iter()
+        .map(|(t, k, e, _)| ((t, k), e))
+        .collect();
+    let mut changed: Vec<(String, String, String)> = entries_of(&resolved)
+        .into_iter()
+        .filter(|(t, k, e)| current.get(&(t.clone(), k.clone())) != Some(e))
+        .collect();
+    changed.sort();
+    let removed: Vec<&(String, String)> = current
+        .keys()
+        .filter(|(t, k)| !resolved.contains_key(&(StateEventType::from(t.as_str()), k.clone())))
+        .collect();
+    if changed.is_empty() && removed.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    let resets = changed.iter().any(|(_, _, e)| e != new.0) || !removed.is_empty();
+    let reset_pos = if resets {
+        Some(tx.next_pos([Topic::room(room_id)]))
+    } else {
+        None
+    };
+    for (t, k, e) in &changed {
+        let pos = if e == new.0 {
+            new.1
+        } else {
+            reset_pos.unwrap_or(new.1)
+        };
+        q::upsert_current_state(tx, room_id, t, k, e, pos)?;
+    }
+    for (t, k) in removed {
+        q::delete_current_state(tx, room_id, t, k)?;
+    }
+    let base = q::get_room_state_group(tx, room_id)?;
+    let group = insert_group_against(tx, room_id, base, &resolved)?;
+    q::set_room_state_group(tx, room_id, group)
 }

@@ -10,10 +10,64 @@ use crate::error::{Error, Result};
 pub const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// The version `SCHEMA` describes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
-/// Upgrades from version `n` to `n + 1` are `STEPS[n - 1]`. (Empty while only version 1 exists.)
-const STEPS: &[&str] = &[];
+/// Upgrades from version `n` to `n + 1` are `STEPS[n - 1]`.
+const STEPS: &[&str] = &[V1_TO_V2];
+
+/// Version 2: events that are not simply appended (outliers with no state group, rejected
+/// with a reason, soft-failed), `received_ts`, the topological index, and the event graph as
+/// rows (`event_edges`, `event_auth`), filled from the stored PDUs. SQLite cannot relax a
+/// NOT NULL column in place, so `events` is rebuilt.
+const V1_TO_V2: &str = "
+CREATE TABLE events_v2 (
+    pos              INTEGER PRIMARY KEY,
+    event_id         TEXT NOT NULL UNIQUE,
+    room_id          TEXT NOT NULL,
+    type             TEXT NOT NULL,
+    state_key        TEXT,
+    sender           TEXT NOT NULL,
+    origin_server_ts INTEGER NOT NULL,
+    received_ts      INTEGER NOT NULL,
+    depth            INTEGER NOT NULL,
+    json             TEXT NOT NULL,
+    state_group      INTEGER,
+    replaces_state   TEXT,
+    redacted_by      TEXT,
+    txn_device       TEXT,
+    txn_id           TEXT,
+    rejected_reason  TEXT,
+    soft_failed      INTEGER NOT NULL DEFAULT 0,
+    outlier          INTEGER NOT NULL DEFAULT 0
+) STRICT;
+INSERT INTO events_v2 (pos, event_id, room_id, type, state_key, sender, origin_server_ts,
+        received_ts, depth, json, state_group, replaces_state, redacted_by, txn_device, txn_id,
+        rejected_reason, soft_failed, outlier)
+    SELECT pos, event_id, room_id, type, state_key, sender, origin_server_ts,
+        origin_server_ts, depth, json, state_group, replaces_state, redacted_by, txn_device,
+        txn_id, CASE WHEN rejected != 0 THEN 'rejected' END, 0, outlier
+    FROM events;
+DROP TABLE events;
+ALTER TABLE events_v2 RENAME TO events;
+CREATE INDEX events_room_pos ON events(room_id, pos);
+CREATE INDEX events_room_topo ON events(room_id, depth, pos);
+CREATE INDEX events_room_state ON events(room_id, type, state_key, pos) WHERE state_key IS NOT NULL;
+CREATE TABLE event_edges (
+    event_id      TEXT NOT NULL,
+    prev_event_id TEXT NOT NULL,
+    PRIMARY KEY (event_id, prev_event_id)
+) STRICT, WITHOUT ROWID;
+CREATE INDEX event_edges_prev ON event_edges(prev_event_id);
+CREATE TABLE event_auth (
+    event_id      TEXT NOT NULL,
+    auth_event_id TEXT NOT NULL,
+    PRIMARY KEY (event_id, auth_event_id)
+) STRICT, WITHOUT ROWID;
+INSERT OR IGNORE INTO event_edges (event_id, prev_event_id)
+    SELECT e.event_id, j.value FROM events e, json_each(e.json, '$.prev_events') j;
+INSERT OR IGNORE INTO event_auth (event_id, auth_event_id)
+    SELECT e.event_id, j.value FROM events e, json_each(e.json, '$.auth_events') j;
+";
 
 pub fn migrate(conn: &mut Connection) -> Result<()> {
     migrate_with(conn, SCHEMA, SCHEMA_VERSION, STEPS)

@@ -402,7 +402,8 @@ pub struct EventRow {
     pub pos: i64,
     pub event_id: String,
     pub json: String,
-    pub state_group: i64,
+    /// `None` for outliers (known without their state).
+    pub state_group: Option<i64>,
     pub replaces_state: Option<String>,
     pub redacted_by: Option<String>,
     pub txn_device: Option<String>,
@@ -463,6 +464,10 @@ pub fn get_event_room(conn: &Connection, event_id: &str) -> Result<Option<String
         .optional()?)
 }
 
+/// The condition for an event that is part of the room as clients see it: not an outlier,
+/// not rejected, not soft-failed.
+pub const IN_ROOM: &str = "rejected_reason IS NULL AND soft_failed = 0 AND outlier = 0";
+
 /// Events of a room with `after < pos <= upto`, the newest `limit` of them when `newest_first`,
 /// else the oldest; always returned in the order asked.
 pub fn list_room_events(
@@ -475,7 +480,7 @@ pub fn list_room_events(
 ) -> Result<Vec<EventRow>> {
     let order = if newest_first { "DESC" } else { "ASC" };
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {EVENT_COLS} FROM events WHERE room_id = ?1 AND pos > ?2 AND pos <= ?3 AND rejected = 0 AND outlier = 0
+        "SELECT {EVENT_COLS} FROM events WHERE room_id = ?1 AND pos > ?2 AND pos <= ?3 AND {IN_ROOM}
          ORDER BY pos {order} LIMIT ?4"
     ))?;
     let rows = stmt.query_map(params![room_id, after, upto, limit as i64], event_row)?;
@@ -484,13 +489,227 @@ pub fn list_room_events(
 
 /// The state group after the last event of the room at or before `pos` (the state at `pos`).
 pub fn get_state_group_at(conn: &Connection, room_id: &str, pos: i64) -> Result<Option<i64>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT state_group FROM events WHERE room_id = ?1 AND pos <= ?2 AND {IN_ROOM} ORDER BY pos DESC LIMIT 1"
+    ))?;
+    Ok(stmt
+        .query_row(params![room_id, pos], |r| r.get(0))
+        .optional()?
+        .flatten())
+}
+
+/// A PDU to store, with what the store records about it besides its JSON.
+pub struct NewEventRow<'a> {
+    pub pos: i64,
+    pub event_id: &'a str,
+    pub room_id: &'a str,
+    pub kind: &'a str,
+    pub state_key: Option<&'a str>,
+    pub sender: &'a str,
+    pub origin_server_ts: i64,
+    pub received_ts: i64,
+    pub depth: i64,
+    pub json: &'a str,
+    pub state_group: Option<i64>,
+    pub replaces_state: Option<&'a str>,
+    /// (device, txn ID) of a local client send.
+    pub txn: Option<(&'a str, &'a str)>,
+    pub outlier: bool,
+    pub rejected_reason: Option<&'a str>,
+    pub soft_failed: bool,
+    pub prev_events: &'a [&'a str],
+    pub auth_events: &'a [&'a str],
+}
+
+/// Inserts an event with its graph edges (prev and auth events).
+pub fn insert_event(conn: &Connection, e: &NewEventRow<'_>) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO events (pos, event_id, room_id, type, state_key, sender, origin_server_ts,
+             received_ts, depth, json, state_group, replaces_state, txn_device, txn_id, outlier,
+             rejected_reason, soft_failed)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+    )?
+    .execute(params![
+        e.pos,
+        e.event_id,
+        e.room_id,
+        e.kind,
+        e.state_key,
+        e.sender,
+        e.origin_server_ts,
+        e.received_ts,
+        e.depth,
+        e.json,
+        e.state_group,
+        e.replaces_state,
+        e.txn.map(|t| t.0),
+        e.txn.map(|t| t.1),
+        e.outlier,
+        e.rejected_reason,
+        e.soft_failed,
+    ])?;
+    let mut edge = conn.prepare_cached(
+        "INSERT OR IGNORE INTO event_edges (event_id, prev_event_id) VALUES (?1, ?2)",
+    )?;
+    for p in e.prev_events {
+        edge.execute([e.event_id, p])?;
+    }
+    let mut auth = conn.prepare_cached(
+        "INSERT OR IGNORE INTO event_auth (event_id, auth_event_id) VALUES (?1, ?2)",
+    )?;
+    for a in e.auth_events {
+        auth.execute([e.event_id, a])?;
+    }
+    Ok(())
+}
+
+/// Replaces the stored JSON of a redacted event.
+pub fn set_event_redacted(conn: &Connection, event_id: &str, json: &str, by: &str) -> Result<()> {
+    conn.execute(
+        "UPDATE events SET json = ?2, redacted_by = ?3 WHERE event_id = ?1",
+        params![event_id, json, by],
+    )?;
+    Ok(())
+}
+
+/// The room's forward extremities with their depths.
+pub fn list_forward_extremities(conn: &Connection, room_id: &str) -> Result<Vec<(String, i64)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT f.event_id, e.depth FROM forward_extremities f JOIN events e ON e.event_id = f.event_id
+         WHERE f.room_id = ?1",
+    )?;
+    let rows = stmt.query_map([room_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// An event's depth, if held.
+pub fn get_event_depth(conn: &Connection, event_id: &str) -> Result<Option<i64>> {
     Ok(conn
-        .query_row(
-            "SELECT state_group FROM events WHERE room_id = ?1 AND pos <= ?2 AND rejected = 0 AND outlier = 0 ORDER BY pos DESC LIMIT 1",
-            params![room_id, pos],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT depth FROM events WHERE event_id = ?1")?
+        .query_row([event_id], |r| r.get(0))
         .optional()?)
+}
+
+/// Makes `event_id` a forward extremity in place of the `prev_events` it references.
+pub fn advance_forward_extremities(
+    conn: &Connection,
+    room_id: &str,
+    event_id: &str,
+    prev_events: &[&str],
+) -> Result<()> {
+    let mut del = conn
+        .prepare_cached("DELETE FROM forward_extremities WHERE room_id = ?1 AND event_id = ?2")?;
+    for p in prev_events {
+        del.execute([room_id, p])?;
+    }
+    conn.prepare_cached("INSERT INTO forward_extremities (room_id, event_id) VALUES (?1, ?2)")?
+        .execute([room_id, event_id])?;
+    Ok(())
+}
+
+pub fn insert_txn_id(
+    conn: &Connection,
+    user_id: &str,
+    device_id: &str,
+    txn_id: &str,
+    event_id: &str,
+) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO txn_ids (user_id, device_id, txn_id, event_id) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute([user_id, device_id, txn_id, event_id])?;
+    Ok(())
+}
+
+/// Sets one entry of the room's current state; `membership` is taken from the event's
+/// content for member events.
+pub fn upsert_current_state(
+    conn: &Connection,
+    room_id: &str,
+    kind: &str,
+    state_key: &str,
+    event_id: &str,
+    pos: i64,
+) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO current_state (room_id, type, state_key, event_id, membership, pos)
+         SELECT ?1, ?2, ?3, ?4,
+                CASE WHEN ?2 = 'm.room.member' THEN json_extract(json, '$.content.membership') END, ?5
+         FROM events WHERE event_id = ?4
+         ON CONFLICT (room_id, type, state_key) DO UPDATE SET event_id = excluded.event_id,
+           membership = excluded.membership, pos = excluded.pos",
+    )?
+    .execute(params![room_id, kind, state_key, event_id, pos])?;
+    Ok(())
+}
+
+pub fn delete_current_state(
+    conn: &Connection,
+    room_id: &str,
+    kind: &str,
+    state_key: &str,
+) -> Result<()> {
+    conn.prepare_cached(
+        "DELETE FROM current_state WHERE room_id = ?1 AND type = ?2 AND state_key = ?3",
+    )?
+    .execute([room_id, kind, state_key])?;
+    Ok(())
+}
+
+pub fn set_room_state_group(conn: &Connection, room_id: &str, group: i64) -> Result<()> {
+    conn.prepare_cached("UPDATE rooms SET state_group = ?2 WHERE room_id = ?1")?
+        .execute(params![room_id, group])?;
+    Ok(())
+}
+
+/// Every event in the auth chains of `roots` (not the roots themselves), by a recursive walk
+/// of `event_auth`. Auth events we do not hold are included (the caller decides whether a
+/// gap matters).
+pub fn list_auth_chain<I, S>(conn: &Connection, roots: I) -> Result<Vec<String>>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<str>,
+{
+    let roots: Vec<String> = roots.into_iter().map(|s| s.as_ref().to_owned()).collect();
+    let roots = serde_json::to_string(&roots)?;
+    let mut stmt = conn.prepare_cached(
+        "WITH RECURSIVE chain(id) AS (
+             SELECT a.auth_event_id FROM json_each(?1) r JOIN event_auth a ON a.event_id = r.value
+             UNION
+             SELECT a.auth_event_id FROM chain c JOIN event_auth a ON a.event_id = c.id
+         )
+         SELECT id FROM chain",
+    )?;
+    let rows = stmt.query_map([roots], |r| r.get(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Events reachable backwards from `latest` through prev-event edges, stopping at `earliest`
+/// (not included), newest first by depth, at most `limit` — the walk behind federation's
+/// `/get_missing_events`. Only events we hold and that are part of the room are returned.
+pub fn list_missing_events(
+    conn: &Connection,
+    room_id: &str,
+    earliest: &[&str],
+    latest: &[&str],
+    limit: usize,
+) -> Result<Vec<EventRow>> {
+    let earliest = serde_json::to_string(earliest)?;
+    let latest = serde_json::to_string(latest)?;
+    let mut stmt = conn.prepare_cached(&format!(
+        "WITH RECURSIVE walk(id, steps) AS (
+             SELECT e.prev_event_id, 1 FROM json_each(?2) l JOIN event_edges e ON e.event_id = l.value
+             UNION
+             SELECT e.prev_event_id, w.steps + 1 FROM walk w JOIN event_edges e ON e.event_id = w.id
+             WHERE w.id NOT IN (SELECT value FROM json_each(?1)) AND w.steps < ?4
+         )
+         SELECT {EVENT_COLS} FROM events
+         WHERE event_id IN (SELECT id FROM walk) AND event_id NOT IN (SELECT value FROM json_each(?1))
+           AND room_id = ?3 AND {IN_ROOM}
+         ORDER BY depth DESC, pos DESC LIMIT ?4"
+    ))?;
+    let rows = stmt.query_map(params![earliest, latest, room_id, limit as i64], event_row)?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
 pub fn get_txn(

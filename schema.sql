@@ -198,3 +198,15 @@ CREATE TABLE IF NOT EXISTS filters (
     user_id   TEXT NOT NULL,
     json      TEXT NOT NULL
 ) STRICT;
+
+-- Signing keys of remote servers, as fetched from them and checked (`fed::keys`).
+-- `expired_ts` is set for keys a server lists as old (still valid for what they signed
+-- before that time).
+CREATE TABLE IF NOT EXISTS server_keys (
+    server_name    TEXT NOT NULL,
+    key_id         TEXT NOT NULL,
+    key            TEXT NOT NULL,
+    valid_until_ts INTEGER NOT NULL,
+    expired_ts     INTEGER,
+    PRIMARY KEY (server_name, key_id)
+) STRICT;

@@ -79,6 +79,24 @@ pub struct Config {
     pub default_room_version: String,
     /// Reader connections in the pool (the writer is separate).
     pub db_readers: u32,
+    /// Federation with other servers (`[federation]` in TOML).
+    pub federation: FederationConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FederationConfig {
+    /// Check remote servers' TLS certificates against the Web PKI. Turn off only for tests
+    /// with self-signed peers (`--insecure-federation-tls`); Hearth warns at start.
+    pub verify_certificates: bool,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self {
+            verify_certificates: true,
+        }
+    }
 }
 
 impl Default for Config {
@@ -95,6 +113,7 @@ impl Default for Config {
             max_request_bytes: 1024 * 1024,
             default_room_version: "10".into(),
             db_readers: 4,
+            federation: FederationConfig::default(),
         }
     }
 }

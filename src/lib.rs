@@ -28,6 +28,7 @@ pub mod cancel;
 pub mod config;
 pub mod ephemeral;
 pub mod error;
+pub mod fed;
 pub mod http;
 pub mod notify;
 pub mod room;
@@ -66,6 +67,8 @@ pub struct AppInner {
     pub server_name: OwnedServerName,
     pub store: store::Store,
     pub local: Arc<room::build::Local>,
+    /// Outbound federation client and remote keys.
+    pub fed: fed::Federation,
     pub notifier: notify::Notifier,
     pub clock: Arc<dyn Clock>,
     pub typing: ephemeral::Typing,
@@ -112,11 +115,22 @@ impl App {
             room::SigningKey::load_or_create(&conn).map_err(|e| e.to_string())?
         };
         let limits = ephemeral::RateLimiter::new(config.rate_limits.clone(), clock.clone());
+        let local = Arc::new(room::build::Local {
+            server_name: server_name.clone(),
+            key,
+        });
+        if !config.federation.verify_certificates {
+            log::warn!(
+                "federation TLS certificates are NOT verified (insecure; for tests with self-signed peers only)"
+            );
+        }
         Ok(Self(Arc::new(AppInner {
-            local: Arc::new(room::build::Local {
-                server_name: server_name.clone(),
-                key,
-            }),
+            fed: fed::Federation::new(
+                local.clone(),
+                config.federation.verify_certificates,
+                &spawner,
+            ),
+            local,
             server_name,
             store,
             notifier: notifier.clone(),

@@ -36,6 +36,9 @@ struct Cli {
     /// Turn off rate limits (benchmarks, test suites).
     #[arg(long, global = true)]
     no_rate_limit: bool,
+    /// Accept any TLS certificate from remote servers (tests with self-signed peers only).
+    #[arg(long, global = true)]
+    insecure_federation_tls: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -96,6 +99,9 @@ fn config(cli: &Cli) -> Result<Config, String> {
     }
     if cli.no_rate_limit {
         c.rate_limits.enabled = false;
+    }
+    if cli.insecure_federation_tls {
+        c.federation.verify_certificates = false;
     }
     c.validate()?;
     Ok(c)

@@ -8,6 +8,7 @@
 
 pub mod account;
 pub mod events;
+pub mod federation;
 pub mod misc;
 pub mod rooms;
 pub mod sync;
@@ -250,6 +251,14 @@ pub fn routes(app: App) -> tide::Server<App> {
     s.at("/.well-known/matrix/client")
         .get(c(misc::well_known_client));
     client!(s, get "/capabilities" => c(misc::capabilities));
+
+    // federation (reads cancellable like the client reads)
+    s.at("/_matrix/key/v2/server")
+        .get(c(federation::keys::server_keys));
+    s.at("/_matrix/federation/v1/version")
+        .get(c(federation::keys::version));
+    s.at("/_matrix/federation/v1/query/profile")
+        .get(c(federation::query::profile));
 
     // account and session
     client!(s, get "/login" => c(account::login_flows));

@@ -15,7 +15,7 @@ pub const SCHEMA_VERSION: i64 = 2;
 /// Upgrades from version `n` to `n + 1` are `STEPS[n - 1]`.
 const STEPS: &[&str] = &[V1_TO_V2];
 
-/// Version 2: events that are not simply appended (outliers with no state group, rejected
+/// Version 2: remote servers' keys (`server_keys`); events that are not simply appended (outliers with no state group, rejected
 /// with a reason, soft-failed), `received_ts`, the topological index, and the event graph as
 /// rows (`event_edges`, `event_auth`), filled from the stored PDUs. SQLite cannot relax a
 /// NOT NULL column in place, so `events` is rebuilt.
@@ -67,6 +67,14 @@ INSERT OR IGNORE INTO event_edges (event_id, prev_event_id)
     SELECT e.event_id, j.value FROM events e, json_each(e.json, '$.prev_events') j;
 INSERT OR IGNORE INTO event_auth (event_id, auth_event_id)
     SELECT e.event_id, j.value FROM events e, json_each(e.json, '$.auth_events') j;
+CREATE TABLE server_keys (
+    server_name    TEXT NOT NULL,
+    key_id         TEXT NOT NULL,
+    key            TEXT NOT NULL,
+    valid_until_ts INTEGER NOT NULL,
+    expired_ts     INTEGER,
+    PRIMARY KEY (server_name, key_id)
+) STRICT;
 ";
 
 pub fn migrate(conn: &mut Connection) -> Result<()> {

@@ -930,3 +930,50 @@ pub fn get_filter(conn: &Connection, user_id: &str, filter_id: i64) -> Result<Op
         )
         .optional()?)
 }
+
+// ---------------------------------------------------------------- federation
+
+/// A remote server's key as stored.
+pub struct ServerKeyRow {
+    pub key_id: String,
+    /// Unpadded base64.
+    pub key: String,
+    pub valid_until_ts: i64,
+    pub expired_ts: Option<i64>,
+}
+
+/// A remote server's known keys.
+pub fn list_server_keys(conn: &Connection, server: &str) -> Result<Vec<ServerKeyRow>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT key_id, key, valid_until_ts, expired_ts FROM server_keys WHERE server_name = ?1",
+    )?;
+    let rows = stmt.query_map([server], |r| {
+        Ok(ServerKeyRow {
+            key_id: r.get(0)?,
+            key: r.get(1)?,
+            valid_until_ts: r.get(2)?,
+            expired_ts: r.get(3)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Records a remote key; a later answer extends (never shortens) a key's validity.
+pub fn upsert_server_key(
+    conn: &Connection,
+    server: &str,
+    key_id: &str,
+    key: &str,
+    valid_until_ts: i64,
+    expired_ts: Option<i64>,
+) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO server_keys (server_name, key_id, key, valid_until_ts, expired_ts)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (server_name, key_id) DO UPDATE SET key = excluded.key,
+           valid_until_ts = max(valid_until_ts, excluded.valid_until_ts),
+           expired_ts = excluded.expired_ts",
+    )?
+    .execute(params![server, key_id, key, valid_until_ts, expired_ts])?;
+    Ok(())
+}

@@ -1,0 +1,370 @@
+//! Federation against a real Synapse 1.163 (`../shared/synapse-peer/`, loopback, TLS,
+//! IP-literal server names). One Synapse per test file (CI has 2 cores); the venv is created
+//! on first use by the synapse-peer scripts.
+//!
+//! What is proven here: each side fetches and checks the other's signing keys over TLS, signs
+//! its requests with X-Matrix, and accepts the other's; forged requests are refused.
+
+mod common;
+
+use std::{
+    path::PathBuf,
+    process::Command,
+    sync::{Mutex, OnceLock},
+    time::Duration,
+};
+
+use ruma::api::federation::query::get_profile_information::v1 as profile;
+use serde_json::{json, Value};
+
+fn peer_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/synapse-peer")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A Synapse for this test file, stopped (and its directory purged) when the process exits.
+struct Synapse {
+    name: String,
+    port: u16,
+}
+
+impl Synapse {
+    fn start() -> Self {
+        let port = free_port();
+        let name = format!("hearth-fed-{port}");
+        let out = Command::new("bash")
+            .arg(peer_dir().join("start.sh"))
+            .args([&name, &port.to_string()])
+            .env("SYNPEER_RESET", "1")
+            .output()
+            .expect("synapse-peer/start.sh runs");
+        assert!(
+            out.status.success(),
+            "starting Synapse failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self { name, port }
+    }
+
+    fn server_name(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Synapse {
+    fn drop(&mut self) {
+        if self.name.is_empty() {
+            return; // started by scripts/test.sh, which stops it
+        }
+        let _ = Command::new("bash")
+            .arg(peer_dir().join("stop.sh"))
+            .arg(&self.name)
+            .env("SYNPEER_PURGE", "1")
+            .output();
+    }
+}
+
+/// The Synapse this file's tests share: the one `scripts/test.sh` started (its port in
+/// `HEARTH_TEST_SYNAPSE_PORT`, stopped by the script), or else one started here.
+fn synapse() -> &'static Mutex<Option<Synapse>> {
+    static S: OnceLock<Mutex<Option<Synapse>>> = OnceLock::new();
+    S.get_or_init(|| {
+        let shared = std::env::var("HEARTH_TEST_SYNAPSE_PORT")
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .map(|port: u16| Synapse {
+                name: String::new(),
+                port,
+            });
+        Mutex::new(Some(shared.unwrap_or_else(Synapse::start)))
+    })
+}
+
+/// Tests in this file: the last one to finish stops a Synapse started here (a test binary
+/// has no "after all" hook). Counted on drop, so a failing test counts too.
+const TESTS: usize = 2;
+
+struct Finished;
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        static DONE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        if DONE.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == TESTS {
+            let taken = synapse().lock().unwrap_or_else(|p| p.into_inner()).take();
+            drop(taken);
+        }
+    }
+}
+
+/// One HTTPS request with curl (self-signed peers): (status, JSON body).
+fn curl(method: &str, url: &str, token: Option<&str>, body: Option<&Value>) -> (u16, Value) {
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-sk",
+        "--max-time",
+        "60",
+        "-X",
+        method,
+        "-w",
+        "\n%{http_code}",
+    ]);
+    if let Some(t) = token {
+        cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    if let Some(b) = body {
+        cmd.args([
+            "-H",
+            "Content-Type: application/json",
+            "--data",
+            &b.to_string(),
+        ]);
+    }
+    let out = cmd.arg(url).output().expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (
+        code.trim().parse().unwrap_or(0),
+        serde_json::from_str(body).unwrap_or(Value::Null),
+    )
+}
+
+fn register(base: &str, name: &str) -> (String, String) {
+    let (s, v) = curl(
+        "POST",
+        &format!("{base}/_matrix/client/v3/register"),
+        None,
+        Some(
+            &json!({ "username": name, "password": format!("pw-{name}-long-enough"), "auth": { "type": "m.login.dummy" } }),
+        ),
+    );
+    assert_eq!(s, 200, "register {name} at {base}: {v}");
+    (
+        v["user_id"].as_str().unwrap().to_owned(),
+        v["access_token"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// A Hearth serving TLS on a fixed port, with `127.0.0.1:PORT` as its server name.
+struct Hearth {
+    hs: hearth::Homeserver,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Hearth {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        let ok = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+            ])
+            .args(["-nodes", "-days", "1"])
+            .args([
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl is installed");
+        assert!(ok.status.success());
+        let port = free_port();
+        let mut c = common::config_in(dir.path());
+        c.server_name = format!("127.0.0.1:{port}");
+        c.listen = vec![format!("127.0.0.1:{port}").parse().unwrap()];
+        c.tls_cert = Some(cert);
+        c.tls_key = Some(key);
+        c.federation.verify_certificates = false;
+        let hs = hearth::Homeserver::start(c).unwrap();
+        Self {
+            hs,
+            port,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+}
+
+#[test]
+fn keys_and_x_matrix_work_both_ways_with_synapse() {
+    let _finished = Finished;
+    let guard = synapse().lock().unwrap_or_else(|p| p.into_inner());
+    let syn = guard.as_ref().unwrap();
+    let hearth = Hearth::start();
+    let (alice, alice_tok) = register(&hearth.url(), "alice");
+    let (s, v) = curl(
+        "PUT",
+        &format!(
+            "{}/_matrix/client/v3/profile/{alice}/displayname",
+            hearth.url()
+        ),
+        Some(&alice_tok),
+        Some(&json!({ "displayname": "Alice on Hearth" })),
+    );
+    assert_eq!(s, 200, "{v}");
+    let (bob, bob_tok) = register(&syn.url(), "bob");
+    let (s, v) = curl(
+        "PUT",
+        &format!("{}/_matrix/client/v3/profile/{bob}/displayname", syn.url()),
+        Some(&bob_tok),
+        Some(&json!({ "displayname": "Bob on Synapse" })),
+    );
+    assert_eq!(s, 200, "{v}");
+
+    // Synapse asks Hearth (it fetches our key, signs with X-Matrix; we fetch its key and
+    // check the signature).
+    let (s, v) = curl(
+        "GET",
+        &format!("{}/_matrix/client/v3/profile/{alice}", syn.url()),
+        Some(&bob_tok),
+        None,
+    );
+    assert_eq!(s, 200, "Synapse could not read Hearth's profile: {v}");
+    assert_eq!(v["displayname"], "Alice on Hearth");
+
+    // Hearth asks Synapse (we sign; Synapse fetches our key and checks).
+    let app = hearth.hs.app().clone();
+    let bob_id: ruma::OwnedUserId = bob.as_str().try_into().unwrap();
+    let dest: ruma::OwnedServerName = syn.server_name().as_str().try_into().unwrap();
+    let res = smol::block_on(
+        app.fed
+            .client
+            .send(&dest, profile::Request::new(bob_id.clone())),
+    )
+    .expect("Synapse answers our signed request");
+    assert_eq!(
+        res.data.get("displayname").and_then(|v| v.as_str()),
+        Some("Bob on Synapse")
+    );
+    // Synapse's keys were checked and stored.
+    let name = dest.to_string();
+    let stored = smol::block_on(
+        app.store
+            .read(move |c| hearth::store::queries::list_server_keys(c, &name)),
+    )
+    .unwrap();
+    assert!(
+        !stored.is_empty(),
+        "Synapse's key is cached in the database"
+    );
+
+    // A remote 404 stays a 404.
+    let nobody: ruma::OwnedUserId = format!("@nobody:{dest}").as_str().try_into().unwrap();
+    let err =
+        smol::block_on(app.fed.client.send(&dest, profile::Request::new(nobody))).unwrap_err();
+    assert_eq!(err.status, 404, "{err:?}");
+    hearth.hs.stop().unwrap();
+}
+
+#[test]
+fn forged_federation_requests_are_refused() {
+    let _finished = Finished;
+    let guard = synapse().lock().unwrap_or_else(|p| p.into_inner());
+    let syn = guard.as_ref().unwrap();
+    let hearth = Hearth::start();
+    let (alice, _) = register(&hearth.url(), "alice");
+    let path = format!(
+        "/_matrix/federation/v1/query/profile?user_id={}",
+        common::enc(&alice)
+    );
+    let url = format!("{}{path}", hearth.url());
+    let get = |auth: Option<String>| -> (u16, Value) {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sk", "--max-time", "30", "-w", "\n%{http_code}"]);
+        if let Some(a) = auth {
+            cmd.args(["-H", &format!("Authorization: {a}")]);
+        }
+        let out = cmd.arg(&url).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (
+            code.trim().parse().unwrap(),
+            serde_json::from_str(body).unwrap_or(Value::Null),
+        )
+    };
+    let unauthorized = |(s, v): (u16, Value)| {
+        assert_eq!(
+            (s, v["errcode"].as_str()),
+            (401, Some("M_UNAUTHORIZED")),
+            "{v}"
+        );
+    };
+    // No authorization, garbage, and a well-formed header with a made-up signature.
+    unauthorized(get(None));
+    unauthorized(get(Some("X-Matrix garbage".into())));
+    let origin = syn.server_name();
+    let me = format!("127.0.0.1:{}", hearth.port);
+    let forged_sig = "a".repeat(86);
+    unauthorized(get(Some(format!(
+        "X-Matrix origin=\"{origin}\",destination=\"{me}\",key=\"ed25519:a_abcd\",sig=\"{forged_sig}\""
+    ))));
+    // A real signature by a key that is not the origin's: sign as Synapse's name with a key
+    // of our own making (same request, right destination).
+    let der = ruma::signatures::Ed25519KeyPair::generate();
+    let pair = ruma::signatures::Ed25519KeyPair::from_der(&der, "a_fake".into()).unwrap();
+    let http_req = http::Request::get(&path).body(Vec::<u8>::new()).unwrap();
+    let xm = ruma::api::federation::authentication::XMatrix::sign_http_request(
+        &http_req,
+        ruma::api::federation::authentication::XMatrixSigningInput::new(
+            origin.as_str().try_into().unwrap(),
+            me.as_str().try_into().unwrap(),
+            &pair,
+        ),
+    )
+    .unwrap();
+    unauthorized(get(Some(xm.to_string())));
+    // A valid signature meant for another destination.
+    let xm = ruma::api::federation::authentication::XMatrix::sign_http_request(
+        &http_req,
+        ruma::api::federation::authentication::XMatrixSigningInput::new(
+            me.as_str().try_into().unwrap(),
+            "127.0.0.1:1".try_into().unwrap(),
+            &hearth.hs.app().local.key.pair,
+        ),
+    )
+    .unwrap();
+    unauthorized(get(Some(xm.to_string())));
+
+    // Our published key document is self-signed and for our name.
+    let (s, v) = curl(
+        "GET",
+        &format!("{}/_matrix/key/v2/server", hearth.url()),
+        None,
+        None,
+    );
+    assert_eq!(s, 200);
+    let name: ruma::OwnedServerName = me.as_str().try_into().unwrap();
+    let keys = hearth::fed::keys::check_server_keys(&name, &v.to_string()).unwrap();
+    assert_eq!(keys.len(), 1);
+    // ...and a copy with a changed field fails the check.
+    let mut tampered = v.clone();
+    tampered["valid_until_ts"] = json!(v["valid_until_ts"].as_u64().unwrap() + 1);
+    assert!(hearth::fed::keys::check_server_keys(&name, &tampered.to_string()).is_err());
+    std::thread::sleep(Duration::from_millis(10));
+    hearth.hs.stop().unwrap();
+}

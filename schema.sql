@@ -210,3 +210,32 @@ CREATE TABLE IF NOT EXISTS server_keys (
     expired_ts     INTEGER,
     PRIMARY KEY (server_name, key_id)
 ) STRICT;
+
+-- The federation outbox: one row per (destination, PDU or EDU), written in the same
+-- transaction as the event or EDU that causes it; the sender (`workers::federation`)
+-- deletes exactly the rows a destination acknowledged. Rows are sent in `id` order.
+CREATE TABLE IF NOT EXISTS outbox (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    destination TEXT NOT NULL,
+    -- 'pdu' (event_id set) or 'edu' (payload set)
+    kind        TEXT NOT NULL,
+    event_id    TEXT,
+    payload     TEXT
+) STRICT;
+CREATE INDEX IF NOT EXISTS outbox_destination ON outbox(destination, id);
+
+-- Per-destination retry state, kept across restarts (neither forgotten nor reset by one).
+CREATE TABLE IF NOT EXISTS destinations (
+    name       TEXT PRIMARY KEY,
+    retry_at   INTEGER NOT NULL DEFAULT 0,
+    backoff_ms INTEGER NOT NULL DEFAULT 0,
+    failures   INTEGER NOT NULL DEFAULT 0
+) STRICT;
+
+-- Transactions received from other servers, so a retried one is not applied twice.
+CREATE TABLE IF NOT EXISTS received_txns (
+    origin TEXT NOT NULL,
+    txn_id TEXT NOT NULL,
+    ts     INTEGER NOT NULL,
+    PRIMARY KEY (origin, txn_id)
+) STRICT;

@@ -15,7 +15,7 @@ pub const SCHEMA_VERSION: i64 = 2;
 /// Upgrades from version `n` to `n + 1` are `STEPS[n - 1]`.
 const STEPS: &[&str] = &[V1_TO_V2];
 
-/// Version 2: remote servers' keys (`server_keys`); events that are not simply appended (outliers with no state group, rejected
+/// Version 2: federation (`server_keys`, `outbox`, `destinations`, `received_txns`); events that are not simply appended (outliers with no state group, rejected
 /// with a reason, soft-failed), `received_ts`, the topological index, and the event graph as
 /// rows (`event_edges`, `event_auth`), filled from the stored PDUs. SQLite cannot relax a
 /// NOT NULL column in place, so `events` is rebuilt.
@@ -74,6 +74,35 @@ CREATE TABLE server_keys (
     valid_until_ts INTEGER NOT NULL,
     expired_ts     INTEGER,
     PRIMARY KEY (server_name, key_id)
+) STRICT;
+
+-- The federation outbox: one row per (destination, PDU or EDU), written in the same
+-- transaction as the event or EDU that causes it; the sender (`workers::federation`)
+-- deletes exactly the rows a destination acknowledged. Rows are sent in `id` order.
+CREATE TABLE outbox (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    destination TEXT NOT NULL,
+    -- 'pdu' (event_id set) or 'edu' (payload set)
+    kind        TEXT NOT NULL,
+    event_id    TEXT,
+    payload     TEXT
+) STRICT;
+CREATE INDEX outbox_destination ON outbox(destination, id);
+
+-- Per-destination retry state, kept across restarts (neither forgotten nor reset by one).
+CREATE TABLE destinations (
+    name       TEXT PRIMARY KEY,
+    retry_at   INTEGER NOT NULL DEFAULT 0,
+    backoff_ms INTEGER NOT NULL DEFAULT 0,
+    failures   INTEGER NOT NULL DEFAULT 0
+) STRICT;
+
+-- Transactions received from other servers, so a retried one is not applied twice.
+CREATE TABLE received_txns (
+    origin TEXT NOT NULL,
+    txn_id TEXT NOT NULL,
+    ts     INTEGER NOT NULL,
+    PRIMARY KEY (origin, txn_id)
 ) STRICT;
 ";
 

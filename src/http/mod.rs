@@ -201,18 +201,26 @@ fn access_token(req: &Req) -> Option<String> {
 /// Resolves the access token (header or query) to a user and device, through the cache.
 pub async fn auth(req: &Req) -> Result<Authed> {
     let token = access_token(req).ok_or_else(|| Error::missing_token("Missing access token"))?;
-    let hash = hash_token(&token);
-    let app = req.state();
+    auth_token(req.state(), &token).await
+}
+
+/// Resolves an access token to a user and device, through the cache. A token revoked while
+/// this runs is never cached (see [`crate::ephemeral::TokenCache`]).
+pub async fn auth_token(app: &App, token: &str) -> Result<Authed> {
+    let hash = hash_token(token);
     let who = match app.tokens.get(&hash) {
         Some(w) => Some(w),
         None => {
+            // Taken before the read: a revocation committed after this point moves it.
+            let generation = app.tokens.generation();
             let h = hash.clone();
             let found = app
                 .store
                 .read(move |c| crate::store::queries::get_token(c, &h))
                 .await?;
             if let Some(w) = &found {
-                app.tokens.insert(hash.clone(), w.clone());
+                app.tokens
+                    .insert_if_unchanged(generation, hash.clone(), w.clone());
             }
             found
         }

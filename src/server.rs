@@ -221,13 +221,23 @@ async fn handle(
             log::error!("req-{id}: tide error: {e}");
             Response::new(StatusCode::InternalServerError)
         });
-        if matches!(
-            res.status(),
-            StatusCode::NotFound | StatusCode::MethodNotAllowed
-        ) && res.content_type().is_none()
-        {
-            let e = crate::error::Error::unrecognized("Unrecognized request");
-            res = crate::http::error_response(&e).into();
+        // tide's router answers bare 404 (no route for the path) and 405 (the path exists for
+        // other methods); both become M_UNRECOGNIZED with their status, as the spec asks.
+        if res.content_type().is_none() {
+            let e = match res.status() {
+                StatusCode::NotFound => {
+                    Some(crate::error::Error::unrecognized("Unrecognized request"))
+                }
+                StatusCode::MethodNotAllowed => Some(crate::error::Error::new(
+                    405,
+                    "M_UNRECOGNIZED",
+                    format!("{method} is not supported on this path"),
+                )),
+                _ => None,
+            };
+            if let Some(e) = e {
+                res = crate::http::error_response(&e).into();
+            }
         }
         res
     };

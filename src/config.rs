@@ -70,6 +70,10 @@ pub struct Config {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub registration: Registration,
+    /// `registration = "open"` on a listener that is not loopback lets anyone who can reach
+    /// the server create accounts (spam bots find such servers within hours). Hearth refuses to
+    /// start that way unless this is set.
+    pub allow_open_registration_from_anyone_on_the_internet: bool,
     /// Tokens accepted by `m.login.registration_token` (in addition to those in the database).
     pub registration_tokens: Vec<String>,
     pub rate_limits: RateLimits,
@@ -90,6 +94,7 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             registration: Registration::Open,
+            allow_open_registration_from_anyone_on_the_internet: false,
             registration_tokens: Vec::new(),
             rate_limits: RateLimits::default(),
             max_request_bytes: 1024 * 1024,
@@ -121,6 +126,53 @@ impl Config {
         if self.listen.is_empty() {
             return Err("at least one listen address is needed".into());
         }
+        if self.registration == Registration::Open
+            && !self.allow_open_registration_from_anyone_on_the_internet
+        {
+            if let Some(a) = self.listen.iter().find(|a| !a.ip().is_loopback()) {
+                return Err(format!(
+                    "registration is open (no token) and Hearth listens on {a}, which is not \
+                     loopback: anyone who can reach it could create accounts. Use \
+                     `registration = \"token\"` (--registration token) with \
+                     `registration_tokens`, or `registration = \"closed\"` and `hearth user \
+                     create`; or, if you really mean it, set \
+                     `allow_open_registration_from_anyone_on_the_internet = true` \
+                     (--allow-open-registration-from-anyone-on-the-internet)"
+                ));
+            }
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Config, Registration};
+
+    fn on(addr: &str, registration: Registration) -> Config {
+        Config {
+            listen: vec![addr.parse().unwrap()],
+            registration,
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn open_registration_off_loopback_needs_the_explicit_key() {
+        assert!(Config::default().validate().is_ok(), "the default starts");
+        assert!(on("[::1]:8008", Registration::Open).validate().is_ok());
+        let err = on("0.0.0.0:8008", Registration::Open)
+            .validate()
+            .unwrap_err();
+        assert!(err.contains("registration = \"token\""), "{err}");
+        assert!(err.contains("allow_open_registration_from_anyone_on_the_internet"));
+        let mut both = on("127.0.0.1:8008", Registration::Open);
+        both.listen.push("192.0.2.1:8008".parse().unwrap());
+        assert!(both.validate().is_err(), "any non-loopback listener counts");
+        assert!(on("0.0.0.0:8008", Registration::Token).validate().is_ok());
+        assert!(on("0.0.0.0:8008", Registration::Closed).validate().is_ok());
+        let mut meant = on("0.0.0.0:8008", Registration::Open);
+        meant.allow_open_registration_from_anyone_on_the_internet = true;
+        assert!(meant.validate().is_ok());
     }
 }

@@ -33,6 +33,10 @@ struct Cli {
     /// Who may register through the API.
     #[arg(long, global = true)]
     registration: Option<RegistrationArg>,
+    /// Allow `--registration open` on a non-loopback listener: anyone on the internet who can
+    /// reach this server can create accounts.
+    #[arg(long, global = true)]
+    allow_open_registration_from_anyone_on_the_internet: bool,
     /// Turn off rate limits (benchmarks, test suites).
     #[arg(long, global = true)]
     no_rate_limit: bool,
@@ -93,6 +97,9 @@ fn config(cli: &Cli) -> Result<Config, String> {
             RegistrationArg::Token => Registration::Token,
             RegistrationArg::Closed => Registration::Closed,
         };
+    }
+    if cli.allow_open_registration_from_anyone_on_the_internet {
+        c.allow_open_registration_from_anyone_on_the_internet = true;
     }
     if cli.no_rate_limit {
         c.rate_limits.enabled = false;

@@ -139,7 +139,7 @@ fn load_or_create_identity(
     name: &OwnedServerName,
 ) -> Result<room::SigningKey, String> {
     use store::queries::{init_identity, load_identity, Identity};
-    let mut id = smol::block_on(store.read(|c| load_identity(c))).map_err(|e| e.to_string())?;
+    let mut id = smol::block_on(store.read(load_identity)).map_err(|e| e.to_string())?;
     if id.server_name.is_none() || id.signing_key.is_none() {
         let (key, version) = room::SigningKey::generate_encoded();
         let n = name.to_string();

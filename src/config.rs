@@ -83,6 +83,11 @@ pub struct Config {
     pub default_room_version: String,
     /// Reader connections in the pool (the writer is separate).
     pub db_readers: u32,
+    /// The URL clients reach Hearth at (Synapse's `public_baseurl`), e.g.
+    /// `https://matrix.example.org` behind a reverse proxy. Used for every absolute URL Hearth
+    /// gives out (`/.well-known/matrix/client`). Without it: `https` when Hearth serves TLS
+    /// itself, else `http`, with the host the request was sent to.
+    pub public_baseurl: Option<String>,
 }
 
 impl Default for Config {
@@ -100,6 +105,7 @@ impl Default for Config {
             max_request_bytes: 1024 * 1024,
             default_room_version: "10".into(),
             db_readers: 4,
+            public_baseurl: None,
         }
     }
 }
@@ -109,6 +115,13 @@ impl Config {
     pub fn from_toml_file(path: &std::path::Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// `public_baseurl` without its trailing `/`, if set.
+    pub fn public_base(&self) -> Option<&str> {
+        self.public_baseurl
+            .as_deref()
+            .map(|u| u.trim_end_matches('/'))
     }
 
     /// Checks what serde cannot: a valid server name, a supported room version, TLS halves.
@@ -125,6 +138,20 @@ impl Config {
         }
         if self.listen.is_empty() {
             return Err("at least one listen address is needed".into());
+        }
+        if let Some(u) = &self.public_baseurl {
+            let url =
+                http_types::Url::parse(u).map_err(|e| format!("public_baseurl {u:?}: {e}"))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                return Err(format!(
+                    "public_baseurl {u:?}: must be an http:// or https:// URL with a host"
+                ));
+            }
+            if url.query().is_some() || url.fragment().is_some() {
+                return Err(format!(
+                    "public_baseurl {u:?}: must not have a query or fragment"
+                ));
+            }
         }
         if self.registration == Registration::Open
             && !self.allow_open_registration_from_anyone_on_the_internet
@@ -172,7 +199,25 @@ mod tests {
         assert!(on("0.0.0.0:8008", Registration::Token).validate().is_ok());
         assert!(on("0.0.0.0:8008", Registration::Closed).validate().is_ok());
         let mut meant = on("0.0.0.0:8008", Registration::Open);
+        meant.public_baseurl = Some("https://matrix.example.org/".into());
+        assert_eq!(meant.public_base(), Some("https://matrix.example.org"));
         meant.allow_open_registration_from_anyone_on_the_internet = true;
         assert!(meant.validate().is_ok());
+    }
+
+    #[test]
+    fn public_baseurl_must_be_an_http_url() {
+        for bad in [
+            "matrix.example.org",
+            "ftp://x.org",
+            "https://",
+            "https://x.org/?a=1",
+        ] {
+            let c = Config {
+                public_baseurl: Some(bad.into()),
+                ..Config::default()
+            };
+            assert!(c.validate().is_err(), "{bad}");
+        }
     }
 }

@@ -37,6 +37,9 @@ struct Cli {
     /// reach this server can create accounts.
     #[arg(long, global = true)]
     allow_open_registration_from_anyone_on_the_internet: bool,
+    /// The URL clients reach this server at (e.g. https://matrix.example.org behind a proxy).
+    #[arg(long, global = true)]
+    public_baseurl: Option<String>,
     /// Turn off rate limits (benchmarks, test suites).
     #[arg(long, global = true)]
     no_rate_limit: bool,
@@ -100,6 +103,9 @@ fn config(cli: &Cli) -> Result<Config, String> {
     }
     if cli.allow_open_registration_from_anyone_on_the_internet {
         c.allow_open_registration_from_anyone_on_the_internet = true;
+    }
+    if let Some(u) = &cli.public_baseurl {
+        c.public_baseurl = Some(u.clone());
     }
     if cli.no_rate_limit {
         c.rate_limits.enabled = false;

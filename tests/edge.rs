@@ -66,3 +66,15 @@ fn versions_claims_v1_11_only_with_authenticated_media() {
     );
     assert!(versions.contains(&"v1.10"), "{versions:?}");
 }
+
+#[test]
+fn well_known_uses_public_baseurl_or_the_request_host() {
+    let s = TestServer::start();
+    let v = s.ok("GET", "/.well-known/matrix/client", None, None);
+    assert_eq!(v["m.homeserver"]["base_url"], s.base);
+    let s = TestServer::start_with(|c| {
+        c.public_baseurl = Some("https://matrix.example.org/".into());
+    });
+    let v = s.ok("GET", "/.well-known/matrix/client", None, None);
+    assert_eq!(v["m.homeserver"]["base_url"], "https://matrix.example.org");
+}

@@ -63,6 +63,52 @@ fn serves_the_client_api_over_tls() {
     hs.stop().unwrap();
 }
 
+/// Without `public_baseurl`, a server that speaks TLS itself advertises an `https` base URL.
+#[test]
+fn well_known_says_https_when_serving_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let ok = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ed25519", "-nodes", "-days", "1"])
+        .args([
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl is installed");
+    assert!(ok.status.success());
+    let mut c = common::config_in(dir.path());
+    c.tls_cert = Some(cert.clone());
+    c.tls_key = Some(key);
+    let hs = hearth::Homeserver::start(c).unwrap();
+    let port = hs.addrs()[0].port();
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(&cert)
+        .arg(format!(
+            "https://127.0.0.1:{port}/.well-known/matrix/client"
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["m.homeserver"]["base_url"],
+        format!("https://127.0.0.1:{port}")
+    );
+    hs.stop().unwrap();
+}
+
 #[test]
 fn half_a_tls_config_is_refused() {
     let dir = tempfile::tempdir().unwrap();

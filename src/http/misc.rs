@@ -48,18 +48,7 @@ pub async fn capabilities(req: Req) -> Result<Response> {
 
 /// # `GET /.well-known/matrix/client`
 pub async fn well_known_client(req: Req) -> Result<Response> {
-    let url = req.url();
-    let base = format!(
-        "{}://{}",
-        url.scheme(),
-        url.host_str()
-            .map(|h| match url.port() {
-                Some(p) => format!("{h}:{p}"),
-                None => h.to_owned(),
-            })
-            .unwrap_or_default()
-    );
-    json(&json!({ "m.homeserver": { "base_url": base } }))
+    json(&json!({ "m.homeserver": { "base_url": super::base_url(&req) } }))
 }
 
 /// # `GET /_hearth/metrics` (Prometheus text format)

@@ -233,6 +233,28 @@ pub async fn auth_token(app: &App, token: &str) -> Result<Authed> {
     })
 }
 
+/// The base of every absolute URL Hearth gives out (no trailing `/`): `public_baseurl` if
+/// configured; otherwise `https` when Hearth serves TLS itself, else `http`, with the host (and
+/// port) the request was sent to, or the server name.
+pub fn base_url(req: &Req) -> String {
+    let config = &req.state().config;
+    if let Some(base) = config.public_base() {
+        return base.to_owned();
+    }
+    let scheme = if config.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let url = req.url();
+    let host = match (url.host_str(), url.port()) {
+        (Some(h), Some(p)) => format!("{h}:{p}"),
+        (Some(h), None) => h.to_owned(),
+        (None, _) => req.state().server_name.to_string(),
+    };
+    format!("{scheme}://{host}")
+}
+
 /// The client's address, for per-IP rate limits.
 pub fn peer_ip(req: &Req) -> String {
     req.ext::<ConnWatch>()

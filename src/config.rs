@@ -88,6 +88,10 @@ pub struct Config {
     /// gives out (`/.well-known/matrix/client`). Without it: `https` when Hearth serves TLS
     /// itself, else `http`, with the host the request was sent to.
     pub public_baseurl: Option<String>,
+    /// Reverse proxies (IPs or CIDR ranges) whose `X-Forwarded-For` is believed: for a
+    /// request from one of them the client's address (rate limits, logs) is the right-most
+    /// `X-Forwarded-For` entry that is not itself a trusted proxy. Empty: the TCP peer.
+    pub trusted_proxies: Vec<crate::proxy::IpNet>,
 }
 
 impl Default for Config {
@@ -106,6 +110,7 @@ impl Default for Config {
             default_room_version: "10".into(),
             db_readers: 4,
             public_baseurl: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }

@@ -16,6 +16,7 @@
 //! - `cancel`    Shield, response cache, linearizer, and the drop-at-every-await test helper.
 //! - `workers`   Long-running tasks woken by deadlines and data-less wake-ups (typing expiry).
 //! - `ephemeral` In-memory typing state, rate limits, token cache, metrics.
+//! - `proxy`     `trusted_proxies` and `X-Forwarded-For`: the client's address.
 //!
 //! ## Invariants
 //! - **Only `store/` (and the write closures it runs) touches rusqlite.**
@@ -30,6 +31,7 @@ pub mod ephemeral;
 pub mod error;
 pub mod http;
 pub mod notify;
+pub mod proxy;
 pub mod room;
 pub mod server;
 pub mod store;

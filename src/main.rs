@@ -40,6 +40,10 @@ struct Cli {
     /// The URL clients reach this server at (e.g. https://matrix.example.org behind a proxy).
     #[arg(long, global = true)]
     public_baseurl: Option<String>,
+    /// A reverse proxy (IP or CIDR) whose X-Forwarded-For gives the client's address
+    /// (repeatable; replaces the file's `trusted_proxies`).
+    #[arg(long = "trusted-proxy", global = true)]
+    trusted_proxies: Vec<hearth::proxy::IpNet>,
     /// Turn off rate limits (benchmarks, test suites).
     #[arg(long, global = true)]
     no_rate_limit: bool,
@@ -106,6 +110,9 @@ fn config(cli: &Cli) -> Result<Config, String> {
     }
     if let Some(u) = &cli.public_baseurl {
         c.public_baseurl = Some(u.clone());
+    }
+    if !cli.trusted_proxies.is_empty() {
+        c.trusted_proxies = cli.trusted_proxies.clone();
     }
     if cli.no_rate_limit {
         c.rate_limits.enabled = false;

@@ -206,7 +206,14 @@ async fn handle(
     let start = Instant::now();
     let method = req.method();
     let path = req.url().path().to_owned();
-    let peer = watch.peer;
+    let peer = crate::proxy::client_ip(
+        &app.config.trusted_proxies,
+        watch.peer.ip(),
+        req.header("X-Forwarded-For")
+            .into_iter()
+            .flat_map(|values| values.iter())
+            .map(|v| v.as_str()),
+    );
     app.metrics.requests_total.fetch_add(1, Ordering::Relaxed);
     let mut res = if method == Method::Options {
         Response::new(StatusCode::Ok)
@@ -214,6 +221,7 @@ async fn handle(
         busy.store(true, Ordering::SeqCst);
         let _in_flight = GaugeGuard::new(&app.metrics.in_flight);
         req.ext_mut().insert(watch);
+        req.ext_mut().insert(ClientAddr(peer));
         req.ext_mut().insert(RequestId(id));
         let res: http_types::Result<Response> = routes.respond(req).await;
         busy.store(false, Ordering::SeqCst);
@@ -265,6 +273,10 @@ async fn handle(
 /// The request id used in log lines; background work started by a request gets its own.
 #[derive(Clone, Copy, Debug)]
 pub struct RequestId(pub u64);
+
+/// The client's address (the TCP peer, or from `X-Forwarded-For` via a trusted proxy).
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub std::net::IpAddr);
 
 /// Marks the response of a request dropped because its client disconnected (logged as 499,
 /// Synapse's convention; http-types has no 499, and nobody reads the body anyway).

@@ -78,3 +78,59 @@ fn well_known_uses_public_baseurl_or_the_request_host() {
     let v = s.ok("GET", "/.well-known/matrix/client", None, None);
     assert_eq!(v["m.homeserver"]["base_url"], "https://matrix.example.org");
 }
+
+/// POST /login (a wrong password) with an `X-Forwarded-For` header; returns the status.
+fn login_from(s: &TestServer, forwarded_for: &str) -> u16 {
+    let r = ureq::post(&format!("{}/_matrix/client/v3/login", s.base))
+        .set("X-Forwarded-For", forwarded_for)
+        .send_json(serde_json::json!({
+            "type": "m.login.password",
+            "identifier": { "type": "m.id.user", "user": "nobody" },
+            "password": "wrong"
+        }));
+    match r {
+        Ok(r) => r.status(),
+        Err(ureq::Error::Status(code, _)) => code,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn strict_login_limit(c: &mut hearth::Config) {
+    c.rate_limits.enabled = true;
+    c.rate_limits.login = hearth::config::RateLimit {
+        per_second: 0.001,
+        burst: 2.0,
+    };
+}
+
+#[test]
+fn forwarded_for_picks_the_rate_limit_bucket_only_from_a_trusted_proxy() {
+    let s = TestServer::start_with(|c| {
+        strict_login_limit(c);
+        c.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+    });
+    for _ in 0..2 {
+        assert_ne!(login_from(&s, "203.0.113.1"), 429);
+    }
+    assert_eq!(
+        login_from(&s, "203.0.113.1"),
+        429,
+        "203.0.113.1 used its burst"
+    );
+    // Another client behind the same proxy has its own bucket; what a client prepends is
+    // ignored (the proxy appended the real address on the right).
+    assert_ne!(login_from(&s, "203.0.113.2"), 429);
+    assert_eq!(login_from(&s, "203.0.113.2, 203.0.113.1"), 429);
+    assert_ne!(login_from(&s, "203.0.113.1, 203.0.113.2"), 429);
+}
+
+#[test]
+fn forwarded_for_is_ignored_from_an_untrusted_peer() {
+    let s = TestServer::start_with(strict_login_limit);
+    for _ in 0..2 {
+        assert_ne!(login_from(&s, "203.0.113.1"), 429);
+    }
+    // The header does not move a client out of its (the peer's) bucket.
+    assert_eq!(login_from(&s, "203.0.113.2"), 429);
+    assert_eq!(login_from(&s, "198.51.100.9"), 429);
+}

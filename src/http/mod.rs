@@ -26,7 +26,7 @@ use tide::{Response, StatusCode};
 
 use crate::{
     error::{Error, Result},
-    server::{Cancelled, ConnWatch},
+    server::{Cancelled, ClientAddr, ConnWatch},
     util::hash_token,
     App,
 };
@@ -255,8 +255,12 @@ pub fn base_url(req: &Req) -> String {
     format!("{scheme}://{host}")
 }
 
-/// The client's address, for per-IP rate limits.
+/// The client's address, for per-IP rate limits: the TCP peer, or what a trusted proxy says
+/// (see [`crate::proxy`]; computed once per request by the server).
 pub fn peer_ip(req: &Req) -> String {
+    if let Some(ClientAddr(ip)) = req.ext::<ClientAddr>() {
+        return ip.to_string();
+    }
     req.ext::<ConnWatch>()
         .map(|w| w.peer.ip().to_string())
         .unwrap_or_default()

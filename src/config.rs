@@ -79,6 +79,12 @@ pub struct Config {
     pub rate_limits: RateLimits,
     /// Largest accepted request body, in bytes.
     pub max_request_bytes: usize,
+    /// Longest accepted request line (`GET /path?query HTTP/1.1`), in bytes; longer gets 414
+    /// `M_TOO_LARGE`.
+    pub max_uri_bytes: usize,
+    /// Largest accepted request head (request line and headers), in bytes; larger gets 431
+    /// `M_TOO_LARGE`. At most 8191: the HTTP library drops larger heads without an answer.
+    pub max_head_bytes: usize,
     /// Room version for `/createRoom` when the client names none.
     pub default_room_version: String,
     /// Reader connections in the pool (the writer is separate).
@@ -107,6 +113,8 @@ impl Default for Config {
             registration_tokens: Vec::new(),
             rate_limits: RateLimits::default(),
             max_request_bytes: 1024 * 1024,
+            max_uri_bytes: 6 * 1024,
+            max_head_bytes: crate::server::ASYNC_H1_MAX_HEAD,
             default_room_version: "10".into(),
             db_readers: 4,
             public_baseurl: None,
@@ -143,6 +151,15 @@ impl Config {
         }
         if self.listen.is_empty() {
             return Err("at least one listen address is needed".into());
+        }
+        let most = crate::server::ASYNC_H1_MAX_HEAD;
+        if self.max_head_bytes > most || self.max_head_bytes < 256 {
+            return Err(format!(
+                "max_head_bytes must be 256 to {most} (the HTTP library's limit)"
+            ));
+        }
+        if self.max_uri_bytes < 64 || self.max_uri_bytes >= self.max_head_bytes {
+            return Err("max_uri_bytes must be at least 64 and less than max_head_bytes".into());
         }
         if let Some(u) = &self.public_baseurl {
             let url =

@@ -134,3 +134,76 @@ fn forwarded_for_is_ignored_from_an_untrusted_peer() {
     assert_eq!(login_from(&s, "203.0.113.2"), 429);
     assert_eq!(login_from(&s, "198.51.100.9"), 429);
 }
+
+/// Sends `head` (a whole request head) on a fresh connection and reads until the server
+/// closes; returns (status, JSON body).
+fn raw_exchange(s: &TestServer, head: &str) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let addr = s.hs().addrs()[0];
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    c.write_all(head.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("reading the answer: {e} (got {out:?})"),
+        }
+    }
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let body = text.split_once("\r\n\r\n").map(|b| b.1).unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or_default())
+}
+
+#[test]
+fn oversized_request_line_or_headers_get_a_matrix_error() {
+    let s = TestServer::start();
+    let room = format!("!{}:hearth.test", "a".repeat(10_000));
+    let (status, body) = raw_exchange(
+        &s,
+        &format!(
+            "GET /_matrix/client/v3/rooms/{}/state HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            enc(&room)
+        ),
+    );
+    assert_eq!(
+        (status, body["errcode"].as_str()),
+        (414, Some("M_TOO_LARGE")),
+        "{body}"
+    );
+    let (status, body) = raw_exchange(
+        &s,
+        &format!(
+            "GET /_matrix/client/v3/account/whoami HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            "t".repeat(10_000)
+        ),
+    );
+    assert_eq!(
+        (status, body["errcode"].as_str()),
+        (431, Some("M_TOO_LARGE")),
+        "{body}"
+    );
+    // A long-ish token is still served (and answered as a token, not as a size problem).
+    let (status, body) = raw_exchange(
+        &s,
+        &format!(
+            "GET /_matrix/client/v3/account/whoami HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            "t".repeat(2_000)
+        ),
+    );
+    assert_eq!(
+        (status, body["errcode"].as_str()),
+        (401, Some("M_UNKNOWN_TOKEN")),
+        "{body}"
+    );
+    // The server still serves.
+    s.ok("GET", "/_matrix/client/versions", None, None);
+}

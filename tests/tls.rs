@@ -53,6 +53,29 @@ fn serves_the_client_api_over_tls() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["versions"].as_array().unwrap().len() > 3);
+    // An oversized head gets its Matrix error over TLS too.
+    let big = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "-w",
+            "\n%{http_code}",
+            "--cacert",
+        ])
+        .arg(&cert)
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {}", "t".repeat(10_000)))
+        .arg(url.replace("versions", "v3/account/whoami"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&big.stdout);
+    assert!(
+        text.ends_with("\n431"),
+        "{text} {}",
+        String::from_utf8_lossy(&big.stderr)
+    );
+    assert!(text.contains("M_TOO_LARGE"), "{text}");
     // Plain HTTP on the TLS port is refused, not served.
     let plain = Command::new("curl")
         .args(["-sS", "--max-time", "5"])

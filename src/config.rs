@@ -228,6 +228,33 @@ mod tests {
     }
 
     #[test]
+    fn new_keys_parse_from_toml() {
+        let c: Config = toml::from_str(
+            r#"
+            listen = ["0.0.0.0:8008"]
+            registration = "token"
+            trusted_proxies = ["127.0.0.1", "10.0.0.0/8", "fd00::/8"]
+            public_baseurl = "https://matrix.example.org"
+            max_uri_bytes = 4096
+            max_head_bytes = 8000
+            "#,
+        )
+        .unwrap();
+        assert!(c.validate().is_ok());
+        assert_eq!(c.trusted_proxies.len(), 3);
+        assert!(c.trusted_proxies[1].contains("10.9.8.7".parse().unwrap()));
+        assert!(toml::from_str::<Config>(r#"trusted_proxies = ["10.0.0.0/40"]"#).is_err());
+        let too_big = Config {
+            max_head_bytes: 16 * 1024,
+            ..Config::default()
+        };
+        assert!(
+            too_big.validate().is_err(),
+            "above the HTTP library's limit"
+        );
+    }
+
+    #[test]
     fn public_baseurl_must_be_an_http_url() {
         for bad in [
             "matrix.example.org",

@@ -291,29 +291,50 @@ enum Head {
     TooLarge(u16, &'static str),
 }
 
-/// Checks `bytes` (the start of a request) against the limits; `None` if more bytes are needed.
-fn check_head(bytes: &[u8], limits: HeadLimits) -> Option<Head> {
-    let line_end = bytes.iter().position(|b| *b == b'\n');
-    let line_len = line_end.unwrap_or(bytes.len());
-    let line_len =
-        line_len - usize::from(line_end.is_some() && line_len > 0 && bytes[line_len - 1] == b'\r');
-    if line_len > limits.uri {
-        return Some(Head::TooLarge(414, "Request line (URI) too long"));
+/// An incremental check of a request head against the limits: each byte is looked at once,
+/// however the client splits its request (a client trickling one byte per packet must not
+/// make the executor thread rescan the head on every byte).
+#[derive(Default)]
+struct HeadScan {
+    /// Bytes already looked at.
+    scanned: usize,
+    /// Where the request line ends (its `\n`).
+    line_end: Option<usize>,
+    newlines: usize,
+}
+
+impl HeadScan {
+    /// `bytes` is the start of a request, only growing between calls. `None`: need more.
+    fn check(&mut self, bytes: &[u8], limits: HeadLimits) -> Option<Head> {
+        let mut end = None;
+        for i in self.scanned..bytes.len() {
+            if bytes[i] != b'\n' {
+                continue;
+            }
+            self.newlines += 1;
+            self.line_end.get_or_insert(i);
+            if i >= 3 && &bytes[i - 3..=i] == b"\r\n\r\n" {
+                end = Some(i + 1);
+                break;
+            }
+        }
+        self.scanned = end.unwrap_or(bytes.len());
+        let line_len = match self.line_end {
+            Some(e) => e - usize::from(e > 0 && bytes[e - 1] == b'\r'),
+            None => bytes.len(),
+        };
+        if line_len > limits.uri {
+            return Some(Head::TooLarge(414, "Request line (URI) too long"));
+        }
+        if self.scanned > limits.head {
+            return Some(Head::TooLarge(431, "Request header fields too large"));
+        }
+        // Header lines: not the request line, not the blank line.
+        if self.newlines.saturating_sub(2) > ASYNC_H1_MAX_HEADERS {
+            return Some(Head::TooLarge(431, "Too many request header fields"));
+        }
+        end.map(|_| Head::Complete)
     }
-    let end = bytes
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|p| p + 4);
-    let seen = &bytes[..end.unwrap_or(bytes.len())];
-    if seen.len() > limits.head {
-        return Some(Head::TooLarge(431, "Request header fields too large"));
-    }
-    // Header lines (the request line and the blank line are not headers).
-    let lines = seen.iter().filter(|b| **b == b'\n').count();
-    if lines.saturating_sub(2) > ASYNC_H1_MAX_HEADERS {
-        return Some(Head::TooLarge(431, "Too many request header fields"));
-    }
-    end.map(|_| Head::Complete)
 }
 
 /// Reads the next request head into the read-ahead buffer, enforcing the limits.
@@ -324,8 +345,9 @@ async fn read_head<IO: futures_lite::AsyncRead + Unpin>(
     use futures_lite::AsyncReadExt;
     let mut bytes = io.take_ahead();
     let mut chunk = [0u8; 4096];
+    let mut scan = HeadScan::default();
     loop {
-        if let Some(h) = check_head(&bytes, limits) {
+        if let Some(h) = scan.check(&bytes, limits) {
             io.put_ahead(bytes);
             return Ok(h);
         }
@@ -520,7 +542,18 @@ pub struct Cancelled;
 mod tests {
     use std::{net::TcpStream, time::Duration};
 
-    use super::{check_head, Head, HeadLimits};
+    use super::{Head, HeadLimits, HeadScan};
+
+    fn check_head(bytes: &[u8], limits: HeadLimits) -> Option<Head> {
+        let whole = HeadScan::default().check(bytes, limits);
+        // Fed one byte at a time, the scan reaches the same verdict.
+        let mut scan = HeadScan::default();
+        let trickled = (1..=bytes.len())
+            .find_map(|n| scan.check(&bytes[..n], limits))
+            .or_else(|| scan.check(bytes, limits));
+        assert_eq!(whole, trickled, "{:?}", String::from_utf8_lossy(bytes));
+        whole
+    }
 
     #[test]
     fn head_limits() {
@@ -543,6 +576,15 @@ mod tests {
         // Body bytes after the head do not count.
         let body = format!("GET / HTTP/1.1\r\n\r\n{}", "c".repeat(500));
         assert_eq!(check_head(body.as_bytes(), l), Some(Head::Complete));
+        let lots = format!("GET / HTTP/1.1\r\n{}\r\n", "a:\r\n".repeat(129));
+        let roomy = HeadLimits {
+            uri: 30,
+            head: 8000,
+        };
+        assert!(matches!(
+            check_head(lots.as_bytes(), roomy),
+            Some(Head::TooLarge(431, _))
+        ));
     }
 
     #[test]

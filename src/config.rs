@@ -70,15 +70,34 @@ pub struct Config {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub registration: Registration,
+    /// `registration = "open"` on a listener that is not loopback lets anyone who can reach
+    /// the server create accounts (spam bots find such servers within hours). Hearth refuses to
+    /// start that way unless this is set.
+    pub allow_open_registration_from_anyone_on_the_internet: bool,
     /// Tokens accepted by `m.login.registration_token` (in addition to those in the database).
     pub registration_tokens: Vec<String>,
     pub rate_limits: RateLimits,
     /// Largest accepted request body, in bytes.
     pub max_request_bytes: usize,
+    /// Longest accepted request line (`GET /path?query HTTP/1.1`), in bytes; longer gets 414
+    /// `M_TOO_LARGE`.
+    pub max_uri_bytes: usize,
+    /// Largest accepted request head (request line and headers), in bytes; larger gets 431
+    /// `M_TOO_LARGE`. At most 8191: the HTTP library drops larger heads without an answer.
+    pub max_head_bytes: usize,
     /// Room version for `/createRoom` when the client names none.
     pub default_room_version: String,
     /// Reader connections in the pool (the writer is separate).
     pub db_readers: u32,
+    /// The URL clients reach Hearth at (Synapse's `public_baseurl`), e.g.
+    /// `https://matrix.example.org` behind a reverse proxy. Used for every absolute URL Hearth
+    /// gives out (`/.well-known/matrix/client`). Without it: `https` when Hearth serves TLS
+    /// itself, else `http`, with the host the request was sent to.
+    pub public_baseurl: Option<String>,
+    /// Reverse proxies (IPs or CIDR ranges) whose `X-Forwarded-For` is believed: for a
+    /// request from one of them the client's address (rate limits, logs) is the right-most
+    /// `X-Forwarded-For` entry that is not itself a trusted proxy. Empty: the TCP peer.
+    pub trusted_proxies: Vec<crate::proxy::IpNet>,
     /// Federation with other servers (`[federation]` in TOML).
     pub federation: FederationConfig,
 }
@@ -108,11 +127,16 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             registration: Registration::Open,
+            allow_open_registration_from_anyone_on_the_internet: false,
             registration_tokens: Vec::new(),
             rate_limits: RateLimits::default(),
             max_request_bytes: 1024 * 1024,
+            max_uri_bytes: 6 * 1024,
+            max_head_bytes: crate::server::ASYNC_H1_MAX_HEAD,
             default_room_version: "10".into(),
             db_readers: 4,
+            public_baseurl: None,
+            trusted_proxies: Vec::new(),
             federation: FederationConfig::default(),
         }
     }
@@ -123,6 +147,13 @@ impl Config {
     pub fn from_toml_file(path: &std::path::Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// `public_baseurl` without its trailing `/`, if set.
+    pub fn public_base(&self) -> Option<&str> {
+        self.public_baseurl
+            .as_deref()
+            .map(|u| u.trim_end_matches('/'))
     }
 
     /// Checks what serde cannot: a valid server name, a supported room version, TLS halves.
@@ -140,6 +171,121 @@ impl Config {
         if self.listen.is_empty() {
             return Err("at least one listen address is needed".into());
         }
+        let most = crate::server::ASYNC_H1_MAX_HEAD;
+        if self.max_head_bytes > most || self.max_head_bytes < 256 {
+            return Err(format!(
+                "max_head_bytes must be 256 to {most} (the HTTP library's limit)"
+            ));
+        }
+        if self.max_uri_bytes < 64 || self.max_uri_bytes >= self.max_head_bytes {
+            return Err("max_uri_bytes must be at least 64 and less than max_head_bytes".into());
+        }
+        if let Some(u) = &self.public_baseurl {
+            let url =
+                http_types::Url::parse(u).map_err(|e| format!("public_baseurl {u:?}: {e}"))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                return Err(format!(
+                    "public_baseurl {u:?}: must be an http:// or https:// URL with a host"
+                ));
+            }
+            if url.query().is_some() || url.fragment().is_some() {
+                return Err(format!(
+                    "public_baseurl {u:?}: must not have a query or fragment"
+                ));
+            }
+        }
+        if self.registration == Registration::Open
+            && !self.allow_open_registration_from_anyone_on_the_internet
+        {
+            if let Some(a) = self.listen.iter().find(|a| !a.ip().is_loopback()) {
+                return Err(format!(
+                    "registration is open (no token) and Hearth listens on {a}, which is not \
+                     loopback: anyone who can reach it could create accounts. Use \
+                     `registration = \"token\"` (--registration token) with \
+                     `registration_tokens`, or `registration = \"closed\"` and `hearth user \
+                     create`; or, if you really mean it, set \
+                     `allow_open_registration_from_anyone_on_the_internet = true` \
+                     (--allow-open-registration-from-anyone-on-the-internet)"
+                ));
+            }
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Config, Registration};
+
+    fn on(addr: &str, registration: Registration) -> Config {
+        Config {
+            listen: vec![addr.parse().unwrap()],
+            registration,
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn open_registration_off_loopback_needs_the_explicit_key() {
+        assert!(Config::default().validate().is_ok(), "the default starts");
+        assert!(on("[::1]:8008", Registration::Open).validate().is_ok());
+        let err = on("0.0.0.0:8008", Registration::Open)
+            .validate()
+            .unwrap_err();
+        assert!(err.contains("registration = \"token\""), "{err}");
+        assert!(err.contains("allow_open_registration_from_anyone_on_the_internet"));
+        let mut both = on("127.0.0.1:8008", Registration::Open);
+        both.listen.push("192.0.2.1:8008".parse().unwrap());
+        assert!(both.validate().is_err(), "any non-loopback listener counts");
+        assert!(on("0.0.0.0:8008", Registration::Token).validate().is_ok());
+        assert!(on("0.0.0.0:8008", Registration::Closed).validate().is_ok());
+        let mut meant = on("0.0.0.0:8008", Registration::Open);
+        meant.public_baseurl = Some("https://matrix.example.org/".into());
+        assert_eq!(meant.public_base(), Some("https://matrix.example.org"));
+        meant.allow_open_registration_from_anyone_on_the_internet = true;
+        assert!(meant.validate().is_ok());
+    }
+
+    #[test]
+    fn new_keys_parse_from_toml() {
+        let c: Config = toml::from_str(
+            r#"
+            listen = ["0.0.0.0:8008"]
+            registration = "token"
+            trusted_proxies = ["127.0.0.1", "10.0.0.0/8", "fd00::/8"]
+            public_baseurl = "https://matrix.example.org"
+            max_uri_bytes = 4096
+            max_head_bytes = 8000
+            "#,
+        )
+        .unwrap();
+        assert!(c.validate().is_ok());
+        assert_eq!(c.trusted_proxies.len(), 3);
+        assert!(c.trusted_proxies[1].contains("10.9.8.7".parse().unwrap()));
+        assert!(toml::from_str::<Config>(r#"trusted_proxies = ["10.0.0.0/40"]"#).is_err());
+        let too_big = Config {
+            max_head_bytes: 16 * 1024,
+            ..Config::default()
+        };
+        assert!(
+            too_big.validate().is_err(),
+            "above the HTTP library's limit"
+        );
+    }
+
+    #[test]
+    fn public_baseurl_must_be_an_http_url() {
+        for bad in [
+            "matrix.example.org",
+            "ftp://x.org",
+            "https://",
+            "https://x.org/?a=1",
+        ] {
+            let c = Config {
+                public_baseurl: Some(bad.into()),
+                ..Config::default()
+            };
+            assert!(c.validate().is_err(), "{bad}");
+        }
     }
 }

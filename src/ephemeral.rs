@@ -167,27 +167,93 @@ impl RateLimiter {
 // ---------------------------------------------------------------- access tokens
 
 /// token hash → (user, device). Filled on first use, emptied for a device on logout.
+///
+/// Revocation must win every interleaving with a concurrent `auth()`: that one reads the
+/// database (an `.await`) and then fills the cache, so a logout committing in between would
+/// otherwise put the revoked token back into the cache for good. Every `remove` therefore bumps
+/// a generation under the same mutex; `auth()` takes the generation *before* its database read
+/// and inserts with [`TokenCache::insert_if_unchanged`], which does nothing if any revocation
+/// happened meanwhile (the next request simply reads the database again). Callers revoke by
+/// committing the deletion first and calling `remove` after, so either the read started after
+/// the commit (and found nothing) or the generation moved.
 #[derive(Default)]
 pub struct TokenCache {
-    map: Mutex<HashMap<String, (String, String)>>,
+    inner: Mutex<TokenMap>,
+}
+
+#[derive(Default)]
+struct TokenMap {
+    map: HashMap<String, (String, String)>,
+    generation: u64,
 }
 
 impl TokenCache {
     pub fn get(&self, hash: &str) -> Option<(String, String)> {
-        lock(&self.map).get(hash).cloned()
+        lock(&self.inner).map.get(hash).cloned()
     }
-    pub fn insert(&self, hash: String, who: (String, String)) {
-        let mut map = lock(&self.map);
-        if map.len() > 50_000 {
-            map.clear();
+
+    /// The revocation generation; take it before reading a token from the database.
+    pub fn generation(&self) -> u64 {
+        lock(&self.inner).generation
+    }
+
+    /// Caches `who` for `hash` unless a revocation happened since `generation` was read.
+    /// Returns whether it was cached.
+    pub fn insert_if_unchanged(
+        &self,
+        generation: u64,
+        hash: String,
+        who: (String, String),
+    ) -> bool {
+        let mut inner = lock(&self.inner);
+        if inner.generation != generation {
+            return false;
         }
-        map.insert(hash, who);
+        if inner.map.len() > 50_000 {
+            inner.map.clear();
+        }
+        inner.map.insert(hash, who);
+        true
     }
+
+    /// Evicts revoked tokens; call after the revoking write has committed.
     pub fn remove(&self, hashes: &[String]) {
-        let mut map = lock(&self.map);
+        let mut inner = lock(&self.inner);
+        inner.generation += 1;
         for h in hashes {
-            map.remove(h);
+            inner.map.remove(h);
         }
+    }
+}
+
+#[cfg(test)]
+mod token_cache_tests {
+    use super::TokenCache;
+
+    fn who() -> (String, String) {
+        ("@a:x".into(), "DEV".into())
+    }
+
+    #[test]
+    fn a_revocation_between_the_read_and_the_insert_wins() {
+        let cache = TokenCache::default();
+        // auth(): generation taken, then the database read is in flight...
+        let gen = cache.generation();
+        // ...while a logout commits and evicts the token...
+        cache.remove(&["h".into()]);
+        // ...then auth() tries to cache what it read before the commit.
+        assert!(!cache.insert_if_unchanged(gen, "h".into(), who()));
+        assert_eq!(cache.get("h"), None);
+    }
+
+    #[test]
+    fn without_a_revocation_the_token_is_cached() {
+        let cache = TokenCache::default();
+        let gen = cache.generation();
+        assert!(cache.insert_if_unchanged(gen, "h".into(), who()));
+        assert_eq!(cache.get("h"), Some(who()));
+        cache.remove(&["h".into()]);
+        assert_eq!(cache.get("h"), None);
     }
 }
 

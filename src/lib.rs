@@ -16,6 +16,7 @@
 //! - `cancel`    Shield, response cache, linearizer, and the drop-at-every-await test helper.
 //! - `workers`   Long-running tasks woken by deadlines and data-less wake-ups (typing expiry).
 //! - `ephemeral` In-memory typing state, rate limits, token cache, metrics.
+//! - `proxy`     `trusted_proxies` and `X-Forwarded-For`: the client's address.
 //!
 //! ## Invariants
 //! - **Only `store/` (and the write closures it runs) touches rusqlite.**
@@ -31,6 +32,7 @@ pub mod error;
 pub mod fed;
 pub mod http;
 pub mod notify;
+pub mod proxy;
 pub mod room;
 pub mod server;
 pub mod store;
@@ -109,11 +111,7 @@ impl App {
             notifier.clone(),
         )
         .map_err(|e| format!("opening {}: {e}", config.database.display()))?;
-        let key = {
-            let conn = rusqlite::Connection::open(&config.database).map_err(|e| e.to_string())?;
-            check_server_name(&conn, &server_name)?;
-            room::SigningKey::load_or_create(&conn).map_err(|e| e.to_string())?
-        };
+        let key = load_or_create_identity(&store, &server_name)?;
         let limits = ephemeral::RateLimiter::new(config.rate_limits.clone(), clock.clone());
         let local = Arc::new(room::build::Local {
             server_name: server_name.clone(),
@@ -152,17 +150,35 @@ impl App {
     }
 }
 
-/// A database belongs to one server name forever (user and room IDs embed it).
-fn check_server_name(conn: &rusqlite::Connection, name: &OwnedServerName) -> Result<(), String> {
-    match store::queries::get_meta(conn, "server_name").map_err(|e| e.to_string())? {
-        Some(existing) if existing != name.as_str() => Err(format!(
+/// Checks the database's server name (a database belongs to one server name forever: user and
+/// room IDs embed it) and loads the signing key. Reads go through the read pool; only a fresh
+/// database is written to, through the writer like every other write.
+fn load_or_create_identity(
+    store: &store::Store,
+    name: &OwnedServerName,
+) -> Result<room::SigningKey, String> {
+    use store::queries::{init_identity, load_identity, Identity};
+    let mut id = smol::block_on(store.read(load_identity)).map_err(|e| e.to_string())?;
+    if id.server_name.is_none() || id.signing_key.is_none() {
+        let (key, version) = room::SigningKey::generate_encoded();
+        let n = name.to_string();
+        id = smol::block_on(store.write(move |tx| init_identity(tx, &n, &key, &version)))
+            .map_err(|e| e.to_string())?;
+    }
+    let Identity {
+        server_name: Some(existing),
+        signing_key: Some((key, version)),
+    } = id
+    else {
+        return Err("the database has no server identity after initialising it".into());
+    };
+    if existing != name.as_str() {
+        return Err(format!(
             "this database belongs to server name {existing:?}, not {:?}",
             name.as_str()
-        )),
-        Some(_) => Ok(()),
-        None => store::queries::upsert_meta(conn, "server_name", name.as_str())
-            .map_err(|e| e.to_string()),
+        ));
     }
+    room::SigningKey::from_encoded(&key, version).map_err(|e| e.to_string())
 }
 
 /// A running homeserver: the embedding API.
@@ -280,5 +296,44 @@ impl Drop for Homeserver {
         if let Err(e) = self.stop_inner() {
             log::error!("stopping: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{atomic::Ordering, Arc};
+
+    use super::{cancel::Spawner, App, Config, SystemClock};
+
+    fn open(dir: &std::path::Path, name: &str) -> Result<App, String> {
+        let config = Config {
+            database: dir.join("hearth.db"),
+            server_name: name.into(),
+            ..Config::default()
+        };
+        let spawner = Spawner::new(Arc::new(async_executor::Executor::new()));
+        App::open(config, Arc::new(SystemClock), spawner)
+    }
+
+    #[test]
+    fn identity_is_written_through_the_writer_once_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = open(dir.path(), "a.test").unwrap();
+        // A fresh database: the server name and key were stored by one write of the writer.
+        let writes = app.store.writer_stats().writes.load(Ordering::SeqCst);
+        assert_eq!(writes, 1);
+        let public = app.local.key.pair.public_key().to_vec();
+        app.store.close().unwrap();
+        drop(app);
+
+        let again = open(dir.path(), "a.test").unwrap();
+        assert_eq!(again.local.key.pair.public_key().to_vec(), public);
+        let writes = again.store.writer_stats().writes.load(Ordering::SeqCst);
+        assert_eq!(writes, 0, "an existing identity is only read");
+        again.store.close().unwrap();
+        drop(again);
+
+        let err = open(dir.path(), "b.test").err().unwrap();
+        assert!(err.contains("a.test"), "{err}");
     }
 }

@@ -33,6 +33,17 @@ struct Cli {
     /// Who may register through the API.
     #[arg(long, global = true)]
     registration: Option<RegistrationArg>,
+    /// Allow `--registration open` on a non-loopback listener: anyone on the internet who can
+    /// reach this server can create accounts.
+    #[arg(long, global = true)]
+    allow_open_registration_from_anyone_on_the_internet: bool,
+    /// The URL clients reach this server at (e.g. https://matrix.example.org behind a proxy).
+    #[arg(long, global = true)]
+    public_baseurl: Option<String>,
+    /// A reverse proxy (IP or CIDR) whose X-Forwarded-For gives the client's address
+    /// (repeatable; replaces the file's `trusted_proxies`).
+    #[arg(long = "trusted-proxy", global = true)]
+    trusted_proxies: Vec<hearth::proxy::IpNet>,
     /// Turn off rate limits (benchmarks, test suites).
     #[arg(long, global = true)]
     no_rate_limit: bool,
@@ -96,6 +107,15 @@ fn config(cli: &Cli) -> Result<Config, String> {
             RegistrationArg::Token => Registration::Token,
             RegistrationArg::Closed => Registration::Closed,
         };
+    }
+    if cli.allow_open_registration_from_anyone_on_the_internet {
+        c.allow_open_registration_from_anyone_on_the_internet = true;
+    }
+    if let Some(u) = &cli.public_baseurl {
+        c.public_baseurl = Some(u.clone());
+    }
+    if !cli.trusted_proxies.is_empty() {
+        c.trusted_proxies = cli.trusted_proxies.clone();
     }
     if cli.no_rate_limit {
         c.rate_limits.enabled = false;

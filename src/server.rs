@@ -152,22 +152,24 @@ async fn serve_connection(
     };
     let serve = {
         let (app, busy) = (app.clone(), busy.clone());
+        let endpoint_app = app.clone();
         async move {
             let endpoint = move |req| {
                 handle(
-                    app.clone(),
+                    endpoint_app.clone(),
                     routes.clone(),
                     watch.clone(),
                     busy.clone(),
                     req,
                 )
             };
+            let limits = HeadLimits::from(&app.config);
             let result = match tls {
-                None => async_h1::accept(stream, endpoint).await,
+                None => serve_http(stream, endpoint, limits, &app, peer).await,
                 Some(acceptor) => match acceptor.accept(stream).await {
                     Ok(tls_stream) => {
                         let io = async_dup::Arc::new(async_dup::Mutex::new(tls_stream));
-                        async_h1::accept(io, endpoint).await
+                        serve_http(io, endpoint, limits, &app, peer).await
                     }
                     Err(e) => {
                         log::debug!("{peer}: TLS handshake failed: {e}");
@@ -192,6 +194,259 @@ async fn serve_connection(
     serve.or(stop).await;
 }
 
+// ---------------------------------------------------------------- request heads
+
+/// async-h1 (2.3.4) drops the connection, without an answer, once a request head reaches
+/// 8 KiB (`MAX_HEAD_LENGTH`, checked as "read so far < 8192") or has more than 128 headers.
+/// Our limits must trigger first so the client gets a Matrix error instead.
+pub const ASYNC_H1_MAX_HEAD: usize = 8191;
+const ASYNC_H1_MAX_HEADERS: usize = 128;
+/// How long to wait for a request head (async-h1's own default too).
+const HEAD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Limits on a request head, from the config.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadLimits {
+    /// The request line (`GET /path?query HTTP/1.1`), without its line end.
+    pub uri: usize,
+    /// The whole head: request line, headers and the blank line.
+    pub head: usize,
+}
+
+impl From<&Config> for HeadLimits {
+    fn from(c: &Config) -> Self {
+        Self {
+            uri: c.max_uri_bytes,
+            head: c.max_head_bytes.min(ASYNC_H1_MAX_HEAD),
+        }
+    }
+}
+
+/// The connection as async-h1 sees it: bytes we read ahead while checking a request head are
+/// handed out first, then the socket. Clones share the buffer (async-h1 clones its IO).
+#[derive(Clone)]
+struct Prefixed<IO> {
+    io: IO,
+    ahead: Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl<IO> Prefixed<IO> {
+    fn take_ahead(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.ahead.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+    fn put_ahead(&self, bytes: Vec<u8>) {
+        *self.ahead.lock().unwrap_or_else(|p| p.into_inner()) = bytes;
+    }
+}
+
+impl<IO: futures_lite::AsyncRead + Unpin> futures_lite::AsyncRead for Prefixed<IO> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        {
+            let mut ahead = self.ahead.lock().unwrap_or_else(|p| p.into_inner());
+            if !ahead.is_empty() {
+                let n = buf.len().min(ahead.len());
+                buf[..n].copy_from_slice(&ahead[..n]);
+                ahead.drain(..n);
+                return std::task::Poll::Ready(Ok(n));
+            }
+        }
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: futures_lite::AsyncWrite + Unpin> futures_lite::AsyncWrite for Prefixed<IO> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_close(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_close(cx)
+    }
+}
+
+/// What the bytes at the start of the next request say.
+#[derive(Debug, PartialEq, Eq)]
+enum Head {
+    /// A complete head within the limits (left in the read-ahead buffer for async-h1).
+    Complete,
+    /// The connection ended (or idled out) before a request.
+    Closed,
+    /// Over a limit: answer with this status and close.
+    TooLarge(u16, &'static str),
+}
+
+/// An incremental check of a request head against the limits: each byte is looked at once,
+/// however the client splits its request (a client trickling one byte per packet must not
+/// make the executor thread rescan the head on every byte).
+#[derive(Default)]
+struct HeadScan {
+    /// Bytes already looked at.
+    scanned: usize,
+    /// Where the request line ends (its `\n`).
+    line_end: Option<usize>,
+    newlines: usize,
+}
+
+impl HeadScan {
+    /// `bytes` is the start of a request, only growing between calls. `None`: need more.
+    fn check(&mut self, bytes: &[u8], limits: HeadLimits) -> Option<Head> {
+        let mut end = None;
+        for i in self.scanned..bytes.len() {
+            if bytes[i] != b'\n' {
+                continue;
+            }
+            self.newlines += 1;
+            self.line_end.get_or_insert(i);
+            if i >= 3 && &bytes[i - 3..=i] == b"\r\n\r\n" {
+                end = Some(i + 1);
+                break;
+            }
+        }
+        self.scanned = end.unwrap_or(bytes.len());
+        let line_len = match self.line_end {
+            Some(e) => e - usize::from(e > 0 && bytes[e - 1] == b'\r'),
+            None => bytes.len(),
+        };
+        if line_len > limits.uri {
+            return Some(Head::TooLarge(414, "Request line (URI) too long"));
+        }
+        if self.scanned > limits.head {
+            return Some(Head::TooLarge(431, "Request header fields too large"));
+        }
+        // Header lines: not the request line, not the blank line.
+        if self.newlines.saturating_sub(2) > ASYNC_H1_MAX_HEADERS {
+            return Some(Head::TooLarge(431, "Too many request header fields"));
+        }
+        end.map(|_| Head::Complete)
+    }
+}
+
+/// Reads the next request head into the read-ahead buffer, enforcing the limits.
+async fn read_head<IO: futures_lite::AsyncRead + Unpin>(
+    io: &mut Prefixed<IO>,
+    limits: HeadLimits,
+) -> std::io::Result<Head> {
+    use futures_lite::AsyncReadExt;
+    let mut bytes = io.take_ahead();
+    let mut chunk = [0u8; 4096];
+    let mut scan = HeadScan::default();
+    loop {
+        if let Some(h) = scan.check(&bytes, limits) {
+            io.put_ahead(bytes);
+            return Ok(h);
+        }
+        let n = io.io.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(Head::Closed);
+        }
+        bytes.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Serves HTTP/1.1 requests on one connection: each head is checked against our limits (a
+/// Matrix error with 414/431 instead of async-h1's silent close), then async-h1 serves it.
+async fn serve_http<IO, F, Fut>(
+    io: IO,
+    endpoint: F,
+    limits: HeadLimits,
+    app: &App,
+    peer: SocketAddr,
+) -> http_types::Result<()>
+where
+    IO: futures_lite::AsyncRead + futures_lite::AsyncWrite + Clone + Send + Sync + Unpin + 'static,
+    F: Fn(http_types::Request) -> Fut,
+    Fut: std::future::Future<Output = http_types::Result<Response>>,
+{
+    use async_h1::server::{ConnectionStatus, Server};
+    let mut io = Prefixed {
+        io,
+        ahead: Arc::default(),
+    };
+    loop {
+        let head = read_head(&mut io, limits)
+            .or(async {
+                smol::Timer::after(HEAD_TIMEOUT).await;
+                Ok(Head::Closed)
+            })
+            .await?;
+        match head {
+            Head::Complete => {}
+            Head::Closed => return Ok(()),
+            Head::TooLarge(status, why) => {
+                app.metrics.requests_total.fetch_add(1, Ordering::Relaxed);
+                let id = REQUEST_IDS.fetch_add(1, Ordering::Relaxed);
+                log::info!("req-{id} {} - - {status} ({why})", peer.ip());
+                refuse(&mut io.io, status, why).await;
+                return Ok(());
+            }
+        }
+        let status = Server::new(io.clone(), &endpoint).accept_one().await?;
+        if status == ConnectionStatus::Close {
+            return Ok(());
+        }
+    }
+}
+
+/// Answers an oversized head with a Matrix error and closes. The rest of the request is read
+/// and thrown away (bounded) first: closing a socket with unread input sends a reset, which
+/// can destroy the answer before the client reads it.
+async fn refuse<IO>(io: &mut IO, status: u16, why: &str)
+where
+    IO: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin,
+{
+    use futures_lite::{AsyncReadExt, AsyncWriteExt};
+    let reason = match status {
+        414 => "URI Too Long",
+        _ => "Request Header Fields Too Large",
+    };
+    let body = crate::error::Error::new(status, "M_TOO_LARGE", why)
+        .to_json()
+        .to_string();
+    let answer = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\naccess-control-allow-origin: *\r\n\r\n{body}",
+        body.len()
+    );
+    let written = async {
+        io.write_all(answer.as_bytes()).await?;
+        io.flush().await?;
+        io.close().await
+    };
+    if written.await.is_err() {
+        return;
+    }
+    let drain = async {
+        let mut sink = [0u8; 4096];
+        let mut total = 0usize;
+        while total < 1 << 20 {
+            match io.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    };
+    drain
+        .or(async {
+            smol::Timer::after(Duration::from_secs(2)).await;
+        })
+        .await;
+}
+
 static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
 
 /// One request: CORS, the in-flight gauge, tide, Matrix-shaped 404/405, the log line.
@@ -206,7 +461,14 @@ async fn handle(
     let start = Instant::now();
     let method = req.method();
     let path = req.url().path().to_owned();
-    let peer = watch.peer;
+    let peer = crate::proxy::client_ip(
+        &app.config.trusted_proxies,
+        watch.peer.ip(),
+        req.header("X-Forwarded-For")
+            .into_iter()
+            .flat_map(|values| values.iter())
+            .map(|v| v.as_str()),
+    );
     app.metrics.requests_total.fetch_add(1, Ordering::Relaxed);
     let mut res = if method == Method::Options {
         Response::new(StatusCode::Ok)
@@ -214,6 +476,7 @@ async fn handle(
         busy.store(true, Ordering::SeqCst);
         let _in_flight = GaugeGuard::new(&app.metrics.in_flight);
         req.ext_mut().insert(watch);
+        req.ext_mut().insert(ClientAddr(peer));
         req.ext_mut().insert(RequestId(id));
         let res: http_types::Result<Response> = routes.respond(req).await;
         busy.store(false, Ordering::SeqCst);
@@ -221,13 +484,23 @@ async fn handle(
             log::error!("req-{id}: tide error: {e}");
             Response::new(StatusCode::InternalServerError)
         });
-        if matches!(
-            res.status(),
-            StatusCode::NotFound | StatusCode::MethodNotAllowed
-        ) && res.content_type().is_none()
-        {
-            let e = crate::error::Error::unrecognized("Unrecognized request");
-            res = crate::http::error_response(&e).into();
+        // tide's router answers bare 404 (no route for the path) and 405 (the path exists for
+        // other methods); both become M_UNRECOGNIZED with their status, as the spec asks.
+        if res.content_type().is_none() {
+            let e = match res.status() {
+                StatusCode::NotFound => {
+                    Some(crate::error::Error::unrecognized("Unrecognized request"))
+                }
+                StatusCode::MethodNotAllowed => Some(crate::error::Error::new(
+                    405,
+                    "M_UNRECOGNIZED",
+                    format!("{method} is not supported on this path"),
+                )),
+                _ => None,
+            };
+            if let Some(e) = e {
+                res = crate::http::error_response(&e).into();
+            }
         }
         res
     };
@@ -256,6 +529,10 @@ async fn handle(
 #[derive(Clone, Copy, Debug)]
 pub struct RequestId(pub u64);
 
+/// The client's address (the TCP peer, or from `X-Forwarded-For` via a trusted proxy).
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub std::net::IpAddr);
+
 /// Marks the response of a request dropped because its client disconnected (logged as 499,
 /// Synapse's convention; http-types has no 499, and nobody reads the body anyway).
 #[derive(Clone, Copy, Debug)]
@@ -264,6 +541,51 @@ pub struct Cancelled;
 #[cfg(test)]
 mod tests {
     use std::{net::TcpStream, time::Duration};
+
+    use super::{Head, HeadLimits, HeadScan};
+
+    fn check_head(bytes: &[u8], limits: HeadLimits) -> Option<Head> {
+        let whole = HeadScan::default().check(bytes, limits);
+        // Fed one byte at a time, the scan reaches the same verdict.
+        let mut scan = HeadScan::default();
+        let trickled = (1..=bytes.len())
+            .find_map(|n| scan.check(&bytes[..n], limits))
+            .or_else(|| scan.check(bytes, limits));
+        assert_eq!(whole, trickled, "{:?}", String::from_utf8_lossy(bytes));
+        whole
+    }
+
+    #[test]
+    fn head_limits() {
+        let l = HeadLimits { uri: 30, head: 80 };
+        assert_eq!(check_head(b"GET /a HTTP/1.1\r\nHost: x", l), None);
+        assert_eq!(
+            check_head(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nbody", l),
+            Some(Head::Complete)
+        );
+        let long = format!("GET /{} HTTP/1.1", "a".repeat(40));
+        assert!(matches!(
+            check_head(long.as_bytes(), l),
+            Some(Head::TooLarge(414, _))
+        ));
+        let many = format!("GET / HTTP/1.1\r\nA: {}\r\n", "b".repeat(80));
+        assert!(matches!(
+            check_head(many.as_bytes(), l),
+            Some(Head::TooLarge(431, _))
+        ));
+        // Body bytes after the head do not count.
+        let body = format!("GET / HTTP/1.1\r\n\r\n{}", "c".repeat(500));
+        assert_eq!(check_head(body.as_bytes(), l), Some(Head::Complete));
+        let lots = format!("GET / HTTP/1.1\r\n{}\r\n", "a:\r\n".repeat(129));
+        let roomy = HeadLimits {
+            uri: 30,
+            head: 8000,
+        };
+        assert!(matches!(
+            check_head(lots.as_bytes(), roomy),
+            Some(Head::TooLarge(431, _))
+        ));
+    }
 
     #[test]
     fn backlog_queues_a_burst_of_connections_without_accepting() {

@@ -406,3 +406,43 @@ fn data_survives_restart_and_server_name_is_fixed() {
         .expect("a different server name must be refused");
     assert!(err.contains("hearth.test"), "{err}");
 }
+
+/// A logout that commits while another request's `auth()` has read the token from the
+/// database but not yet cached it must win: the token stays revoked. The interleaving is
+/// forced by polling `auth_token` by hand: first poll (database read sent off), logout over
+/// HTTP, second poll (auth finishes with what it read before the logout).
+#[test]
+fn logout_during_an_auth_read_is_not_undone_by_the_cache() {
+    let s = TestServer::start();
+    let app = s.hs().app().clone();
+    for attempt in 0.. {
+        assert!(attempt < 50, "never saw the read finish before the logout");
+        let (_, token) = s.register(&format!("racer{attempt}"));
+        let mut fut = Box::pin(hearth::http::auth_token(&app, &token));
+        // Sends the database read to the blocking pool.
+        if smol::block_on(futures_lite::future::poll_once(&mut fut)).is_some() {
+            continue; // finished at once: not the interleaving under test
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        s.ok(
+            "POST",
+            "/_matrix/client/v3/logout",
+            Some(&token),
+            Some(&json!({})),
+        );
+        let read = smol::block_on(fut);
+        if read.is_err() {
+            continue; // the read ran after the logout committed: not the interleaving
+        }
+        // auth() read the token before the logout committed; the revocation must still hold.
+        s.err(
+            "GET",
+            "/_matrix/client/v3/account/whoami",
+            Some(&token),
+            None,
+            401,
+            "M_UNKNOWN_TOKEN",
+        );
+        break;
+    }
+}

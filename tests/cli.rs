@@ -112,6 +112,59 @@ fn bad_config_is_refused_with_a_message() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown"));
 }
 
+#[test]
+fn open_registration_on_a_public_listener_is_refused_unless_explicit() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("h.db");
+    let mut child = Command::new(BIN)
+        .args(["--database", db.to_str().unwrap(), "--listen", "0.0.0.0:0"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            panic!("started with open registration on 0.0.0.0");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(!status.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(err.contains("registration = \"token\""), "{err}");
+    assert!(!db.exists(), "refused before touching the database");
+
+    // The explicit flag lets it start (port 0 on every interface; stopped at once).
+    let port = free_port();
+    let mut child = Command::new(BIN)
+        .args(["--database", db.to_str().unwrap()])
+        .args(["--listen", &format!("0.0.0.0:{port}")])
+        .arg("--allow-open-registration-from-anyone-on-the-internet")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let mut up = false;
+    while started.elapsed() < Duration::from_secs(10) {
+        if ureq::get(&format!("http://127.0.0.1:{port}/_matrix/client/versions"))
+            .call()
+            .is_ok()
+        {
+            up = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    unsafe { libc_kill(child.id() as i32, 15) };
+    let status = child.wait().unwrap();
+    assert!(up, "started with the explicit flag");
+    assert!(status.success());
+}
+
 extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;

@@ -483,7 +483,7 @@ fn versions_capabilities_metrics() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|v| v == "v1.12")
+            .any(|v| v == "v1.10")
     );
     let caps = s.ok("GET", "/_matrix/client/v3/capabilities", Some(&a), None);
     assert_eq!(caps["capabilities"]["m.room_versions"]["default"], "10");

@@ -6,10 +6,22 @@ use tide::Response;
 use super::{auth, json, Req};
 use crate::{error::Result, room::SUPPORTED_VERSIONS};
 
+/// The Client-Server API versions `/versions` claims.
+///
+/// Only versions whose required endpoints exist here. It stops at v1.10 because v1.11 made
+/// authenticated media (`/_matrix/client/v1/media/*`, MSC3916) required and Hearth has no media
+/// repository yet: a client that sees v1.11 uses those endpoints and would get 404s for every
+/// avatar and image. Add v1.11 and later when media lands (`tests/edge.rs` checks that v1.11+
+/// is claimed exactly when `/_matrix/client/v1/media/config` answers).
+pub const CLIENT_VERSIONS: &[&str] = &[
+    "r0.5.0", "r0.6.0", "r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8",
+    "v1.9", "v1.10",
+];
+
 /// # `GET /_matrix/client/versions`
 pub async fn versions(_req: Req) -> Result<Response> {
     json(&json!({
-        "versions": ["r0.5.0", "r0.6.0", "r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10", "v1.11", "v1.12"],
+        "versions": CLIENT_VERSIONS,
         "unstable_features": {}
     }))
 }
@@ -36,18 +48,7 @@ pub async fn capabilities(req: Req) -> Result<Response> {
 
 /// # `GET /.well-known/matrix/client`
 pub async fn well_known_client(req: Req) -> Result<Response> {
-    let url = req.url();
-    let base = format!(
-        "{}://{}",
-        url.scheme(),
-        url.host_str()
-            .map(|h| match url.port() {
-                Some(p) => format!("{h}:{p}"),
-                None => h.to_owned(),
-            })
-            .unwrap_or_default()
-    );
-    json(&json!({ "m.homeserver": { "base_url": base } }))
+    json(&json!({ "m.homeserver": { "base_url": super::base_url(&req) } }))
 }
 
 /// # `GET /_hearth/metrics` (Prometheus text format)

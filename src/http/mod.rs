@@ -27,7 +27,7 @@ use tide::{Response, StatusCode};
 
 use crate::{
     error::{Error, Result},
-    server::{Cancelled, ConnWatch},
+    server::{Cancelled, ClientAddr, ConnWatch},
     util::hash_token,
     App,
 };
@@ -202,18 +202,26 @@ fn access_token(req: &Req) -> Option<String> {
 /// Resolves the access token (header or query) to a user and device, through the cache.
 pub async fn auth(req: &Req) -> Result<Authed> {
     let token = access_token(req).ok_or_else(|| Error::missing_token("Missing access token"))?;
-    let hash = hash_token(&token);
-    let app = req.state();
+    auth_token(req.state(), &token).await
+}
+
+/// Resolves an access token to a user and device, through the cache. A token revoked while
+/// this runs is never cached (see [`crate::ephemeral::TokenCache`]).
+pub async fn auth_token(app: &App, token: &str) -> Result<Authed> {
+    let hash = hash_token(token);
     let who = match app.tokens.get(&hash) {
         Some(w) => Some(w),
         None => {
+            // Taken before the read: a revocation committed after this point moves it.
+            let generation = app.tokens.generation();
             let h = hash.clone();
             let found = app
                 .store
                 .read(move |c| crate::store::queries::get_token(c, &h))
                 .await?;
             if let Some(w) = &found {
-                app.tokens.insert(hash.clone(), w.clone());
+                app.tokens
+                    .insert_if_unchanged(generation, hash.clone(), w.clone());
             }
             found
         }
@@ -226,8 +234,34 @@ pub async fn auth(req: &Req) -> Result<Authed> {
     })
 }
 
-/// The client's address, for per-IP rate limits.
+/// The base of every absolute URL Hearth gives out (no trailing `/`): `public_baseurl` if
+/// configured; otherwise `https` when Hearth serves TLS itself, else `http`, with the host (and
+/// port) the request was sent to, or the server name.
+pub fn base_url(req: &Req) -> String {
+    let config = &req.state().config;
+    if let Some(base) = config.public_base() {
+        return base.to_owned();
+    }
+    let scheme = if config.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let url = req.url();
+    let host = match (url.host_str(), url.port()) {
+        (Some(h), Some(p)) => format!("{h}:{p}"),
+        (Some(h), None) => h.to_owned(),
+        (None, _) => req.state().server_name.to_string(),
+    };
+    format!("{scheme}://{host}")
+}
+
+/// The client's address, for per-IP rate limits: the TCP peer, or what a trusted proxy says
+/// (see [`crate::proxy`]; computed once per request by the server).
 pub fn peer_ip(req: &Req) -> String {
+    if let Some(ClientAddr(ip)) = req.ext::<ClientAddr>() {
+        return ip.to_string();
+    }
     req.ext::<ConnWatch>()
         .map(|w| w.peer.ip().to_string())
         .unwrap_or_default()

@@ -137,23 +137,23 @@ pub struct SigningKey {
 }
 
 impl SigningKey {
-    /// Loads the key from `meta`, or generates and stores one.
-    pub fn load_or_create(conn: &rusqlite::Connection) -> Result<Self> {
+    /// A fresh key: (base64 of the PKCS#8 DER, key version). Stored by the caller.
+    pub fn generate_encoded() -> (String, String) {
         use base64::Engine;
-        let b64 = base64::engine::general_purpose::STANDARD_NO_PAD;
-        let (der, version) = match (
-            crate::store::queries::get_meta(conn, "signing_key")?,
-            crate::store::queries::get_meta(conn, "signing_key_version")?,
-        ) {
-            (Some(k), Some(v)) => (b64.decode(k).map_err(Error::internal)?, v),
-            _ => {
-                let der = ruma::signatures::Ed25519KeyPair::generate().to_vec();
-                let version = format!("a_{}", crate::util::random_string(4));
-                crate::store::queries::upsert_meta(conn, "signing_key", &b64.encode(&der))?;
-                crate::store::queries::upsert_meta(conn, "signing_key_version", &version)?;
-                (der, version)
-            }
-        };
+        let der = ruma::signatures::Ed25519KeyPair::generate().to_vec();
+        let version = format!("a_{}", crate::util::random_string(4));
+        (
+            base64::engine::general_purpose::STANDARD_NO_PAD.encode(der),
+            version,
+        )
+    }
+
+    /// The key as stored (see `store::queries::load_identity`).
+    pub fn from_encoded(b64: &str, version: String) -> Result<Self> {
+        use base64::Engine;
+        let der = base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(b64)
+            .map_err(Error::internal)?;
         let pair =
             ruma::signatures::Ed25519KeyPair::from_der(&der, version).map_err(Error::internal)?;
         Ok(Self { pair })

@@ -35,6 +35,50 @@ pub fn upsert_meta(conn: &Connection, key: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
+/// What a database says about the server it belongs to: its server name and its signing key
+/// (base64 DER, version), each absent in a fresh database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub server_name: Option<String>,
+    pub signing_key: Option<(String, String)>,
+}
+
+/// Reads the server's identity (a read; see [`init_identity`] for the first start).
+pub fn load_identity(conn: &Connection) -> Result<Identity> {
+    let signing_key = match (
+        get_meta(conn, "signing_key")?,
+        get_meta(conn, "signing_key_version")?,
+    ) {
+        (Some(k), Some(v)) => Some((k, v)),
+        _ => None,
+    };
+    Ok(Identity {
+        server_name: get_meta(conn, "server_name")?,
+        signing_key,
+    })
+}
+
+/// Stores the server name and signing key where the database has none yet (a write, run by
+/// the writer), and returns what is stored afterwards: whatever was there first wins.
+pub fn init_identity(
+    conn: &Connection,
+    server_name: &str,
+    key_b64: &str,
+    key_version: &str,
+) -> Result<Identity> {
+    let mut id = load_identity(conn)?;
+    if id.server_name.is_none() {
+        upsert_meta(conn, "server_name", server_name)?;
+        id.server_name = Some(server_name.to_owned());
+    }
+    if id.signing_key.is_none() {
+        upsert_meta(conn, "signing_key", key_b64)?;
+        upsert_meta(conn, "signing_key_version", key_version)?;
+        id.signing_key = Some((key_b64.to_owned(), key_version.to_owned()));
+    }
+    Ok(id)
+}
+
 // ---------------------------------------------------------------- users, devices, tokens
 
 pub struct UserRow {

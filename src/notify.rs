@@ -38,6 +38,8 @@ pub enum Topic {
     Room(String),
     /// One user (account data, their own membership changes, invites).
     User(String),
+    /// The federation outbox has new rows (the sender worker watches this).
+    FederationOutbox,
 }
 
 impl Topic {

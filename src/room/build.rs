@@ -275,7 +275,30 @@ pub fn send_with_prevs(
     if pdu.kind == TimelineEventType::RoomRedaction {
         check_redaction_allowed(tx, &pdu)?;
     }
-    persist(tx, &pdu, &json, &rules, txn, state_at)
+    let persisted = persist(tx, &pdu, &json, &rules, txn, state_at)?;
+    // Our own event goes to every other server in the room, queued in this same write. A
+    // leave or ban also goes to its subject's server (one whose last user just left or was
+    // kicked is no longer in the room). Invites go by `/invite`, not here.
+    let mut destinations = q::list_room_servers(tx, rid, local.server_name.as_str())?;
+    let membership = serde_json::from_str::<Value>(pdu.content.get())
+        .ok()
+        .and_then(|c| {
+            c.get("membership")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        });
+    if pdu.kind == TimelineEventType::RoomMember
+        && matches!(membership.as_deref(), Some("leave" | "ban"))
+    {
+        if let Some(subject) = pdu.state_key.as_deref().and_then(|k| UserId::parse(k).ok()) {
+            let server = subject.server_name().as_str().to_owned();
+            if server != local.server_name.as_str() && !destinations.contains(&server) {
+                destinations.push(server);
+            }
+        }
+    }
+    q::insert_outbox_pdu(tx, &destinations, pdu.event_id.as_str())?;
+    Ok(persisted)
 }
 
 /// The auth rules (since v3) leave redaction permission to the server: the sender may redact

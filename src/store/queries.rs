@@ -1021,3 +1021,54 @@ pub fn upsert_server_key(
     .execute(params![server, key_id, key, valid_until_ts, expired_ts])?;
     Ok(())
 }
+
+/// Queues a PDU for each destination (one row each) and wakes the federation sender after the
+/// commit. Runs in the same write as the event, so a stored event is never left unsent.
+pub fn insert_outbox_pdu(
+    tx: &mut super::Tx<'_>,
+    destinations: &[String],
+    event_id: &str,
+) -> Result<()> {
+    if destinations.is_empty() {
+        return Ok(());
+    }
+    {
+        let mut stmt = tx.prepare_cached(
+            "INSERT INTO outbox (destination, kind, event_id) VALUES (?1, 'pdu', ?2)",
+        )?;
+        for d in destinations {
+            stmt.execute([d.as_str(), event_id])?;
+        }
+    }
+    tx.wake(crate::notify::Topic::FederationOutbox);
+    Ok(())
+}
+
+/// Queues an EDU (its JSON) for each destination; see [`insert_outbox_pdu`].
+pub fn insert_outbox_edu(tx: &mut super::Tx<'_>, destinations: &[String], edu: &str) -> Result<()> {
+    if destinations.is_empty() {
+        return Ok(());
+    }
+    {
+        let mut stmt = tx.prepare_cached(
+            "INSERT INTO outbox (destination, kind, payload) VALUES (?1, 'edu', ?2)",
+        )?;
+        for d in destinations {
+            stmt.execute([d.as_str(), edu])?;
+        }
+    }
+    tx.wake(crate::notify::Topic::FederationOutbox);
+    Ok(())
+}
+
+/// Servers other than `us` with a joined member in the room (current state).
+pub fn list_room_servers(conn: &Connection, room_id: &str, us: &str) -> Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT DISTINCT substr(state_key, instr(state_key, ':') + 1) FROM current_state
+         WHERE room_id = ?1 AND type = 'm.room.member' AND membership = 'join'",
+    )?;
+    let rows = stmt.query_map([room_id], |r| r.get::<_, String>(0))?;
+    let mut out: Vec<String> = rows.collect::<rusqlite::Result<_>>()?;
+    out.retain(|s| s != us);
+    Ok(out)
+}

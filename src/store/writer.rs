@@ -48,6 +48,12 @@ impl Tx<'_> {
         *self.next_pos += 1;
         *self.next_pos
     }
+
+    /// Announces `topic` after the commit without taking a stream position (for changes that
+    /// `/sync` does not walk, such as federation outbox rows).
+    pub fn wake(&mut self, topic: Topic) {
+        self.topics.push(topic);
+    }
 }
 
 impl std::ops::Deref for Tx<'_> {
@@ -166,7 +172,7 @@ fn run(
         } else {
             stats.commits.fetch_add(1, Ordering::Relaxed);
         }
-        if pos > before && committed.is_ok() {
+        if committed.is_ok() && (pos > before || !topics.is_empty()) {
             topics.sort_unstable();
             topics.dedup();
             notifier.advance(pos, &topics);

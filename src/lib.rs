@@ -32,6 +32,7 @@ pub mod error;
 pub mod fed;
 pub mod http;
 pub mod notify;
+pub mod ops;
 pub mod proxy;
 pub mod room;
 pub mod server;

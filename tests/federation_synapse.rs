@@ -94,7 +94,7 @@ fn synapse() -> &'static Mutex<Option<Synapse>> {
 
 /// Tests in this file: the last one to finish stops a Synapse started here (a test binary
 /// has no "after all" hook). Counted on drop, so a failing test counts too.
-const TESTS: usize = 2;
+const TESTS: usize = 3;
 
 struct Finished;
 
@@ -165,6 +165,7 @@ struct Hearth {
 
 impl Hearth {
     fn start() -> Self {
+        let _ = env_logger::builder().is_test(true).try_init();
         let dir = tempfile::tempdir().unwrap();
         let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
         let ok = Command::new("openssl")
@@ -366,5 +367,116 @@ fn forged_federation_requests_are_refused() {
     tampered["valid_until_ts"] = json!(v["valid_until_ts"].as_u64().unwrap() + 1);
     assert!(hearth::fed::keys::check_server_keys(&name, &tampered.to_string()).is_err());
     std::thread::sleep(Duration::from_millis(10));
+    hearth.hs.stop().unwrap();
+}
+
+/// Polls `f` until it returns `Some`, for at most `secs` seconds.
+fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Timeline events of a room in a sync response.
+fn timeline(v: &Value, room: &str) -> Vec<Value> {
+    v["rooms"]["join"][room]["timeline"]["events"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_synapse_user_joins_a_hearth_room_and_speaks() {
+    let _finished = Finished;
+    let guard = synapse().lock().unwrap_or_else(|p| p.into_inner());
+    let syn = guard.as_ref().unwrap();
+    let hearth = Hearth::start();
+    let (_, alice_tok) = register(&hearth.url(), "alice");
+    let (bob, bob_tok) = register(&syn.url(), "bob_joins");
+    let (s, v) = curl(
+        "POST",
+        &format!("{}/_matrix/client/v3/createRoom", hearth.url()),
+        Some(&alice_tok),
+        Some(&json!({ "preset": "public_chat", "name": "Hearth room" })),
+    );
+    assert_eq!(s, 200, "{v}");
+    let room = v["room_id"].as_str().unwrap().to_owned();
+    let (s, v) = curl(
+        "GET",
+        &format!("{}/_matrix/client/v3/sync?timeout=0", hearth.url()),
+        Some(&alice_tok),
+        None,
+    );
+    assert_eq!(s, 200);
+    let mut since = v["next_batch"].as_str().unwrap().to_owned();
+
+    // Synapse joins through us: make_join, send_join (v2), our state and auth chain checked.
+    let hearth_name = format!("127.0.0.1:{}", hearth.port);
+    let (s, v) = curl(
+        "POST",
+        &format!(
+            "{}/_matrix/client/v3/join/{}?server_name={}",
+            syn.url(),
+            common::enc(&room),
+            common::enc(&hearth_name)
+        ),
+        Some(&bob_tok),
+        Some(&json!({})),
+    );
+    assert_eq!(s, 200, "Synapse could not join the Hearth room: {v}");
+    // Synapse now knows the room's name from the state we sent.
+    let (s, v) = curl(
+        "GET",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/state/m.room.name/",
+            syn.url(),
+            common::enc(&room)
+        ),
+        Some(&bob_tok),
+        None,
+    );
+    assert_eq!((s, v["name"].as_str()), (200, Some("Hearth room")), "{v}");
+
+    // Alice sees bob join, then his message (sent by Synapse in a transaction).
+    let (s, v) = curl(
+        "PUT",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/send/m.room.message/t1",
+            syn.url(),
+            common::enc(&room)
+        ),
+        Some(&bob_tok),
+        Some(&json!({ "msgtype": "m.text", "body": "hello from Synapse" })),
+    );
+    assert_eq!(s, 200, "{v}");
+    let mut seen: Vec<Value> = Vec::new();
+    eventually(30, "bob's join and message reach alice", || {
+        let (_, v) = curl(
+            "GET",
+            &format!(
+                "{}/_matrix/client/v3/sync?since={since}&timeout=2000",
+                hearth.url()
+            ),
+            Some(&alice_tok),
+            None,
+        );
+        if let Some(n) = v["next_batch"].as_str() {
+            since = n.to_owned();
+        }
+        seen.extend(timeline(&v, &room));
+        seen.iter()
+            .any(|e| e["content"]["body"] == "hello from Synapse")
+            .then_some(())
+    });
+    assert!(
+        seen.iter()
+            .any(|e| e["type"] == "m.room.member" && e["state_key"] == bob.as_str()),
+        "bob's join is in alice's timeline: {seen:?}"
+    );
     hearth.hs.stop().unwrap();
 }

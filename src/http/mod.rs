@@ -293,6 +293,14 @@ pub fn routes(app: App) -> tide::Server<App> {
         .get(c(federation::keys::version));
     s.at("/_matrix/federation/v1/query/profile")
         .get(c(federation::query::profile));
+    s.at("/_matrix/federation/v1/event/:event_id")
+        .get(c(federation::events::get_event));
+    s.at("/_matrix/federation/v1/make_join/:room_id/:user_id")
+        .get(c(federation::membership::make_join));
+    s.at("/_matrix/federation/v2/send_join/:room_id/:event_id")
+        .put(h(federation::membership::send_join_v2));
+    s.at("/_matrix/federation/v1/send/:transaction_id")
+        .put(h(federation::transactions::send));
 
     // account and session
     client!(s, get "/login" => c(account::login_flows));

@@ -109,7 +109,7 @@ pub fn send(
 }
 
 /// Where an event's state before comes from.
-enum StateAt {
+pub(super) enum StateAt {
     /// It follows the room's only forward extremity: the `current_state` table.
     Current,
     /// Anything else: resolved from the states after its prev events. `base` is the state
@@ -121,7 +121,7 @@ enum StateAt {
 }
 
 impl StateAt {
-    fn get(
+    pub(super) fn get(
         &self,
         conn: &Connection,
         room_id: &str,
@@ -137,18 +137,26 @@ impl StateAt {
     }
 }
 
-/// Like [`send`], with explicit `prev_events` (default: the forward extremities). Events that
-/// do not simply follow the single extremity are authorised against the resolved state of
-/// their prev events, and the room's current state is re-resolved over the new extremities.
-pub fn send_with_prevs(
-    tx: &mut Tx<'_>,
-    local: &Local,
+/// An event built but not yet hashed or signed: the template `/make_join` hands out, and
+/// the first half of a local send.
+pub struct Prepared {
+    pub pdu: Value,
+    pub rules: ruma::room_version_rules::RoomVersionRules,
+    pub version: RoomVersionId,
+    pub(super) state_at: StateAt,
+}
+
+/// Builds the unsigned PDU for `new` by `sender` on top of `prev_events` (default: the
+/// forward extremities): depth, prev and auth events, `origin_server_ts = now_ms`.
+pub fn prepare(
+    tx: &Connection,
+    origin: &str,
     room_id: &RoomId,
     sender: &UserId,
     new: NewEvent,
-    txn: Option<TxnRef<'_>>,
     prev_events: Option<Vec<OwnedEventId>>,
-) -> Result<Persisted> {
+    now_ms: u64,
+) -> Result<Prepared> {
     let version = room_version(tx, room_id)?;
     let rules = version
         .rules()
@@ -216,8 +224,8 @@ pub fn send_with_prevs(
     let mut pdu = json!({
         "room_id": rid,
         "sender": sender.as_str(),
-        "origin": local.server_name.as_str(),
-        "origin_server_ts": tx.now_ms,
+        "origin": origin,
+        "origin_server_ts": now_ms,
         "type": new.kind.to_string(),
         "content": new.content,
         "depth": depth,
@@ -230,6 +238,64 @@ pub fn send_with_prevs(
     if let Some(r) = &new.redacts {
         pdu["redacts"] = r.as_str().into();
     }
+    Ok(Prepared {
+        pdu,
+        rules,
+        version,
+        state_at,
+    })
+}
+
+/// Would `prepared` pass the auth rules against the state it was built on? (`/make_join`
+/// refuses a join that could not succeed.)
+pub fn check_prepared(conn: &Connection, room_id: &RoomId, prepared: &Prepared) -> Result<()> {
+    let placeholder =
+        OwnedEventId::try_from("$placeholder:hearth.invalid").map_err(Error::internal)?;
+    let pdu = Pdu::from_json(placeholder, &prepared.pdu.to_string())?;
+    let rid = room_id.as_str();
+    check_state_dependent_auth_rules(
+        &prepared.rules.authorization,
+        &pdu,
+        |t: &StateEventType, k: &str| {
+            let id = prepared
+                .state_at
+                .get(conn, rid, &t.to_string(), k)
+                .ok()
+                .flatten()?;
+            load_pdu(conn, &id).ok().flatten()
+        },
+    )
+    .map_err(|e| Error::forbidden(format!("Not allowed: {e}")))
+}
+
+/// Like [`send`], with explicit `prev_events` (default: the forward extremities). Events that
+/// do not simply follow the single extremity are authorised against the resolved state of
+/// their prev events, and the room's current state is re-resolved over the new extremities.
+pub fn send_with_prevs(
+    tx: &mut Tx<'_>,
+    local: &Local,
+    room_id: &RoomId,
+    sender: &UserId,
+    new: NewEvent,
+    txn: Option<TxnRef<'_>>,
+    prev_events: Option<Vec<OwnedEventId>>,
+) -> Result<Persisted> {
+    let rid = room_id.as_str();
+    let is_redaction = new.kind == TimelineEventType::RoomRedaction;
+    let Prepared {
+        pdu,
+        rules,
+        state_at,
+        ..
+    } = prepare(
+        tx,
+        local.server_name.as_str(),
+        room_id,
+        sender,
+        new,
+        prev_events,
+        tx.now_ms,
+    )?;
     let mut obj = match CanonicalJsonValue::try_from(pdu) {
         Ok(CanonicalJsonValue::Object(o)) => o,
         Ok(_) => return Err(Error::bad_json("event is not an object")),
@@ -272,10 +338,10 @@ pub fn send_with_prevs(
     })
     .map_err(|e| Error::forbidden(format!("Event not allowed: {e}")))?;
 
-    if pdu.kind == TimelineEventType::RoomRedaction {
+    if is_redaction {
         check_redaction_allowed(tx, &pdu)?;
     }
-    let persisted = persist(tx, &pdu, &json, &rules, txn, state_at)?;
+    let persisted = persist(tx, &pdu, &json, &rules, txn, state_at, false)?;
     // Our own event goes to every other server in the room, queued in this same write. A
     // leave or ban also goes to its subject's server (one whose last user just left or was
     // kicked is no longer in the room). Invites go by `/invite`, not here.
@@ -352,14 +418,16 @@ pub fn current_content(
 
 /// Appends an authorised event: its row and graph edges, its state group (a delta against
 /// its parent's), current state, the forward extremities, the txn-id row and the redaction it
-/// applies.
-fn persist(
+/// applies. A soft-failed event (`soft_failed`) gets its row, edges and state group only: it
+/// changes neither the current state nor the extremities, and redacts nothing.
+pub(super) fn persist(
     tx: &mut Tx<'_>,
     pdu: &Pdu,
     json: &str,
     rules: &ruma::room_version_rules::RoomVersionRules,
     txn: Option<TxnRef<'_>>,
     state_at: StateAt,
+    soft_failed: bool,
 ) -> Result<Persisted> {
     // The room's members see the event; a membership change also concerns its subject (an
     // invitee or a joiner is not watching the room yet).
@@ -367,7 +435,14 @@ fn persist(
         (Some(user), true) => Some(Topic::user(user.as_str())),
         _ => None,
     };
-    let pos = tx.next_pos(std::iter::once(Topic::room(pdu.room_id.as_str())).chain(subject));
+    let topics: Vec<Topic> = if soft_failed {
+        Vec::new()
+    } else {
+        std::iter::once(Topic::room(pdu.room_id.as_str()))
+            .chain(subject)
+            .collect()
+    };
+    let pos = tx.next_pos(topics);
     let rid = pdu.room_id.as_str();
     let eid = pdu.event_id.as_str();
     let kind = pdu.kind.to_string();
@@ -388,6 +463,7 @@ fn persist(
         }
         (Some(key), StateAt::Current) => {
             replaces = q::get_current_state(tx, rid, &kind, key)?;
+            // (Soft-failed: the group still says what the state after it would be.)
             let parent = q::get_room_state_group(tx, rid)?;
             q::insert_state_group(tx, rid, parent, &[(kind.as_str(), key.as_str(), eid)])?
         }
@@ -414,11 +490,17 @@ fn persist(
             txn: txn.as_ref().map(|t| (t.device_id, t.txn_id)),
             outlier: false,
             rejected_reason: None,
-            soft_failed: false,
+            soft_failed,
             prev_events: &prevs,
             auth_events: &auths,
         },
     )?;
+    if soft_failed {
+        return Ok(Persisted {
+            event_id: pdu.event_id.clone(),
+            pos,
+        });
+    }
     q::advance_forward_extremities(tx, rid, eid, &prevs)?;
     if let Some(t) = &txn {
         q::insert_txn_id(tx, pdu.sender.as_str(), t.device_id, t.txn_id, eid)?;

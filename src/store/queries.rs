@@ -1072,3 +1072,44 @@ pub fn list_room_servers(conn: &Connection, room_id: &str, us: &str) -> Result<V
     out.retain(|s| s != us);
     Ok(out)
 }
+
+pub fn get_received_txn(conn: &Connection, origin: &str, txn_id: &str) -> Result<bool> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM received_txns WHERE origin = ?1 AND txn_id = ?2")?
+        .query_row([origin, txn_id], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+pub fn insert_received_txn(conn: &Connection, origin: &str, txn_id: &str, ts: i64) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT OR IGNORE INTO received_txns (origin, txn_id, ts) VALUES (?1, ?2, ?3)",
+    )?
+    .execute(params![origin, txn_id, ts])?;
+    Ok(())
+}
+
+/// Whether `server` may see the room's events: it has or had a member there (any membership
+/// event of one of its users), or the room is `world_readable`.
+pub fn server_may_see_room(conn: &Connection, room_id: &str, server: &str) -> Result<bool> {
+    let suffix = format!("%:{server}");
+    let member: bool = conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM events WHERE room_id = ?1 AND type = 'm.room.member'
+                 AND state_key LIKE ?2)",
+        )?
+        .query_row(params![room_id, suffix], |r| r.get(0))?;
+    if member {
+        return Ok(true);
+    }
+    let hv: Option<String> = conn
+        .prepare_cached(
+            "SELECT json_extract(e.json, '$.content.history_visibility') FROM current_state c
+             JOIN events e ON e.event_id = c.event_id
+             WHERE c.room_id = ?1 AND c.type = 'm.room.history_visibility' AND c.state_key = ''",
+        )?
+        .query_row([room_id], |r| r.get(0))
+        .optional()?
+        .flatten();
+    Ok(hv.as_deref() == Some("world_readable"))
+}

@@ -3,8 +3,11 @@
 //!
 //! Reads are registered with `c(..)` (cancellable on disconnect) like the client reads.
 
+pub mod events;
 pub mod keys;
+pub mod membership;
 pub mod query;
+pub mod transactions;
 
 use ruma::{
     api::{federation::authentication::XMatrix, IncomingRequest, IncomingRequestExt},

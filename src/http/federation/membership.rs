@@ -1,0 +1,153 @@
+//! Joining rooms on this server from elsewhere: `/make_join` and `/send_join`.
+
+use ruma::{
+    api::federation::membership::{create_join_event, prepare_join_event},
+    OwnedEventId, RoomVersionId,
+};
+use serde_json::{json, value::RawValue, Value};
+use tide::Response;
+
+use super::origin;
+use crate::{
+    error::{Error, Result},
+    http::{json, Req},
+    ops::federation::{room_of, verify_pdu},
+    room::{
+        build::{self, NewEvent},
+        receive::{self, Outcome},
+        state,
+    },
+    store::queries as q,
+};
+
+/// # `GET /_matrix/federation/v1/make_join/{roomId}/{userId}`
+pub async fn make_join(mut req: Req) -> Result<Response> {
+    let o = origin::<prepare_join_event::v1::Request>(&mut req, &["room_id", "user_id"]).await?;
+    let app = req.state().clone();
+    let r = o.req;
+    if r.user_id.server_name() != o.origin {
+        return Err(Error::forbidden(
+            "The user is not from the requesting server",
+        ));
+    }
+    let (origin, us, now) = (
+        o.origin.to_string(),
+        app.server_name.to_string(),
+        app.clock.now_ms(),
+    );
+    let (version, event) = app
+        .store
+        .read(move |c| {
+            if q::get_room_version(c, r.room_id.as_str())?.is_none()
+                || !q::list_room_servers(c, r.room_id.as_str(), "")?.contains(&us)
+            {
+                return Err(Error::not_found("This server is not in that room"));
+            }
+            let version = build::room_version(c, &r.room_id)?;
+            // No `ver` means the server only knows version 1 (spec).
+            let supported = if r.ver.is_empty() {
+                vec![RoomVersionId::V1]
+            } else {
+                r.ver.clone()
+            };
+            if !supported.contains(&version) {
+                let mut e = Error::new(
+                    400,
+                    "M_INCOMPATIBLE_ROOM_VERSION",
+                    format!("The room is version {version}"),
+                );
+                e.body = Some(json!({
+                    "errcode": "M_INCOMPATIBLE_ROOM_VERSION",
+                    "error": format!("The room is version {version}"),
+                    "room_version": version.as_str(),
+                }));
+                return Err(e);
+            }
+            let new = NewEvent::state(
+                "m.room.member",
+                r.user_id.as_str(),
+                json!({ "membership": "join" }),
+            );
+            let prepared = build::prepare(c, &origin, &r.room_id, &r.user_id, new, None, now)?;
+            build::check_prepared(c, &r.room_id, &prepared)?;
+            Ok((version, prepared.pdu))
+        })
+        .await?;
+    json(&json!({ "room_version": version.as_str(), "event": event }))
+}
+
+/// # `PUT /_matrix/federation/v2/send_join/{roomId}/{eventId}`
+///
+/// Answers with the full state before the join and its auth chain (`members_omitted: false`,
+/// which the spec allows for a request with `omit_members=true`).
+pub async fn send_join_v2(mut req: Req) -> Result<Response> {
+    let o = origin::<create_join_event::v2::Request>(&mut req, &["room_id", "event_id"]).await?;
+    let app = req.state().clone();
+    let r = o.req;
+    let (room_id, version) = room_of(&app, &r.pdu).await?;
+    if room_id != r.room_id {
+        return Err(Error::bad_json("The event is for another room"));
+    }
+    let inc = verify_pdu(&app, &r.pdu, &version).await?;
+    let pdu = &inc.pdu;
+    let content: Value = serde_json::from_str(pdu.content.get())?;
+    if pdu.event_id != r.event_id
+        || pdu.kind.to_string() != "m.room.member"
+        || pdu.state_key.as_deref() != Some(pdu.sender.as_str())
+        || content.get("membership").and_then(Value::as_str) != Some("join")
+    {
+        return Err(Error::bad_json("Not a join event for this request"));
+    }
+    if pdu.sender.server_name() != o.origin {
+        return Err(Error::forbidden(
+            "The joining user is not from the requesting server",
+        ));
+    }
+    let prevs: Vec<OwnedEventId> = pdu.prev_events.clone();
+    let join_id = pdu.event_id.to_string();
+    match app.store.write(move |tx| receive::commit(tx, &inc)).await? {
+        Ok(Outcome::Accepted(_)) | Ok(Outcome::Duplicate) => {}
+        Ok(other) => return Err(Error::forbidden(format!("Join not accepted: {other:?}"))),
+        Err(missing) => {
+            return Err(Error::bad_json(format!(
+                "The join refers to events this server does not have: {missing:?}"
+            )))
+        }
+    }
+    let us = app.server_name.to_string();
+    let (state_events, auth_chain, servers) = app
+        .store
+        .read(move |c| {
+            let rules = version
+                .rules()
+                .ok_or_else(|| Error::internal("room version without rules"))?;
+            let before = state::state_before(c, &rules, &prevs)?;
+            let state_ids: Vec<String> = before.values().map(|e| e.to_string()).collect();
+            let mut roots = state_ids.clone();
+            roots.push(join_id);
+            let chain = q::list_auth_chain(c, &roots)?;
+            let state_set: std::collections::HashSet<&String> = state_ids.iter().collect();
+            let chain: Vec<String> = chain
+                .into_iter()
+                .filter(|e| !state_set.contains(e))
+                .collect();
+            let load = |ids: &[String]| -> Result<Vec<Box<RawValue>>> {
+                q::get_events(c, ids)?
+                    .into_iter()
+                    .map(|row| RawValue::from_string(row.json).map_err(Error::from))
+                    .collect()
+            };
+            let mut servers = q::list_room_servers(c, room_id.as_str(), "")?;
+            if !servers.contains(&us) {
+                servers.push(us);
+            }
+            Ok((load(&state_ids)?, load(&chain)?, servers))
+        })
+        .await?;
+    json(&json!({
+        "state": state_events,
+        "auth_chain": auth_chain,
+        "members_omitted": false,
+        "servers_in_room": servers,
+    }))
+}

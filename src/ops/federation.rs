@@ -1,0 +1,231 @@
+//! Receiving events from other servers: the gather half (keys, signatures, hashes, missing
+//! events), then `room::receive::commit` in one write.
+//!
+//! Dropping a gather at any await leaves nothing behind: it writes nothing until the commit,
+//! and the key fetches it waits on are shielded (`fed::keys`).
+
+use ruma::{
+    api::federation::event::{get_event, get_missing_events},
+    signatures::{required_server_signatures_to_verify_event, verify_event, PublicKeyMap},
+    OwnedEventId, OwnedRoomId, RoomVersionId, ServerName, UInt,
+};
+use serde_json::value::RawValue;
+
+use crate::{
+    error::{Error, Result},
+    fed::KeyContext,
+    room::{
+        build::room_version,
+        receive::{self, Incoming, Missing, Outcome},
+    },
+    store::queries as q,
+    App,
+};
+
+/// How many events one PDU may pull in through `/get_missing_events` and `/event`.
+const MAX_FETCH: usize = 50;
+
+fn key_context(app: &App) -> KeyContext {
+    KeyContext {
+        client: app.fed.client.clone(),
+        store: app.store.clone(),
+        clock: app.clock.clone(),
+    }
+}
+
+/// Checks 1–3: shape, size, event ID, signatures of every server that must have signed
+/// (their keys fetched once for all waiters), content hash (a mismatch stores it redacted).
+pub async fn verify_pdu(app: &App, raw: &RawValue, version: &RoomVersionId) -> Result<Incoming> {
+    let (obj, event_id, rules) = receive::parse(raw, version)?;
+    let servers = required_server_signatures_to_verify_event(&obj, &rules.signatures)
+        .map_err(|e| Error::bad_json(format!("PDU {event_id}: {e}")))?;
+    let ctx = key_context(app);
+    let mut map = PublicKeyMap::new();
+    for server in servers {
+        let key_ids: Vec<String> = obj
+            .get("signatures")
+            .and_then(|s| match s {
+                ruma::CanonicalJsonValue::Object(o) => o.get(server.as_str()),
+                _ => None,
+            })
+            .and_then(|s| match s {
+                ruma::CanonicalJsonValue::Object(o) => Some(o.keys().cloned().collect()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        let ids: Vec<&str> = key_ids
+            .iter()
+            .map(String::as_str)
+            .filter(|k| k.starts_with("ed25519:"))
+            .collect();
+        if ids.is_empty() {
+            return Err(Error::forbidden(format!(
+                "PDU {event_id} is not signed by {server}"
+            )));
+        }
+        let set = app.fed.keys.for_request(&ctx, &server, &ids).await?;
+        map.insert(server.to_string(), set);
+    }
+    let verified = verify_event(&map, &obj, &rules)
+        .map_err(|e| Error::forbidden(format!("PDU {event_id}: bad signature: {e}")))?;
+    receive::finish(obj, event_id, verified, &rules)
+}
+
+/// The room a raw PDU claims, and its version as we know it (we must be in the room).
+pub async fn room_of(app: &App, raw: &RawValue) -> Result<(OwnedRoomId, RoomVersionId)> {
+    #[derive(serde::Deserialize)]
+    struct R {
+        room_id: OwnedRoomId,
+    }
+    let r: R = serde_json::from_str(raw.get())
+        .map_err(|e| Error::bad_json(format!("PDU without a room ID: {e}")))?;
+    let room = r.room_id.clone();
+    let version = app
+        .store
+        .read(move |c| match q::get_room_version(c, room.as_str())? {
+            Some(_) => room_version(c, &room).map(Some),
+            None => Ok(None),
+        })
+        .await?
+        .ok_or_else(|| Error::not_found(format!("This server is not in {}", r.room_id)))?;
+    Ok((r.room_id, version))
+}
+
+/// Receives one PDU from `origin`: verify, commit; if events it needs are missing, fetch them
+/// from `origin` (bounded) and commit again.
+pub async fn receive_pdu(app: &App, origin: &ServerName, raw: &RawValue) -> Result<Outcome> {
+    let (room_id, version) = room_of(app, raw).await?;
+    let inc = verify_pdu(app, raw, &version).await?;
+    let mut budget = MAX_FETCH;
+    let mut fetched_once = false;
+    loop {
+        let inc2 = Incoming {
+            pdu: inc.pdu.clone(),
+            json: inc.json.clone(),
+        };
+        match app
+            .store
+            .write(move |tx| receive::commit(tx, &inc2))
+            .await?
+        {
+            Ok(outcome) => return Ok(outcome),
+            Err(missing) if !fetched_once => {
+                fetched_once = true;
+                fetch_missing(app, origin, &room_id, &version, &inc, &missing, &mut budget).await?;
+            }
+            Err(missing) => {
+                return Err(Error::new(
+                    400,
+                    "M_MISSING_EVENTS",
+                    format!(
+                        "{}: missing auth events {:?}, prev events {:?}",
+                        inc.pdu.event_id, missing.auth_events, missing.prev_events
+                    ),
+                ))
+            }
+        }
+    }
+}
+
+/// Fetches what a PDU needs: auth events one by one (`/event`, stored as outliers), prev
+/// events through `/get_missing_events` from our forward extremities (committed oldest first,
+/// each through the full checks).
+async fn fetch_missing(
+    app: &App,
+    origin: &ServerName,
+    room_id: &OwnedRoomId,
+    version: &RoomVersionId,
+    inc: &Incoming,
+    missing: &Missing,
+    budget: &mut usize,
+) -> Result<()> {
+    for id in &missing.auth_events {
+        fetch_outlier(app, origin, version, id, budget).await?;
+    }
+    if missing.prev_events.is_empty() {
+        return Ok(());
+    }
+    let r = room_id.to_string();
+    let earliest: Vec<OwnedEventId> = app
+        .store
+        .read(move |c| q::list_forward_extremities(c, &r))
+        .await?
+        .into_iter()
+        .filter_map(|(e, _)| OwnedEventId::try_from(e).ok())
+        .collect();
+    let mut req = get_missing_events::v1::Request::new(
+        room_id.clone(),
+        earliest,
+        vec![inc.pdu.event_id.clone()],
+    );
+    req.limit = UInt::from((*budget).min(50) as u32);
+    let res = app.fed.client.send(origin, req).await?;
+    // Oldest first, so each one's prev events are there when it is committed.
+    let mut events: Vec<(u64, Box<RawValue>)> = res
+        .events
+        .into_iter()
+        .map(|e| {
+            let depth = serde_json::from_str::<serde_json::Value>(e.get())
+                .ok()
+                .and_then(|v| v.get("depth").and_then(|d| d.as_u64()))
+                .unwrap_or(0);
+            (depth, e)
+        })
+        .collect();
+    events.sort_by_key(|(d, _)| *d);
+    for (_, raw) in events.into_iter().take(*budget) {
+        *budget = budget.saturating_sub(1);
+        let e = verify_pdu(app, &raw, version).await?;
+        for a in e.pdu.auth_events.clone() {
+            fetch_outlier(app, origin, version, &a, budget).await?;
+        }
+        let e2 = Incoming {
+            pdu: e.pdu.clone(),
+            json: e.json.clone(),
+        };
+        // A missing-event that itself lacks prev events is left out (no recursion); the
+        // PDU that needed it then fails with M_MISSING_EVENTS.
+        let _ = app.store.write(move |tx| receive::commit(tx, &e2)).await?;
+    }
+    Ok(())
+}
+
+/// Fetches one event by ID from `origin` and stores it as an outlier, unless held.
+async fn fetch_outlier(
+    app: &App,
+    origin: &ServerName,
+    version: &RoomVersionId,
+    id: &OwnedEventId,
+    budget: &mut usize,
+) -> Result<()> {
+    let eid = id.to_string();
+    if app
+        .store
+        .read(move |c| Ok(q::get_event(c, &eid)?.is_some()))
+        .await?
+    {
+        return Ok(());
+    }
+    if *budget == 0 {
+        return Err(Error::new(
+            400,
+            "M_MISSING_EVENTS",
+            "too many missing events",
+        ));
+    }
+    *budget -= 1;
+    let res = app
+        .fed
+        .client
+        .send(origin, get_event::v1::Request::new(id.clone()))
+        .await?;
+    let inc = verify_pdu(app, &res.pdu, version).await?;
+    if inc.pdu.event_id != *id {
+        return Err(Error::forbidden(format!(
+            "{origin} answered {id} with another event"
+        )));
+    }
+    app.store
+        .write(move |tx| receive::commit_outlier(tx, &inc))
+        .await
+}

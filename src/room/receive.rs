@@ -1,0 +1,255 @@
+//! Events from other servers: the checks on receipt that need no I/O, and the commit.
+//!
+//! The async "gather" half (fetching the origin's keys, missing events) lives in
+//! `ops::federation`; it calls [`parse`] first, verifies signatures with ruma, then hands an
+//! [`Incoming`] to [`commit`] inside one write closure. The commit re-reads everything it
+//! depends on in the writer's transaction, so it is serialised with every other write to the
+//! room without a lock.
+//!
+//! The checks, in the spec's order (server-server API, "Checks performed on receipt of a PDU"):
+//! format and size ([`parse`]); signatures and hashes (the gather; a hash mismatch means the
+//! event is stored redacted); auth against its own auth events and against the state before
+//! it (failing either: *rejected*); auth against the current state (failing: *soft-failed*).
+
+use std::collections::HashMap;
+
+use ruma::{
+    canonical_json::redact,
+    events::StateEventType,
+    room_version_rules::RoomVersionRules,
+    signatures::{reference_hash, Verified},
+    state_res::{check_state_dependent_auth_rules, check_state_independent_auth_rules},
+    CanonicalJsonObject, OwnedEventId, RoomVersionId,
+};
+use serde_json::value::RawValue;
+
+use super::{
+    build::{load_pdu, persist, StateAt},
+    state, Pdu,
+};
+use crate::{
+    error::{Error, Result},
+    store::{queries as q, Tx},
+};
+
+/// Largest PDU, in bytes (spec).
+pub const MAX_PDU_BYTES: usize = 65_536;
+
+/// A remote PDU after the checks that need no state: parsed, its ID computed, its signatures
+/// verified (by the caller) and, on a hash mismatch, redacted.
+pub struct Incoming {
+    pub pdu: Pdu,
+    /// The canonical JSON to store (redacted if its content hash did not match).
+    pub json: String,
+}
+
+/// Step 1: the PDU's shape for its room version, its size, and its event ID (the reference
+/// hash). Returns the canonical object (for signature checks) and the ID.
+pub fn parse(
+    raw: &RawValue,
+    version: &RoomVersionId,
+) -> Result<(CanonicalJsonObject, OwnedEventId, RoomVersionRules)> {
+    if raw.get().len() > MAX_PDU_BYTES {
+        return Err(Error::too_large("PDU larger than 65536 bytes"));
+    }
+    let rules = version
+        .rules()
+        .ok_or_else(|| Error::new(400, "M_UNSUPPORTED_ROOM_VERSION", "unknown room version"))?;
+    let obj: CanonicalJsonObject = serde_json::from_str(raw.get())
+        .map_err(|e| Error::bad_json(format!("PDU is not canonical JSON: {e}")))?;
+    let id = reference_hash(&obj, &rules).map_err(|e| Error::bad_json(format!("PDU: {e}")))?;
+    let event_id = OwnedEventId::try_from(format!("${id}")).map_err(Error::internal)?;
+    // The fields the auth rules need, with the right types.
+    Pdu::from_json(event_id.clone(), raw.get())?;
+    Ok((obj, event_id, rules))
+}
+
+/// After signature verification: the PDU to commit, redacted if its hashes did not match.
+pub fn finish(
+    obj: CanonicalJsonObject,
+    event_id: OwnedEventId,
+    verified: Verified,
+    rules: &RoomVersionRules,
+) -> Result<Incoming> {
+    let obj = match verified {
+        Verified::All => obj,
+        Verified::Signatures => redact(obj, &rules.redaction, None)
+            .map_err(|e| Error::bad_json(format!("cannot redact PDU: {e}")))?,
+    };
+    let json = serde_json::to_string(&obj)?;
+    let pdu = Pdu::from_json(event_id, &json)?;
+    Ok(Incoming { pdu, json })
+}
+
+/// What became of a received PDU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Part of the room now, at this stream position.
+    Accepted(i64),
+    /// Stored, but it fails the current state: not in current state, not sent to clients.
+    SoftFailed,
+    /// Failed the auth rules against its auth events or the state before it.
+    Rejected(String),
+    /// Already held.
+    Duplicate,
+}
+
+/// Why a PDU cannot be committed yet: events it needs that the store lacks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Missing {
+    pub auth_events: Vec<OwnedEventId>,
+    pub prev_events: Vec<OwnedEventId>,
+}
+
+/// Checks 4–6 and the write, in the writer's transaction. `Err(Missing)` (inside `Ok`) means
+/// nothing was written: the caller fetches what is missing and tries again.
+pub fn commit(tx: &mut Tx<'_>, inc: &Incoming) -> Result<std::result::Result<Outcome, Missing>> {
+    let pdu = &inc.pdu;
+    let eid = pdu.event_id.as_str();
+    if q::get_event(tx, eid)?.is_some() {
+        return Ok(Ok(Outcome::Duplicate));
+    }
+    let rid = pdu.room_id.as_str();
+    let version = super::build::room_version(tx, &pdu.room_id)?;
+    let rules = version
+        .rules()
+        .ok_or_else(|| Error::internal("room version without rules"))?;
+
+    // What the checks need must be held: auth events (any, outliers too) and prev events
+    // (with their state).
+    let mut missing = Missing {
+        auth_events: Vec::new(),
+        prev_events: Vec::new(),
+    };
+    let mut auth_pdus = Vec::new();
+    for a in &pdu.auth_events {
+        match load_pdu(tx, a.as_str())? {
+            Some(p) => auth_pdus.push(p),
+            None => missing.auth_events.push(a.clone()),
+        }
+    }
+    for p in &pdu.prev_events {
+        let held = q::get_event(tx, p.as_str())?.is_some_and(|r| r.state_group.is_some());
+        if !held {
+            missing.prev_events.push(p.clone());
+        }
+    }
+    if !missing.auth_events.is_empty() || !missing.prev_events.is_empty() {
+        return Ok(Err(missing));
+    }
+
+    // Check 4: against its own auth events.
+    let by_key: HashMap<(StateEventType, String), Pdu> = auth_pdus
+        .into_iter()
+        .filter_map(|p| {
+            let key = p.state_key.clone()?;
+            Some(((StateEventType::from(p.kind.to_string()), key), p))
+        })
+        .collect();
+    if let Err(e) = check_state_independent_auth_rules(&rules.authorization, pdu, |id| {
+        load_pdu(tx, id.as_str()).ok().flatten()
+    }) {
+        return reject(tx, inc, format!("auth events: {e}"));
+    }
+    if let Err(e) = check_state_dependent_auth_rules(&rules.authorization, pdu, |t, k| {
+        by_key.get(&(t.clone(), k.to_owned())).cloned()
+    }) {
+        return reject(tx, inc, format!("auth events: {e}"));
+    }
+
+    // Check 5: against the state before it (its prev events' states, resolved).
+    let extremities = q::list_forward_extremities(tx, rid)?;
+    let on_tip = pdu.prev_events.len() == 1
+        && extremities.len() == 1
+        && extremities[0].0 == pdu.prev_events[0].as_str();
+    let state_at = if on_tip {
+        StateAt::Current
+    } else {
+        let base = q::get_event(tx, pdu.prev_events[0].as_str())?.and_then(|r| r.state_group);
+        StateAt::Resolved {
+            before: state::state_before(tx, &rules, &pdu.prev_events)?,
+            base,
+        }
+    };
+    let before = |t: &StateEventType, k: &str| -> Option<Pdu> {
+        let id = state_at.get(tx, rid, &t.to_string(), k).ok().flatten()?;
+        load_pdu(tx, &id).ok().flatten()
+    };
+    if let Err(e) = check_state_dependent_auth_rules(&rules.authorization, pdu, before) {
+        return reject(tx, inc, format!("state before: {e}"));
+    }
+
+    // Check 6: against the current state (the same check when it follows the tip).
+    let soft_failed = !on_tip
+        && check_state_dependent_auth_rules(&rules.authorization, pdu, |t, k| {
+            let id = q::get_current_state(tx, rid, &t.to_string(), k)
+                .ok()
+                .flatten()?;
+            load_pdu(tx, &id).ok().flatten()
+        })
+        .is_err();
+    let persisted = persist(tx, pdu, &inc.json, &rules, None, state_at, soft_failed)?;
+    Ok(Ok(if soft_failed {
+        Outcome::SoftFailed
+    } else {
+        Outcome::Accepted(persisted.pos)
+    }))
+}
+
+/// Stores a rejected event (so it is not fetched or checked again), outside the room.
+fn reject(
+    tx: &mut Tx<'_>,
+    inc: &Incoming,
+    reason: String,
+) -> Result<std::result::Result<Outcome, Missing>> {
+    insert_outside_room(tx, inc, false, Some(&reason))?;
+    log::info!("rejected {}: {reason}", inc.pdu.event_id);
+    Ok(Ok(Outcome::Rejected(reason)))
+}
+
+/// Stores an event known without its state (an auth event fetched to check another, the
+/// state a join response lists): never part of the timeline. The caller has checked its
+/// signatures and hashes; the auth checks run when it is used.
+pub fn commit_outlier(tx: &mut Tx<'_>, inc: &Incoming) -> Result<()> {
+    if q::get_event(tx, inc.pdu.event_id.as_str())?.is_some() {
+        return Ok(());
+    }
+    insert_outside_room(tx, inc, true, None)
+}
+
+/// An event row with no state and no place in the room (rejected, or an outlier).
+fn insert_outside_room(
+    tx: &mut Tx<'_>,
+    inc: &Incoming,
+    outlier: bool,
+    rejected_reason: Option<&str>,
+) -> Result<()> {
+    let pdu = &inc.pdu;
+    let pos = tx.next_pos([]);
+    let kind = pdu.kind.to_string();
+    let prevs: Vec<&str> = pdu.prev_events.iter().map(|e| e.as_str()).collect();
+    let auths: Vec<&str> = pdu.auth_events.iter().map(|e| e.as_str()).collect();
+    q::insert_event(
+        tx,
+        &q::NewEventRow {
+            pos,
+            event_id: pdu.event_id.as_str(),
+            room_id: pdu.room_id.as_str(),
+            kind: &kind,
+            state_key: pdu.state_key.as_deref(),
+            sender: pdu.sender.as_str(),
+            origin_server_ts: u64::from(pdu.origin_server_ts.get()) as i64,
+            received_ts: tx.now_ms as i64,
+            depth: pdu.depth as i64,
+            json: &inc.json,
+            state_group: None,
+            replaces_state: None,
+            txn: None,
+            outlier,
+            rejected_reason,
+            soft_failed: false,
+            prev_events: &prevs,
+            auth_events: &auths,
+        },
+    )
+}

@@ -94,7 +94,7 @@ fn synapse() -> &'static Mutex<Option<Synapse>> {
 
 /// Tests in this file: the last one to finish stops a Synapse started here (a test binary
 /// has no "after all" hook). Counted on drop, so a failing test counts too.
-const TESTS: usize = 3;
+const TESTS: usize = 4;
 
 struct Finished;
 
@@ -478,5 +478,101 @@ fn a_synapse_user_joins_a_hearth_room_and_speaks() {
             .any(|e| e["type"] == "m.room.member" && e["state_key"] == bob.as_str()),
         "bob's join is in alice's timeline: {seen:?}"
     );
+    hearth.hs.stop().unwrap();
+}
+
+#[test]
+fn a_hearth_user_joins_a_synapse_room_and_hears_it() {
+    let _finished = Finished;
+    let guard = synapse().lock().unwrap_or_else(|p| p.into_inner());
+    let syn = guard.as_ref().unwrap();
+    let hearth = Hearth::start();
+    let (alice, alice_tok) = register(&hearth.url(), "alice");
+    let (_, carol_tok) = register(&syn.url(), "carol_hosts");
+    let (s, v) = curl(
+        "POST",
+        &format!("{}/_matrix/client/v3/createRoom", syn.url()),
+        Some(&carol_tok),
+        Some(&json!({ "preset": "public_chat", "name": "Synapse room", "room_version": "10" })),
+    );
+    assert_eq!(s, 200, "{v}");
+    let room = v["room_id"].as_str().unwrap().to_owned();
+
+    let app = hearth.hs.app().clone();
+    let user: ruma::OwnedUserId = alice.as_str().try_into().unwrap();
+    let room_id: ruma::OwnedRoomId = room.as_str().try_into().unwrap();
+    let via: ruma::OwnedServerName = syn.server_name().as_str().try_into().unwrap();
+    smol::block_on(hearth::ops::federation::join_remote(
+        &app,
+        &user,
+        &room_id,
+        &[via],
+    ))
+    .expect("joined through Synapse");
+
+    // The room, with its name from the state Synapse sent, is in alice's sync.
+    let (_, v) = curl(
+        "GET",
+        &format!("{}/_matrix/client/v3/sync?timeout=0", hearth.url()),
+        Some(&alice_tok),
+        None,
+    );
+    let r = &v["rooms"]["join"][&room];
+    let names: Vec<String> = r["state"]["events"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter(|e| e["type"] == "m.room.name")
+        .filter_map(|e| e["content"]["name"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(names, vec!["Synapse room"], "{v}");
+    let mut since = v["next_batch"].as_str().unwrap().to_owned();
+
+    // Synapse knows alice joined; carol speaks and alice hears it.
+    let (s, v) = curl(
+        "GET",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/joined_members",
+            syn.url(),
+            common::enc(&room)
+        ),
+        Some(&carol_tok),
+        None,
+    );
+    assert_eq!(s, 200);
+    assert!(
+        v["joined"].get(&alice).is_some(),
+        "Synapse sees alice joined: {v}"
+    );
+    let (s, _) = curl(
+        "PUT",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/send/m.room.message/c1",
+            syn.url(),
+            common::enc(&room)
+        ),
+        Some(&carol_tok),
+        Some(&json!({ "msgtype": "m.text", "body": "welcome from Synapse" })),
+    );
+    assert_eq!(s, 200);
+    eventually(30, "carol's message reaches alice", || {
+        let (_, v) = curl(
+            "GET",
+            &format!(
+                "{}/_matrix/client/v3/sync?since={since}&timeout=2000",
+                hearth.url()
+            ),
+            Some(&alice_tok),
+            None,
+        );
+        if let Some(n) = v["next_batch"].as_str() {
+            since = n.to_owned();
+        }
+        timeline(&v, &room)
+            .iter()
+            .any(|e| e["content"]["body"] == "welcome from Synapse")
+            .then_some(())
+    });
     hearth.hs.stop().unwrap();
 }

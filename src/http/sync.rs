@@ -550,16 +550,27 @@ fn joined_room(c: &Connection, ctx: &Ctx, room: &str, w: Window) -> Result<Value
     // for a gap, the state that changed between `since` and the timeline's start.
     let state_ids: Vec<String> = match since {
         _ if outsider => Vec::new(),
-        _ if w.full_state => match q::get_state_group_at(c, room, start)? {
-            Some(g) => q::load_state_group(c, g)?
-                .into_iter()
-                .filter(|((t, k), _)| {
-                    !filter.lazy_load_members || t != "m.room.member" || k == user
-                })
-                .map(|(_, e)| e)
-                .collect(),
-            None => Vec::new(),
-        },
+        _ if w.full_state => {
+            // The state at the timeline's start; when nothing of the room precedes the
+            // timeline here (a room joined through another server: what came before is held
+            // as outliers), the state with the first timeline event, minus the timeline.
+            let in_timeline: HashSet<&str> = timeline.iter().map(|r| r.event_id.as_str()).collect();
+            let group = match q::get_state_group_at(c, room, start)? {
+                Some(g) => Some(g),
+                None => timeline.first().and_then(|r| r.state_group),
+            };
+            match group {
+                Some(g) => q::load_state_group(c, g)?
+                    .into_iter()
+                    .filter(|((t, k), e)| {
+                        !in_timeline.contains(e.as_str())
+                            && (!filter.lazy_load_members || t != "m.room.member" || k == user)
+                    })
+                    .map(|(_, e)| e)
+                    .collect(),
+                None => Vec::new(),
+            }
+        }
         // Incremental: the state entries that changed in `(since, upto]` and are not in the
         // timeline: changes before a limited timeline's start, and state resets (resolution
         // changing the state without a new event; they take a fresh position).

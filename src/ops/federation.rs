@@ -229,3 +229,117 @@ async fn fetch_outlier(
         .write(move |tx| receive::commit_outlier(tx, &inc))
         .await
 }
+
+/// Joins `user` (ours) to a room on another server: `/make_join` on the first of `via` that
+/// answers, sign the template, `/send_join` (v2, full state), check the state and auth chain
+/// it returns (signatures, hashes, and each event's auth against its own auth events), then
+/// one commit: the room row, the state and auth chain as outliers, and our join on top of the
+/// returned state, which becomes the room's current state.
+pub async fn join_remote(
+    app: &App,
+    user: &ruma::UserId,
+    room_id: &ruma::RoomId,
+    via: &[ruma::OwnedServerName],
+) -> Result<OwnedEventId> {
+    let mut last_err = Error::not_found("No server to join the room through");
+    for server in via.iter().filter(|s| **s != app.server_name) {
+        match join_via(app, user, room_id, server).await {
+            Ok(id) => return Ok(id),
+            Err(e) => {
+                log::info!("joining {room_id} via {server} failed: {}", e.message);
+                last_err = e;
+            }
+        }
+    }
+    Err(last_err)
+}
+
+async fn join_via(
+    app: &App,
+    user: &ruma::UserId,
+    room_id: &ruma::RoomId,
+    server: &ServerName,
+) -> Result<OwnedEventId> {
+    use ruma::api::federation::membership::{create_join_event, prepare_join_event};
+    let mut mj = prepare_join_event::v1::Request::new(room_id.to_owned(), user.to_owned());
+    mj.ver = crate::room::SUPPORTED_VERSIONS
+        .iter()
+        .filter_map(|v| RoomVersionId::try_from(*v).ok())
+        .collect();
+    let res = app.fed.client.send(server, mj).await?;
+    let version = res.room_version.unwrap_or(RoomVersionId::V1);
+    if !crate::room::is_supported_version(&version) {
+        return Err(Error::new(
+            400,
+            "M_UNSUPPORTED_ROOM_VERSION",
+            format!("The room is version {version}, which Hearth does not support"),
+        ));
+    }
+    let rules = version
+        .rules()
+        .ok_or_else(|| Error::internal("room version without rules"))?;
+    // Our join, from the template: checked, then hashed and signed by us.
+    let mut template: ruma::CanonicalJsonObject = serde_json::from_str(res.event.get())
+        .map_err(|e| Error::bad_json(format!("make_join template: {e}")))?;
+    let expect = |k: &str, v: &str| matches!(template.get(k), Some(ruma::CanonicalJsonValue::String(s)) if s == v);
+    if !expect("type", "m.room.member")
+        || !expect("state_key", user.as_str())
+        || !expect("sender", user.as_str())
+        || !expect("room_id", room_id.as_str())
+    {
+        return Err(Error::bad_json("make_join template is not our join"));
+    }
+    template.insert("origin".into(), app.server_name.as_str().into());
+    template.insert(
+        "origin_server_ts".into(),
+        ruma::CanonicalJsonValue::Integer(
+            ruma::Int::try_from(app.clock.now_ms() as i64).unwrap_or_default(),
+        ),
+    );
+    let mut content = match template.get("content") {
+        Some(ruma::CanonicalJsonValue::Object(o)) => o.clone(),
+        _ => ruma::CanonicalJsonObject::new(),
+    };
+    content.insert("membership".into(), "join".into());
+    template.insert("content".into(), ruma::CanonicalJsonValue::Object(content));
+    ruma::signatures::hash_and_sign_event(
+        app.server_name.as_str(),
+        &app.local.key.pair,
+        &mut template,
+        &rules.redaction,
+    )
+    .map_err(|e| Error::internal(format_args!("signing our join: {e}")))?;
+    let join_id = OwnedEventId::try_from(format!(
+        "${}",
+        ruma::signatures::reference_hash(&template, &rules).map_err(Error::internal)?
+    ))
+    .map_err(Error::internal)?;
+    let join_raw = serde_json::value::to_raw_value(&template)?;
+    let sj =
+        create_join_event::v2::Request::new(room_id.to_owned(), join_id.clone(), join_raw.clone());
+    let state = app.fed.client.send(server, sj).await?.room_state;
+
+    // Check what came back before storing any of it.
+    let mut state_events = Vec::new();
+    for raw in &state.state {
+        state_events.push(verify_pdu(app, raw, &version).await?);
+    }
+    let mut chain = Vec::new();
+    for raw in &state.auth_chain {
+        chain.push(verify_pdu(app, raw, &version).await?);
+    }
+    let join = receive::finish(
+        serde_json::from_str(join_raw.get())?,
+        join_id.clone(),
+        ruma::signatures::Verified::All,
+        &rules,
+    )?;
+    crate::room::receive::check_join_state(&rules, &state_events, &chain, &join)?;
+    let rid = room_id.to_owned();
+    app.store
+        .write(move |tx| {
+            crate::room::receive::commit_join(tx, &rid, &version, state_events, chain, join)
+        })
+        .await?;
+    Ok(join_id)
+}

@@ -253,3 +253,127 @@ fn insert_outside_room(
         },
     )
 }
+
+/// Checks a `/send_join` answer before anything of it is stored: every state and auth-chain
+/// event passes the auth rules against its own auth events (found in the answer), the state
+/// has the room's create event, and our join passes against the state.
+pub fn check_join_state(
+    rules: &RoomVersionRules,
+    state: &[Incoming],
+    chain: &[Incoming],
+    join: &Incoming,
+) -> Result<()> {
+    let all: HashMap<OwnedEventId, Pdu> = state
+        .iter()
+        .chain(chain.iter())
+        .map(|i| (i.pdu.event_id.clone(), i.pdu.clone()))
+        .collect();
+    let bad = |what: &str, id: &OwnedEventId, e: String| {
+        Error::new(502, "M_UNKNOWN", format!("join answer: {what} {id}: {e}"))
+    };
+    for pdu in all.values() {
+        if pdu.room_id != join.pdu.room_id {
+            return Err(bad("event of another room", &pdu.event_id, String::new()));
+        }
+        check_state_independent_auth_rules(&rules.authorization, pdu, |id| all.get(id).cloned())
+            .map_err(|e| bad("event", &pdu.event_id, e.to_string()))?;
+        let auth: HashMap<(StateEventType, String), &Pdu> = pdu
+            .auth_events
+            .iter()
+            .filter_map(|a| all.get(a))
+            .filter_map(|p| {
+                Some((
+                    (
+                        StateEventType::from(p.kind.to_string()),
+                        p.state_key.clone()?,
+                    ),
+                    p,
+                ))
+            })
+            .collect();
+        check_state_dependent_auth_rules(&rules.authorization, pdu, |t, k| {
+            auth.get(&(t.clone(), k.to_owned())).map(|p| (*p).clone())
+        })
+        .map_err(|e| bad("event", &pdu.event_id, e.to_string()))?;
+    }
+    let by_key: HashMap<(StateEventType, String), &Pdu> = state
+        .iter()
+        .filter_map(|i| {
+            Some((
+                (
+                    StateEventType::from(i.pdu.kind.to_string()),
+                    i.pdu.state_key.clone()?,
+                ),
+                &i.pdu,
+            ))
+        })
+        .collect();
+    if !by_key.contains_key(&(StateEventType::RoomCreate, String::new())) {
+        return Err(Error::new(
+            502,
+            "M_UNKNOWN",
+            "join answer: no create event in the state",
+        ));
+    }
+    check_state_dependent_auth_rules(&rules.authorization, &join.pdu, |t, k| {
+        by_key.get(&(t.clone(), k.to_owned())).map(|p| (*p).clone())
+    })
+    .map_err(|e| Error::forbidden(format!("The join is not allowed: {e}")))?;
+    Ok(())
+}
+
+/// Stores a join made through another server, in one write: the room (if new to us), the
+/// state and auth chain as outliers, and our join on top of that state; the room's current
+/// state becomes the state after the join.
+pub fn commit_join(
+    tx: &mut Tx<'_>,
+    room_id: &ruma::RoomId,
+    version: &RoomVersionId,
+    state: Vec<Incoming>,
+    chain: Vec<Incoming>,
+    join: Incoming,
+) -> Result<()> {
+    let rules = version
+        .rules()
+        .ok_or_else(|| Error::internal("room version without rules"))?;
+    let creator = state
+        .iter()
+        .find(|i| i.pdu.kind.to_string() == "m.room.create")
+        .map(|i| i.pdu.sender.to_string())
+        .unwrap_or_default();
+    q::insert_room_if_absent(
+        tx,
+        room_id.as_str(),
+        version.as_str(),
+        &creator,
+        tx.now_ms as i64,
+    )?;
+    for inc in chain.iter().chain(state.iter()) {
+        commit_outlier(tx, inc)?;
+    }
+    let before: state::StateMap = state
+        .iter()
+        .filter_map(|i| {
+            Some((
+                (
+                    StateEventType::from(i.pdu.kind.to_string()),
+                    i.pdu.state_key.clone()?,
+                ),
+                i.pdu.event_id.clone(),
+            ))
+        })
+        .collect();
+    if q::get_event(tx, join.pdu.event_id.as_str())?.is_some() {
+        return Ok(());
+    }
+    persist(
+        tx,
+        &join.pdu,
+        &join.json,
+        &rules,
+        None,
+        StateAt::Resolved { before, base: None },
+        false,
+    )?;
+    Ok(())
+}

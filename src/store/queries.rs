@@ -1113,3 +1113,19 @@ pub fn server_may_see_room(conn: &Connection, room_id: &str, server: &str) -> Re
         .flatten();
     Ok(hv.as_deref() == Some("world_readable"))
 }
+
+/// Records a room we learn of through federation (a join via another server).
+pub fn insert_room_if_absent(
+    conn: &Connection,
+    room_id: &str,
+    version: &str,
+    creator: &str,
+    now_ms: i64,
+) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT OR IGNORE INTO rooms (room_id, room_version, creator, is_public, created_ts)
+         VALUES (?1, ?2, ?3, 0, ?4)",
+    )?
+    .execute(params![room_id, version, creator, now_ms])?;
+    Ok(())
+}

@@ -478,6 +478,70 @@ fn a_synapse_user_joins_a_hearth_room_and_speaks() {
             .any(|e| e["type"] == "m.room.member" && e["state_key"] == bob.as_str()),
         "bob's join is in alice's timeline: {seen:?}"
     );
+
+    // Typing and a read receipt from Synapse reach alice too (EDUs in a transaction).
+    let msg_id = seen
+        .iter()
+        .find(|e| e["content"]["body"] == "hello from Synapse")
+        .and_then(|e| e["event_id"].as_str())
+        .unwrap()
+        .to_owned();
+    let (s, v) = curl(
+        "PUT",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/typing/{}",
+            syn.url(),
+            common::enc(&room),
+            common::enc(&bob)
+        ),
+        Some(&bob_tok),
+        Some(&json!({ "typing": true, "timeout": 20000 })),
+    );
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = curl(
+        "POST",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/receipt/m.read/{}",
+            syn.url(),
+            common::enc(&room),
+            common::enc(&msg_id)
+        ),
+        Some(&bob_tok),
+        Some(&json!({})),
+    );
+    assert_eq!(s, 200, "{v}");
+    let (mut typing_seen, mut receipt_seen) = (false, false);
+    eventually(30, "bob's typing and receipt reach alice", || {
+        let (_, v) = curl(
+            "GET",
+            &format!(
+                "{}/_matrix/client/v3/sync?since={since}&timeout=2000",
+                hearth.url()
+            ),
+            Some(&alice_tok),
+            None,
+        );
+        if let Some(n) = v["next_batch"].as_str() {
+            since = n.to_owned();
+        }
+        for e in v["rooms"]["join"][&room]["ephemeral"]["events"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+        {
+            if e["type"] == "m.typing"
+                && e["content"]["user_ids"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|u| u == bob.as_str()))
+            {
+                typing_seen = true;
+            }
+            if e["type"] == "m.receipt" && e["content"][&msg_id]["m.read"].get(&bob).is_some() {
+                receipt_seen = true;
+            }
+        }
+        (typing_seen && receipt_seen).then_some(())
+    });
     hearth.hs.stop().unwrap();
 }
 

@@ -295,6 +295,16 @@ pub fn routes(app: App) -> tide::Server<App> {
         .get(c(federation::query::profile));
     s.at("/_matrix/federation/v1/event/:event_id")
         .get(c(federation::events::get_event));
+    s.at("/_matrix/federation/v1/state_ids/:room_id")
+        .get(c(federation::events::state_ids));
+    s.at("/_matrix/federation/v1/state/:room_id")
+        .get(c(federation::events::state));
+    s.at("/_matrix/federation/v1/event_auth/:room_id/:event_id")
+        .get(c(federation::events::event_auth));
+    s.at("/_matrix/federation/v1/get_missing_events/:room_id")
+        .post(c(federation::events::get_missing_events));
+    s.at("/_matrix/federation/v1/backfill/:room_id")
+        .get(c(federation::events::backfill));
     s.at("/_matrix/federation/v1/make_join/:room_id/:user_id")
         .get(c(federation::membership::make_join));
     s.at("/_matrix/federation/v2/send_join/:room_id/:event_id")

@@ -36,3 +36,189 @@ pub async fn get_event(mut req: Req) -> Result<Response> {
         "pdus": [pdu],
     }))
 }
+
+/// The room's state just before `event_id` (Synapse's reading of `/state` and `/state_ids`):
+/// the event's state group with its own change undone. Event IDs, and the auth chain of the
+/// state.
+fn state_before_event(
+    c: &rusqlite::Connection,
+    room_id: &str,
+    event_id: &str,
+    origin: &str,
+) -> Result<(Vec<String>, Vec<String>)> {
+    let row = q::get_event(c, event_id)?.ok_or_else(|| Error::not_found("Unknown event"))?;
+    if q::get_event_room(c, event_id)?.as_deref() != Some(room_id) {
+        return Err(Error::not_found("The event is not in this room"));
+    }
+    if !q::server_may_see_room(c, room_id, origin)? {
+        return Err(Error::forbidden("Your server is not in this room"));
+    }
+    let group = row
+        .state_group
+        .ok_or_else(|| Error::not_found("No state is known at that event"))?;
+    let mut state = q::load_state_group(c, group)?;
+    if let Some(key) = &row.state_key {
+        let k = (row.kind.clone(), key.clone());
+        match &row.replaces_state {
+            Some(prev) => {
+                state.insert(k, prev.clone());
+            }
+            None => {
+                state.remove(&k);
+            }
+        }
+    }
+    let ids: Vec<String> = state.into_values().collect();
+    let chain = q::list_auth_chain(c, &ids)?;
+    Ok((ids, chain))
+}
+
+fn raw_events(c: &rusqlite::Connection, ids: &[String]) -> Result<Vec<Box<RawValue>>> {
+    q::get_events(c, ids)?
+        .into_iter()
+        .map(|r| RawValue::from_string(r.json).map_err(Error::from))
+        .collect()
+}
+
+/// # `GET /_matrix/federation/v1/state_ids/{roomId}`
+pub async fn state_ids(mut req: Req) -> Result<Response> {
+    use ruma::api::federation::event::get_room_state_ids;
+    let o = origin::<get_room_state_ids::v1::Request>(&mut req, &["room_id"]).await?;
+    let app = req.state().clone();
+    let (room, event, origin) = (
+        o.req.room_id.to_string(),
+        o.req.event_id.to_string(),
+        o.origin.to_string(),
+    );
+    let (pdus, chain) = app
+        .store
+        .read(move |c| state_before_event(c, &room, &event, &origin))
+        .await?;
+    json(&json!({ "pdu_ids": pdus, "auth_chain_ids": chain }))
+}
+
+/// # `GET /_matrix/federation/v1/state/{roomId}`
+pub async fn state(mut req: Req) -> Result<Response> {
+    use ruma::api::federation::event::get_room_state;
+    let o = origin::<get_room_state::v1::Request>(&mut req, &["room_id"]).await?;
+    let app = req.state().clone();
+    let (room, event, origin) = (
+        o.req.room_id.to_string(),
+        o.req.event_id.to_string(),
+        o.origin.to_string(),
+    );
+    let (pdus, chain) = app
+        .store
+        .read(move |c| {
+            let (ids, chain) = state_before_event(c, &room, &event, &origin)?;
+            Ok((raw_events(c, &ids)?, raw_events(c, &chain)?))
+        })
+        .await?;
+    json(&json!({ "pdus": pdus, "auth_chain": chain }))
+}
+
+/// # `GET /_matrix/federation/v1/event_auth/{roomId}/{eventId}`
+pub async fn event_auth(mut req: Req) -> Result<Response> {
+    use ruma::api::federation::authorization::get_event_authorization;
+    let o =
+        origin::<get_event_authorization::v1::Request>(&mut req, &["room_id", "event_id"]).await?;
+    let app = req.state().clone();
+    let (room, event, origin) = (
+        o.req.room_id.to_string(),
+        o.req.event_id.to_string(),
+        o.origin.to_string(),
+    );
+    let chain = app
+        .store
+        .read(move |c| {
+            if q::get_event_room(c, &event)?.as_deref() != Some(room.as_str()) {
+                return Err(Error::not_found("Unknown event"));
+            }
+            if !q::server_may_see_room(c, &room, &origin)? {
+                return Err(Error::forbidden("Your server is not in this room"));
+            }
+            let ids = q::list_auth_chain(c, [event.as_str()])?;
+            raw_events(c, &ids)
+        })
+        .await?;
+    json(&json!({ "auth_chain": chain }))
+}
+
+/// # `POST /_matrix/federation/v1/get_missing_events/{roomId}`
+pub async fn get_missing_events(mut req: Req) -> Result<Response> {
+    use ruma::api::federation::event::get_missing_events;
+    let o = origin::<get_missing_events::v1::Request>(&mut req, &["room_id"]).await?;
+    let app = req.state().clone();
+    let r = o.req;
+    let origin = o.origin.to_string();
+    let limit = u64::from(r.limit).min(100) as usize;
+    let min_depth = u64::from(r.min_depth) as i64;
+    let events = app
+        .store
+        .read(move |c| {
+            let room = r.room_id.to_string();
+            if !q::server_may_see_room(c, &room, &origin)? {
+                return Err(Error::forbidden("Your server is not in this room"));
+            }
+            let earliest: Vec<&str> = r.earliest_events.iter().map(|e| e.as_str()).collect();
+            let latest: Vec<&str> = r.latest_events.iter().map(|e| e.as_str()).collect();
+            let mut rows = q::list_missing_events(c, &room, &earliest, &latest, limit)?;
+            rows.retain(|row| {
+                serde_json::from_str::<serde_json::Value>(&row.json)
+                    .ok()
+                    .and_then(|v| v.get("depth").and_then(|d| d.as_i64()))
+                    .unwrap_or(0)
+                    >= min_depth
+            });
+            // Oldest first, as Synapse sends them.
+            rows.reverse();
+            rows.into_iter()
+                .map(|row| RawValue::from_string(row.json).map_err(Error::from))
+                .collect::<Result<Vec<_>>>()
+        })
+        .await?;
+    json(&json!({ "events": events }))
+}
+
+/// # `GET /_matrix/federation/v1/backfill/{roomId}`
+///
+/// Up to `limit` events reachable backwards from `v` (included), newest first.
+pub async fn backfill(mut req: Req) -> Result<Response> {
+    use ruma::api::federation::backfill::get_backfill;
+    let o = origin::<get_backfill::v1::Request>(&mut req, &["room_id"]).await?;
+    let app = req.state().clone();
+    let r = o.req;
+    let origin = o.origin.to_string();
+    let limit = u64::from(r.limit).clamp(1, 100) as usize;
+    let pdus = app
+        .store
+        .read(move |c| {
+            let room = r.room_id.to_string();
+            if !q::server_may_see_room(c, &room, &origin)? {
+                return Err(Error::forbidden("Your server is not in this room"));
+            }
+            let from: Vec<&str> = r.v.iter().map(|e| e.as_str()).collect();
+            let mut rows: Vec<q::EventRow> = q::get_events(c, &from)?
+                .into_iter()
+                .filter(|row| {
+                    q::get_event_room(c, &row.event_id)
+                        .ok()
+                        .flatten()
+                        .as_deref()
+                        == Some(room.as_str())
+                })
+                .collect();
+            let more = q::list_missing_events(c, &room, &[], &from, limit)?;
+            rows.extend(more);
+            rows.truncate(limit);
+            rows.into_iter()
+                .map(|row| RawValue::from_string(row.json).map_err(Error::from))
+                .collect::<Result<Vec<_>>>()
+        })
+        .await?;
+    json(&json!({
+        "origin": app.server_name.as_str(),
+        "origin_server_ts": app.clock.now_ms(),
+        "pdus": pdus,
+    }))
+}

@@ -10,6 +10,7 @@ use super::origin;
 use crate::{
     error::{Error, Result},
     http::{json, Req},
+    notify::Topic,
     ops::federation::receive_pdu,
     room::receive::Outcome,
     store::queries as q,
@@ -49,8 +50,13 @@ pub async fn send(mut req: Req) -> Result<Response> {
         return json(&json!({ "pdus": {} }));
     }
     let a = app.clone();
+    let edus: Vec<serde_json::Value> = r
+        .edus
+        .iter()
+        .filter_map(|e| serde_json::from_str(e.json().get()).ok())
+        .collect();
     let task = app.spawner.spawn("federation-txn", async move {
-        process(&a, &origin, &txn, r.pdus).await
+        process(&a, &origin, &txn, r.pdus, edus).await
     });
     let results = task.await?;
     let pdus: BTreeMap<OwnedEventId, serde_json::Value> = results
@@ -73,6 +79,7 @@ async fn process(
     origin: &str,
     txn: &str,
     pdus: Vec<Box<serde_json::value::RawValue>>,
+    edus: Vec<serde_json::Value>,
 ) -> Result<PduResults> {
     let origin_name: ruma::OwnedServerName = origin
         .try_into()
@@ -89,11 +96,114 @@ async fn process(
             out.push((id, result));
         }
     }
+    // Typing is in memory; receipts and the transaction's record are one write.
+    let mut receipts = Vec::new();
+    for edu in &edus {
+        match edu.get("edu_type").and_then(|t| t.as_str()) {
+            Some("m.typing") => typing_edu(app, origin, &edu["content"]).await?,
+            Some("m.receipt") => receipts.extend(receipt_rows(origin, &edu["content"])),
+            _ => {} // presence, device lists, to-device: later issues
+        }
+    }
     let (o, t, now) = (origin.to_owned(), txn.to_owned(), app.clock.now_ms());
     app.store
-        .write(move |tx| q::insert_received_txn(tx, &o, &t, now as i64))
+        .write(move |tx| {
+            for r in &receipts {
+                // Only for members of the room, from the sending server.
+                if q::get_membership(tx, &r.room_id, &r.user_id)?.as_deref() != Some("join") {
+                    continue;
+                }
+                let pos = tx.next_pos([Topic::room(r.room_id.as_str())]);
+                q::upsert_receipt(
+                    tx,
+                    &r.room_id,
+                    &r.kind,
+                    &r.user_id,
+                    &r.thread_id,
+                    &r.event_id,
+                    r.ts,
+                    pos,
+                )?;
+            }
+            q::insert_received_txn(tx, &o, &t, now as i64)
+        })
         .await?;
     Ok(out)
+}
+
+/// How long a remote typing notification lasts without a refresh (Synapse sends one every
+/// 30 s while typing continues).
+const REMOTE_TYPING_MS: u64 = 30_000;
+
+/// `m.typing`: `{room_id, user_id, typing}` for a user of the sending server who is joined.
+async fn typing_edu(app: &App, origin: &str, c: &serde_json::Value) -> Result<()> {
+    let (Some(room), Some(user)) = (
+        c.get("room_id").and_then(|v| v.as_str()),
+        c.get("user_id").and_then(|v| v.as_str()),
+    ) else {
+        return Ok(());
+    };
+    let Ok(uid) = ruma::UserId::parse(user) else {
+        return Ok(());
+    };
+    if uid.server_name().as_str() != origin {
+        return Ok(());
+    }
+    let (r, u) = (room.to_owned(), user.to_owned());
+    let joined = app
+        .store
+        .read(move |c| Ok(q::get_membership(c, &r, &u)?.as_deref() == Some("join")))
+        .await?;
+    if joined {
+        let typing = c.get("typing").and_then(|v| v.as_bool()).unwrap_or(false);
+        let until = typing.then(|| app.clock.now_ms() + REMOTE_TYPING_MS);
+        app.typing.set(room, user, until);
+    }
+    Ok(())
+}
+
+struct ReceiptRow {
+    room_id: String,
+    kind: String,
+    user_id: String,
+    thread_id: String,
+    event_id: String,
+    ts: u64,
+}
+
+/// `m.receipt`: `{room_id: {receipt_type: {user_id: {event_ids, data: {ts, thread_id}}}}}`,
+/// keeping only users of the sending server and the receipt types Hearth knows.
+fn receipt_rows(origin: &str, c: &serde_json::Value) -> Vec<ReceiptRow> {
+    let mut out = Vec::new();
+    let Some(rooms) = c.as_object() else {
+        return out;
+    };
+    for (room_id, kinds) in rooms {
+        for (kind, users) in kinds.as_object().into_iter().flatten() {
+            if kind != "m.read" {
+                continue; // private receipts never leave their server
+            }
+            for (user_id, r) in users.as_object().into_iter().flatten() {
+                let from_origin = ruma::UserId::parse(user_id.as_str())
+                    .is_ok_and(|u| u.server_name().as_str() == origin);
+                let event = r["event_ids"]
+                    .as_array()
+                    .and_then(|a| a.last())
+                    .and_then(|e| e.as_str());
+                if let (true, Some(event_id)) = (from_origin, event) {
+                    out.push(ReceiptRow {
+                        room_id: room_id.clone(),
+                        kind: kind.clone(),
+                        user_id: user_id.clone(),
+                        thread_id: r["data"]["thread_id"].as_str().unwrap_or("").to_owned(),
+                        event_id: event_id.to_owned(),
+                        ts: r["data"]["ts"].as_u64().unwrap_or(0),
+                    });
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The event ID of a raw PDU, when it can be computed (for the per-PDU results).

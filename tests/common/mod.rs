@@ -2,6 +2,8 @@
 //! JSON client.
 #![allow(dead_code)]
 
+pub mod fed;
+
 use std::time::Duration;
 
 use serde_json::{json, Value};

@@ -1,0 +1,124 @@
+//! Harness for federation tests: a Hearth serving TLS under an IP-literal server name, and
+//! curl for HTTPS requests to self-signed peers.
+#![allow(dead_code)]
+
+use std::process::Command;
+
+use serde_json::{json, Value};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One HTTPS request with curl (self-signed peers): (status, JSON body).
+pub fn curl(method: &str, url: &str, token: Option<&str>, body: Option<&Value>) -> (u16, Value) {
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-sk",
+        "--max-time",
+        "60",
+        "-X",
+        method,
+        "-w",
+        "\n%{http_code}",
+    ]);
+    if let Some(t) = token {
+        cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    if let Some(b) = body {
+        cmd.args([
+            "-H",
+            "Content-Type: application/json",
+            "--data",
+            &b.to_string(),
+        ]);
+    }
+    let out = cmd.arg(url).output().expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (
+        code.trim().parse().unwrap_or(0),
+        serde_json::from_str(body).unwrap_or(Value::Null),
+    )
+}
+
+pub fn register(base: &str, name: &str) -> (String, String) {
+    let (s, v) = curl(
+        "POST",
+        &format!("{base}/_matrix/client/v3/register"),
+        None,
+        Some(
+            &json!({ "username": name, "password": format!("pw-{name}-long-enough"), "auth": { "type": "m.login.dummy" } }),
+        ),
+    );
+    assert_eq!(s, 200, "register {name} at {base}: {v}");
+    (
+        v["user_id"].as_str().unwrap().to_owned(),
+        v["access_token"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// A Hearth serving TLS on a fixed port, with `127.0.0.1:PORT` as its server name.
+pub struct Hearth {
+    pub hs: hearth::Homeserver,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Hearth {
+    pub fn start() -> Self {
+        let _ = env_logger::builder().is_test(true).try_init();
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        let ok = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+            ])
+            .args(["-nodes", "-days", "1"])
+            .args([
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl is installed");
+        assert!(ok.status.success());
+        let port = free_port();
+        let mut c = super::config_in(dir.path());
+        c.server_name = format!("127.0.0.1:{port}");
+        c.listen = vec![format!("127.0.0.1:{port}").parse().unwrap()];
+        c.tls_cert = Some(cert);
+        c.tls_key = Some(key);
+        c.federation.verify_certificates = false;
+        let hs = hearth::Homeserver::start(c).unwrap();
+        Self {
+            hs,
+            port,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Hearth {
+    pub fn server_name(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}

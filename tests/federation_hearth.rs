@@ -1,0 +1,330 @@
+//! Two Hearth servers federating on loopback (TLS, IP-literal names): joining through the
+//! other, what the resident server serves about its room, and forged or unauthorised PDUs
+//! refused and never stored as accepted.
+
+mod common;
+
+use common::fed::{curl, register, Hearth};
+use hearth::{
+    room::build::{self, NewEvent},
+    store::queries as q,
+    App,
+};
+use ruma::{
+    api::federation::{
+        authorization::get_event_authorization, backfill::get_backfill, event::get_missing_events,
+        event::get_room_state_ids, transactions::send_transaction_message,
+    },
+    OwnedEventId, OwnedRoomId, OwnedServerName, OwnedUserId,
+};
+use serde_json::{json, Value};
+
+/// A room on `a` (alice, public), joined from `b` by bob through `a`.
+struct Pair {
+    a: Hearth,
+    b: Hearth,
+    alice_tok: String,
+    bob: OwnedUserId,
+    room: OwnedRoomId,
+}
+
+fn pair() -> Pair {
+    let a = Hearth::start();
+    let b = Hearth::start();
+    let (_, alice_tok) = register(&a.url(), "alice");
+    let (bob, _) = register(&b.url(), "bob");
+    let (s, v) = curl(
+        "POST",
+        &format!("{}/_matrix/client/v3/createRoom", a.url()),
+        Some(&alice_tok),
+        Some(&json!({ "preset": "public_chat", "name": "A's room" })),
+    );
+    assert_eq!(s, 200, "{v}");
+    let room: OwnedRoomId = v["room_id"].as_str().unwrap().try_into().unwrap();
+    let bob: OwnedUserId = bob.as_str().try_into().unwrap();
+    let via: OwnedServerName = a.server_name().as_str().try_into().unwrap();
+    smol::block_on(hearth::ops::federation::join_remote(
+        b.hs.app(),
+        &bob,
+        &room,
+        &[via],
+    ))
+    .expect("b joins a's room through a");
+    Pair {
+        a,
+        b,
+        alice_tok,
+        bob,
+        room,
+    }
+}
+
+fn send_msg(p: &Pair, txn: &str, body: &str) -> String {
+    let (s, v) = curl(
+        "PUT",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}",
+            p.a.url(),
+            common::enc(p.room.as_str())
+        ),
+        Some(&p.alice_tok),
+        Some(&json!({ "msgtype": "m.text", "body": body })),
+    );
+    assert_eq!(s, 200, "{v}");
+    v["event_id"].as_str().unwrap().to_owned()
+}
+
+/// A PDU built on `app`'s view of the room by `sender`, signed with `app`'s key; `tamper`
+/// edits the signed object before it is sent.
+fn signed_pdu(
+    app: &App,
+    room: &OwnedRoomId,
+    sender: &OwnedUserId,
+    ev: NewEvent,
+    tamper: impl FnOnce(&mut serde_json::Map<String, Value>),
+) -> (OwnedEventId, Box<serde_json::value::RawValue>) {
+    let (r, s, origin, now) = (
+        room.clone(),
+        sender.clone(),
+        app.server_name.to_string(),
+        app.clock.now_ms(),
+    );
+    let prepared = smol::block_on(
+        app.store
+            .read(move |c| build::prepare(c, &origin, &r, &s, ev, None, now)),
+    )
+    .unwrap();
+    let mut obj: ruma::CanonicalJsonObject = serde_json::from_value(prepared.pdu).unwrap();
+    ruma::signatures::hash_and_sign_event(
+        app.server_name.as_str(),
+        &app.local.key.pair,
+        &mut obj,
+        &prepared.rules.redaction,
+    )
+    .unwrap();
+    let mut v: serde_json::Map<String, Value> =
+        serde_json::from_value(serde_json::to_value(&obj).unwrap()).unwrap();
+    tamper(&mut v);
+    let obj: ruma::CanonicalJsonObject = serde_json::from_value(Value::Object(v)).unwrap();
+    let id = ruma::signatures::reference_hash(&obj, &prepared.rules).unwrap();
+    (
+        format!("${id}").try_into().unwrap(),
+        serde_json::value::to_raw_value(&obj).unwrap(),
+    )
+}
+
+fn push(p: &Pair, pdus: Vec<Box<serde_json::value::RawValue>>) -> Value {
+    let app = p.b.hs.app();
+    let dest: OwnedServerName = p.a.server_name().as_str().try_into().unwrap();
+    let req = send_transaction_message::v1::Request::new(
+        format!("t{}", app.clock.now_ms()).into(),
+        app.server_name.clone(),
+        ruma::MilliSecondsSinceUnixEpoch::now(),
+    );
+    let mut req = req;
+    req.pdus = pdus;
+    let res = smol::block_on(app.fed.client.send(&dest, req)).unwrap();
+    serde_json::to_value(
+        res.pdus
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.err().unwrap_or_default()))
+            .collect::<std::collections::BTreeMap<_, _>>(),
+    )
+    .unwrap()
+}
+
+fn stored(app: &App, id: &OwnedEventId) -> Option<(String, Option<String>, i64)> {
+    let id = id.to_string();
+    smol::block_on(app.store.read(move |c| {
+        Ok(c.query_row(
+            "SELECT json, rejected_reason, soft_failed FROM events WHERE event_id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .ok())
+    }))
+    .unwrap()
+}
+
+#[test]
+fn forged_and_unauthorised_pdus_are_refused_and_never_accepted() {
+    let p = pair();
+    let (a, b) = (p.a.hs.app(), p.b.hs.app());
+    let msg = || {
+        NewEvent::message(
+            "m.room.message",
+            json!({ "msgtype": "m.text", "body": "hi" }),
+        )
+    };
+
+    // A good one is accepted.
+    let (good, raw) = signed_pdu(b, &p.room, &p.bob, msg(), |_| {});
+    let res = push(&p, vec![raw]);
+    assert_eq!(res[good.as_str()], "", "{res}");
+    assert_eq!(stored(a, &good).map(|s| s.1), Some(None));
+
+    // Content changed after signing: the hash no longer matches, so it is stored redacted.
+    let (tampered, raw) = signed_pdu(b, &p.room, &p.bob, msg(), |v| {
+        v["content"]["body"] = json!("changed in flight");
+    });
+    push(&p, vec![raw]);
+    let (json, _, _) = stored(a, &tampered).expect("kept, redacted");
+    assert!(!json.contains("changed in flight"), "{json}");
+
+    // Signed by b for a sender of another server: refused, not stored.
+    let eve: OwnedUserId = "@eve:evil.example".try_into().unwrap();
+    let (forged, raw) = signed_pdu(b, &p.room, &p.bob, msg(), |v| {
+        v["sender"] = json!(eve.as_str());
+    });
+    let res = push(&p, vec![raw]);
+    assert_ne!(res[forged.as_str()], "", "{res}");
+    assert!(stored(a, &forged).is_none());
+
+    // A signature over other bytes (signed, then the room's depth field changed).
+    let (resigned, raw) = signed_pdu(b, &p.room, &p.bob, msg(), |v| {
+        v["depth"] = json!(v["depth"].as_u64().unwrap() + 7);
+    });
+    let res = push(&p, vec![raw]);
+    assert_ne!(res[resigned.as_str()], "", "{res}");
+    assert!(stored(a, &resigned).is_none());
+
+    // Bob (power 0) changing the power levels: authorised by nothing, stored rejected, and
+    // the room's power levels stay alice's.
+    let (pl, raw) = signed_pdu(
+        b,
+        &p.room,
+        &p.bob,
+        NewEvent::state(
+            "m.room.power_levels",
+            "",
+            json!({ "users": { p.bob.as_str(): 100 } }),
+        ),
+        |_| {},
+    );
+    let res = push(&p, vec![raw]);
+    assert_ne!(res[pl.as_str()], "", "{res}");
+    assert!(
+        stored(a, &pl).and_then(|s| s.1).is_some(),
+        "stored as rejected"
+    );
+    let r = p.room.to_string();
+    let current = smol::block_on(
+        a.store
+            .read(move |c| q::get_current_state(c, &r, "m.room.power_levels", "")),
+    )
+    .unwrap();
+    assert_ne!(current.as_deref(), Some(pl.as_str()));
+
+    // Too large.
+    let (big, raw) = signed_pdu(b, &p.room, &p.bob, msg(), |v| {
+        v["content"]["padding"] = json!("x".repeat(70_000));
+    });
+    let res = push(&p, vec![raw]);
+    assert!(stored(a, &big).is_none(), "{res}");
+
+    // Only the good message (and the redacted one) reach alice's timeline.
+    let (_, v) = curl(
+        "GET",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/messages?dir=b&limit=20",
+            p.a.url(),
+            common::enc(p.room.as_str())
+        ),
+        Some(&p.alice_tok),
+        None,
+    );
+    let ids: Vec<&str> = v["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["event_id"].as_str())
+        .collect();
+    assert!(ids.contains(&good.as_str()));
+    for bad in [&forged, &resigned, &pl, &big] {
+        assert!(!ids.contains(&bad.as_str()), "{bad} reached clients");
+    }
+}
+
+#[test]
+fn the_resident_server_serves_state_missing_events_backfill_and_auth() {
+    let p = pair();
+    let sent: Vec<String> = (0..4)
+        .map(|i| send_msg(&p, &format!("m{i}"), &format!("m{i}")))
+        .collect();
+    let b = p.b.hs.app();
+    let dest: OwnedServerName = p.a.server_name().as_str().try_into().unwrap();
+    let last: OwnedEventId = sent[3].as_str().try_into().unwrap();
+    let first: OwnedEventId = sent[0].as_str().try_into().unwrap();
+
+    let ids = smol::block_on(b.fed.client.send(
+        &dest,
+        get_room_state_ids::v1::Request::new(last.clone(), p.room.clone()),
+    ))
+    .unwrap();
+    let a = p.a.hs.app();
+    let r = p.room.to_string();
+    let current: Vec<String> = smol::block_on(a.store.read(move |c| {
+        Ok(q::list_current_state(c, &r)?
+            .into_iter()
+            .map(|(_, _, e, _)| e)
+            .collect())
+    }))
+    .unwrap();
+    let mut got: Vec<String> = ids.pdu_ids.iter().map(|e| e.to_string()).collect();
+    got.sort();
+    let mut want = current;
+    want.sort();
+    assert_eq!(got, want, "state before a message = the current state");
+    assert!(!ids.auth_chain_ids.is_empty());
+
+    let missing = smol::block_on(b.fed.client.send(
+        &dest,
+        get_missing_events::v1::Request::new(
+            p.room.clone(),
+            vec![first.clone()],
+            vec![last.clone()],
+        ),
+    ))
+    .unwrap();
+    let bodies: Vec<String> = missing
+        .events
+        .iter()
+        .map(|e| {
+            serde_json::from_str::<Value>(e.get()).unwrap()["content"]["body"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        bodies,
+        vec!["m1", "m2"],
+        "between the first and the last, oldest first"
+    );
+
+    let back = smol::block_on(b.fed.client.send(
+        &dest,
+        get_backfill::v1::Request::new(p.room.clone(), vec![last.clone()], 3u32.into()),
+    ))
+    .unwrap();
+    assert_eq!(back.pdus.len(), 3);
+
+    let auth = smol::block_on(b.fed.client.send(
+        &dest,
+        get_event_authorization::v1::Request::new(p.room.clone(), last.clone()),
+    ))
+    .unwrap();
+    let types: Vec<String> = auth
+        .auth_chain
+        .iter()
+        .map(|e| {
+            serde_json::from_str::<Value>(e.get()).unwrap()["type"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    for t in ["m.room.create", "m.room.power_levels", "m.room.member"] {
+        assert!(types.iter().any(|x| x == t), "{t} missing from {types:?}");
+    }
+}

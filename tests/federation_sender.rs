@@ -29,6 +29,8 @@ enum Mode {
 #[derive(Clone, Debug)]
 struct Seen {
     txn: String,
+    /// When it arrived (ms since the epoch).
+    at_ms: u64,
     status: u16,
     body: Value,
 }
@@ -194,6 +196,7 @@ async fn serve(
     };
     seen.lock().unwrap().push(Seen {
         txn: txn.to_owned(),
+        at_ms: hearth::util::now_ms(),
         status,
         body,
     });
@@ -478,6 +481,14 @@ fn rows_queued_before_a_restart_are_sent_after_it_and_the_backoff_survives() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(fake.delivered(), sent);
     assert_eq!(dest_state(&s, &fake.name), Some((0, 0, 0)));
+    let retry_at = before.0;
+    for t in fake.seen() {
+        assert!(
+            t.status != 200 || t.at_ms >= retry_at,
+            "sent {} ms before the retry deadline: the restart reset the backoff",
+            retry_at - t.at_ms
+        );
+    }
 }
 
 #[test]

@@ -169,3 +169,55 @@ pub fn destination_state(conn: &Connection, dest: &str) -> Result<Option<(u64, u
         })
         .optional()?)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::{notify::Notifier, store::Store, Clock};
+
+    struct Fixed;
+    impl Clock for Fixed {
+        fn now_ms(&self) -> u64 {
+            1_000_000
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_from_5s_is_capped_at_an_hour_and_resets() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(
+            &dir.path().join("h.db"),
+            1,
+            Arc::new(Fixed),
+            Notifier::default(),
+        )
+        .unwrap();
+        let fail = || {
+            smol::block_on(store.write(|tx| record_failure(tx, "d.example", 5_000, 3_600_000)))
+                .unwrap()
+        };
+        let seen: Vec<u64> = (0..12).map(|_| fail()).collect();
+        assert_eq!(
+            seen,
+            vec![
+                5_000, 10_000, 20_000, 40_000, 80_000, 160_000, 320_000, 640_000, 1_280_000,
+                2_560_000, 3_600_000, 3_600_000
+            ]
+        );
+        let state =
+            |s: &Store| smol::block_on(s.read(|c| destination_state(c, "d.example"))).unwrap();
+        assert_eq!(state(&store), Some((1_000_000 + 3_600_000, 3_600_000, 12)));
+        let due = smol::block_on(store.read(|c| due_destinations(c, 1_000_000))).unwrap();
+        assert_eq!(
+            due,
+            (vec![], None),
+            "no rows queued: nothing is due or pending"
+        );
+        assert!(smol::block_on(store.write(|tx| reset_backoff(tx, "d.example"))).unwrap());
+        assert!(!smol::block_on(store.write(|tx| reset_backoff(tx, "d.example"))).unwrap());
+        assert_eq!(state(&store), Some((0, 0, 0)));
+        store.close().unwrap();
+    }
+}

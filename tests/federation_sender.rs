@@ -363,6 +363,25 @@ fn messages_reach_the_destination_in_order_exactly_once_and_the_outbox_empties()
     for t in fake.seen() {
         assert_eq!(t.body["origin"], "hearth.test");
     }
+    // An EDU alone (a write that announces the outbox without taking a stream position)
+    // wakes the idle sender too, and goes out in `edus`.
+    let app = s.hs().app().clone();
+    let dest = fake.name.clone();
+    let edu = json!({ "edu_type": "m.typing", "content": { "room_id": room, "user_id": "@alice:hearth.test", "typing": true } });
+    let e = edu.to_string();
+    smol::block_on(
+        app.store
+            .write(move |tx| hearth::store::queries::insert_outbox_edu(tx, &[dest], &e)),
+    )
+    .unwrap();
+    wait_for("the EDU", Duration::from_secs(5), || outbox_len(&s) == 0);
+    let edus: Vec<Value> = fake
+        .seen()
+        .iter()
+        .filter(|t| t.status == 200)
+        .flat_map(|t| t.body["edus"].as_array().cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(edus, vec![edu]);
     let m = metrics(&s);
     assert!(metric(&m, "hearth_federation_transactions_total").unwrap() >= 1);
     assert_eq!(metric(&m, "hearth_federation_failures_total"), Some(0));

@@ -27,7 +27,7 @@ use std::{
 };
 
 use event_listener::Event;
-use futures_lite::FutureExt;
+use futures_lite::{future, FutureExt};
 use ruma::{
     api::federation::transactions::send_transaction_message::v1 as send_txn, serde::Raw,
     MilliSecondsSinceUnixEpoch, OwnedTransactionId, ServerName, UInt,
@@ -147,9 +147,14 @@ pub async fn sender(app: App) {
         if app.shutdown.is_set() {
             return;
         }
-        // Listen first, then look: a change after the scan fires one of these.
+        // Listen first, then look: a change during or after the scan fires one of these.
+        // The outbox wake-up is polled once now so its listeners exist before the scan (an
+        // EDU-only write announces the topic without moving a stream position, so only a
+        // listener can catch it). Already fired: the scan below sees that change; go again.
         let seen = app.notifier.marks();
         let kicked = app.sender.wake.listen();
+        let mut woken = std::pin::pin!(watch.changed_since(seen));
+        let early = future::poll_once(woken.as_mut()).await.is_some();
         while let Ok(d) = done_rx.try_recv() {
             running.remove(&d);
         }
@@ -177,12 +182,15 @@ pub async fn sender(app: App) {
                 None
             }
         };
+        if early {
+            continue;
+        }
         let sleep = match next_retry {
             Some(t) => Duration::from_millis(t.saturating_sub(now).max(1)).min(IDLE_SLEEP),
             None => IDLE_SLEEP,
         };
         let woken = async {
-            watch.changed_since(seen).await;
+            woken.await;
             None
         };
         let kicked = async {

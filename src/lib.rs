@@ -79,6 +79,8 @@ pub struct AppInner {
     pub tokens: ephemeral::TokenCache,
     pub metrics: ephemeral::Metrics,
     pub spawner: cancel::Spawner,
+    /// The federation sender's in-memory companion (backoff cache, counters).
+    pub sender: workers::federation::SenderState,
     pub shutdown: ephemeral::Latch,
     /// Member events each device was sent for lazy loading (see `http::sync`).
     pub lazy_members: Arc<http::sync::LazyMembers>,
@@ -145,6 +147,7 @@ impl App {
                 std::time::Duration::from_secs(2),
             ),
             spawner,
+            sender: workers::federation::SenderState::default(),
             shutdown: ephemeral::Latch::default(),
             config,
         })))

@@ -88,6 +88,10 @@ pub async fn run(app: App, listeners: Vec<std::net::TcpListener>, tls: Option<Tl
     let typing = app
         .spawner
         .spawn("typing-expiry", crate::workers::typing_expiry(app.clone()));
+    let sender = app.spawner.spawn(
+        "federation-sender",
+        crate::workers::federation::sender(app.clone()),
+    );
     let mut loops = Vec::new();
     for l in listeners {
         let listener = match TcpListener::try_from(l) {
@@ -104,6 +108,7 @@ pub async fn run(app: App, listeners: Vec<std::net::TcpListener>, tls: Option<Tl
         l.await;
     }
     typing.await;
+    sender.await;
     let deadline = Instant::now() + SHUTDOWN_GRACE;
     while app.metrics.connections.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
         smol::Timer::after(Duration::from_millis(10)).await;

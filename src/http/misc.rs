@@ -54,12 +54,15 @@ pub async fn well_known_client(req: Req) -> Result<Response> {
 /// # `GET /_hearth/metrics` (Prometheus text format)
 pub async fn metrics(req: Req) -> Result<Response> {
     let app = req.state();
-    let mut res = Response::new(200);
-    res.set_body(app.metrics.render(
+    let depths = app.store.read(crate::store::outbox::queue_depths).await?;
+    let mut body = app.metrics.render(
         &app.notifier,
         app.spawner.live_tasks(),
         app.store.writer_stats(),
-    ));
+    );
+    body.push_str(&crate::workers::federation::render_metrics(app, &depths));
+    let mut res = Response::new(200);
+    res.set_body(body);
     res.set_content_type("text/plain; version=0.0.4");
     Ok(res)
 }

@@ -13,6 +13,7 @@
 //! handed over, nothing happened.
 
 pub mod migrate;
+pub mod outbox;
 pub mod queries;
 pub mod writer;
 

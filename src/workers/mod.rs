@@ -1,6 +1,9 @@
 //! Long-running tasks, spawned by `server::run` through the tracked spawner. Each one sleeps
 //! until its next deadline or a wake-up, then rescans its state, so a lost wake-up only delays
-//! it. (The federation sender, the partial-state resync and sticky-event expiry will live here.)
+//! it. `federation` is the durable federation sender; the partial-state resync and sticky-event
+//! expiry will live here too.
+
+pub mod federation;
 
 use std::time::Duration;
 

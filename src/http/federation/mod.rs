@@ -84,6 +84,8 @@ pub async fn origin<R: IncomingRequest>(req: &mut Req, params: &[&str]) -> Resul
     map.insert(xm.origin.to_string(), keys);
     xm.verify_http_request(&http_req, &app.server_name, &map)
         .map_err(|e| unauthorized(format!("Bad X-Matrix signature: {e}")))?;
+    // A destination we back off from is reachable again: send its queue now.
+    crate::workers::federation::contacted(&app, &xm.origin).await;
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (parts, body) = http_req.into_parts();
     let parsed = R::try_from_http_request(http::Request::from_parts(parts, &body[..]), &args)

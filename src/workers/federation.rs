@@ -1,0 +1,332 @@
+//! The durable federation sender.
+//!
+//! State lives in the database: the event's own write queues one `outbox` row per
+//! destination and announces `Topic::FederationOutbox`; `destinations` keeps each
+//! destination's backoff. So a restart neither forgets what is queued nor resets a backoff.
+//!
+//! - The **supervisor** ([`sender`]) rescans at start-up and on every wake (the outbox topic,
+//!   a destination task that finished, an inbound contact from a backed-off destination, the
+//!   earliest `retry_at` deadline, a 30 s idle bound, shutdown): every destination with pending
+//!   rows, whose `retry_at` has passed and that has no transaction in flight, gets one task.
+//! - A **destination task** ([`deliver`]) loops: read up to 50 PDU and 100 EDU rows in `id`
+//!   order, send them as one transaction, and after the 200 delete exactly those rows and reset
+//!   the backoff in one write. On failure it doubles the backoff (5 s up to 1 hour), records
+//!   it and exits; the supervisor comes back at `retry_at`.
+//!
+//! Cancellation: a destination task dropped mid-send (shutdown) has deleted nothing; its rows
+//! are sent again by the next run. The delete is handed to the writer only after the 200, and
+//! once handed over it commits even if the task is dropped.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex, MutexGuard, PoisonError,
+    },
+    time::Duration,
+};
+
+use event_listener::Event;
+use futures_lite::{future, FutureExt};
+use ruma::{
+    api::federation::transactions::send_transaction_message::v1 as send_txn, serde::Raw,
+    MilliSecondsSinceUnixEpoch, OwnedTransactionId, ServerName, UInt,
+};
+use smol::Task;
+
+use crate::{notify::Topic, store::outbox, App};
+
+/// Most PDUs and EDUs in one transaction (the spec's limits).
+pub const MAX_PDUS: usize = 50;
+pub const MAX_EDUS: usize = 100;
+/// First backoff after a failure; doubled per failure up to [`MAX_BACKOFF_MS`].
+pub const MIN_BACKOFF_MS: u64 = 5_000;
+/// The backoff cap: a destination that was down is retried at least hourly, never days later.
+pub const MAX_BACKOFF_MS: u64 = 3_600_000;
+/// Longest sleep of the supervisor: bounds the cost of a lost wake-up.
+const IDLE_SLEEP: Duration = Duration::from_secs(30);
+
+/// In-memory companion of the sender (the truth is in the database).
+pub struct SenderState {
+    /// Destinations known to be in backoff; `None` until the supervisor loaded them, so an
+    /// inbound request from a destination that is not in backoff costs no write.
+    backed_off: Mutex<Option<HashSet<String>>>,
+    /// Wakes the supervisor (a backoff reset by an inbound contact).
+    wake: Event,
+    /// Per-process prefix of transaction IDs, so IDs never repeat across restarts.
+    txn_prefix: String,
+    txn_counter: AtomicU64,
+    pub transactions_total: AtomicU64,
+    pub failures_total: AtomicU64,
+}
+
+impl Default for SenderState {
+    fn default() -> Self {
+        Self {
+            backed_off: Mutex::new(None),
+            wake: Event::new(),
+            txn_prefix: format!("{:016x}", rand::random::<u64>()),
+            txn_counter: AtomicU64::new(0),
+            transactions_total: AtomicU64::new(0),
+            failures_total: AtomicU64::new(0),
+        }
+    }
+}
+
+impl SenderState {
+    fn backed_off(&self) -> MutexGuard<'_, Option<HashSet<String>>> {
+        self.backed_off
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn mark(&self, dest: &str, in_backoff: bool) {
+        if let Some(set) = self.backed_off().as_mut() {
+            if in_backoff {
+                set.insert(dest.to_owned());
+            } else {
+                set.remove(dest);
+            }
+        }
+    }
+
+    /// A fresh transaction ID: the process prefix, the first row carried, a counter (a retry
+    /// may carry different rows, so it never reuses an ID the destination may have seen).
+    fn txn_id(&self, first_row: i64) -> OwnedTransactionId {
+        let n = self.txn_counter.fetch_add(1, Ordering::Relaxed);
+        format!("{}.{first_row}.{n}", self.txn_prefix).into()
+    }
+}
+
+/// `server` just sent us a correctly signed request: if it is in backoff, clear the backoff
+/// (one write) and wake the supervisor so its queue goes out now. Costs nothing otherwise.
+pub async fn contacted(app: &App, server: &ServerName) {
+    let known = app
+        .sender
+        .backed_off()
+        .as_ref()
+        .map(|set| set.contains(server.as_str()));
+    if known == Some(false) {
+        return;
+    }
+    let dest = server.as_str().to_owned();
+    let d = dest.clone();
+    let res = app
+        .store
+        .write(move |tx| {
+            let changed = outbox::reset_backoff(tx, &d)?;
+            if changed {
+                tx.wake(Topic::FederationOutbox);
+            }
+            Ok(changed)
+        })
+        .await;
+    match res {
+        Ok(changed) => {
+            app.sender.mark(&dest, false);
+            if changed {
+                log::info!("federation: {dest} contacted us; its backoff is cleared");
+                app.sender.wake.notify(usize::MAX);
+            }
+        }
+        Err(e) => log::warn!("federation: clearing the backoff of {dest}: {e}"),
+    }
+}
+
+/// The supervisor: one task per due destination, rescans on every wake. Returns at shutdown,
+/// dropping (cancelling) the destination tasks.
+pub async fn sender(app: App) {
+    match app.store.read(outbox::list_backed_off).await {
+        Ok(list) => *app.sender.backed_off() = Some(list.into_iter().collect()),
+        Err(e) => log::error!("federation sender: loading backoffs: {e}"),
+    }
+    let watch = app.notifier.watch([Topic::FederationOutbox]);
+    let (done_tx, done_rx) = async_channel::unbounded::<String>();
+    let mut running: HashMap<String, Task<()>> = HashMap::new();
+    loop {
+        if app.shutdown.is_set() {
+            return;
+        }
+        // Listen first, then look: a change during or after the scan fires one of these.
+        // The outbox wake-up is polled once now so its listeners exist before the scan (an
+        // EDU-only write announces the topic without moving a stream position, so only a
+        // listener can catch it). Already fired: the scan below sees that change; go again.
+        let seen = app.notifier.marks();
+        let kicked = app.sender.wake.listen();
+        let mut woken = std::pin::pin!(watch.changed_since(seen));
+        let early = future::poll_once(woken.as_mut()).await.is_some();
+        while let Ok(d) = done_rx.try_recv() {
+            running.remove(&d);
+        }
+        let now = app.clock.now_ms();
+        let next_retry = match app
+            .store
+            .read(move |c| outbox::due_destinations(c, now))
+            .await
+        {
+            Ok((due, next)) => {
+                for dest in due {
+                    if running.contains_key(&dest) {
+                        continue;
+                    }
+                    let task = app.spawner.spawn(
+                        "federation-destination",
+                        deliver(app.clone(), dest.clone(), done_tx.clone()),
+                    );
+                    running.insert(dest, task);
+                }
+                next
+            }
+            Err(e) => {
+                log::error!("federation sender: scanning the outbox: {e}");
+                None
+            }
+        };
+        if early {
+            continue;
+        }
+        let sleep = match next_retry {
+            Some(t) => Duration::from_millis(t.saturating_sub(now).max(1)).min(IDLE_SLEEP),
+            None => IDLE_SLEEP,
+        };
+        let woken = async {
+            woken.await;
+            None
+        };
+        let kicked = async {
+            kicked.await;
+            None
+        };
+        let finished = async { done_rx.recv().await.ok() };
+        let timer = async {
+            smol::Timer::after(sleep).await;
+            None
+        };
+        let stop = async {
+            app.shutdown.wait().await;
+            None
+        };
+        if let Some(d) = woken.or(kicked).or(finished).or(timer).or(stop).await {
+            running.remove(&d);
+        }
+    }
+}
+
+/// Sends `dest`'s queue, one transaction at a time, until it is empty or a send fails.
+async fn deliver(app: App, dest: String, done: async_channel::Sender<String>) {
+    deliver_queue(&app, &dest).await;
+    let _ = done.try_send(dest);
+}
+
+async fn deliver_queue(app: &App, dest: &str) {
+    let server = match ServerName::parse(dest) {
+        Ok(s) => s,
+        Err(e) => {
+            log::warn!("federation: bad destination {dest:?}: {e}");
+            failed(app, dest).await;
+            return;
+        }
+    };
+    loop {
+        if app.shutdown.is_set() {
+            return;
+        }
+        let d = dest.to_owned();
+        let batch = match app
+            .store
+            .read(move |c| outbox::next_batch(c, &d, MAX_PDUS, MAX_EDUS))
+            .await
+        {
+            Ok(b) => b,
+            Err(e) => {
+                log::error!("federation: reading the outbox for {dest}: {e}");
+                failed(app, dest).await;
+                return;
+            }
+        };
+        let Some(&first) = batch.ids.iter().min() else {
+            return;
+        };
+        let ids = batch.ids;
+        if !batch.pdus.is_empty() || !batch.edus.is_empty() {
+            let ts = UInt::new(app.clock.now_ms()).unwrap_or_default();
+            let mut req = send_txn::Request::new(
+                app.sender.txn_id(first),
+                app.server_name.clone(),
+                MilliSecondsSinceUnixEpoch(ts),
+            );
+            req.pdus = batch.pdus;
+            req.edus = batch.edus.into_iter().map(Raw::from_json).collect();
+            let (n_pdus, n_edus) = (req.pdus.len(), req.edus.len());
+            let txn = req.transaction_id.clone();
+            match app.fed.client.send(&server, req).await {
+                Ok(res) => {
+                    for (id, r) in &res.pdus {
+                        if let Err(e) = r {
+                            log::info!("federation: {dest} rejected {id}: {e}");
+                        }
+                    }
+                    log::debug!("federation: {dest} took txn {txn} ({n_pdus} PDUs, {n_edus} EDUs)");
+                    app.sender
+                        .transactions_total
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    log::info!("federation: txn {txn} to {dest} failed: {e}");
+                    failed(app, dest).await;
+                    return;
+                }
+            }
+        }
+        let d = dest.to_owned();
+        if let Err(e) = app
+            .store
+            .write(move |tx| outbox::delete_sent(tx, &d, &ids))
+            .await
+        {
+            log::error!("federation: deleting sent rows for {dest}: {e}");
+            failed(app, dest).await;
+            return;
+        }
+        app.sender.mark(dest, false);
+    }
+}
+
+/// Records a failure: the backoff grows, and the supervisor retries at `retry_at`.
+async fn failed(app: &App, dest: &str) {
+    app.sender.failures_total.fetch_add(1, Ordering::Relaxed);
+    let d = dest.to_owned();
+    match app
+        .store
+        .write(move |tx| outbox::record_failure(tx, &d, MIN_BACKOFF_MS, MAX_BACKOFF_MS))
+        .await
+    {
+        Ok(backoff) => {
+            app.sender.mark(dest, true);
+            log::info!("federation: {dest} backs off for {} s", backoff / 1000);
+        }
+        Err(e) => log::error!("federation: recording the backoff of {dest}: {e}"),
+    }
+}
+
+/// The federation part of `/_hearth/metrics` (Prometheus text format).
+pub fn render_metrics(app: &App, depths: &[(String, u64)]) -> String {
+    let total: u64 = depths.iter().map(|(_, n)| n).sum();
+    let mut out = format!(
+        "# HELP hearth_federation_queue_depth_total Outbox rows waiting to be sent, all destinations.\n# TYPE hearth_federation_queue_depth_total gauge\nhearth_federation_queue_depth_total {total}\n\
+         # HELP hearth_federation_queue_depth Outbox rows waiting to be sent, per destination.\n# TYPE hearth_federation_queue_depth gauge\n"
+    );
+    for (d, n) in depths {
+        let label = d.replace('\\', "\\\\").replace('"', "\\\"");
+        out.push_str(&format!(
+            "hearth_federation_queue_depth{{destination=\"{label}\"}} {n}\n"
+        ));
+    }
+    out.push_str(&format!(
+        "# HELP hearth_federation_transactions_total Transactions a destination answered with 200.\n# TYPE hearth_federation_transactions_total counter\nhearth_federation_transactions_total {}\n\
+         # HELP hearth_federation_failures_total Transactions that failed (the destination backs off).\n# TYPE hearth_federation_failures_total counter\nhearth_federation_failures_total {}\n",
+        app.sender.transactions_total.load(Ordering::Relaxed),
+        app.sender.failures_total.load(Ordering::Relaxed),
+    ));
+    out
+}

@@ -1,0 +1,552 @@
+//! The durable federation sender against a fake destination: a TLS listener on loopback that
+//! records every `PUT /_matrix/federation/v1/send/{txnId}` and answers 200, 500 or nothing.
+
+mod common;
+
+use std::{
+    net::TcpListener,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use common::TestServer;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use serde_json::{json, Value};
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Ok,
+    Fail,
+    /// Read the request, never answer (until the test ends).
+    Hang,
+}
+
+/// One request the destination saw: the transaction ID, the status it answered (0: none) and
+/// the body.
+#[derive(Clone, Debug)]
+struct Seen {
+    txn: String,
+    /// When it arrived (ms since the epoch).
+    at_ms: u64,
+    status: u16,
+    body: Value,
+}
+
+struct FakeDest {
+    name: String,
+    mode: Arc<Mutex<Mode>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    stop: Arc<AtomicBool>,
+    _dir: tempfile::TempDir,
+}
+
+impl FakeDest {
+    fn start(mode: Mode) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        let ok = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+            ])
+            .args(["-nodes", "-days", "1"])
+            .args([
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl is installed");
+        assert!(ok.status.success());
+        let mut c = common::config_in(dir.path());
+        c.tls_cert = Some(cert);
+        c.tls_key = Some(key);
+        let tls = hearth::server::load_tls(&c).unwrap().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mode = Arc::new(Mutex::new(mode));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (m, s, st) = (mode.clone(), seen.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                if st.load(Ordering::SeqCst) {
+                    return;
+                }
+                let (tls, m, s, st) = (tls.clone(), m.clone(), s.clone(), st.clone());
+                std::thread::spawn(move || {
+                    smol::block_on(serve(conn, tls, m, s, st));
+                });
+            }
+        });
+        Self {
+            name: format!("127.0.0.1:{port}"),
+            mode,
+            seen,
+            stop,
+            _dir: dir,
+        }
+    }
+
+    fn set(&self, mode: Mode) {
+        *self.mode.lock().unwrap() = mode;
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Message bodies of the PDUs in the transactions answered 200, in the order received.
+    fn delivered(&self) -> Vec<String> {
+        self.seen()
+            .iter()
+            .filter(|s| s.status == 200)
+            .flat_map(|s| bodies(&s.body))
+            .collect()
+    }
+}
+
+impl Drop for FakeDest {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Unblock the accept loop.
+        let _ = std::net::TcpStream::connect(&self.name);
+    }
+}
+
+fn bodies(txn: &Value) -> Vec<String> {
+    txn["pdus"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|p| p["type"] == "m.room.message")
+                .map(|p| p["content"]["body"].as_str().unwrap_or("").to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A minimal HTTP/1.1 server side: one request per connection.
+async fn serve(
+    conn: std::net::TcpStream,
+    tls: futures_rustls::TlsAcceptor,
+    mode: Arc<Mutex<Mode>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    stop: Arc<AtomicBool>,
+) {
+    let Ok(conn) = smol::Async::new(conn) else {
+        return;
+    };
+    let Ok(mut s) = tls.accept(conn).await else {
+        return;
+    };
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let mut lines = head.lines();
+    let request_line = lines.next().unwrap_or("").to_owned();
+    let len: usize = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let body: Value = serde_json::from_slice(&buf[head_end..head_end + len]).unwrap_or(Value::Null);
+    let path = request_line.split(' ').nth(1).unwrap_or("").to_owned();
+    let Some(txn) = path.strip_prefix("/_matrix/federation/v1/send/") else {
+        let _ = s
+            .write_all(
+                b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+            )
+            .await;
+        return;
+    };
+    let m = *mode.lock().unwrap();
+    let (status, answer): (u16, &[u8]) = match m {
+        Mode::Ok => (200, b"{\"pdus\":{}}"),
+        Mode::Fail => (500, b"{\"errcode\":\"M_UNKNOWN\",\"error\":\"down\"}"),
+        Mode::Hang => (0, b""),
+    };
+    seen.lock().unwrap().push(Seen {
+        txn: txn.to_owned(),
+        at_ms: hearth::util::now_ms(),
+        status,
+        body,
+    });
+    if m == Mode::Hang {
+        // Hold the connection open without answering.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+            smol::Timer::after(Duration::from_millis(50)).await;
+        }
+        return;
+    }
+    let reason = if status == 200 {
+        "OK"
+    } else {
+        "Internal Server Error"
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        answer.len()
+    );
+    let _ = s.write_all(head.as_bytes()).await;
+    let _ = s.write_all(answer).await;
+    let _ = s.flush().await;
+    let _ = s.close().await;
+}
+
+fn start() -> TestServer {
+    TestServer::start_with(|c| c.federation.verify_certificates = false)
+}
+
+/// Restarts Hearth on the same database (a new port).
+fn restart(s: &mut TestServer) {
+    if let Some(hs) = s.hs.take() {
+        hs.stop().unwrap();
+    }
+    let mut c = common::config_in(s.dir.path());
+    c.federation.verify_certificates = false;
+    let hs = hearth::Homeserver::start(c).unwrap();
+    s.base = format!("http://{}", hs.addrs()[0]);
+    s.hs = Some(hs);
+}
+
+/// Alice's room, with a remote member on `dest` in its current state (as tests/federation.rs).
+fn room_with(s: &TestServer, token: &str, dest: &str) -> String {
+    let room = s.create_room(token, json!({ "preset": "public_chat" }));
+    let app = s.hs().app().clone();
+    let (r, u) = (room.clone(), format!("@bob:{dest}"));
+    smol::block_on(app.store.write(move |tx| {
+        tx.execute(
+            "INSERT INTO current_state (room_id, type, state_key, event_id, membership, pos)
+             VALUES (?1, 'm.room.member', ?2, '$fake' || ?2, 'join', 0)",
+            [r.as_str(), u.as_str()],
+        )?;
+        Ok(())
+    }))
+    .unwrap();
+    room
+}
+
+fn outbox_len(s: &TestServer) -> i64 {
+    let app = s.hs().app().clone();
+    smol::block_on(
+        app.store
+            .read(|c| Ok(c.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?)),
+    )
+    .unwrap()
+}
+
+/// `(retry_at, backoff_ms, failures)` of `dest`.
+fn dest_state(s: &TestServer, dest: &str) -> Option<(u64, u64, u64)> {
+    let app = s.hs().app().clone();
+    let d = dest.to_owned();
+    smol::block_on(
+        app.store
+            .read(move |c| hearth::store::outbox::destination_state(c, &d)),
+    )
+    .unwrap()
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Makes `fake` contact Hearth: a correctly signed federation request (its key is put where
+/// Hearth keeps remote keys, so no key fetch is needed).
+fn contact(s: &TestServer, fake: &FakeDest) {
+    let der = ruma::signatures::Ed25519KeyPair::generate();
+    let pair = ruma::signatures::Ed25519KeyPair::from_der(&der, "fake".into()).unwrap();
+    let public =
+        ruma::serde::Base64::<ruma::serde::base64::Standard, _>::new(pair.public_key().to_vec())
+            .encode();
+    let app = s.hs().app().clone();
+    let name = fake.name.clone();
+    smol::block_on(app.store.write(move |tx| {
+        tx.execute(
+            "INSERT OR REPLACE INTO server_keys (server_name, key_id, key, valid_until_ts)
+             VALUES (?1, 'ed25519:fake', ?2, 9999999999999)",
+            [name.as_str(), public.as_str()],
+        )?;
+        Ok(())
+    }))
+    .unwrap();
+    let path = "/_matrix/federation/v1/query/profile?user_id=%40alice%3Ahearth.test";
+    let http_req = http::Request::get(path).body(Vec::<u8>::new()).unwrap();
+    let xm = ruma::api::federation::authentication::XMatrix::sign_http_request(
+        &http_req,
+        ruma::api::federation::authentication::XMatrixSigningInput::new(
+            fake.name.as_str().try_into().unwrap(),
+            s.hs().server_name().try_into().unwrap(),
+            &pair,
+        ),
+    )
+    .unwrap();
+    let res = ureq::get(&format!("{}{path}", s.base))
+        .set("Authorization", &xm.to_string())
+        .call();
+    let status = match res {
+        Ok(r) => r.status(),
+        Err(ureq::Error::Status(c, _)) => c,
+        Err(e) => panic!("{e}"),
+    };
+    assert_ne!(status, 401, "the signed contact must be accepted");
+}
+
+fn metrics(s: &TestServer) -> String {
+    ureq::get(&format!("{}/_hearth/metrics", s.base))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap()
+}
+
+fn metric(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[test]
+fn messages_reach_the_destination_in_order_exactly_once_and_the_outbox_empties() {
+    let fake = FakeDest::start(Mode::Ok);
+    let s = start();
+    let (_, alice) = s.register("alice");
+    let room = room_with(&s, &alice, &fake.name);
+    let sent: Vec<String> = (0..5).map(|i| format!("m{i}")).collect();
+    for (i, b) in sent.iter().enumerate() {
+        s.send(&alice, &room, &format!("t{i}"), b);
+    }
+    wait_for("delivery", Duration::from_secs(20), || {
+        fake.delivered().len() >= sent.len() && outbox_len(&s) == 0
+    });
+    // A little longer: nothing is sent twice.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(fake.delivered(), sent);
+    assert_eq!(outbox_len(&s), 0);
+    let txns: Vec<String> = fake.seen().into_iter().map(|t| t.txn).collect();
+    let mut unique = txns.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), txns.len(), "transaction IDs are unique");
+    for t in fake.seen() {
+        assert_eq!(t.body["origin"], "hearth.test");
+    }
+    // An EDU alone (a write that announces the outbox without taking a stream position)
+    // wakes the idle sender too, and goes out in `edus`.
+    let app = s.hs().app().clone();
+    let dest = fake.name.clone();
+    let edu = json!({ "edu_type": "m.typing", "content": { "room_id": room, "user_id": "@alice:hearth.test", "typing": true } });
+    let e = edu.to_string();
+    smol::block_on(
+        app.store
+            .write(move |tx| hearth::store::queries::insert_outbox_edu(tx, &[dest], &e)),
+    )
+    .unwrap();
+    wait_for("the EDU", Duration::from_secs(5), || outbox_len(&s) == 0);
+    let edus: Vec<Value> = fake
+        .seen()
+        .iter()
+        .filter(|t| t.status == 200)
+        .flat_map(|t| t.body["edus"].as_array().cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(edus, vec![edu]);
+    let m = metrics(&s);
+    assert!(metric(&m, "hearth_federation_transactions_total").unwrap() >= 1);
+    assert_eq!(metric(&m, "hearth_federation_failures_total"), Some(0));
+    assert_eq!(metric(&m, "hearth_federation_queue_depth_total"), Some(0));
+}
+
+#[test]
+fn a_long_queue_goes_as_transactions_of_at_most_50_pdus() {
+    let fake = FakeDest::start(Mode::Fail);
+    let s = start();
+    let (_, alice) = s.register("alice");
+    let room = room_with(&s, &alice, &fake.name);
+    let sent: Vec<String> = (0..120).map(|i| format!("m{i}")).collect();
+    for (i, b) in sent.iter().enumerate() {
+        s.send(&alice, &room, &format!("t{i}"), b);
+    }
+    assert_eq!(outbox_len(&s), 120, "a failing destination keeps its rows");
+    let m = metrics(&s);
+    let label = format!(
+        "hearth_federation_queue_depth{{destination=\"{}\"}}",
+        fake.name
+    );
+    assert_eq!(metric(&m, &label), Some(120), "{m}");
+    assert_eq!(metric(&m, "hearth_federation_queue_depth_total"), Some(120));
+    fake.set(Mode::Ok);
+    contact(&s, &fake);
+    wait_for("delivery", Duration::from_secs(20), || outbox_len(&s) == 0);
+    std::thread::sleep(Duration::from_millis(300));
+    let ok: Vec<usize> = fake
+        .seen()
+        .iter()
+        .filter(|t| t.status == 200)
+        .map(|t| t.body["pdus"].as_array().unwrap().len())
+        .collect();
+    assert_eq!(ok, vec![50, 50, 20], "transaction sizes");
+    assert_eq!(fake.delivered(), sent);
+}
+
+#[test]
+fn a_destination_that_is_down_backs_off_keeps_its_rows_and_gets_everything_once_back() {
+    let fake = FakeDest::start(Mode::Fail);
+    let s = start();
+    let (_, alice) = s.register("alice");
+    let room = room_with(&s, &alice, &fake.name);
+    let sent: Vec<String> = (0..3).map(|i| format!("m{i}")).collect();
+    for (i, b) in sent.iter().enumerate() {
+        s.send(&alice, &room, &format!("t{i}"), b);
+    }
+    wait_for("a recorded failure", Duration::from_secs(20), || {
+        dest_state(&s, &fake.name).is_some_and(|(_, _, f)| f >= 1)
+    });
+    let (retry_at, backoff, failures) = dest_state(&s, &fake.name).unwrap();
+    assert_eq!((backoff, failures), (5_000, 1));
+    assert!(retry_at > hearth::util::now_ms());
+    assert_eq!(
+        outbox_len(&s),
+        3,
+        "rows are kept while the destination is down"
+    );
+    assert!(fake.seen().iter().all(|t| t.status == 500));
+    let m = metrics(&s);
+    assert_eq!(
+        metric(&m, "hearth_federation_failures_total"),
+        Some(1),
+        "{m}"
+    );
+    assert_eq!(metric(&m, "hearth_federation_transactions_total"), Some(0));
+
+    // Back up, and it contacts us: the backoff is cleared and the queue goes out now, well
+    // before the 5 s retry deadline.
+    fake.set(Mode::Ok);
+    let contacted = Instant::now();
+    contact(&s, &fake);
+    assert_eq!(
+        dest_state(&s, &fake.name),
+        Some((0, 0, 0)),
+        "backoff cleared"
+    );
+    wait_for("delivery", Duration::from_secs(20), || outbox_len(&s) == 0);
+    assert!(
+        contacted.elapsed() < Duration::from_secs(3),
+        "delivered at once, not at the retry deadline"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(fake.delivered(), sent, "nothing lost or doubled");
+    let m = metrics(&s);
+    assert_eq!(metric(&m, "hearth_federation_transactions_total"), Some(1));
+}
+
+#[test]
+fn rows_queued_before_a_restart_are_sent_after_it_and_the_backoff_survives() {
+    let fake = FakeDest::start(Mode::Fail);
+    let mut s = start();
+    let (_, alice) = s.register("alice");
+    let room = room_with(&s, &alice, &fake.name);
+    let sent: Vec<String> = (0..3).map(|i| format!("m{i}")).collect();
+    for (i, b) in sent.iter().enumerate() {
+        s.send(&alice, &room, &format!("t{i}"), b);
+    }
+    wait_for("a recorded failure", Duration::from_secs(20), || {
+        dest_state(&s, &fake.name).is_some_and(|(_, _, f)| f >= 1)
+    });
+    let before = dest_state(&s, &fake.name).unwrap();
+    fake.set(Mode::Ok);
+    restart(&mut s);
+    assert_eq!(
+        dest_state(&s, &fake.name),
+        Some(before),
+        "a restart neither forgets nor resets the backoff"
+    );
+    assert_eq!(outbox_len(&s), 3);
+    // Delivered at the retry deadline (5 s after the failure), without any new event.
+    wait_for("delivery after restart", Duration::from_secs(20), || {
+        outbox_len(&s) == 0
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(fake.delivered(), sent);
+    assert_eq!(dest_state(&s, &fake.name), Some((0, 0, 0)));
+    let retry_at = before.0;
+    for t in fake.seen() {
+        assert!(
+            t.status != 200 || t.at_ms >= retry_at,
+            "sent {} ms before the retry deadline: the restart reset the backoff",
+            retry_at - t.at_ms
+        );
+    }
+}
+
+#[test]
+fn shutdown_during_a_send_that_never_answers_leaves_the_rows_in_place() {
+    let fake = FakeDest::start(Mode::Hang);
+    let mut s = start();
+    let (_, alice) = s.register("alice");
+    let room = room_with(&s, &alice, &fake.name);
+    s.send(&alice, &room, "t0", "m0");
+    wait_for("the send to start", Duration::from_secs(20), || {
+        !fake.seen().is_empty()
+    });
+    let hs = s.hs.take().unwrap();
+    let t = Instant::now();
+    hs.stop().unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "shutdown does not wait for the hanging send"
+    );
+    // Straight from the file: the row is still queued and no failure was recorded.
+    let conn = rusqlite::Connection::open(s.dir.path().join("hearth.db")).unwrap();
+    let n: i64 = conn
+        .query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 1, "the row survives a cancelled send");
+    let failures: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM destinations WHERE failures > 0",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(failures, 0, "a cancelled send is not a failure");
+    drop(conn);
+    // The next run sends it.
+    fake.set(Mode::Ok);
+    restart(&mut s);
+    wait_for("delivery after restart", Duration::from_secs(20), || {
+        outbox_len(&s) == 0
+    });
+    assert_eq!(fake.delivered(), vec!["m0".to_owned()]);
+}

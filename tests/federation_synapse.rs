@@ -441,6 +441,20 @@ fn a_synapse_user_joins_a_hearth_room_and_speaks() {
         }
         (typing_seen && receipt_seen).then_some(())
     });
+
+    // And the other way: alice's message reaches bob on Synapse (our outbox and sender).
+    let (s, v) = curl(
+        "PUT",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/send/m.room.message/h1",
+            hearth.url(),
+            common::enc(&room)
+        ),
+        Some(&alice_tok),
+        Some(&json!({ "msgtype": "m.text", "body": "hello from Hearth" })),
+    );
+    assert_eq!(s, 200, "{v}");
+    synapse_sees(syn, &bob_tok, &room, "hello from Hearth");
     hearth.hs.stop().unwrap();
 }
 
@@ -537,5 +551,39 @@ fn a_hearth_user_joins_a_synapse_room_and_hears_it() {
             .any(|e| e["content"]["body"] == "welcome from Synapse")
             .then_some(())
     });
+
+    // Alice answers from Hearth; carol reads it on Synapse.
+    let (s, v) = curl(
+        "PUT",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/send/m.room.message/a1",
+            hearth.url(),
+            common::enc(&room)
+        ),
+        Some(&alice_tok),
+        Some(&json!({ "msgtype": "m.text", "body": "thanks, from Hearth" })),
+    );
+    assert_eq!(s, 200, "{v}");
+    synapse_sees(syn, &carol_tok, &room, "thanks, from Hearth");
     hearth.hs.stop().unwrap();
+}
+
+/// Waits until `body` is in the room's recent messages as a Synapse user sees them.
+fn synapse_sees(syn: &Synapse, token: &str, room: &str, body: &str) {
+    eventually(30, &format!("{body:?} reaches Synapse"), || {
+        let (_, v) = curl(
+            "GET",
+            &format!(
+                "{}/_matrix/client/v3/rooms/{}/messages?dir=b&limit=20",
+                syn.url(),
+                common::enc(room)
+            ),
+            Some(token),
+            None,
+        );
+        v["chunk"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|e| e["content"]["body"] == body))
+            .then_some(())
+    });
 }

@@ -239,3 +239,12 @@ CREATE TABLE IF NOT EXISTS received_txns (
     ts     INTEGER NOT NULL,
     PRIMARY KEY (origin, txn_id)
 ) STRICT;
+
+-- The stripped state a remote server sent with an invite to one of our users (a room we are
+-- not in yet): what `/sync` shows in `invite_state`.
+CREATE TABLE IF NOT EXISTS invite_state (
+    room_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    events  TEXT NOT NULL,
+    PRIMARY KEY (room_id, user_id)
+) STRICT;

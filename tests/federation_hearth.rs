@@ -328,3 +328,100 @@ fn the_resident_server_serves_state_missing_events_backfill_and_auth() {
         assert!(types.iter().any(|x| x == t), "{t} missing from {types:?}");
     }
 }
+
+#[test]
+fn an_invite_to_another_server_is_cosigned_shown_and_accepted() {
+    let a = Hearth::start();
+    let b = Hearth::start();
+    let (alice, alice_tok) = register(&a.url(), "alice");
+    let (bob, bob_tok) = register(&b.url(), "bob");
+    let (s, v) = curl(
+        "POST",
+        &format!("{}/_matrix/client/v3/createRoom", a.url()),
+        Some(&alice_tok),
+        Some(&json!({ "preset": "private_chat", "name": "Invite only" })),
+    );
+    assert_eq!(s, 200, "{v}");
+    let room: OwnedRoomId = v["room_id"].as_str().unwrap().try_into().unwrap();
+    let alice: OwnedUserId = alice.as_str().try_into().unwrap();
+    let bob: OwnedUserId = bob.as_str().try_into().unwrap();
+    let via: OwnedServerName = a.server_name().as_str().try_into().unwrap();
+
+    // Not invited yet: the join rule refuses bob.
+    assert!(smol::block_on(hearth::ops::federation::join_remote(
+        b.hs.app(),
+        &bob,
+        &room,
+        &[via.clone()]
+    ))
+    .is_err());
+
+    let invite = smol::block_on(hearth::ops::federation::invite_remote(
+        a.hs.app(),
+        &alice,
+        &room,
+        &bob,
+        Some("come in".into()),
+    ))
+    .expect("b co-signs the invite");
+    // Both servers signed it.
+    let id = invite.to_string();
+    let json: String = smol::block_on(
+        a.hs.app()
+            .store
+            .read(move |c| Ok(q::get_event(c, &id)?.unwrap().json)),
+    )
+    .unwrap();
+    let v: Value = serde_json::from_str(&json).unwrap();
+    assert!(v["signatures"][a.server_name()].is_object(), "{v}");
+    assert!(v["signatures"][b.server_name()].is_object(), "{v}");
+
+    // Bob sees the invite, with the room's name from the stripped state.
+    let (_, v) = curl(
+        "GET",
+        &format!("{}/_matrix/client/v3/sync?timeout=0", b.url()),
+        Some(&bob_tok),
+        None,
+    );
+    let events = v["rooms"]["invite"][room.as_str()]["invite_state"]["events"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "Invite only"),
+        "{v}"
+    );
+    assert!(events
+        .iter()
+        .any(|e| e["type"] == "m.room.member" && e["content"]["membership"] == "invite"));
+
+    // Accepting: the join goes through a, and both sides agree bob is in.
+    smol::block_on(hearth::ops::federation::join_remote(
+        b.hs.app(),
+        &bob,
+        &room,
+        &[via],
+    ))
+    .expect("invited, bob may join");
+    let (_, v) = curl(
+        "GET",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/joined_members",
+            a.url(),
+            common::enc(room.as_str())
+        ),
+        Some(&alice_tok),
+        None,
+    );
+    assert!(v["joined"].get(bob.as_str()).is_some(), "{v}");
+    let (_, v) = curl(
+        "GET",
+        &format!("{}/_matrix/client/v3/sync?timeout=0", b.url()),
+        Some(&bob_tok),
+        None,
+    );
+    assert!(v["rooms"]["join"].get(room.as_str()).is_some(), "{v}");
+    assert!(v["rooms"]["invite"].get(room.as_str()).is_none(), "{v}");
+}

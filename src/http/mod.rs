@@ -311,6 +311,8 @@ pub fn routes(app: App) -> tide::Server<App> {
         .put(h(federation::membership::send_join_v2));
     s.at("/_matrix/federation/v1/send/:transaction_id")
         .put(h(federation::transactions::send));
+    s.at("/_matrix/federation/v2/invite/:room_id/:event_id")
+        .put(h(federation::membership::invite_v2));
 
     // account and session
     client!(s, get "/login" => c(account::login_flows));

@@ -448,7 +448,11 @@ fn build(
                 }
             }
             "invite" if since.is_none() || mpos > since_pos => {
-                let mut events = stripped_state(c, &room)?;
+                // A remote invite to a room we are not in: the stripped state it came with.
+                let mut events = match q::get_invite_state(c, &room, user)? {
+                    Some(s) => serde_json::from_str::<Vec<Value>>(&s).unwrap_or_default(),
+                    None => stripped_state(c, &room)?,
+                };
                 if let Some(id) = q::get_current_state(c, &room, "m.room.member", user)? {
                     if let Some(row) = q::get_event(c, &id)? {
                         let v: Value = serde_json::from_str(&row.json)?;

@@ -343,3 +343,92 @@ async fn join_via(
         .await?;
     Ok(join_id)
 }
+
+/// Invites a user of another server into one of our rooms: build and sign the invite, have
+/// the invitee's server co-sign it (`/invite` v2, with the room's stripped state), then commit
+/// it like a received event (checked against the state at commit time) and queue it for the
+/// other servers in the room, in one write.
+pub async fn invite_remote(
+    app: &App,
+    inviter: &ruma::UserId,
+    room_id: &ruma::RoomId,
+    invitee: &ruma::UserId,
+    reason: Option<String>,
+) -> Result<OwnedEventId> {
+    use ruma::api::federation::membership::create_invite;
+    let (origin, now, room, who, target) = (
+        app.server_name.to_string(),
+        app.clock.now_ms(),
+        room_id.to_owned(),
+        inviter.to_owned(),
+        invitee.to_owned(),
+    );
+    let mut content = serde_json::json!({ "membership": "invite" });
+    if let Some(r) = reason {
+        content["reason"] = r.into();
+    }
+    let (prepared, stripped) = app
+        .store
+        .read(move |c| {
+            let new =
+                crate::room::build::NewEvent::state("m.room.member", target.as_str(), content);
+            let p = crate::room::build::prepare(c, &origin, &room, &who, new, None, now)?;
+            crate::room::build::check_prepared(c, &room, &p)?;
+            Ok((p, crate::room::build::stripped_state(c, room.as_str())?))
+        })
+        .await?;
+    let version = prepared.version.clone();
+    let mut obj: ruma::CanonicalJsonObject = serde_json::from_value(prepared.pdu)
+        .map_err(|e| Error::internal(format_args!("invite: {e}")))?;
+    ruma::signatures::hash_and_sign_event(
+        app.server_name.as_str(),
+        &app.local.key.pair,
+        &mut obj,
+        &prepared.rules.redaction,
+    )
+    .map_err(|e| Error::internal(format_args!("signing the invite: {e}")))?;
+    let event_id = OwnedEventId::try_from(format!(
+        "${}",
+        ruma::signatures::reference_hash(&obj, &prepared.rules).map_err(Error::internal)?
+    ))
+    .map_err(Error::internal)?;
+    let raw = serde_json::value::to_raw_value(&obj)?;
+    let stripped = serde_json::from_value(serde_json::Value::Array(stripped))?;
+    let req = create_invite::v2::Request::new(
+        room_id.to_owned(),
+        event_id.clone(),
+        version.clone(),
+        raw,
+        stripped,
+    );
+    let res = app.fed.client.send(invitee.server_name(), req).await?;
+    let inc = verify_pdu(app, &res.event, &version).await?;
+    if inc.pdu.event_id != event_id {
+        return Err(Error::new(
+            502,
+            "M_UNKNOWN",
+            "The invitee's server returned another event",
+        ));
+    }
+    let (us, theirs, rid) = (
+        app.server_name.to_string(),
+        invitee.server_name().to_string(),
+        room_id.to_string(),
+    );
+    app.store
+        .write(move |tx| match receive::commit(tx, &inc)? {
+            Ok(Outcome::Accepted(_)) | Ok(Outcome::Duplicate) => {
+                let mut dests = q::list_room_servers(tx, &rid, &us)?;
+                dests.retain(|d| *d != theirs);
+                q::insert_outbox_pdu(tx, &dests, inc.pdu.event_id.as_str())
+            }
+            Ok(other) => Err(Error::forbidden(format!(
+                "The invite was refused: {other:?}"
+            ))),
+            Err(missing) => Err(Error::internal(format_args!(
+                "our own invite refers to missing events: {missing:?}"
+            ))),
+        })
+        .await?;
+    Ok(event_id)
+}

@@ -15,7 +15,8 @@ pub const SCHEMA_VERSION: i64 = 2;
 /// Upgrades from version `n` to `n + 1` are `STEPS[n - 1]`.
 const STEPS: &[&str] = &[V1_TO_V2];
 
-/// Version 2: federation (`server_keys`, `outbox`, `destinations`, `received_txns`); events that are not simply appended (outliers with no state group, rejected
+/// Version 2: federation (`server_keys`, `outbox`, `destinations`, `received_txns`,
+/// `invite_state`); events that are not simply appended (outliers with no state group, rejected
 /// with a reason, soft-failed), `received_ts`, the topological index, and the event graph as
 /// rows (`event_edges`, `event_auth`), filled from the stored PDUs. SQLite cannot relax a
 /// NOT NULL column in place, so `events` is rebuilt.
@@ -103,6 +104,15 @@ CREATE TABLE received_txns (
     txn_id TEXT NOT NULL,
     ts     INTEGER NOT NULL,
     PRIMARY KEY (origin, txn_id)
+) STRICT;
+
+-- The stripped state a remote server sent with an invite to one of our users (a room we are
+-- not in yet): what `/sync` shows in `invite_state`.
+CREATE TABLE invite_state (
+    room_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    events  TEXT NOT NULL,
+    PRIMARY KEY (room_id, user_id)
 ) STRICT;
 ";
 

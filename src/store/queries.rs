@@ -1129,3 +1129,29 @@ pub fn insert_room_if_absent(
     .execute(params![room_id, version, creator, now_ms])?;
     Ok(())
 }
+
+/// Records a remote invite of a local user: the stripped state it came with, and the
+/// membership row that puts the room in the user's `/sync` `invite` section.
+pub fn upsert_remote_invite(
+    conn: &Connection,
+    room_id: &str,
+    user_id: &str,
+    event_id: &str,
+    stripped: &str,
+    pos: i64,
+) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO invite_state (room_id, user_id, events) VALUES (?1, ?2, ?3)
+         ON CONFLICT (room_id, user_id) DO UPDATE SET events = excluded.events",
+    )?
+    .execute([room_id, user_id, stripped])?;
+    upsert_current_state(conn, room_id, "m.room.member", user_id, event_id, pos)
+}
+
+/// The stripped state a remote invite came with, if the room is known to us only by it.
+pub fn get_invite_state(conn: &Connection, room_id: &str, user_id: &str) -> Result<Option<String>> {
+    Ok(conn
+        .prepare_cached("SELECT events FROM invite_state WHERE room_id = ?1 AND user_id = ?2")?
+        .query_row([room_id, user_id], |r| r.get(0))
+        .optional()?)
+}

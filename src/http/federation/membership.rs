@@ -151,3 +151,97 @@ pub async fn send_join_v2(mut req: Req) -> Result<Response> {
         "servers_in_room": servers,
     }))
 }
+
+/// # `PUT /_matrix/federation/v2/invite/{roomId}/{eventId}`
+///
+/// Another server invites one of our users: we check the invite, co-sign it, and keep it with
+/// the stripped state it came with until the user joins (through the inviting server) or
+/// declines.
+pub async fn invite_v2(mut req: Req) -> Result<Response> {
+    use ruma::api::federation::membership::create_invite;
+    let o = origin::<create_invite::v2::Request>(&mut req, &["room_id", "event_id"]).await?;
+    let app = req.state().clone();
+    let r = o.req;
+    if !crate::room::is_supported_version(&r.room_version) {
+        let mut e = Error::new(
+            400,
+            "M_INCOMPATIBLE_ROOM_VERSION",
+            "Unsupported room version",
+        );
+        e.body = Some(json!({
+            "errcode": "M_INCOMPATIBLE_ROOM_VERSION",
+            "error": "Unsupported room version",
+            "room_version": r.room_version.as_str(),
+        }));
+        return Err(e);
+    }
+    let inc = verify_pdu(&app, &r.event, &r.room_version).await?;
+    let pdu = &inc.pdu;
+    let content: Value = serde_json::from_str(pdu.content.get())?;
+    let invitee = pdu.state_key.clone().unwrap_or_default();
+    let invitee_id = ruma::UserId::parse(invitee.as_str())
+        .map_err(|_| Error::bad_json("The invite has no valid state key"))?;
+    if pdu.event_id != r.event_id
+        || pdu.room_id != r.room_id
+        || pdu.kind.to_string() != "m.room.member"
+        || content.get("membership").and_then(Value::as_str) != Some("invite")
+    {
+        return Err(Error::bad_json("Not an invite event for this request"));
+    }
+    if pdu.sender.server_name() != o.origin {
+        return Err(Error::forbidden(
+            "The inviter is not from the requesting server",
+        ));
+    }
+    if invitee_id.server_name() != app.server_name {
+        return Err(Error::bad_json("The invitee is not on this server"));
+    }
+    let rules = r
+        .room_version
+        .rules()
+        .ok_or_else(|| Error::internal("room version without rules"))?;
+    // Co-sign (the invitee's server's signature, which the auth rules of the room expect).
+    let mut obj: ruma::CanonicalJsonObject = serde_json::from_str(&inc.json)?;
+    ruma::signatures::sign_event(
+        app.server_name.as_str(),
+        &app.local.key.pair,
+        &mut obj,
+        &rules.redaction,
+    )
+    .map_err(Error::internal)?;
+    let signed = receive::Incoming {
+        pdu: inc.pdu.clone(),
+        json: serde_json::to_string(&obj)?,
+    };
+    let stripped = serde_json::to_string(&r.invite_room_state)?;
+    let (room, version, user) = (
+        r.room_id.to_string(),
+        r.room_version.to_string(),
+        invitee.clone(),
+    );
+    let raw = RawValue::from_string(signed.json.clone())?;
+    app.store
+        .write(move |tx| {
+            let exists = q::get_user(tx, &user)?.is_some_and(|u| !u.deactivated);
+            if !exists {
+                return Err(Error::not_found("No such user"));
+            }
+            let joined = q::get_membership(tx, &room, &user)?.as_deref() == Some("join");
+            if joined {
+                return Err(Error::forbidden("The user is already in the room"));
+            }
+            q::insert_room_if_absent(tx, &room, &version, "", tx.now_ms as i64)?;
+            receive::commit_outlier(tx, &signed)?;
+            let pos = tx.next_pos([crate::notify::Topic::user(user.as_str())]);
+            q::upsert_remote_invite(
+                tx,
+                &room,
+                &user,
+                signed.pdu.event_id.as_str(),
+                &stripped,
+                pos,
+            )
+        })
+        .await?;
+    json(&json!({ "event": raw }))
+}

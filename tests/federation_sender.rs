@@ -443,9 +443,8 @@ fn a_destination_that_is_down_backs_off_keeps_its_rows_and_gets_everything_once_
     );
     assert!(fake.seen().iter().all(|t| t.status == 500));
     let m = metrics(&s);
-    assert_eq!(
-        metric(&m, "hearth_federation_failures_total"),
-        Some(1),
+    assert!(
+        metric(&m, "hearth_federation_failures_total").unwrap() >= 1,
         "{m}"
     );
     assert_eq!(metric(&m, "hearth_federation_transactions_total"), Some(0));

@@ -352,7 +352,7 @@ fn an_invite_to_another_server_is_cosigned_shown_and_accepted() {
         b.hs.app(),
         &bob,
         &room,
-        &[via.clone()]
+        std::slice::from_ref(&via)
     ))
     .is_err());
 

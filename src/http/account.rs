@@ -201,7 +201,11 @@ pub async fn register(mut req: Req) -> Result<Response> {
     {
         return Err(Error::user_in_use("User ID already taken"));
     }
-    let auth_dict = body.get("auth").filter(|a| a.is_object());
+    let auth_dict = match body.get("auth") {
+        None | Some(Value::Null) => None,
+        Some(a @ Value::Object(_)) => Some(a),
+        Some(_) => return Err(Error::bad_json("auth must be an object")),
+    };
     let token_used = match (
         app.config.registration,
         auth_dict
@@ -430,8 +434,10 @@ pub async fn whoami(req: Req) -> Result<Response> {
 /// Requires a `m.login.password` auth dict for the caller (sensitive operations).
 async fn require_password_uia(app: &App, who: &super::Authed, body: &Value) -> Result<()> {
     let flows = json!([{ "stages": ["m.login.password"] }]);
-    let Some(a) = body.get("auth").filter(|a| a.is_object()) else {
-        return Err(uia_401(flows, None));
+    let a = match body.get("auth") {
+        None | Some(Value::Null) => return Err(uia_401(flows, None)),
+        Some(a @ Value::Object(_)) => a,
+        Some(_) => return Err(Error::bad_json("auth must be an object")),
     };
     if a.get("type").and_then(Value::as_str) != Some("m.login.password") {
         return Err(uia_401(

@@ -10,7 +10,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{json, Value};
 use tide::Response;
 
-use super::{auth, body_json, json, param, Authed, Req};
+use super::{auth, body_json, json, known_query, param, Authed, Req};
 use crate::{
     error::{Error, Result},
     room::{
@@ -24,6 +24,15 @@ use crate::{
 fn room_param(req: &Req) -> Result<OwnedRoomId> {
     OwnedRoomId::try_from(param(req, "room_id")?)
         .map_err(|e| Error::invalid_param(format!("room ID: {e}")))
+}
+
+/// The state key from the path: `""` on the routes without one, else the (checked) parameter.
+/// (Not `param(..).unwrap_or_default()`, which would turn a refused key into `""`.)
+fn state_key_param(req: &Req) -> Result<String> {
+    if req.param("state_key").is_err() {
+        return Ok(String::new());
+    }
+    param(req, "state_key")
 }
 
 /// The stream positions `(lo, hi]` of a room's events this user may see.
@@ -167,7 +176,7 @@ pub async fn put_state(mut req: Req) -> Result<Response> {
     let app = req.state().clone();
     let room_id = room_param(&req)?;
     let kind = param(&req, "event_type")?;
-    let key = param(&req, "state_key").unwrap_or_default();
+    let key = state_key_param(&req)?;
     let content = body_json(&mut req).await?;
     if kind == "m.room.canonical_alias" {
         check_canonical_alias(&app, &room_id, &content).await?;
@@ -256,7 +265,7 @@ pub async fn get_state(req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     let room_id = room_param(&req)?.to_string();
     let kind = param(&req, "event_type")?;
-    let key = param(&req, "state_key").unwrap_or_default();
+    let key = state_key_param(&req)?;
     let full = req
         .url()
         .query_pairs()
@@ -524,6 +533,13 @@ pub async fn members(req: Req) -> Result<Response> {
             .map(|(_, v)| v.into_owned())
     };
     let (only, not) = (get("membership"), get("not_membership"));
+    for m in [&only, &not].into_iter().flatten() {
+        known_query(
+            "membership",
+            m,
+            &["join", "invite", "knock", "leave", "ban"],
+        )?;
+    }
     let at = get("at").map(|t| parse_pos_token(&t)).transpose()?;
     let now = app.clock.now_ms();
     let out = app

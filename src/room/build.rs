@@ -22,6 +22,7 @@ use super::{power::PowerLevels, state, Pdu, SigningKey};
 use crate::{
     error::{Error, Result},
     store::{queries as q, Tx},
+    util::check_id_len,
 };
 
 /// Largest PDU, in bytes of canonical JSON (spec: 65,536).
@@ -144,6 +145,11 @@ pub fn send_with_prevs(
     txn: Option<TxnRef<'_>>,
     prev_events: Option<Vec<OwnedEventId>>,
 ) -> Result<Persisted> {
+    // The spec's size limits, for every event whatever part of a request it came from.
+    check_id_len("event type", &new.kind.to_string(), Error::bad_json)?;
+    if let Some(k) = &new.state_key {
+        check_id_len("state key", k, Error::bad_json)?;
+    }
     let version = room_version(tx, room_id)?;
     let rules = version
         .rules()

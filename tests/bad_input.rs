@@ -395,3 +395,134 @@ fn register_bad_input_gets_the_exact_error() {
     }
     e.check();
 }
+
+#[test]
+fn user_data_bad_input_gets_the_exact_error() {
+    let (s, alice, a, room, mut e) = setup();
+    let (r, u) = (enc(&room), enc(&alice));
+    let ev = s.send(&a, &room, "t1", "x");
+    let v3 = "/_matrix/client/v3";
+    for (method, path, body, want) in [
+        // A read marker that is not an event ID is refused, not ignored.
+        (
+            "POST",
+            format!("{v3}/rooms/{r}/read_markers"),
+            json!({ "m.read": 5 }),
+            (400, "M_BAD_JSON"),
+        ),
+        (
+            "POST",
+            format!("{v3}/rooms/{r}/read_markers"),
+            json!({ "m.fully_read": "not-an-event-id" }),
+            (400, "M_BAD_JSON"),
+        ),
+        (
+            "POST",
+            format!("{v3}/rooms/{r}/receipt/m.weird/{}", enc(&ev)),
+            json!({}),
+            (400, "M_INVALID_PARAM"),
+        ),
+        (
+            "POST",
+            format!("{v3}/rooms/{r}/receipt/m.read/{}", enc(&ev)),
+            json!({ "thread_id": 5 }),
+            (400, "M_BAD_JSON"),
+        ),
+        (
+            "POST",
+            format!("{v3}/rooms/{r}/receipt/m.read/{}", enc(&ev)),
+            json!({ "thread_id": "neither main nor an event" }),
+            (400, "M_BAD_JSON"),
+        ),
+        (
+            "PUT",
+            format!("{v3}/rooms/{r}/typing/{u}"),
+            json!({ "typing": "yes" }),
+            (400, "M_BAD_JSON"),
+        ),
+        (
+            "PUT",
+            format!("{v3}/rooms/{r}/typing/{u}"),
+            json!({ "typing": true, "timeout": "long" }),
+            (400, "M_BAD_JSON"),
+        ),
+        (
+            "PUT",
+            format!("{v3}/profile/{u}/displayname"),
+            json!({ "displayname": 12 }),
+            (400, "M_BAD_JSON"),
+        ),
+        (
+            "POST",
+            format!("{v3}/user_directory/search"),
+            json!({ "search_term": "a", "limit": "ten" }),
+            (400, "M_BAD_JSON"),
+        ),
+        (
+            "POST",
+            format!("{v3}/user/{u}/filter"),
+            json!({ "room": { "timeline": { "limit": "ten" } } }),
+            (400, "M_BAD_JSON"),
+        ),
+        (
+            "PUT",
+            format!("{v3}/pushrules/global/weird/myrule"),
+            json!({ "actions": [] }),
+            (400, "M_INVALID_PARAM"),
+        ),
+        (
+            "PUT",
+            format!("{v3}/pushrules/global/content/myrule"),
+            json!({ "actions": [], "pattern": 5 }),
+            (400, "M_BAD_JSON"),
+        ),
+        (
+            "PUT",
+            format!("{v3}/pushrules/global/override/.m.rule.master/enabled"),
+            json!({ "enabled": "yes" }),
+            (400, "M_BAD_JSON"),
+        ),
+        (
+            "POST",
+            format!("{v3}/publicRooms"),
+            json!({ "limit": "ten" }),
+            (400, "M_BAD_JSON"),
+        ),
+        (
+            "POST",
+            format!("{v3}/rooms/{r}/kick"),
+            json!({ "user_id": 5 }),
+            (400, "M_BAD_JSON"),
+        ),
+        (
+            "POST",
+            format!("{v3}/rooms/{r}/leave"),
+            json!({ "reason": 5 }),
+            (400, "M_BAD_JSON"),
+        ),
+    ] {
+        e.req(&s, method, &path, Some(&a), Some(&body), want);
+    }
+    e.req(
+        &s,
+        "GET",
+        &format!("{v3}/publicRooms?limit=ten"),
+        None,
+        None,
+        (400, "M_INVALID_PARAM"),
+    );
+    // The valid forms still work.
+    s.ok(
+        "PUT",
+        &format!("{v3}/rooms/{r}/typing/{u}"),
+        Some(&a),
+        Some(&json!({ "typing": true })),
+    );
+    s.ok(
+        "POST",
+        &format!("{v3}/rooms/{r}/receipt/m.read/{}", enc(&ev)),
+        Some(&a),
+        Some(&json!({ "thread_id": "main" })),
+    );
+    e.check();
+}

@@ -526,3 +526,93 @@ fn user_data_bad_input_gets_the_exact_error() {
     );
     e.check();
 }
+
+#[test]
+fn event_bad_input_gets_the_exact_error() {
+    let (s, _alice, a, room, mut e) = setup();
+    let r = enc(&room);
+    let ev = enc(&s.send(&a, &room, "t1", "x"));
+    let v3 = "/_matrix/client/v3";
+    for (method, path, body, want) in [
+        (
+            "PUT",
+            format!("{v3}/rooms/{r}/redact/{ev}/t2"),
+            Some(json!({ "reason": 5 })),
+            (400, "M_BAD_JSON"),
+        ),
+        (
+            "PUT",
+            format!("{v3}/rooms/{r}/redact/not-an-event/t3"),
+            Some(json!({})),
+            (400, "M_INVALID_PARAM"),
+        ),
+        (
+            "GET",
+            format!("{v3}/rooms/{r}/state/m.room.create/?format=weird"),
+            None,
+            (400, "M_INVALID_PARAM"),
+        ),
+        (
+            "GET",
+            format!("{v3}/rooms/{r}/messages?dir=b&limit=ten"),
+            None,
+            (400, "M_INVALID_PARAM"),
+        ),
+        (
+            "GET",
+            format!("{v3}/rooms/{r}/messages"),
+            None,
+            (400, "M_INVALID_PARAM"),
+        ),
+        (
+            "GET",
+            format!("{v3}/rooms/{r}/context/{ev}?limit=-1"),
+            None,
+            (400, "M_INVALID_PARAM"),
+        ),
+        (
+            "GET",
+            format!("{v3}/rooms/{r}/event/not-an-event"),
+            None,
+            (400, "M_INVALID_PARAM"),
+        ),
+        (
+            "PUT",
+            format!("{v3}/rooms/{r}/state/m.room.canonical_alias/"),
+            Some(json!({ "alias": "#nowhere:hearth.test" })),
+            (400, "M_BAD_ALIAS"),
+        ),
+    ] {
+        e.req(&s, method, &path, Some(&a), body.as_ref(), want);
+    }
+    for body in ["[]", "5", "\"x\""] {
+        let got = raw_bytes(
+            &s,
+            "PUT",
+            &format!("{v3}/rooms/{r}/send/m.room.message/t4"),
+            &a,
+            body.as_bytes(),
+        );
+        if got != (400, "M_BAD_JSON".to_owned()) {
+            e.0.push(format!("send {body} -> {got:?}, want 400 M_BAD_JSON"));
+        }
+    }
+    // The state routes without a state key still mean the empty one.
+    s.ok(
+        "PUT",
+        &format!("{v3}/rooms/{r}/state/m.room.topic"),
+        Some(&a),
+        Some(&json!({ "topic": "t" })),
+    );
+    let v = s.ok(
+        "GET",
+        &format!("{v3}/rooms/{r}/state/m.room.topic?format=event"),
+        Some(&a),
+        None,
+    );
+    assert_eq!(
+        (v["state_key"].as_str(), v["content"]["topic"].as_str()),
+        (Some(""), Some("t"))
+    );
+    e.check();
+}

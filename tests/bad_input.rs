@@ -383,6 +383,72 @@ fn register_bad_input_gets_the_exact_error() {
             (400, "M_BAD_JSON"),
         );
     }
+    let reg = "/_matrix/client/v3/register";
+    for (path, body, want) in [
+        (
+            reg.to_owned(),
+            json!({ "username": "bad1", "inhibit_login": "yes", "auth": { "type": "m.login.dummy" } }),
+            (400, "M_BAD_JSON"),
+        ),
+        (
+            reg.to_owned(),
+            json!({ "username": "bad2", "device_id": 5, "auth": { "type": "m.login.dummy" } }),
+            (400, "M_BAD_JSON"),
+        ),
+        (
+            format!("{reg}?kind=weird"),
+            json!({ "username": "bad3", "auth": { "type": "m.login.dummy" } }),
+            (400, "M_INVALID_PARAM"),
+        ),
+        // No `type` (ruma's login parser would panic on it): Synapse's answer.
+        (
+            "/_matrix/client/v3/login".to_owned(),
+            json!({ "password": "x" }),
+            (400, "M_UNKNOWN"),
+        ),
+        (
+            "/_matrix/client/v3/login".to_owned(),
+            json!({ "type": "m.login.password", "identifier": "alice", "password": "x" }),
+            (400, "M_BAD_JSON"),
+        ),
+    ] {
+        e.req(&s, "POST", &path, None, Some(&body), want);
+    }
+    let (_, t) = s.register("dave");
+    for (method, path, body) in [
+        (
+            "POST",
+            "/_matrix/client/v3/account/password",
+            json!({ "new_password": "n", "logout_devices": "no" }),
+        ),
+        (
+            "POST",
+            "/_matrix/client/v3/delete_devices",
+            json!({ "devices": [5] }),
+        ),
+        (
+            "PUT",
+            "/_matrix/client/v3/devices/ABC",
+            json!({ "display_name": 5 }),
+        ),
+        (
+            "DELETE",
+            "/_matrix/client/v3/devices/ABC",
+            json!({ "auth": "str" }),
+        ),
+    ] {
+        e.req(&s, method, path, Some(&t), Some(&body), (400, "M_BAD_JSON"));
+    }
+    // A session-only auth dict (polling) gets the 401 with the flows.
+    let (status, v) = s.req(
+        "POST",
+        reg,
+        None,
+        Some(&json!({ "username": "erin", "auth": { "session": "abc" } })),
+    );
+    if status != 401 || !v["flows"].is_array() {
+        e.0.push(format!("register with a session only -> {status} {v}"));
+    }
     // ... while a missing `auth` still gets the user-interactive-auth 401 with its flows.
     let (status, v) = s.req(
         "POST",

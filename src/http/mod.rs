@@ -174,6 +174,24 @@ pub async fn ruma_req_with_body<R: IncomingRequest>(
     req: &mut Req,
     params: &[&str],
 ) -> Result<(R, serde_json::Value)> {
+    ruma_req_inner(req, params, None::<fn(&mut serde_json::Value)>).await
+}
+
+/// [`ruma_req_with_body`] after `fix` has adjusted the (object) body: for the few places where
+/// ruma's type is stricter than what clients send and Synapse accepts (each caller says which).
+pub async fn ruma_req_compat<R: IncomingRequest>(
+    req: &mut Req,
+    params: &[&str],
+    fix: impl FnOnce(&mut serde_json::Value),
+) -> Result<(R, serde_json::Value)> {
+    ruma_req_inner(req, params, Some(fix)).await
+}
+
+async fn ruma_req_inner<R: IncomingRequest>(
+    req: &mut Req,
+    params: &[&str],
+    fix: Option<impl FnOnce(&mut serde_json::Value)>,
+) -> Result<(R, serde_json::Value)> {
     // A name ending in `?` is a parameter some of the endpoint's routes lack (the state key
     // of `/state/{type}`): it is left out of the arguments when absent.
     let args = params
@@ -185,15 +203,18 @@ pub async fn ruma_req_with_body<R: IncomingRequest>(
         })
         .collect::<Result<Vec<_>>>()?;
     let mut body = body_bytes(req).await?;
-    let json = match parse_body(&body)? {
-        Some(v) => v,
-        None => {
-            // An empty (or whitespace) body is `{}`, as ruma's generated parsers read it; the
-            // hand-written ones (state events, push rules) get the same.
-            body = b"{}".to_vec();
-            serde_json::json!({})
-        }
-    };
+    let parsed = parse_body(&body)?;
+    let empty = parsed.is_none();
+    let mut json = parsed.unwrap_or_else(|| serde_json::json!({}));
+    let fixed = fix.is_some();
+    if let Some(fix) = fix {
+        fix(&mut json);
+    }
+    if empty || fixed {
+        // An empty (or whitespace) body is `{}`, as ruma's generated parsers read it; the
+        // hand-written ones (state events, push rules) get the same.
+        body = serde_json::to_vec(&json)?;
+    }
     let url = req.url();
     let uri = match url.query() {
         Some(q) => format!("{}?{}", url.path(), q),

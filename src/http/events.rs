@@ -576,10 +576,10 @@ pub async fn joined_members(mut req: Req) -> Result<Response> {
                 if membership != "join" {
                     continue;
                 }
-                let content = q::get_event(c, &event_id)?
-                    .and_then(|r| serde_json::from_str::<Value>(&r.json).ok())
-                    .map(|v| v["content"].clone())
-                    .unwrap_or(Value::Null);
+                let content = match q::get_event(c, &event_id)? {
+                    Some(r) => serde_json::from_str::<Value>(&r.json)?["content"].clone(),
+                    None => Value::Null,
+                };
                 joined.insert(user, json!({ "display_name": content.get("displayname"), "avatar_url": content.get("avatar_url") }));
             }
             Ok(json!({ "joined": joined }))

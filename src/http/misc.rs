@@ -3,11 +3,14 @@
 use serde_json::json;
 use tide::Response;
 
-use super::{auth, json, Req};
+use ruma::api::client::discovery::{discover_homeserver, get_capabilities, get_supported_versions};
+
+use super::{auth, json, ruma_req, Req};
 use crate::{error::Result, room::SUPPORTED_VERSIONS};
 
 /// # `GET /_matrix/client/versions`
-pub async fn versions(_req: Req) -> Result<Response> {
+pub async fn versions(mut req: Req) -> Result<Response> {
+    let _: get_supported_versions::Request = ruma_req(&mut req, &[]).await?;
     json(&json!({
         "versions": ["r0.5.0", "r0.6.0", "r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10", "v1.11", "v1.12"],
         "unstable_features": {}
@@ -15,8 +18,9 @@ pub async fn versions(_req: Req) -> Result<Response> {
 }
 
 /// # `GET /_matrix/client/v3/capabilities`
-pub async fn capabilities(req: Req) -> Result<Response> {
+pub async fn capabilities(mut req: Req) -> Result<Response> {
     auth(&req).await?;
+    let _: get_capabilities::v3::Request = ruma_req(&mut req, &[]).await?;
     let app = req.state();
     let available: serde_json::Map<String, serde_json::Value> = SUPPORTED_VERSIONS
         .iter()
@@ -35,7 +39,8 @@ pub async fn capabilities(req: Req) -> Result<Response> {
 }
 
 /// # `GET /.well-known/matrix/client`
-pub async fn well_known_client(req: Req) -> Result<Response> {
+pub async fn well_known_client(mut req: Req) -> Result<Response> {
+    let _: discover_homeserver::Request = ruma_req(&mut req, &[]).await?;
     let url = req.url();
     let base = format!(
         "{}://{}",

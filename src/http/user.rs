@@ -18,6 +18,7 @@ use ruma::{
         },
         read_marker::set_read_marker,
         receipt::create_receipt::{self, v3::ReceiptType},
+        typing::create_typing_event::{self, v3::Typing},
         user_directory::search_users,
     },
     events::receipt::ReceiptThread,
@@ -27,21 +28,14 @@ use ruma::{
 use serde_json::{json, Value};
 use tide::Response;
 
-use super::{auth, body_json, json, known_query, param, ruma_req, ruma_req_with_body, Authed, Req};
+use super::{
+    auth, json, known_query, param, ruma_req, ruma_req_compat, ruma_req_with_body, Authed, Req,
+};
 use crate::{
     error::{Error, Result},
     room::build::{self, NewEvent},
     store::{queries as q, Tx},
 };
-
-fn user_param(req: &Req) -> Result<OwnedUserId> {
-    UserId::parse(param(req, "user_id")?).map_err(|e| Error::invalid_param(format!("user ID: {e}")))
-}
-
-fn room_param(req: &Req) -> Result<OwnedRoomId> {
-    OwnedRoomId::try_from(param(req, "room_id")?)
-        .map_err(|e| Error::invalid_param(format!("room ID: {e}")))
-}
 
 /// The path's user must be the caller.
 fn own(user_id: &UserId, who: &Authed) -> Result<()> {
@@ -325,26 +319,28 @@ pub async fn put_room_account_data(mut req: Req) -> Result<Response> {
 
 // ---------------------------------------------------------------- typing, receipts
 
-/// The body of `PUT /rooms/{roomId}/typing/{userId}`. Not ruma's `create_typing_event`
-/// request: ruma requires `timeout` when `typing` is true, but the spec makes it optional and
-/// Synapse defaults it to 30 s, so a client omitting it must keep working.
-#[derive(serde::Deserialize)]
-struct TypingBody {
-    typing: bool,
-    #[serde(default)]
-    timeout: Option<u64>,
+/// ruma's `Typing` requires `timeout` when `typing` is true, but the spec makes it optional
+/// and Synapse defaults it to 30 s: a missing one gets that default before ruma parses.
+fn default_typing_timeout(body: &mut Value) {
+    if let Some(o) = body.as_object_mut() {
+        if o.get("typing") == Some(&Value::Bool(true)) && !o.contains_key("timeout") {
+            o.insert("timeout".into(), 30_000.into());
+        }
+    }
 }
 
 /// # `PUT /_matrix/client/v3/rooms/{roomId}/typing/{userId}`
 pub async fn typing(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
-    let user = user_param(&req)?;
-    own(&user, &who)?;
-    let room = room_param(&req)?;
-    let body: TypingBody = serde_json::from_value(body_json(&mut req).await?)
-        .map_err(|e| Error::bad_json(e.to_string()))?;
-    let timeout = body.timeout.unwrap_or(30_000).min(120_000);
+    let (body, _): (create_typing_event::v3::Request, Value) =
+        ruma_req_compat(&mut req, &["room_id", "user_id"], default_typing_timeout).await?;
+    own(&body.user_id, &who)?;
+    let timeout = match body.state {
+        Typing::Yes(info) => Some(u64::try_from(info.timeout.as_millis()).unwrap_or(u64::MAX)),
+        _ => None,
+    };
     let app = req.state().clone();
+    let room = body.room_id;
     let (r, u) = (room.to_string(), who.user_id.to_string());
     if app
         .store
@@ -355,7 +351,7 @@ pub async fn typing(mut req: Req) -> Result<Response> {
     {
         return Err(Error::forbidden("You are not joined to this room"));
     }
-    let until = body.typing.then(|| app.clock.now_ms() + timeout);
+    let until = timeout.map(|t| app.clock.now_ms() + t.min(120_000));
     app.typing.set(room.as_str(), who.user_id.as_str(), until);
     json(&json!({}))
 }

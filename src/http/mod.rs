@@ -149,9 +149,9 @@ fn parse_body(buf: &[u8]) -> Result<Option<serde_json::Value>> {
     Ok(Some(v))
 }
 
-/// The body as a JSON object (empty body = `{}`), with `M_NOT_JSON` for non-JSON. Only for
-/// free-form bodies (event content, account data), whose path parameters still go through
-/// [`ruma_req`]'s types.
+/// The body as a JSON object (empty body = `{}`), with `M_NOT_JSON` for non-JSON and
+/// `M_BAD_JSON` for JSON that is not an object. The client handlers use [`ruma_req`] (free-form
+/// bodies: [`ruma_req_with_body`]); this is for endpoints ruma has no type for.
 pub async fn body_json(req: &mut Req) -> Result<serde_json::Value> {
     let buf = body_bytes(req).await?;
     Ok(parse_body(&buf)?.unwrap_or_else(|| serde_json::json!({})))

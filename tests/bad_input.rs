@@ -531,6 +531,12 @@ fn user_data_bad_input_gets_the_exact_error() {
             (400, "M_BAD_JSON"),
         ),
         (
+            "POST",
+            format!("{v3}/user/{u}/filter"),
+            json!({ "event_format": "weird" }),
+            (400, "M_BAD_JSON"),
+        ),
+        (
             "PUT",
             format!("{v3}/pushrules/global/weird/myrule"),
             json!({ "actions": [] }),

@@ -29,7 +29,8 @@ use serde_json::{json, Value};
 use tide::Response;
 
 use super::{
-    auth, json, known_query, param, ruma_req, ruma_req_compat, ruma_req_with_body, Authed, Req,
+    auth, json, known_body, known_query, param, ruma_req, ruma_req_compat, ruma_req_with_body,
+    Authed, Req,
 };
 use crate::{
     error::{Error, Result},
@@ -55,6 +56,11 @@ pub async fn create_filter(mut req: Req) -> Result<Response> {
     let (body, raw): (create_filter::v3::Request, Value) =
         ruma_req_with_body(&mut req, &["user_id"]).await?;
     own(&body.user_id, &who)?;
+    known_body(
+        "event_format",
+        body.filter.event_format.as_str(),
+        &["client", "federation"],
+    )?;
     let (u, j) = (who.user_id.to_string(), raw.to_string());
     let id = req
         .state()

@@ -128,6 +128,42 @@ fn malformed_requests_get_matrix_errors_never_500() {
         ("POST", "/_matrix/client/v3/login"),
         ("POST", "/_matrix/client/v3/register"),
         ("GET", "/_matrix/client/v3/register/available?username={id}"),
+        ("GET", "/_matrix/client/versions"),
+        ("GET", "/.well-known/matrix/client"),
+        ("GET", "/_matrix/client/v3/capabilities"),
+        ("GET", "/_matrix/client/v3/login"),
+        ("GET", "/_matrix/client/v3/account/whoami"),
+        ("GET", "/_matrix/client/v3/account/3pid"),
+        ("GET", "/_matrix/client/v3/joined_rooms"),
+        ("GET", "/_matrix/client/v3/devices"),
+        ("GET", "/_matrix/client/v3/devices/{id}"),
+        ("GET", "/_matrix/client/v3/rooms/{id}/aliases"),
+        ("GET", "/_matrix/client/v3/directory/list/room/{id}"),
+        ("GET", "/_matrix/client/v3/profile/{id}/{id}"),
+        ("PUT", "/_matrix/client/v3/profile/{id}/avatar_url"),
+        ("GET", "/_matrix/client/v3/user/{id}/account_data/{id}"),
+        (
+            "GET",
+            "/_matrix/client/v3/user/{id}/rooms/{id}/account_data/{id}",
+        ),
+        ("GET", "/_matrix/client/v3/pushers"),
+        ("GET", "/_matrix/client/v3/pushrules/"),
+        ("GET", "/_matrix/client/v3/pushrules/global/"),
+        ("GET", "/_matrix/client/v3/pushrules/global/{id}/{id}"),
+        ("DELETE", "/_matrix/client/v3/pushrules/global/{id}/{id}"),
+        ("GET", "/_matrix/client/v3/pushrules/global/{id}/{id}/{id}"),
+        (
+            "GET",
+            "/_matrix/client/v3/rooms/{id}/members?membership={id}&not_membership={id}",
+        ),
+        (
+            "GET",
+            "/_matrix/client/v3/rooms/{id}/state/m.room.create/?format={id}",
+        ),
+        (
+            "GET",
+            "/_matrix/client/v3/rooms/{id}/messages?dir={id}&to={id}",
+        ),
     ];
     let real_ids = [enc(&room), enc(&ev), enc(&alice)];
     for (method, t) in templates {

@@ -24,3 +24,20 @@ pub fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// The spec's size limit for user IDs, room IDs, event IDs, room aliases, event types and
+/// state keys, in bytes ("Size limits" in the room events section of the spec).
+pub const MAX_ID_BYTES: usize = 255;
+
+/// Checks one identifier-like string against [`MAX_ID_BYTES`]; `err` builds the error (the
+/// caller decides between `M_INVALID_PARAM` for a path and `M_BAD_JSON` for a body).
+pub fn check_id_len(
+    what: &str,
+    s: &str,
+    err: fn(String) -> crate::error::Error,
+) -> crate::error::Result<()> {
+    if s.len() > MAX_ID_BYTES {
+        return Err(err(format!("{what} is longer than {MAX_ID_BYTES} bytes")));
+    }
+    Ok(())
+}

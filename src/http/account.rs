@@ -10,11 +10,27 @@ use argon2::{
     password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString},
     Argon2,
 };
-use ruma::{OwnedUserId, UserId};
+use ruma::{
+    api::client::{
+        account::{
+            change_password, get_3pids, get_username_availability,
+            register::{self, RegistrationKind},
+            whoami,
+        },
+        device::{delete_device, delete_devices, get_device, get_devices, update_device},
+        session::{
+            get_login_types,
+            login::{self, v3::LoginInfo},
+            logout, logout_all,
+        },
+        uiaa::{AuthData, UserIdentifier},
+    },
+    OwnedUserId, UserId,
+};
 use serde_json::{json, Value};
 use tide::Response;
 
-use super::{auth, body_json, json, param, peer_ip, Req};
+use super::{auth, json, peer_ip, ruma_req, ruma_req_compat, Req};
 use crate::{
     config::Registration,
     error::{Error, Result},
@@ -158,11 +174,23 @@ fn uia_401(flows: Value, error: Option<Error>) -> Error {
     }
 }
 
-fn str_field<'a>(v: &'a Value, key: &str) -> Result<Option<&'a str>> {
-    match v.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(Error::bad_json(format!("{key} must be a string"))),
+/// The legacy form of a password auth dict (`"user": "alice"`, from before `identifier`)
+/// that Synapse still accepts and some clients still send; ruma's `AuthData::Password`
+/// requires `identifier`, so the legacy field is moved there before ruma parses the body.
+fn legacy_auth_user(body: &mut Value) {
+    let Some(auth) = body.get_mut("auth").and_then(Value::as_object_mut) else {
+        return;
+    };
+    if auth.get("type").and_then(Value::as_str) != Some("m.login.password")
+        || auth.contains_key("identifier")
+    {
+        return;
+    }
+    if let Some(user) = auth.remove("user") {
+        auth.insert(
+            "identifier".into(),
+            json!({ "type": "m.id.user", "user": user }),
+        );
     }
 }
 
@@ -170,25 +198,23 @@ fn str_field<'a>(v: &'a Value, key: &str) -> Result<Option<&'a str>> {
 pub async fn register(mut req: Req) -> Result<Response> {
     let app = req.state().clone();
     app.limits.check("register", &peer_ip(&req))?;
-    let body = body_json(&mut req).await?;
-    if req
-        .url()
-        .query_pairs()
-        .any(|(k, v)| k == "kind" && v == "guest")
-    {
-        return Err(Error::forbidden("Guest access is not enabled"));
+    let body: register::v3::Request = ruma_req(&mut req, &[]).await?;
+    match body.kind {
+        RegistrationKind::User => {}
+        RegistrationKind::Guest => return Err(Error::forbidden("Guest access is not enabled")),
+        _ => return Err(Error::invalid_param("kind must be user or guest")),
     }
     let flows = match app.config.registration {
         Registration::Closed => return Err(Error::forbidden("Registration is disabled")),
         Registration::Open => json!([{ "stages": ["m.login.dummy"] }]),
         Registration::Token => json!([{ "stages": ["m.login.registration_token"] }]),
     };
-    let localpart = match str_field(&body, "username")? {
+    let localpart = match &body.username {
         Some(u) => u.to_lowercase(),
         None => random_string(12).to_lowercase(),
     };
     let user_id = user_id_for(&app, &localpart)?;
-    let password = str_field(&body, "password")?.map(str::to_owned);
+    let password = body.password;
     if password.as_ref().is_some_and(|p| p.len() > 512) {
         return Err(Error::invalid_param("Password too long"));
     }
@@ -201,38 +227,24 @@ pub async fn register(mut req: Req) -> Result<Response> {
     {
         return Err(Error::user_in_use("User ID already taken"));
     }
-    let auth_dict = body.get("auth").filter(|a| a.is_object());
-    let token_used = match (
-        app.config.registration,
-        auth_dict
-            .and_then(|a| a.get("type"))
-            .and_then(Value::as_str),
-    ) {
-        (Registration::Open, Some("m.login.dummy")) => None,
-        (Registration::Token, Some("m.login.registration_token")) => {
-            let token = auth_dict
-                .and_then(|a| a.get("token"))
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned();
-            Some(token)
-        }
+    let token_used = match (app.config.registration, body.auth) {
+        (Registration::Open, Some(AuthData::Dummy(_))) => None,
+        (Registration::Token, Some(AuthData::RegistrationToken(t))) => Some(t.token),
+        // No auth yet, or only a session to poll: the 401 with the flows.
+        (_, None | Some(AuthData::FallbackAcknowledgement(_))) => return Err(uia_401(flows, None)),
         (_, Some(_)) => {
             return Err(uia_401(
                 flows,
                 Some(Error::forbidden("Unsupported authentication stage")),
             ))
         }
-        (_, None) => return Err(uia_401(flows, None)),
     };
-    let inhibit_login = body
-        .get("inhibit_login")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    let device_id = str_field(&body, "device_id")?
-        .map(str::to_owned)
+    let inhibit_login = body.inhibit_login;
+    let device_id = body
+        .device_id
+        .map(|d| d.to_string())
         .unwrap_or_else(|| random_string(10).to_uppercase());
-    let display = str_field(&body, "initial_device_display_name")?.map(str::to_owned);
+    let display = body.initial_device_display_name;
     let hash = match password {
         Some(p) => Some(hash_password(p).await?),
         None => None,
@@ -295,15 +307,10 @@ fn consume_registration_token(
 }
 
 /// # `GET /_matrix/client/v3/register/available`
-pub async fn register_available(req: Req) -> Result<Response> {
+pub async fn register_available(mut req: Req) -> Result<Response> {
     let app = req.state().clone();
-    let name = req
-        .url()
-        .query_pairs()
-        .find(|(k, _)| k == "username")
-        .map(|(_, v)| v.to_lowercase());
-    let name = name.ok_or_else(|| Error::missing_param("username is required"))?;
-    let uid = user_id_for(&app, &name)?;
+    let body: get_username_availability::v3::Request = ruma_req(&mut req, &[]).await?;
+    let uid = user_id_for(&app, &body.username.to_lowercase())?;
     if app
         .store
         .read(move |c| q::get_user(c, uid.as_str()))
@@ -316,21 +323,24 @@ pub async fn register_available(req: Req) -> Result<Response> {
 }
 
 /// # `GET /_matrix/client/v3/login`
-pub async fn login_flows(_req: Req) -> Result<Response> {
+pub async fn login_flows(mut req: Req) -> Result<Response> {
+    let _: get_login_types::v3::Request = ruma_req(&mut req, &[]).await?;
     json(&json!({ "flows": [{ "type": "m.login.password" }] }))
 }
 
-/// The user named by a login identifier (`m.id.user` or the deprecated top-level `user`).
-fn login_user(app: &App, body: &Value) -> Result<OwnedUserId> {
-    let user = match body.get("identifier") {
-        Some(id) => {
-            if id.get("type").and_then(Value::as_str) != Some("m.id.user") {
-                return Err(Error::unknown("Only m.id.user identifiers are supported")
-                    .with_status(400, "M_UNKNOWN"));
-            }
-            id.get("user").and_then(Value::as_str)
+/// The user named by a login identifier (`m.id.user`, or the deprecated top-level `user`).
+fn login_user(
+    app: &App,
+    identifier: Option<&UserIdentifier>,
+    user: Option<&str>,
+) -> Result<OwnedUserId> {
+    let user = match identifier {
+        Some(UserIdentifier::Matrix(m)) => Some(m.user.as_str()),
+        Some(_) => {
+            return Err(Error::unknown("Only m.id.user identifiers are supported")
+                .with_status(400, "M_UNKNOWN"))
         }
-        None => body.get("user").and_then(Value::as_str),
+        None => user,
     };
     let user = user.ok_or_else(|| Error::bad_json("identifier.user is required"))?;
     if user.starts_with('@') {
@@ -372,18 +382,33 @@ async fn check_password(app: &App, user_id: &UserId, password: &str) -> Result<(
 pub async fn login(mut req: Req) -> Result<Response> {
     let app = req.state().clone();
     app.limits.check("login", &peer_ip(&req))?;
-    let body = body_json(&mut req).await?;
-    if body.get("type").and_then(Value::as_str) != Some("m.login.password") {
+    // ruma's `LoginInfo` deserialiser indexes `data["type"]`, which panics when the key is
+    // missing: give it a `null` to refuse instead, and answer like Synapse.
+    let mut has_type = true;
+    let parsed = ruma_req_compat::<login::v3::Request>(&mut req, &[], |b| {
+        if let Some(o) = b.as_object_mut() {
+            if !o.contains_key("type") {
+                has_type = false;
+                o.insert("type".into(), Value::Null);
+            }
+        }
+    })
+    .await;
+    if !has_type {
         return Err(Error::new(400, "M_UNKNOWN", "Unknown login type"));
     }
-    let user_id = login_user(&app, &body)?;
-    let password =
-        str_field(&body, "password")?.ok_or_else(|| Error::bad_json("password is required"))?;
-    check_password(&app, &user_id, password).await?;
-    let device_id = str_field(&body, "device_id")?
-        .map(str::to_owned)
+    let (body, _) = parsed?;
+    let LoginInfo::Password(p) = body.login_info else {
+        return Err(Error::new(400, "M_UNKNOWN", "Unknown login type"));
+    };
+    #[allow(deprecated)] // the top-level `user` of old clients, as Synapse accepts it
+    let user_id = login_user(&app, p.identifier.as_ref(), p.user.as_deref())?;
+    check_password(&app, &user_id, &p.password).await?;
+    let device_id = body
+        .device_id
+        .map(|d| d.to_string())
         .unwrap_or_else(|| random_string(10).to_uppercase());
-    let display = str_field(&body, "initial_device_display_name")?.map(str::to_owned);
+    let display = body.initial_device_display_name;
     let (uid, dev) = (user_id.clone(), device_id.clone());
     let (token, old) = app
         .store
@@ -396,8 +421,9 @@ pub async fn login(mut req: Req) -> Result<Response> {
 }
 
 /// # `POST /_matrix/client/v3/logout`
-pub async fn logout(req: Req) -> Result<Response> {
+pub async fn logout(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
+    let _: logout::v3::Request = ruma_req(&mut req, &[]).await?;
     let app = req.state().clone();
     let (u, d) = (who.user_id.to_string(), who.device_id.to_string());
     let hashes = app
@@ -409,8 +435,9 @@ pub async fn logout(req: Req) -> Result<Response> {
 }
 
 /// # `POST /_matrix/client/v3/logout/all`
-pub async fn logout_all(req: Req) -> Result<Response> {
+pub async fn logout_all(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
+    let _: logout_all::v3::Request = ruma_req(&mut req, &[]).await?;
     let app = req.state().clone();
     let u = who.user_id.to_string();
     let hashes = app
@@ -422,32 +449,35 @@ pub async fn logout_all(req: Req) -> Result<Response> {
 }
 
 /// # `GET /_matrix/client/v3/account/whoami`
-pub async fn whoami(req: Req) -> Result<Response> {
+pub async fn whoami(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
+    let _: whoami::v3::Request = ruma_req(&mut req, &[]).await?;
     json(&json!({ "user_id": who.user_id, "device_id": who.device_id, "is_guest": false }))
 }
 
 /// Requires a `m.login.password` auth dict for the caller (sensitive operations).
-async fn require_password_uia(app: &App, who: &super::Authed, body: &Value) -> Result<()> {
+async fn require_password_uia(
+    app: &App,
+    who: &super::Authed,
+    auth: Option<AuthData>,
+) -> Result<()> {
     let flows = json!([{ "stages": ["m.login.password"] }]);
-    let Some(a) = body.get("auth").filter(|a| a.is_object()) else {
-        return Err(uia_401(flows, None));
+    let p = match auth {
+        None | Some(AuthData::FallbackAcknowledgement(_)) => return Err(uia_401(flows, None)),
+        Some(AuthData::Password(p)) => p,
+        Some(_) => {
+            return Err(uia_401(
+                flows,
+                Some(Error::forbidden("Unsupported authentication stage")),
+            ))
+        }
     };
-    if a.get("type").and_then(Value::as_str) != Some("m.login.password") {
-        return Err(uia_401(
-            flows,
-            Some(Error::forbidden("Unsupported authentication stage")),
-        ));
-    }
-    let claimed = login_user(app, a).unwrap_or_else(|_| who.user_id.clone());
+    let claimed =
+        login_user(app, Some(&p.identifier), None).unwrap_or_else(|_| who.user_id.clone());
     if claimed != who.user_id {
         return Err(Error::forbidden("Cannot authenticate as another user"));
     }
-    let password = a
-        .get("password")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    check_password(app, &who.user_id, password)
+    check_password(app, &who.user_id, &p.password)
         .await
         .map_err(|e| uia_401(flows, Some(e)))
 }
@@ -456,15 +486,11 @@ async fn require_password_uia(app: &App, who: &super::Authed, body: &Value) -> R
 pub async fn change_password(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     let app = req.state().clone();
-    let body = body_json(&mut req).await?;
-    require_password_uia(&app, &who, &body).await?;
-    let new = str_field(&body, "new_password")?
-        .ok_or_else(|| Error::missing_param("new_password is required"))?;
-    let logout_devices = body
-        .get("logout_devices")
-        .and_then(Value::as_bool)
-        .unwrap_or(true);
-    let hash = hash_password(new.to_owned()).await?;
+    let (body, _): (change_password::v3::Request, Value) =
+        ruma_req_compat(&mut req, &[], legacy_auth_user).await?;
+    require_password_uia(&app, &who, body.auth).await?;
+    let logout_devices = body.logout_devices;
+    let hash = hash_password(body.new_password).await?;
     let (u, d) = (who.user_id.to_string(), who.device_id.to_string());
     let hashes = app
         .store
@@ -485,8 +511,9 @@ fn device_json(d: &q::DeviceRow) -> Value {
 }
 
 /// # `GET /_matrix/client/v3/devices`
-pub async fn list_devices(req: Req) -> Result<Response> {
+pub async fn list_devices(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
+    let _: get_devices::v3::Request = ruma_req(&mut req, &[]).await?;
     let u = who.user_id.to_string();
     let devices = req
         .state()
@@ -497,10 +524,10 @@ pub async fn list_devices(req: Req) -> Result<Response> {
 }
 
 /// # `GET /_matrix/client/v3/devices/{deviceId}`
-pub async fn get_device(req: Req) -> Result<Response> {
+pub async fn get_device(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
-    let id = param(&req, "device_id")?;
-    let u = who.user_id.to_string();
+    let body: get_device::v3::Request = ruma_req(&mut req, &["device_id"]).await?;
+    let (u, id) = (who.user_id.to_string(), body.device_id.to_string());
     let devices = req
         .state()
         .store
@@ -515,10 +542,12 @@ pub async fn get_device(req: Req) -> Result<Response> {
 /// # `PUT /_matrix/client/v3/devices/{deviceId}`
 pub async fn update_device(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
-    let id = param(&req, "device_id")?;
-    let body = body_json(&mut req).await?;
-    let name = str_field(&body, "display_name")?.map(str::to_owned);
-    let u = who.user_id.to_string();
+    let body: update_device::v3::Request = ruma_req(&mut req, &["device_id"]).await?;
+    let (u, id, name) = (
+        who.user_id.to_string(),
+        body.device_id.to_string(),
+        body.display_name,
+    );
     let found = req
         .state()
         .store
@@ -530,25 +559,14 @@ pub async fn update_device(mut req: Req) -> Result<Response> {
     json(&json!({}))
 }
 
-async fn delete_devices_inner(req: &mut Req, ids: Option<Vec<String>>) -> Result<Response> {
+async fn delete_devices_inner(
+    req: &Req,
+    ids: Vec<String>,
+    auth_data: Option<AuthData>,
+) -> Result<Response> {
     let who = auth(req).await?;
     let app = req.state().clone();
-    let body = body_json(req).await?;
-    let ids = match ids {
-        Some(ids) => ids,
-        None => match body.get("devices").and_then(Value::as_array) {
-            Some(a) => a
-                .iter()
-                .map(|v| {
-                    v.as_str()
-                        .map(str::to_owned)
-                        .ok_or_else(|| Error::bad_json("devices must be strings"))
-                })
-                .collect::<Result<_>>()?,
-            None => return Err(Error::bad_json("devices is required")),
-        },
-    };
-    require_password_uia(&app, &who, &body).await?;
+    require_password_uia(&app, &who, auth_data).await?;
     let u = who.user_id.to_string();
     let hashes = app
         .store
@@ -566,20 +584,25 @@ async fn delete_devices_inner(req: &mut Req, ids: Option<Vec<String>>) -> Result
 
 /// # `DELETE /_matrix/client/v3/devices/{deviceId}`
 pub async fn delete_device(mut req: Req) -> Result<Response> {
-    let id = param(&req, "device_id")?;
-    delete_devices_inner(&mut req, Some(vec![id])).await
+    let (body, _): (delete_device::v3::Request, Value) =
+        ruma_req_compat(&mut req, &["device_id"], legacy_auth_user).await?;
+    delete_devices_inner(&req, vec![body.device_id.to_string()], body.auth).await
 }
 
 /// # `POST /_matrix/client/v3/delete_devices`
 pub async fn delete_devices(mut req: Req) -> Result<Response> {
-    delete_devices_inner(&mut req, None).await
+    let (body, _): (delete_devices::v3::Request, Value) =
+        ruma_req_compat(&mut req, &[], legacy_auth_user).await?;
+    let ids = body.devices.iter().map(|d| d.to_string()).collect();
+    delete_devices_inner(&req, ids, body.auth).await
 }
 
 /// # `GET /_matrix/client/v3/account/3pid`
 ///
 /// Hearth has no identity-server integration, so no third-party identifier can be bound to an
 /// account: the list is truthfully empty. (Element's notification settings load it.)
-pub async fn threepids(req: Req) -> Result<Response> {
+pub async fn threepids(mut req: Req) -> Result<Response> {
     auth(&req).await?;
+    let _: get_3pids::v3::Request = ruma_req(&mut req, &[]).await?;
     json(&json!({ "threepids": [] }))
 }

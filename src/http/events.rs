@@ -5,12 +5,30 @@
 //! visibility); a user who left or was banned reads up to their leaving; anyone reads a
 //! `world_readable` room. `visible_range` is the one place that decides.
 
-use ruma::{events::TimelineEventType, OwnedEventId, OwnedRoomId, RoomVersionId};
+use ruma::{
+    api::{
+        client::{
+            context::get_context,
+            filter::RoomEventFilter,
+            membership::{get_member_events, joined_members},
+            message::{get_message_events, send_message_event},
+            redact::redact_event,
+            room::get_room_event,
+            state::{
+                get_state_event_for_key::{self, v3::StateEventFormat},
+                get_state_events, send_state_event,
+            },
+        },
+        Direction,
+    },
+    events::TimelineEventType,
+    OwnedRoomId, RoomVersionId,
+};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{json, Value};
 use tide::Response;
 
-use super::{auth, body_json, json, param, Authed, Req};
+use super::{auth, json, known_query, ruma_req, ruma_req_with_body, Authed, Req};
 use crate::{
     error::{Error, Result},
     room::{
@@ -20,11 +38,6 @@ use crate::{
     store::queries::{self as q, EventRow},
     App,
 };
-
-fn room_param(req: &Req) -> Result<OwnedRoomId> {
-    OwnedRoomId::try_from(param(req, "room_id")?)
-        .map_err(|e| Error::invalid_param(format!("room ID: {e}")))
-}
 
 /// The stream positions `(lo, hi]` of a room's events this user may see.
 pub fn visible_range(conn: &Connection, room_id: &str, user_id: &str) -> Result<(i64, i64)> {
@@ -94,7 +107,9 @@ fn viewer(who: &Authed) -> Viewer<'_> {
     }
 }
 
-/// Sends one event (message or state) from a client, deduplicated by transaction ID.
+/// Sends one event (message or state) from a client, deduplicated by transaction ID. Every
+/// check (membership, the aliases of `m.room.canonical_alias`) runs in the write closure that
+/// sends the event.
 async fn send_event(
     app: &App,
     who: &Authed,
@@ -119,6 +134,9 @@ async fn send_event(
                 }
                 return Err(Error::forbidden("You are not joined to this room"));
             }
+            if new.kind == TimelineEventType::RoomCanonicalAlias && new.state_key.is_some() {
+                check_canonical_alias(tx, &room_id, &new.content)?;
+            }
             let txn = txn_id.as_deref().map(|t| TxnRef {
                 device_id: &dev,
                 txn_id: t,
@@ -131,14 +149,15 @@ async fn send_event(
 }
 
 /// # `PUT /_matrix/client/v3/rooms/{roomId}/send/{eventType}/{txnId}`
+///
+/// The content is free-form (any JSON object); the path goes through ruma's type.
 pub async fn send_message(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     let app = req.state().clone();
-    let room_id = room_param(&req)?;
-    let kind = param(&req, "event_type")?;
-    let txn_id = param(&req, "txn_id")?;
-    let content = body_json(&mut req).await?;
-    if kind.is_empty() || kind.len() > 255 {
+    let (b, content): (send_message_event::v3::Request, Value) =
+        ruma_req_with_body(&mut req, &["room_id", "event_type", "txn_id"]).await?;
+    let (kind, txn_id) = (b.event_type.to_string(), b.txn_id.to_string());
+    if kind.is_empty() {
         return Err(Error::invalid_param("Invalid event type"));
     }
     let (u, d, t) = (
@@ -146,6 +165,8 @@ pub async fn send_message(mut req: Req) -> Result<Response> {
         who.device_id.to_string(),
         txn_id.clone(),
     );
+    // A retried transaction is answered without counting against the rate limit (the write
+    // closure checks the transaction ID again, so this read is only a shortcut).
     if let Some(existing) = app.store.read(move |c| q::get_txn(c, &u, &d, &t)).await? {
         return json(&json!({ "event_id": existing }));
     }
@@ -153,7 +174,7 @@ pub async fn send_message(mut req: Req) -> Result<Response> {
     let event_id = send_event(
         &app,
         &who,
-        room_id,
+        b.room_id,
         NewEvent::message(kind, content),
         Some(txn_id),
     )
@@ -162,21 +183,22 @@ pub async fn send_message(mut req: Req) -> Result<Response> {
 }
 
 /// # `PUT /_matrix/client/v3/rooms/{roomId}/state/{eventType}/{stateKey}`
+///
+/// The content is free-form (any JSON object); the path goes through ruma's type.
 pub async fn put_state(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     let app = req.state().clone();
-    let room_id = room_param(&req)?;
-    let kind = param(&req, "event_type")?;
-    let key = param(&req, "state_key").unwrap_or_default();
-    let content = body_json(&mut req).await?;
-    if kind == "m.room.canonical_alias" {
-        check_canonical_alias(&app, &room_id, &content).await?;
+    let (b, content): (send_state_event::v3::Request, Value) =
+        ruma_req_with_body(&mut req, &["room_id", "event_type", "state_key?"]).await?;
+    let kind = b.event_type.to_string();
+    if kind.is_empty() {
+        return Err(Error::invalid_param("Invalid event type"));
     }
     let event_id = send_event(
         &app,
         &who,
-        room_id,
-        NewEvent::state(kind, key, content),
+        b.room_id,
+        NewEvent::state(kind, b.state_key, content),
         None,
     )
     .await?;
@@ -184,32 +206,27 @@ pub async fn put_state(mut req: Req) -> Result<Response> {
 }
 
 /// Aliases named in `m.room.canonical_alias` must exist and point at this room (`M_BAD_ALIAS`).
-async fn check_canonical_alias(app: &App, room_id: &OwnedRoomId, content: &Value) -> Result<()> {
-    let mut aliases: Vec<String> = Vec::new();
+fn check_canonical_alias(conn: &Connection, room_id: &OwnedRoomId, content: &Value) -> Result<()> {
+    let mut aliases: Vec<&str> = Vec::new();
     if let Some(a) = content.get("alias").and_then(Value::as_str) {
-        aliases.push(a.to_owned());
+        aliases.push(a);
     }
     if let Some(list) = content.get("alt_aliases").and_then(Value::as_array) {
-        aliases.extend(list.iter().filter_map(Value::as_str).map(str::to_owned));
+        aliases.extend(list.iter().filter_map(Value::as_str));
     }
-    let rid = room_id.to_string();
-    app.store
-        .read(move |c| {
-            for a in &aliases {
-                match q::get_alias(c, a)? {
-                    Some((r, _)) if r == rid => {}
-                    _ => {
-                        return Err(Error::new(
-                            400,
-                            "M_BAD_ALIAS",
-                            format!("Alias {a} does not point to this room"),
-                        ))
-                    }
-                }
+    for a in aliases {
+        match q::get_alias(conn, a)? {
+            Some((r, _)) if r == room_id.as_str() => {}
+            _ => {
+                return Err(Error::new(
+                    400,
+                    "M_BAD_ALIAS",
+                    format!("Alias {a} does not point to this room"),
+                ))
             }
-            Ok(())
-        })
-        .await
+        }
+    }
+    Ok(())
 }
 
 /// The state a user may see: current state when joined, else the state when they left.
@@ -236,10 +253,11 @@ fn visible_state(conn: &Connection, room_id: &str, user_id: &str) -> Result<Vec<
 }
 
 /// # `GET /_matrix/client/v3/rooms/{roomId}/state`
-pub async fn get_state_all(req: Req) -> Result<Response> {
+pub async fn get_state_all(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
+    let b: get_state_events::v3::Request = ruma_req(&mut req, &["room_id"]).await?;
     let app = req.state().clone();
-    let room_id = room_param(&req)?.to_string();
+    let room_id = b.room_id.to_string();
     let now = app.clock.now_ms();
     let out = app
         .store
@@ -252,15 +270,13 @@ pub async fn get_state_all(req: Req) -> Result<Response> {
 }
 
 /// # `GET /_matrix/client/v3/rooms/{roomId}/state/{eventType}/{stateKey}`
-pub async fn get_state(req: Req) -> Result<Response> {
+pub async fn get_state(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
-    let room_id = room_param(&req)?.to_string();
-    let kind = param(&req, "event_type")?;
-    let key = param(&req, "state_key").unwrap_or_default();
-    let full = req
-        .url()
-        .query_pairs()
-        .any(|(k, v)| k == "format" && v == "event");
+    let b: get_state_event_for_key::v3::Request =
+        ruma_req(&mut req, &["room_id", "event_type", "state_key?"]).await?;
+    known_query("format", b.format.as_str(), &["content", "event"])?;
+    let full = b.format == StateEventFormat::Event;
+    let (room_id, kind, key) = (b.room_id.to_string(), b.event_type.to_string(), b.state_key);
     let app = req.state().clone();
     let now = app.clock.now_ms();
     let out = app
@@ -282,33 +298,31 @@ pub async fn get_state(req: Req) -> Result<Response> {
 pub async fn redact(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     let app = req.state().clone();
-    let room_id = room_param(&req)?;
-    let target = OwnedEventId::try_from(param(&req, "event_id")?)
-        .map_err(|e| Error::invalid_param(format!("event ID: {e}")))?;
-    let txn_id = param(&req, "txn_id")?;
-    let body = body_json(&mut req).await?;
-    let rid = room_id.to_string();
+    let b: redact_event::v3::Request =
+        ruma_req(&mut req, &["room_id", "event_id", "txn_id"]).await?;
+    let rid = b.room_id.to_string();
+    // The room version never changes, so reading it before the write is not a race.
     let version = app
         .store
         .read(move |c| q::get_room_version(c, &rid))
         .await?
         .ok_or_else(|| Error::not_found("Unknown room"))?;
     let mut content = json!({});
-    if let Some(r) = body.get("reason").and_then(Value::as_str) {
+    if let Some(r) = b.reason {
         content["reason"] = r.into();
     }
     let v11 =
         RoomVersionId::try_from(version.as_str()).is_ok_and(|v| matches!(v, RoomVersionId::V11));
     if v11 {
-        content["redacts"] = target.as_str().into();
+        content["redacts"] = b.event_id.as_str().into();
     }
     let new = NewEvent {
         kind: TimelineEventType::RoomRedaction,
         state_key: None,
         content,
-        redacts: (!v11).then_some(target),
+        redacts: (!v11).then_some(b.event_id),
     };
-    let event_id = send_event(&app, &who, room_id, new, Some(txn_id)).await?;
+    let event_id = send_event(&app, &who, b.room_id, new, Some(b.txn_id.to_string())).await?;
     json(&json!({ "event_id": event_id }))
 }
 
@@ -387,15 +401,10 @@ impl EventFilter {
     }
 }
 
-fn query_filter(req: &Req) -> Result<EventFilter> {
-    match req.url().query_pairs().find(|(k, _)| k == "filter") {
-        Some((_, f)) => {
-            let v: Value =
-                serde_json::from_str(&f).map_err(|e| Error::not_json(format!("filter: {e}")))?;
-            EventFilter::from_json(&v)
-        }
-        None => Ok(EventFilter::default()),
-    }
+/// The parts of ruma's `RoomEventFilter` (parsed from the `filter` query parameter) that
+/// `/messages` and `/context` apply.
+fn room_filter(f: &RoomEventFilter) -> Result<EventFilter> {
+    EventFilter::from_json(&serde_json::to_value(f)?)
 }
 
 /// The member events of the senders of `rows` (lazy-loading members), at current state.
@@ -422,29 +431,21 @@ pub fn lazy_members_of(
 const MAX_SCAN: usize = 2000;
 
 /// # `GET /_matrix/client/v3/rooms/{roomId}/messages`
-pub async fn messages(req: Req) -> Result<Response> {
+pub async fn messages(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     let app = req.state().clone();
-    let room_id = room_param(&req)?.to_string();
-    let get = |k: &str| {
-        req.url()
-            .query_pairs()
-            .find(|(q, _)| q == k)
-            .map(|(_, v)| v.into_owned())
-    };
-    let backward = match get("dir").as_deref() {
-        Some("b") => true,
-        Some("f") => false,
-        _ => return Err(Error::invalid_param("dir must be b or f")),
-    };
-    let from = get("from").map(|t| parse_pos_token(&t)).transpose()?;
-    let to = get("to").map(|t| parse_pos_token(&t)).transpose()?;
-    let filter = query_filter(&req)?;
-    let limit = match get("limit") {
-        Some(l) => l
-            .parse::<usize>()
-            .map_err(|_| Error::invalid_param("limit must be an integer"))?,
-        None => filter.limit.unwrap_or(10),
+    // A `limit` in the query wins over the filter's; ruma fills in 10 when it is absent.
+    let limit_in_query = req.url().query_pairs().any(|(k, _)| k == "limit");
+    let b: get_message_events::v3::Request = ruma_req(&mut req, &["room_id"]).await?;
+    let room_id = b.room_id.to_string();
+    let backward = b.dir == Direction::Backward;
+    let from = b.from.as_deref().map(parse_pos_token).transpose()?;
+    let to = b.to.as_deref().map(parse_pos_token).transpose()?;
+    let filter = room_filter(&b.filter)?;
+    let limit = if limit_in_query {
+        usize::try_from(u64::from(b.limit)).unwrap_or(usize::MAX)
+    } else {
+        filter.limit.unwrap_or(10)
     }
     .clamp(1, 1000);
     let now = app.clock.now_ms();
@@ -513,18 +514,21 @@ pub async fn messages(req: Req) -> Result<Response> {
 }
 
 /// # `GET /_matrix/client/v3/rooms/{roomId}/members`
-pub async fn members(req: Req) -> Result<Response> {
+pub async fn members(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     let app = req.state().clone();
-    let room_id = room_param(&req)?.to_string();
-    let get = |k: &str| {
-        req.url()
-            .query_pairs()
-            .find(|(q, _)| q == k)
-            .map(|(_, v)| v.into_owned())
-    };
-    let (only, not) = (get("membership"), get("not_membership"));
-    let at = get("at").map(|t| parse_pos_token(&t)).transpose()?;
+    let b: get_member_events::v3::Request = ruma_req(&mut req, &["room_id"]).await?;
+    let room_id = b.room_id.to_string();
+    let known = ["join", "invite", "knock", "leave", "ban"];
+    let mut filters = [None, None];
+    for (slot, m) in filters.iter_mut().zip([&b.membership, &b.not_membership]) {
+        if let Some(m) = m {
+            known_query("membership", m.as_str(), &known)?;
+            *slot = Some(m.as_str().to_owned());
+        }
+    }
+    let [only, not] = filters;
+    let at = b.at.as_deref().map(parse_pos_token).transpose()?;
     let now = app.clock.now_ms();
     let out = app
         .store
@@ -558,9 +562,10 @@ pub async fn members(req: Req) -> Result<Response> {
 }
 
 /// # `GET /_matrix/client/v3/rooms/{roomId}/joined_members`
-pub async fn joined_members(req: Req) -> Result<Response> {
+pub async fn joined_members(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
-    let room_id = room_param(&req)?.to_string();
+    let b: joined_members::v3::Request = ruma_req(&mut req, &["room_id"]).await?;
+    let room_id = b.room_id.to_string();
     let out = req
         .state()
         .store
@@ -571,10 +576,10 @@ pub async fn joined_members(req: Req) -> Result<Response> {
                 if membership != "join" {
                     continue;
                 }
-                let content = q::get_event(c, &event_id)?
-                    .and_then(|r| serde_json::from_str::<Value>(&r.json).ok())
-                    .map(|v| v["content"].clone())
-                    .unwrap_or(Value::Null);
+                let content = match q::get_event(c, &event_id)? {
+                    Some(r) => serde_json::from_str::<Value>(&r.json)?["content"].clone(),
+                    None => Value::Null,
+                };
                 joined.insert(user, json!({ "display_name": content.get("displayname"), "avatar_url": content.get("avatar_url") }));
             }
             Ok(json!({ "joined": joined }))
@@ -602,10 +607,10 @@ fn visible_event(
 }
 
 /// # `GET /_matrix/client/v3/rooms/{roomId}/event/{eventId}`
-pub async fn get_event(req: Req) -> Result<Response> {
+pub async fn get_event(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
-    let room_id = room_param(&req)?.to_string();
-    let event_id = param(&req, "event_id")?;
+    let b: get_room_event::v3::Request = ruma_req(&mut req, &["room_id", "event_id"]).await?;
+    let (room_id, event_id) = (b.room_id.to_string(), b.event_id.to_string());
     let app = req.state().clone();
     let now = app.clock.now_ms();
     let out = app
@@ -619,18 +624,14 @@ pub async fn get_event(req: Req) -> Result<Response> {
 }
 
 /// # `GET /_matrix/client/v3/rooms/{roomId}/context/{eventId}`
-pub async fn context(req: Req) -> Result<Response> {
+pub async fn context(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
-    let room_id = room_param(&req)?.to_string();
-    let event_id = param(&req, "event_id")?;
-    let filter = query_filter(&req)?;
-    let limit = match req.url().query_pairs().find(|(k, _)| k == "limit") {
-        Some((_, l)) => l
-            .parse::<usize>()
-            .map_err(|_| Error::invalid_param("limit must be an integer"))?,
-        None => 10,
-    }
-    .min(100);
+    let b: get_context::v3::Request = ruma_req(&mut req, &["room_id", "event_id"]).await?;
+    let (room_id, event_id) = (b.room_id.to_string(), b.event_id.to_string());
+    let filter = room_filter(&b.filter)?;
+    let limit = usize::try_from(u64::from(b.limit))
+        .unwrap_or(usize::MAX)
+        .min(100);
     let app = req.state().clone();
     let now = app.clock.now_ms();
     let out = app

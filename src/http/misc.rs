@@ -3,7 +3,9 @@
 use serde_json::json;
 use tide::Response;
 
-use super::{auth, json, Req};
+use ruma::api::client::discovery::{discover_homeserver, get_capabilities, get_supported_versions};
+
+use super::{auth, json, ruma_req, Req};
 use crate::{error::Result, room::SUPPORTED_VERSIONS};
 
 /// The Client-Server API versions `/versions` claims.
@@ -19,7 +21,8 @@ pub const CLIENT_VERSIONS: &[&str] = &[
 ];
 
 /// # `GET /_matrix/client/versions`
-pub async fn versions(_req: Req) -> Result<Response> {
+pub async fn versions(mut req: Req) -> Result<Response> {
+    let _: get_supported_versions::Request = ruma_req(&mut req, &[]).await?;
     json(&json!({
         "versions": CLIENT_VERSIONS,
         "unstable_features": {}
@@ -27,8 +30,9 @@ pub async fn versions(_req: Req) -> Result<Response> {
 }
 
 /// # `GET /_matrix/client/v3/capabilities`
-pub async fn capabilities(req: Req) -> Result<Response> {
+pub async fn capabilities(mut req: Req) -> Result<Response> {
     auth(&req).await?;
+    let _: get_capabilities::v3::Request = ruma_req(&mut req, &[]).await?;
     let app = req.state();
     let available: serde_json::Map<String, serde_json::Value> = SUPPORTED_VERSIONS
         .iter()
@@ -47,7 +51,8 @@ pub async fn capabilities(req: Req) -> Result<Response> {
 }
 
 /// # `GET /.well-known/matrix/client`
-pub async fn well_known_client(req: Req) -> Result<Response> {
+pub async fn well_known_client(mut req: Req) -> Result<Response> {
+    let _: discover_homeserver::Request = ruma_req(&mut req, &[]).await?;
     json(&json!({ "m.homeserver": { "base_url": super::base_url(&req) } }))
 }
 

@@ -19,7 +19,10 @@ use std::{future::Future, sync::atomic::Ordering};
 use futures_lite::{AsyncReadExt, FutureExt};
 use percent_encoding::percent_decode_str;
 use ruma::{
-    api::{IncomingRequest, IncomingRequestExt},
+    api::{
+        error::{DeserializationError, FromHttpRequestError},
+        IncomingRequest, IncomingRequestExt,
+    },
     OwnedDeviceId, OwnedUserId,
 };
 use serde::Serialize;
@@ -28,7 +31,7 @@ use tide::{Response, StatusCode};
 use crate::{
     error::{Error, Result},
     server::{Cancelled, ClientAddr, ConnWatch},
-    util::hash_token,
+    util::{check_id_len, hash_token},
     App,
 };
 
@@ -98,15 +101,19 @@ where
     }
 }
 
-/// A path parameter, percent-decoded.
+/// A path parameter, percent-decoded. Every path parameter is an ID, an event type, a state
+/// key, a transaction ID or a short name, so all are held to the spec's 255-byte limit here,
+/// the one place every handler (and [`ruma_req`]) takes them from.
 pub fn param(req: &Req, name: &str) -> Result<String> {
     let raw = req
         .param(name)
         .map_err(|_| Error::missing_param(format!("missing path parameter {name}")))?;
-    percent_decode_str(raw)
+    let s = percent_decode_str(raw)
         .decode_utf8()
         .map(|s| s.into_owned())
-        .map_err(|_| Error::invalid_param(format!("path parameter {name} is not UTF-8")))
+        .map_err(|_| Error::invalid_param(format!("path parameter {name} is not UTF-8")))?;
+    check_id_len(&format!("path parameter {name}"), &s, Error::invalid_param)?;
+    Ok(s)
 }
 
 /// Reads the body, refusing more than `max_request_bytes`.
@@ -127,29 +134,88 @@ pub async fn body_bytes(req: &mut Req) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// The body as a JSON object (empty body = `{}`), with `M_NOT_JSON` for non-JSON.
-pub async fn body_json(req: &mut Req) -> Result<serde_json::Value> {
-    let buf = body_bytes(req).await?;
+/// Checks a raw body: empty (or only whitespace) is `None`; otherwise it must be UTF-8 and
+/// JSON (`M_NOT_JSON`) and an object (`M_BAD_JSON`).
+fn parse_body(buf: &[u8]) -> Result<Option<serde_json::Value>> {
     if buf.iter().all(u8::is_ascii_whitespace) {
-        return Ok(serde_json::json!({}));
+        return Ok(None);
     }
-    let v: serde_json::Value = serde_json::from_slice(&buf)
+    let text = std::str::from_utf8(buf)
+        .map_err(|e| Error::not_json(format!("Content not JSON: not UTF-8: {e}")))?;
+    let v: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| Error::not_json(format!("Content not JSON: {e}")))?;
     if !v.is_object() {
         return Err(Error::bad_json("Content must be a JSON object"));
     }
-    Ok(v)
+    Ok(Some(v))
+}
+
+/// The body as a JSON object (empty body = `{}`), with `M_NOT_JSON` for non-JSON and
+/// `M_BAD_JSON` for JSON that is not an object. The client handlers use [`ruma_req`] (free-form
+/// bodies: [`ruma_req_with_body`]); this is for endpoints ruma has no type for.
+pub async fn body_json(req: &mut Req) -> Result<serde_json::Value> {
+    let buf = body_bytes(req).await?;
+    Ok(parse_body(&buf)?.unwrap_or_else(|| serde_json::json!({})))
 }
 
 /// Parses the request into ruma's typed request for the endpoint (path params by name, in
 /// the order the endpoint's path declares them), so validation of IDs, query strings and
-/// bodies is ruma's, not ours.
+/// bodies is ruma's, not ours. Errors: a body that is not UTF-8 or not JSON is `M_NOT_JSON`;
+/// JSON of the wrong shape (a wrong type, a missing field, an invalid ID) is `M_BAD_JSON`;
+/// a bad path or query parameter is `M_INVALID_PARAM`; a path parameter over 255 bytes is
+/// refused by [`param`]. Ruma parses unknown enum strings into `_Custom` variants: handlers
+/// reject those with [`known_body`] / [`known_query`].
 pub async fn ruma_req<R: IncomingRequest>(req: &mut Req, params: &[&str]) -> Result<R> {
+    Ok(ruma_req_with_body(req, params).await?.0)
+}
+
+/// [`ruma_req`], also returning the body as JSON (`{}` when empty) for the checks ruma's
+/// types leave open (a `Raw` field's shape).
+pub async fn ruma_req_with_body<R: IncomingRequest>(
+    req: &mut Req,
+    params: &[&str],
+) -> Result<(R, serde_json::Value)> {
+    ruma_req_inner(req, params, None::<fn(&mut serde_json::Value)>).await
+}
+
+/// [`ruma_req_with_body`] after `fix` has adjusted the (object) body: for the few places where
+/// ruma's type is stricter than what clients send and Synapse accepts (each caller says which).
+pub async fn ruma_req_compat<R: IncomingRequest>(
+    req: &mut Req,
+    params: &[&str],
+    fix: impl FnOnce(&mut serde_json::Value),
+) -> Result<(R, serde_json::Value)> {
+    ruma_req_inner(req, params, Some(fix)).await
+}
+
+async fn ruma_req_inner<R: IncomingRequest>(
+    req: &mut Req,
+    params: &[&str],
+    fix: Option<impl FnOnce(&mut serde_json::Value)>,
+) -> Result<(R, serde_json::Value)> {
+    // A name ending in `?` is a parameter some of the endpoint's routes lack (the state key
+    // of `/state/{type}`): it is left out of the arguments when absent.
     let args = params
         .iter()
-        .map(|p| param(req, p))
+        .filter_map(|p| match p.strip_suffix('?') {
+            Some(name) if req.param(name).is_err() => None,
+            Some(name) => Some(param(req, name)),
+            None => Some(param(req, p)),
+        })
         .collect::<Result<Vec<_>>>()?;
-    let body = body_bytes(req).await?;
+    let mut body = body_bytes(req).await?;
+    let parsed = parse_body(&body)?;
+    let empty = parsed.is_none();
+    let mut json = parsed.unwrap_or_else(|| serde_json::json!({}));
+    let fixed = fix.is_some();
+    if let Some(fix) = fix {
+        fix(&mut json);
+    }
+    if empty || fixed {
+        // An empty (or whitespace) body is `{}`, as ruma's generated parsers read it; the
+        // hand-written ones (state events, push rules) get the same.
+        body = serde_json::to_vec(&json)?;
+    }
     let url = req.url();
     let uri = match url.query() {
         Some(q) => format!("{}?{}", url.path(), q),
@@ -165,19 +231,37 @@ pub async fn ruma_req<R: IncomingRequest>(req: &mut Req, params: &[&str]) -> Res
     }
     let http_req = builder
         .body(&body[..])
-        .map_err(|e| Error::bad_json(format!("bad request: {e}")))?;
+        .map_err(|e| Error::invalid_param(format!("bad request: {e}")))?;
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    R::try_from_http_request(http_req, &args).map_err(|e| {
-        if !body.is_empty() && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
-            return Error::not_json(format!("Content not JSON: {e}"));
-        }
-        let msg = e.to_string();
-        if msg.contains("query") {
-            Error::invalid_param(msg)
-        } else {
-            Error::bad_json(msg)
-        }
-    })
+    let parsed = R::try_from_http_request(http_req, &args).map_err(|e| match e {
+        FromHttpRequestError::Deserialization(d) => match d {
+            DeserializationError::Utf8(e) => Error::not_json(format!("Content not JSON: {e}")),
+            DeserializationError::Json(e) => Error::bad_json(e.to_string()),
+            // Path parameters are deserialised with the query's error type.
+            DeserializationError::Query(e) => Error::invalid_param(e.to_string()),
+            DeserializationError::Ident(e) => Error::invalid_param(e.to_string()),
+            DeserializationError::Header(e) => Error::invalid_param(e.to_string()),
+            e => Error::bad_json(e.to_string()),
+        },
+        e => Error::unrecognized(e.to_string()),
+    })?;
+    Ok((parsed, json))
+}
+
+/// Rejects an enum value from a body that ruma kept as its catch-all `_Custom` variant:
+/// `value` must be one of `allowed` (`M_BAD_JSON` otherwise).
+pub fn known_body(field: &str, value: &str, allowed: &[&str]) -> Result<()> {
+    if allowed.contains(&value) {
+        return Ok(());
+    }
+    Err(Error::bad_json(format!(
+        "Unknown {field} {value:?}: expected one of {allowed:?}"
+    )))
+}
+
+/// Like [`known_body`], for a query parameter (`M_INVALID_PARAM`).
+pub fn known_query(field: &str, value: &str, allowed: &[&str]) -> Result<()> {
+    known_body(field, value, allowed).map_err(|e| e.with_status(400, "M_INVALID_PARAM"))
 }
 
 /// The authenticated caller.

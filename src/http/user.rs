@@ -2,16 +2,36 @@
 //! rules.
 
 use ruma::{
-    push::{
-        Action, NewConditionalPushRule, NewPatternedPushRule, NewPushRule, NewSimplePushRule,
-        PushCondition, RuleKind, Ruleset,
+    api::client::{
+        config::{
+            get_global_account_data, get_room_account_data, set_global_account_data,
+            set_room_account_data,
+        },
+        filter::{create_filter, get_filter},
+        profile::{
+            get_avatar_url, get_display_name, get_profile, set_avatar_url, set_display_name,
+        },
+        push::{
+            delete_pushrule, get_pushers, get_pushrule, get_pushrule_actions, get_pushrule_enabled,
+            get_pushrules_all, get_pushrules_global_scope, set_pushrule, set_pushrule_actions,
+            set_pushrule_enabled,
+        },
+        read_marker::set_read_marker,
+        receipt::create_receipt::{self, v3::ReceiptType},
+        typing::create_typing_event::{self, v3::Typing},
+        user_directory::search_users,
     },
+    events::receipt::ReceiptThread,
+    push::{RuleKind, Ruleset},
     OwnedEventId, OwnedRoomId, OwnedUserId, UserId,
 };
 use serde_json::{json, Value};
 use tide::Response;
 
-use super::{auth, body_json, json, param, Authed, Req};
+use super::{
+    auth, json, known_body, known_query, param, ruma_req, ruma_req_compat, ruma_req_with_body,
+    Authed, Req,
+};
 use crate::{
     error::{Error, Result},
     notify::Topic,
@@ -19,22 +39,12 @@ use crate::{
     store::{queries as q, Tx},
 };
 
-fn user_param(req: &Req) -> Result<OwnedUserId> {
-    UserId::parse(param(req, "user_id")?).map_err(|e| Error::invalid_param(format!("user ID: {e}")))
-}
-
-fn room_param(req: &Req) -> Result<OwnedRoomId> {
-    OwnedRoomId::try_from(param(req, "room_id")?)
-        .map_err(|e| Error::invalid_param(format!("room ID: {e}")))
-}
-
-/// The path user must be the caller.
-fn own(req: &Req, who: &Authed) -> Result<OwnedUserId> {
-    let u = user_param(req)?;
-    if u != who.user_id {
+/// The path's user must be the caller.
+fn own(user_id: &UserId, who: &Authed) -> Result<()> {
+    if user_id != who.user_id {
         return Err(Error::forbidden("You may only act for yourself"));
     }
-    Ok(u)
+    Ok(())
 }
 
 // ---------------------------------------------------------------- filters
@@ -42,12 +52,17 @@ fn own(req: &Req, who: &Authed) -> Result<OwnedUserId> {
 /// # `POST /_matrix/client/v3/user/{userId}/filter`
 pub async fn create_filter(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
-    own(&req, &who)?;
-    let body = body_json(&mut req).await?;
-    // Validate with ruma's filter type so a stored filter always parses later.
-    let _: ruma::api::client::filter::FilterDefinition = serde_json::from_value(body.clone())
-        .map_err(|e| Error::bad_json(format!("filter: {e}")))?;
-    let (u, j) = (who.user_id.to_string(), body.to_string());
+    // ruma's filter type validates the filter, so a stored filter always parses later; the
+    // JSON as sent is what is stored.
+    let (body, raw): (create_filter::v3::Request, Value) =
+        ruma_req_with_body(&mut req, &["user_id"]).await?;
+    own(&body.user_id, &who)?;
+    known_body(
+        "event_format",
+        body.filter.event_format.as_str(),
+        &["client", "federation"],
+    )?;
+    let (u, j) = (who.user_id.to_string(), raw.to_string());
     let id = req
         .state()
         .store
@@ -57,10 +72,12 @@ pub async fn create_filter(mut req: Req) -> Result<Response> {
 }
 
 /// # `GET /_matrix/client/v3/user/{userId}/filter/{filterId}`
-pub async fn get_filter(req: Req) -> Result<Response> {
+pub async fn get_filter(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
-    own(&req, &who)?;
-    let id: i64 = param(&req, "filter_id")?
+    let body: get_filter::v3::Request = ruma_req(&mut req, &["user_id", "filter_id"]).await?;
+    own(&body.user_id, &who)?;
+    let id: i64 = body
+        .filter_id
         .parse()
         .map_err(|_| Error::not_found("No such filter"))?;
     let u = who.user_id.to_string();
@@ -76,15 +93,18 @@ pub async fn get_filter(req: Req) -> Result<Response> {
 
 // ---------------------------------------------------------------- profile
 
-/// # `GET /_matrix/client/v3/profile/{userId}`
-pub async fn get_profile(req: Req) -> Result<Response> {
-    let u = user_param(&req)?;
-    let row = req
-        .state()
+async fn load_profile(req: &Req, user_id: OwnedUserId) -> Result<q::UserRow> {
+    req.state()
         .store
-        .read(move |c| q::get_user(c, u.as_str()))
+        .read(move |c| q::get_user(c, user_id.as_str()))
         .await?
-        .ok_or_else(|| Error::not_found("Profile not found"))?;
+        .ok_or_else(|| Error::not_found("Profile not found"))
+}
+
+/// # `GET /_matrix/client/v3/profile/{userId}`
+pub async fn get_profile(mut req: Req) -> Result<Response> {
+    let body: get_profile::v3::Request = ruma_req(&mut req, &["user_id"]).await?;
+    let row = load_profile(&req, body.user_id).await?;
     let mut out = json!({});
     if let Some(d) = row.displayname {
         out["displayname"] = d.into();
@@ -95,48 +115,75 @@ pub async fn get_profile(req: Req) -> Result<Response> {
     json(&out)
 }
 
-fn profile_field(req: &Req) -> Result<&'static str> {
-    match param(req, "field")?.as_str() {
-        "displayname" => Ok("displayname"),
-        "avatar_url" => Ok("avatar_url"),
-        _ => Err(Error::unrecognized("Unknown profile field")),
+/// The profile fields Hearth stores (the `{keyName}` of the path).
+#[derive(Clone, Copy, PartialEq)]
+enum Field {
+    Displayname,
+    AvatarUrl,
+}
+
+impl Field {
+    fn of(req: &Req) -> Result<Self> {
+        match param(req, "field")?.as_str() {
+            "displayname" => Ok(Self::Displayname),
+            "avatar_url" => Ok(Self::AvatarUrl),
+            _ => Err(Error::unrecognized("Unknown profile field")),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Displayname => "displayname",
+            Self::AvatarUrl => "avatar_url",
+        }
     }
 }
 
 /// # `GET /_matrix/client/v3/profile/{userId}/{keyName}`
-pub async fn get_profile_field(req: Req) -> Result<Response> {
-    let u = user_param(&req)?;
-    let field = profile_field(&req)?;
-    let row = req
-        .state()
-        .store
-        .read(move |c| q::get_user(c, u.as_str()))
-        .await?
-        .ok_or_else(|| Error::not_found("Profile not found"))?;
-    let value = if field == "displayname" {
-        row.displayname
-    } else {
-        row.avatar_url
+pub async fn get_profile_field(mut req: Req) -> Result<Response> {
+    let field = Field::of(&req)?;
+    let user_id = match field {
+        Field::Displayname => {
+            ruma_req::<get_display_name::v3::Request>(&mut req, &["user_id"])
+                .await?
+                .user_id
+        }
+        Field::AvatarUrl => {
+            ruma_req::<get_avatar_url::v3::Request>(&mut req, &["user_id"])
+                .await?
+                .user_id
+        }
+    };
+    let row = load_profile(&req, user_id).await?;
+    let value = match field {
+        Field::Displayname => row.displayname,
+        Field::AvatarUrl => row.avatar_url,
     };
     let value = value.ok_or_else(|| Error::not_found("Profile field not set"))?;
-    json(&json!({ field: value }))
+    json(&json!({ field.name(): value }))
 }
 
 /// # `PUT /_matrix/client/v3/profile/{userId}/{keyName}`
 ///
 /// The new profile is copied into a fresh member event in every joined room, in the same
-/// commit as the profile itself.
+/// commit as the profile itself. A missing or `null` value clears the field.
 pub async fn set_profile_field(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
-    own(&req, &who)?;
-    let field = profile_field(&req)?;
-    let body = body_json(&mut req).await?;
-    let value = match body.get(field) {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) if s.len() <= 256 || field == "avatar_url" => Some(s.clone()),
-        Some(Value::String(_)) => return Err(Error::invalid_param("Display name too long")),
-        Some(_) => return Err(Error::bad_json(format!("{field} must be a string"))),
+    let field = Field::of(&req)?;
+    let (user_id, value) = match field {
+        Field::Displayname => {
+            let b: set_display_name::v3::Request = ruma_req(&mut req, &["user_id"]).await?;
+            if b.displayname.as_ref().is_some_and(|d| d.len() > 256) {
+                return Err(Error::invalid_param("Display name too long"));
+            }
+            (b.user_id, b.displayname)
+        }
+        Field::AvatarUrl => {
+            let b: set_avatar_url::v3::Request = ruma_req(&mut req, &["user_id"]).await?;
+            (b.user_id, b.avatar_url.map(|u| u.to_string()))
+        }
     };
+    own(&user_id, &who)?;
     let local = req.state().local.clone();
     let uid = who.user_id.clone();
     req.state()
@@ -144,10 +191,9 @@ pub async fn set_profile_field(mut req: Req) -> Result<Response> {
         .write(move |tx| {
             let row = q::get_user(tx, uid.as_str())?
                 .ok_or_else(|| Error::not_found("Profile not found"))?;
-            let (d, a) = if field == "displayname" {
-                (value.clone(), row.avatar_url)
-            } else {
-                (row.displayname, value.clone())
+            let (d, a) = match field {
+                Field::Displayname => (value.clone(), row.avatar_url),
+                Field::AvatarUrl => (row.displayname, value.clone()),
             };
             q::update_profile(tx, uid.as_str(), d.as_deref(), a.as_deref())?;
             for (room, membership, _) in q::list_user_rooms(tx, uid.as_str())? {
@@ -190,10 +236,12 @@ fn put_account_data_tx(
     q::upsert_account_data(tx, user, room, kind, &content.to_string(), pos)
 }
 
-async fn get_ad(req: &Req, room: Option<OwnedRoomId>) -> Result<Response> {
-    let who = auth(req).await?;
-    own(req, &who)?;
-    let kind = param(req, "type")?;
+async fn get_ad(
+    req: &Req,
+    who: Authed,
+    room: Option<OwnedRoomId>,
+    kind: String,
+) -> Result<Response> {
     let (u, r) = (
         who.user_id.to_string(),
         room.map(|r| r.to_string()).unwrap_or_default(),
@@ -208,10 +256,14 @@ async fn get_ad(req: &Req, room: Option<OwnedRoomId>) -> Result<Response> {
     json(&v)
 }
 
-async fn put_ad(req: &mut Req, room: Option<OwnedRoomId>) -> Result<Response> {
-    let who = auth(req).await?;
-    own(req, &who)?;
-    let kind = param(req, "type")?;
+/// Stores account data; the content is free-form JSON (an object, checked by the body helper).
+async fn put_ad(
+    req: &Req,
+    who: Authed,
+    room: Option<OwnedRoomId>,
+    kind: String,
+    content: Value,
+) -> Result<Response> {
     if kind == "m.fully_read" || kind == "m.push_rules" {
         return Err(Error::new(
             405,
@@ -219,7 +271,6 @@ async fn put_ad(req: &mut Req, room: Option<OwnedRoomId>) -> Result<Response> {
             format!("Cannot set {kind} through this API"),
         ));
     }
-    let content = body_json(req).await?;
     let (u, r) = (
         who.user_id.to_string(),
         room.map(|r| r.to_string()).unwrap_or_default(),
@@ -232,45 +283,71 @@ async fn put_ad(req: &mut Req, room: Option<OwnedRoomId>) -> Result<Response> {
 }
 
 /// # `GET /_matrix/client/v3/user/{userId}/account_data/{type}`
-pub async fn get_account_data(req: Req) -> Result<Response> {
-    get_ad(&req, None).await
+pub async fn get_account_data(mut req: Req) -> Result<Response> {
+    let who = auth(&req).await?;
+    let b: get_global_account_data::v3::Request = ruma_req(&mut req, &["user_id", "type"]).await?;
+    own(&b.user_id, &who)?;
+    get_ad(&req, who, None, b.event_type.to_string()).await
 }
 
 /// # `PUT /_matrix/client/v3/user/{userId}/account_data/{type}`
 pub async fn put_account_data(mut req: Req) -> Result<Response> {
-    put_ad(&mut req, None).await
+    let who = auth(&req).await?;
+    let (b, content): (set_global_account_data::v3::Request, Value) =
+        ruma_req_with_body(&mut req, &["user_id", "type"]).await?;
+    own(&b.user_id, &who)?;
+    put_ad(&req, who, None, b.event_type.to_string(), content).await
 }
 
 /// # `GET /_matrix/client/v3/user/{userId}/rooms/{roomId}/account_data/{type}`
-pub async fn get_room_account_data(req: Req) -> Result<Response> {
-    let room = room_param(&req)?;
-    get_ad(&req, Some(room)).await
+pub async fn get_room_account_data(mut req: Req) -> Result<Response> {
+    let who = auth(&req).await?;
+    let b: get_room_account_data::v3::Request =
+        ruma_req(&mut req, &["user_id", "room_id", "type"]).await?;
+    own(&b.user_id, &who)?;
+    get_ad(&req, who, Some(b.room_id), b.event_type.to_string()).await
 }
 
 /// # `PUT /_matrix/client/v3/user/{userId}/rooms/{roomId}/account_data/{type}`
 pub async fn put_room_account_data(mut req: Req) -> Result<Response> {
-    let room = room_param(&req)?;
-    put_ad(&mut req, Some(room)).await
+    let who = auth(&req).await?;
+    let (b, content): (set_room_account_data::v3::Request, Value) =
+        ruma_req_with_body(&mut req, &["user_id", "room_id", "type"]).await?;
+    own(&b.user_id, &who)?;
+    put_ad(
+        &req,
+        who,
+        Some(b.room_id),
+        b.event_type.to_string(),
+        content,
+    )
+    .await
 }
 
 // ---------------------------------------------------------------- typing, receipts
 
+/// ruma's `Typing` requires `timeout` when `typing` is true, but the spec makes it optional
+/// and Synapse defaults it to 30 s: a missing one gets that default before ruma parses.
+fn default_typing_timeout(body: &mut Value) {
+    if let Some(o) = body.as_object_mut() {
+        if o.get("typing") == Some(&Value::Bool(true)) && !o.contains_key("timeout") {
+            o.insert("timeout".into(), 30_000.into());
+        }
+    }
+}
+
 /// # `PUT /_matrix/client/v3/rooms/{roomId}/typing/{userId}`
 pub async fn typing(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
-    own(&req, &who)?;
-    let room = room_param(&req)?;
-    let body = body_json(&mut req).await?;
-    let is_typing = body
-        .get("typing")
-        .and_then(Value::as_bool)
-        .ok_or_else(|| Error::bad_json("typing is required"))?;
-    let timeout = body
-        .get("timeout")
-        .and_then(Value::as_u64)
-        .unwrap_or(30_000)
-        .min(120_000);
+    let (body, _): (create_typing_event::v3::Request, Value) =
+        ruma_req_compat(&mut req, &["room_id", "user_id"], default_typing_timeout).await?;
+    own(&body.user_id, &who)?;
+    let timeout = match body.state {
+        Typing::Yes(info) => Some(u64::try_from(info.timeout.as_millis()).unwrap_or(u64::MAX)),
+        _ => None,
+    };
     let app = req.state().clone();
+    let room = body.room_id;
     let (r, u) = (room.to_string(), who.user_id.to_string());
     if app
         .store
@@ -281,41 +358,49 @@ pub async fn typing(mut req: Req) -> Result<Response> {
     {
         return Err(Error::forbidden("You are not joined to this room"));
     }
-    let until = is_typing.then(|| app.clock.now_ms() + timeout);
+    let until = timeout.map(|t| app.clock.now_ms() + t.min(120_000));
     app.typing.set(room.as_str(), who.user_id.as_str(), until);
     json(&json!({}))
 }
 
-/// Stores a receipt (one write); `m.read.private` is visible only to its owner.
-async fn store_receipt(
+/// One receipt or read marker to store.
+struct Marker {
+    kind: &'static str,
+    event_id: OwnedEventId,
+    thread: String,
+}
+
+/// Stores receipts and the fully-read marker in ONE write: all of them or, if one is refused,
+/// none. `m.read.private` is visible only to its owner; `m.fully_read` is room account data.
+async fn store_markers(
     req: &Req,
     who: &Authed,
     room: &OwnedRoomId,
-    kind: &str,
-    event_id: &str,
-    thread: &str,
+    markers: Vec<Marker>,
 ) -> Result<()> {
-    let (r, u, k, e, t) = (
-        room.to_string(),
-        who.user_id.to_string(),
-        kind.to_owned(),
-        event_id.to_owned(),
-        thread.to_owned(),
-    );
+    if markers.is_empty() {
+        return Ok(());
+    }
+    let (r, u) = (room.to_string(), who.user_id.to_string());
     req.state()
         .store
         .write(move |tx| {
             if q::get_membership(tx, &r, &u)?.as_deref() != Some("join") {
                 return Err(Error::forbidden("You are not joined to this room"));
             }
-            if q::get_event_room(tx, &e)?.as_deref() != Some(r.as_str()) {
-                return Err(Error::not_found("Event not found in this room"));
+            for m in markers {
+                let e = m.event_id.as_str();
+                if q::get_event_room(tx, e)?.as_deref() != Some(r.as_str()) {
+                    return Err(Error::not_found("Event not found in this room"));
+                }
+                if m.kind == "m.fully_read" {
+                    put_account_data_tx(tx, &u, &r, "m.fully_read", &json!({ "event_id": e }))?;
+                    continue;
+                }
+                let pos = tx.next_pos([Topic::room(r.as_str())]);
+                q::upsert_receipt(tx, &r, m.kind, &u, &m.thread, e, tx.now_ms, pos)?;
             }
-            if k == "m.fully_read" {
-                return put_account_data_tx(tx, &u, &r, "m.fully_read", &json!({ "event_id": e }));
-            }
-            let pos = tx.next_pos([Topic::room(r.as_str())]);
-            q::upsert_receipt(tx, &r, &k, &u, &t, &e, tx.now_ms, pos)
+            Ok(())
         })
         .await
 }
@@ -323,35 +408,49 @@ async fn store_receipt(
 /// # `POST /_matrix/client/v3/rooms/{roomId}/receipt/{receiptType}/{eventId}`
 pub async fn receipt(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
-    let room = room_param(&req)?;
-    let kind = param(&req, "receipt_type")?;
-    if !matches!(kind.as_str(), "m.read" | "m.read.private" | "m.fully_read") {
-        return Err(Error::invalid_param("Unknown receipt type"));
-    }
-    let event_id = OwnedEventId::try_from(param(&req, "event_id")?)
-        .map_err(|e| Error::invalid_param(format!("event ID: {e}")))?;
-    let body = body_json(&mut req).await?;
-    let thread = body
-        .get("thread_id")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_owned();
-    store_receipt(&req, &who, &room, &kind, event_id.as_str(), &thread).await?;
+    let body: create_receipt::v3::Request =
+        ruma_req(&mut req, &["room_id", "receipt_type", "event_id"]).await?;
+    let kind = match body.receipt_type {
+        ReceiptType::Read => "m.read",
+        ReceiptType::ReadPrivate => "m.read.private",
+        ReceiptType::FullyRead => "m.fully_read",
+        _ => return Err(Error::invalid_param("Unknown receipt type")),
+    };
+    let thread = match &body.thread {
+        ReceiptThread::Unthreaded => String::new(),
+        ReceiptThread::Main | ReceiptThread::Thread(_) => {
+            body.thread.as_str().unwrap_or_default().to_owned()
+        }
+        _ => return Err(Error::bad_json("thread_id must be \"main\" or an event ID")),
+    };
+    let marker = Marker {
+        kind,
+        event_id: body.event_id,
+        thread,
+    };
+    store_markers(&req, &who, &body.room_id, vec![marker]).await?;
     json(&json!({}))
 }
 
 /// # `POST /_matrix/client/v3/rooms/{roomId}/read_markers`
 pub async fn read_markers(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
-    let room = room_param(&req)?;
-    let body = body_json(&mut req).await?;
-    for key in ["m.fully_read", "m.read", "m.read.private"] {
-        if let Some(e) = body.get(key).and_then(Value::as_str) {
-            let id = OwnedEventId::try_from(e)
-                .map_err(|e| Error::invalid_param(format!("{key}: {e}")))?;
-            store_receipt(&req, &who, &room, key, id.as_str(), "").await?;
-        }
-    }
+    let body: set_read_marker::v3::Request = ruma_req(&mut req, &["room_id"]).await?;
+    let markers = [
+        ("m.fully_read", body.fully_read),
+        ("m.read", body.read_receipt),
+        ("m.read.private", body.private_read_receipt),
+    ]
+    .into_iter()
+    .filter_map(|(kind, id)| {
+        id.map(|event_id| Marker {
+            kind,
+            event_id,
+            thread: String::new(),
+        })
+    })
+    .collect();
+    store_markers(&req, &who, &body.room_id, markers).await?;
     json(&json!({}))
 }
 
@@ -412,88 +511,48 @@ async fn rules_json(req: &Req) -> Result<Value> {
 }
 
 /// # `GET /_matrix/client/v3/pushrules/`
-pub async fn get_push_rules(req: Req) -> Result<Response> {
+pub async fn get_push_rules(mut req: Req) -> Result<Response> {
+    let _: get_pushrules_all::v3::Request = ruma_req(&mut req, &[]).await?;
     json(&json!({ "global": rules_json(&req).await? }))
 }
 
 /// # `GET /_matrix/client/v3/pushrules/global/`
-pub async fn get_push_rules_global(req: Req) -> Result<Response> {
+pub async fn get_push_rules_global(mut req: Req) -> Result<Response> {
+    let _: get_pushrules_global_scope::v3::Request = ruma_req(&mut req, &[]).await?;
     json(&rules_json(&req).await?)
 }
 
-fn rule_kind(req: &Req) -> Result<RuleKind> {
-    match param(req, "kind")?.as_str() {
-        "override" => Ok(RuleKind::Override),
-        "underride" => Ok(RuleKind::Underride),
-        "sender" => Ok(RuleKind::Sender),
-        "room" => Ok(RuleKind::Room),
-        "content" => Ok(RuleKind::Content),
-        _ => Err(Error::invalid_param("Unknown push rule kind")),
-    }
+/// The kinds of push rule the spec defines; ruma keeps others as `_Custom`.
+fn known_kind(kind: &RuleKind) -> Result<()> {
+    known_query(
+        "push rule kind",
+        kind.as_str(),
+        &["override", "underride", "sender", "room", "content"],
+    )
 }
 
-async fn find_rule(req: &Req) -> Result<Value> {
-    let kind = param(req, "kind")?;
-    rule_kind(req)?;
-    let id = param(req, "rule_id")?;
+/// The rule as JSON, from the user's rule set.
+async fn find_rule(req: &Req, kind: &RuleKind, id: &str) -> Result<Value> {
+    known_kind(kind)?;
     let all = rules_json(req).await?;
-    all.get(&kind)
+    all.get(kind.as_str())
         .and_then(Value::as_array)
-        .and_then(|list| list.iter().find(|r| r["rule_id"] == id.as_str()))
+        .and_then(|list| list.iter().find(|r| r["rule_id"] == id))
         .cloned()
         .ok_or_else(|| Error::not_found("Push rule not found"))
 }
 
 /// # `GET /_matrix/client/v3/pushrules/global/{kind}/{ruleId}`
-pub async fn get_push_rule(req: Req) -> Result<Response> {
-    json(&find_rule(&req).await?)
+pub async fn get_push_rule(mut req: Req) -> Result<Response> {
+    let b: get_pushrule::v3::Request = ruma_req(&mut req, &["kind", "rule_id"]).await?;
+    json(&find_rule(&req, &b.kind, &b.rule_id).await?)
 }
 
 /// # `PUT /_matrix/client/v3/pushrules/global/{kind}/{ruleId}`
 pub async fn put_push_rule(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
-    let kind = rule_kind(&req)?;
-    let id = param(&req, "rule_id")?;
-    let body = body_json(&mut req).await?;
-    let get = |k: &str| {
-        req.url()
-            .query_pairs()
-            .find(|(q, _)| q == k)
-            .map(|(_, v)| v.into_owned())
-    };
-    let (before, after) = (get("before"), get("after"));
-    let actions: Vec<Action> =
-        serde_json::from_value(body.get("actions").cloned().unwrap_or(json!([])))
-            .map_err(|e| Error::bad_json(format!("actions: {e}")))?;
-    let rule = match kind {
-        RuleKind::Override | RuleKind::Underride => {
-            let conditions: Vec<PushCondition> =
-                serde_json::from_value(body.get("conditions").cloned().unwrap_or(json!([])))
-                    .map_err(|e| Error::bad_json(format!("conditions: {e}")))?;
-            let r = NewConditionalPushRule::new(id, conditions, actions);
-            if kind == RuleKind::Override {
-                NewPushRule::Override(r)
-            } else {
-                NewPushRule::Underride(r)
-            }
-        }
-        RuleKind::Content => {
-            let pattern = body
-                .get("pattern")
-                .and_then(Value::as_str)
-                .ok_or_else(|| Error::bad_json("pattern is required"))?;
-            NewPushRule::Content(NewPatternedPushRule::new(id, pattern.to_owned(), actions))
-        }
-        RuleKind::Room => NewPushRule::Room(NewSimplePushRule::new(
-            OwnedRoomId::try_from(id).map_err(|e| Error::invalid_param(e.to_string()))?,
-            actions,
-        )),
-        RuleKind::Sender => NewPushRule::Sender(NewSimplePushRule::new(
-            UserId::parse(id).map_err(|e| Error::invalid_param(e.to_string()))?,
-            actions,
-        )),
-        _ => return Err(Error::invalid_param("Unknown push rule kind")),
-    };
+    let b: set_pushrule::v3::Request = ruma_req(&mut req, &["kind", "rule_id"]).await?;
+    let (rule, before, after) = (b.rule, b.before, b.after);
     update_rules(&req, &who, move |rules| {
         rules
             .insert(rule, after.as_deref(), before.as_deref())
@@ -504,13 +563,13 @@ pub async fn put_push_rule(mut req: Req) -> Result<Response> {
 }
 
 /// # `DELETE /_matrix/client/v3/pushrules/global/{kind}/{ruleId}`
-pub async fn delete_push_rule(req: Req) -> Result<Response> {
+pub async fn delete_push_rule(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
-    let kind = rule_kind(&req)?;
-    let id = param(&req, "rule_id")?;
+    let b: delete_pushrule::v3::Request = ruma_req(&mut req, &["kind", "rule_id"]).await?;
+    known_kind(&b.kind)?;
     update_rules(&req, &who, move |rules| {
         rules
-            .remove(kind, &id)
+            .remove(b.kind, &b.rule_id)
             .map_err(|e| Error::not_found(e.to_string()))
     })
     .await?;
@@ -518,12 +577,20 @@ pub async fn delete_push_rule(req: Req) -> Result<Response> {
 }
 
 /// # `GET /_matrix/client/v3/pushrules/global/{kind}/{ruleId}/{attr}`
-pub async fn get_push_rule_attr(req: Req) -> Result<Response> {
-    let attr = param(&req, "attr")?;
-    let rule = find_rule(&req).await?;
-    match attr.as_str() {
-        "enabled" => json(&json!({ "enabled": rule["enabled"] })),
-        "actions" => json(&json!({ "actions": rule["actions"] })),
+pub async fn get_push_rule_attr(mut req: Req) -> Result<Response> {
+    match param(&req, "attr")?.as_str() {
+        "enabled" => {
+            let b: get_pushrule_enabled::v3::Request =
+                ruma_req(&mut req, &["kind", "rule_id"]).await?;
+            let rule = find_rule(&req, &b.kind, &b.rule_id).await?;
+            json(&json!({ "enabled": rule["enabled"] }))
+        }
+        "actions" => {
+            let b: get_pushrule_actions::v3::Request =
+                ruma_req(&mut req, &["kind", "rule_id"]).await?;
+            let rule = find_rule(&req, &b.kind, &b.rule_id).await?;
+            json(&json!({ "actions": rule["actions"] }))
+        }
         _ => Err(Error::unrecognized("Unknown push rule attribute")),
     }
 }
@@ -531,28 +598,23 @@ pub async fn get_push_rule_attr(req: Req) -> Result<Response> {
 /// # `PUT /_matrix/client/v3/pushrules/global/{kind}/{ruleId}/{attr}`
 pub async fn put_push_rule_attr(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
-    let kind = rule_kind(&req)?;
-    let id = param(&req, "rule_id")?;
-    let attr = param(&req, "attr")?;
-    let body = body_json(&mut req).await?;
-    match attr.as_str() {
+    match param(&req, "attr")?.as_str() {
         "enabled" => {
-            let enabled = body
-                .get("enabled")
-                .and_then(Value::as_bool)
-                .ok_or_else(|| Error::bad_json("enabled is required"))?;
+            let b: set_pushrule_enabled::v3::Request =
+                ruma_req(&mut req, &["kind", "rule_id"]).await?;
+            known_kind(&b.kind)?;
             update_rules(&req, &who, move |r| {
-                r.set_enabled(kind, &id, enabled)
+                r.set_enabled(b.kind, &b.rule_id, b.enabled)
                     .map_err(|e| Error::not_found(e.to_string()))
             })
             .await?;
         }
         "actions" => {
-            let actions: Vec<Action> =
-                serde_json::from_value(body.get("actions").cloned().unwrap_or(Value::Null))
-                    .map_err(|e| Error::bad_json(format!("actions: {e}")))?;
+            let b: set_pushrule_actions::v3::Request =
+                ruma_req(&mut req, &["kind", "rule_id"]).await?;
+            known_kind(&b.kind)?;
             update_rules(&req, &who, move |r| {
-                r.set_actions(kind, &id, actions)
+                r.set_actions(b.kind, &b.rule_id, b.actions)
                     .map_err(|e| Error::not_found(e.to_string()))
             })
             .await?;
@@ -570,17 +632,11 @@ pub async fn put_push_rule_attr(mut req: Req) -> Result<Response> {
 /// requester or are in a public room, matched on user ID or display name.
 pub async fn search_users(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
-    let body = body_json(&mut req).await?;
-    let term = body
-        .get("search_term")
-        .and_then(Value::as_str)
-        .ok_or_else(|| Error::bad_json("search_term is required"))?
-        .to_lowercase();
-    let limit = body
-        .get("limit")
-        .and_then(Value::as_u64)
-        .unwrap_or(10)
-        .clamp(1, 100) as usize;
+    let body: search_users::v3::Request = ruma_req(&mut req, &[]).await?;
+    let term = body.search_term.to_lowercase();
+    let limit = usize::try_from(u64::from(body.limit))
+        .unwrap_or(usize::MAX)
+        .clamp(1, 100);
     let me = who.user_id.to_string();
     let (results, limited) = req
         .state()
@@ -611,7 +667,8 @@ pub async fn search_users(mut req: Req) -> Result<Response> {
 ///
 /// Hearth does not deliver push notifications to push gateways yet, so it stores no pushers
 /// (`POST /pushers/set` is not offered) and the list is truthfully empty.
-pub async fn pushers(req: Req) -> Result<Response> {
+pub async fn pushers(mut req: Req) -> Result<Response> {
     auth(&req).await?;
+    let _: get_pushers::v3::Request = ruma_req(&mut req, &[]).await?;
     json(&json!({ "pushers": [] }))
 }

@@ -23,6 +23,7 @@ use crate::{
     error::{Error, Result},
     notify::Topic,
     store::{queries as q, Tx},
+    util::check_id_len,
 };
 
 /// Largest PDU, in bytes of canonical JSON (spec: 65,536).
@@ -88,11 +89,38 @@ pub fn load_pdu(conn: &Connection, event_id: &str) -> Result<Option<Pdu>> {
     Ok(Some(Pdu::from_json(id, &row.json)?))
 }
 
-fn current_pdu(conn: &Connection, room_id: &str, kind: &str, key: &str) -> Option<Pdu> {
-    let id = q::get_current_state(conn, room_id, kind, key)
-        .ok()
-        .flatten()?;
-    load_pdu(conn, &id).ok().flatten()
+fn current_pdu(conn: &Connection, room_id: &str, kind: &str, key: &str) -> Result<Option<Pdu>> {
+    match q::get_current_state(conn, room_id, kind, key)? {
+        Some(id) => load_pdu(conn, &id),
+        None => Ok(None),
+    }
+}
+
+/// Adapts a fallible lookup to ruma's callbacks, which return `Option`: a database error must
+/// not read as "no such event" (that would turn a failing disk into a 403 or a wrong state
+/// resolution), so the first one is kept and [`Lookups::finish`] returns it after the call,
+/// whatever ruma concluded.
+#[derive(Default)]
+pub struct Lookups(std::cell::RefCell<Option<Error>>);
+
+impl Lookups {
+    pub fn get<T>(&self, r: Result<Option<T>>) -> Option<T> {
+        match r {
+            Ok(v) => v,
+            Err(e) => {
+                self.0.borrow_mut().get_or_insert(e);
+                None
+            }
+        }
+    }
+
+    /// The first error seen, if any.
+    pub fn finish(self) -> Result<()> {
+        match self.0.into_inner() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Builds, signs, authorises and persists one local event. Fails with `M_FORBIDDEN` (and
@@ -157,6 +185,11 @@ pub fn prepare(
     prev_events: Option<Vec<OwnedEventId>>,
     now_ms: u64,
 ) -> Result<Prepared> {
+    // The spec's size limits, for every event whatever part of a request it came from.
+    check_id_len("event type", &new.kind.to_string(), Error::bad_json)?;
+    if let Some(k) = &new.state_key {
+        check_id_len("state key", k, Error::bad_json)?;
+    }
     let version = room_version(tx, room_id)?;
     let rules = version
         .rules()
@@ -253,19 +286,17 @@ pub fn check_prepared(conn: &Connection, room_id: &RoomId, prepared: &Prepared) 
         OwnedEventId::try_from("$placeholder:hearth.invalid").map_err(Error::internal)?;
     let pdu = Pdu::from_json(placeholder, &prepared.pdu.to_string())?;
     let rid = room_id.as_str();
-    check_state_dependent_auth_rules(
+    let lookups = Lookups::default();
+    let verdict = check_state_dependent_auth_rules(
         &prepared.rules.authorization,
         &pdu,
         |t: &StateEventType, k: &str| {
-            let id = prepared
-                .state_at
-                .get(conn, rid, &t.to_string(), k)
-                .ok()
-                .flatten()?;
-            load_pdu(conn, &id).ok().flatten()
+            let id = lookups.get(prepared.state_at.get(conn, rid, &t.to_string(), k))?;
+            lookups.get(load_pdu(conn, &id))
         },
-    )
-    .map_err(|e| Error::forbidden(format!("Not allowed: {e}")))
+    );
+    lookups.finish()?;
+    verdict.map_err(|e| Error::forbidden(format!("Not allowed: {e}")))
 }
 
 /// Like [`send`], with explicit `prev_events` (default: the forward extremities). Events that
@@ -328,15 +359,23 @@ pub fn send_with_prevs(
     let event_id = OwnedEventId::try_from(event_id).map_err(Error::internal)?;
     let pdu = Pdu::from_json(event_id.clone(), &json)?;
 
-    check_state_independent_auth_rules(&rules.authorization, &pdu, |id| {
-        load_pdu(tx, id.as_str()).ok().flatten()
-    })
-    .map_err(|e| Error::forbidden(format!("Event not allowed: {e}")))?;
-    check_state_dependent_auth_rules(&rules.authorization, &pdu, |t: &StateEventType, k: &str| {
-        let id = state_at.get(tx, rid, &t.to_string(), k).ok().flatten()?;
-        load_pdu(tx, &id).ok().flatten()
-    })
-    .map_err(|e| Error::forbidden(format!("Event not allowed: {e}")))?;
+    let lookups = Lookups::default();
+    let verdict = check_state_independent_auth_rules(&rules.authorization, &pdu, |id| {
+        lookups.get(load_pdu(tx, id.as_str()))
+    });
+    lookups.finish()?;
+    verdict.map_err(|e| Error::forbidden(format!("Event not allowed: {e}")))?;
+    let lookups = Lookups::default();
+    let verdict = check_state_dependent_auth_rules(
+        &rules.authorization,
+        &pdu,
+        |t: &StateEventType, k: &str| {
+            let id = lookups.get(state_at.get(tx, rid, &t.to_string(), k))?;
+            lookups.get(load_pdu(tx, &id))
+        },
+    );
+    lookups.finish()?;
+    verdict.map_err(|e| Error::forbidden(format!("Event not allowed: {e}")))?;
 
     if is_redaction {
         check_redaction_allowed(tx, &pdu)?;
@@ -393,7 +432,8 @@ fn check_redaction_allowed(conn: &Connection, pdu: &Pdu) -> Result<()> {
 /// right for every room version, unlike `content.creator`, gone since v11).
 pub fn power_levels(conn: &Connection, room_id: &str) -> Result<PowerLevels> {
     let content = current_content(conn, room_id, "m.room.power_levels", "")?;
-    let creator = current_pdu(conn, room_id, "m.room.create", "")
+    // No create event (an unknown room) means no creator; a failed read is an error.
+    let creator = current_pdu(conn, room_id, "m.room.create", "")?
         .map(|c| c.sender.to_string())
         .unwrap_or_default();
     Ok(PowerLevels::new(content, creator))
@@ -572,4 +612,41 @@ pub fn current_state_map(
         .into_iter()
         .map(|(t, k, e, _)| ((t, k), e))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database error while reading the create event is an error, not a room without a
+    /// creator (which would give its creator power 0 and turn their requests into 403s).
+    #[test]
+    fn a_failed_read_is_not_a_missing_creator() {
+        let mut conn = Connection::open_in_memory().expect("in-memory database");
+        crate::store::migrate::migrate(&mut conn).expect("schema");
+        conn.execute(
+            "INSERT INTO current_state (room_id, type, state_key, event_id, membership, pos)
+             VALUES ('!r:x', 'm.room.create', '', '$c', NULL, 1)",
+            [],
+        )
+        .expect("insert");
+        // Readable: the create event is simply not there.
+        assert_eq!(power_levels(&conn, "!r:x").expect("levels").user("@a:x"), 0);
+        // Unreadable: the error comes back.
+        conn.execute_batch("ALTER TABLE events RENAME TO events_unreadable")
+            .expect("rename");
+        assert!(power_levels(&conn, "!r:x").is_err());
+    }
+
+    #[test]
+    fn lookups_keep_the_first_error() {
+        let l = Lookups::default();
+        assert_eq!(l.get(Ok(Some(1))), Some(1));
+        assert_eq!(l.get::<i32>(Ok(None)), None);
+        assert_eq!(l.get::<i32>(Err(Error::internal("disk"))), None);
+        assert_eq!(l.get::<i32>(Err(Error::forbidden("second"))), None);
+        let e = l.finish().expect_err("an error was seen");
+        assert_eq!(e.errcode, "M_UNKNOWN");
+        assert!(Lookups::default().finish().is_ok());
+    }
 }

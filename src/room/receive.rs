@@ -24,7 +24,7 @@ use ruma::{
 use serde_json::value::RawValue;
 
 use super::{
-    build::{load_pdu, persist, StateAt},
+    build::{load_pdu, persist, Lookups, StateAt},
     state, Pdu,
 };
 use crate::{
@@ -146,9 +146,12 @@ pub fn commit(tx: &mut Tx<'_>, inc: &Incoming) -> Result<std::result::Result<Out
             Some(((StateEventType::from(p.kind.to_string()), key), p))
         })
         .collect();
-    if let Err(e) = check_state_independent_auth_rules(&rules.authorization, pdu, |id| {
-        load_pdu(tx, id.as_str()).ok().flatten()
-    }) {
+    let lookups = Lookups::default();
+    let verdict = check_state_independent_auth_rules(&rules.authorization, pdu, |id| {
+        lookups.get(load_pdu(tx, id.as_str()))
+    });
+    lookups.finish()?;
+    if let Err(e) = verdict {
         return reject(tx, inc, format!("auth events: {e}"));
     }
     if let Err(e) = check_state_dependent_auth_rules(&rules.authorization, pdu, |t, k| {
@@ -171,23 +174,28 @@ pub fn commit(tx: &mut Tx<'_>, inc: &Incoming) -> Result<std::result::Result<Out
             base,
         }
     };
-    let before = |t: &StateEventType, k: &str| -> Option<Pdu> {
-        let id = state_at.get(tx, rid, &t.to_string(), k).ok().flatten()?;
-        load_pdu(tx, &id).ok().flatten()
-    };
-    if let Err(e) = check_state_dependent_auth_rules(&rules.authorization, pdu, before) {
+    let lookups = Lookups::default();
+    let verdict = check_state_dependent_auth_rules(&rules.authorization, pdu, |t, k| {
+        let id = lookups.get(state_at.get(tx, rid, &t.to_string(), k))?;
+        lookups.get(load_pdu(tx, &id))
+    });
+    lookups.finish()?;
+    if let Err(e) = verdict {
         return reject(tx, inc, format!("state before: {e}"));
     }
 
     // Check 6: against the current state (the same check when it follows the tip).
-    let soft_failed = !on_tip
-        && check_state_dependent_auth_rules(&rules.authorization, pdu, |t, k| {
-            let id = q::get_current_state(tx, rid, &t.to_string(), k)
-                .ok()
-                .flatten()?;
-            load_pdu(tx, &id).ok().flatten()
-        })
-        .is_err();
+    let soft_failed = if on_tip {
+        false
+    } else {
+        let lookups = Lookups::default();
+        let verdict = check_state_dependent_auth_rules(&rules.authorization, pdu, |t, k| {
+            let id = lookups.get(q::get_current_state(tx, rid, &t.to_string(), k))?;
+            lookups.get(load_pdu(tx, &id))
+        });
+        lookups.finish()?;
+        verdict.is_err()
+    };
     let persisted = persist(tx, pdu, &inc.json, &rules, None, state_at, soft_failed)?;
     Ok(Ok(if soft_failed {
         Outcome::SoftFailed

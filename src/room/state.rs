@@ -14,7 +14,7 @@ use ruma::{
 };
 use rusqlite::Connection;
 
-use super::build::load_pdu;
+use super::build::{load_pdu, Lookups};
 use crate::{
     error::{Error, Result},
     notify::Topic,
@@ -73,16 +73,19 @@ pub fn resolve(
         .iter()
         .map(|s| auth_chain(conn, s.values().cloned()))
         .collect::<Result<Vec<_>>>()?;
-    state_res::resolve(
+    let lookups = Lookups::default();
+    let resolved = state_res::resolve(
         &rules.authorization,
         v2,
         states.iter(),
         chains,
-        |id| load_pdu(conn, id.as_str()).ok().flatten(),
+        |id| lookups.get(load_pdu(conn, id.as_str())),
         // Only room version 12 asks for the conflicted subgraph; Hearth does not serve it yet.
         |_| None,
-    )
-    .map_err(|e| Error::internal(format_args!("state resolution: {e}")))
+    );
+    // A failed read is an error, not an event missing from the resolution.
+    lookups.finish()?;
+    resolved.map_err(|e| Error::internal(format_args!("state resolution: {e}")))
 }
 
 /// The state before an event with these prev events.

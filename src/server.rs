@@ -292,7 +292,7 @@ enum Head {
     Complete,
     /// The connection ended (or idled out) before a request.
     Closed,
-    /// Over a limit: answer with this status and close.
+    /// Over a limit (or not ASCII where it must be): answer with this status and close.
     TooLarge(u16, &'static str),
 }
 
@@ -313,6 +313,11 @@ impl HeadScan {
     fn check(&mut self, bytes: &[u8], limits: HeadLimits) -> Option<Head> {
         let mut end = None;
         for i in self.scanned..bytes.len() {
+            // Header values the HTTP library would panic on (it takes only ASCII): refused
+            // with an answer, not a dropped connection and a panic.
+            if bytes[i] >= 0x80 && self.line_end.is_some() {
+                return Some(Head::TooLarge(400, "Header fields must be ASCII"));
+            }
             if bytes[i] != b'\n' {
                 continue;
             }
@@ -416,11 +421,12 @@ where
     IO: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin,
 {
     use futures_lite::{AsyncReadExt, AsyncWriteExt};
-    let reason = match status {
-        414 => "URI Too Long",
-        _ => "Request Header Fields Too Large",
+    let (reason, errcode) = match status {
+        414 => ("URI Too Long", "M_TOO_LARGE"),
+        431 => ("Request Header Fields Too Large", "M_TOO_LARGE"),
+        _ => ("Bad Request", "M_UNKNOWN"),
     };
-    let body = crate::error::Error::new(status, "M_TOO_LARGE", why)
+    let body = crate::error::Error::new(status, errcode, why)
         .to_json()
         .to_string();
     let answer = format!(
@@ -577,6 +583,11 @@ mod tests {
         assert!(matches!(
             check_head(many.as_bytes(), l),
             Some(Head::TooLarge(431, _))
+        ));
+        // A non-ASCII header value (which the HTTP library panics on) is refused.
+        assert!(matches!(
+            check_head("GET / HTTP/1.1\r\nX: café\r\n\r\n".as_bytes(), l),
+            Some(Head::TooLarge(400, _))
         ));
         // Body bytes after the head do not count.
         let body = format!("GET / HTTP/1.1\r\n\r\n{}", "c".repeat(500));

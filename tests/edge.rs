@@ -207,3 +207,23 @@ fn oversized_request_line_or_headers_get_a_matrix_error() {
     // The server still serves.
     s.ok("GET", "/_matrix/client/versions", None, None);
 }
+
+#[test]
+fn a_non_ascii_header_value_gets_an_error_not_a_panic() {
+    let s = TestServer::start();
+    let (status, body) = raw_exchange(
+        &s,
+        "GET /_matrix/client/versions HTTP/1.1\r\nHost: x\r\nX-Client-Name: caf\u{e9}\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(
+        (status, body["errcode"].as_str()),
+        (400, Some("M_UNKNOWN")),
+        "{body}"
+    );
+    // The server is fine and the next request is served.
+    let (status, _) = raw_exchange(
+        &s,
+        "GET /_matrix/client/versions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 200);
+}

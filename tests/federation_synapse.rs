@@ -96,7 +96,7 @@ fn synapse() -> &'static Mutex<Option<Synapse>> {
 
 /// Tests in this file: the last one to finish stops a Synapse started here (a test binary
 /// has no "after all" hook). Counted on drop, so a failing test counts too.
-const TESTS: usize = 4;
+const TESTS: usize = 5;
 
 struct Finished;
 
@@ -586,4 +586,136 @@ fn synapse_sees(syn: &Synapse, token: &str, room: &str, body: &str) {
             .is_some_and(|c| c.iter().any(|e| e["content"]["body"] == body))
             .then_some(())
     });
+}
+
+#[test]
+fn invites_joins_and_profiles_through_the_client_api_with_synapse() {
+    let _finished = Finished;
+    let guard = synapse().lock().unwrap_or_else(|p| p.into_inner());
+    let syn = guard.as_ref().unwrap();
+    let hearth = Hearth::start();
+    let (alice, alice_tok) = register(&hearth.url(), "alice");
+    let (dave, dave_tok) = register(&syn.url(), "dave_invited");
+    let (_, erin_tok) = register(&syn.url(), "erin_invites");
+    let (s, _) = curl(
+        "PUT",
+        &format!("{}/_matrix/client/v3/profile/{dave}/displayname", syn.url()),
+        Some(&dave_tok),
+        Some(&json!({ "displayname": "Dave" })),
+    );
+    assert_eq!(s, 200);
+
+    // A remote profile through Hearth's client API.
+    let (s, v) = curl(
+        "GET",
+        &format!(
+            "{}/_matrix/client/v3/profile/{}",
+            hearth.url(),
+            common::enc(&dave)
+        ),
+        Some(&alice_tok),
+        None,
+    );
+    assert_eq!((s, v["displayname"].as_str()), (200, Some("Dave")), "{v}");
+
+    // Hearth → Synapse invite into an invite-only Hearth room; dave joins from Synapse.
+    let (_, v) = curl(
+        "POST",
+        &format!("{}/_matrix/client/v3/createRoom", hearth.url()),
+        Some(&alice_tok),
+        Some(&json!({ "preset": "private_chat", "name": "Hearth private" })),
+    );
+    let room = v["room_id"].as_str().unwrap().to_owned();
+    let (s, v) = curl(
+        "POST",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/invite",
+            hearth.url(),
+            common::enc(&room)
+        ),
+        Some(&alice_tok),
+        Some(&json!({ "user_id": dave })),
+    );
+    assert_eq!(s, 200, "invite to Synapse: {v}");
+    eventually(30, "dave sees the invite", || {
+        let (_, v) = curl(
+            "GET",
+            &format!("{}/_matrix/client/v3/sync?timeout=1000", syn.url()),
+            Some(&dave_tok),
+            None,
+        );
+        v["rooms"]["invite"].get(&room).map(|_| ())
+    });
+    let (s, v) = curl(
+        "POST",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/join",
+            syn.url(),
+            common::enc(&room)
+        ),
+        Some(&dave_tok),
+        Some(&json!({})),
+    );
+    assert_eq!(s, 200, "dave joins: {v}");
+    let (_, v) = curl(
+        "GET",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/joined_members",
+            hearth.url(),
+            common::enc(&room)
+        ),
+        Some(&alice_tok),
+        None,
+    );
+    assert!(v["joined"].get(&dave).is_some(), "{v}");
+
+    // Synapse → Hearth invite; alice accepts through Hearth's client API.
+    let (_, v) = curl(
+        "POST",
+        &format!("{}/_matrix/client/v3/createRoom", syn.url()),
+        Some(&erin_tok),
+        Some(
+            &json!({ "preset": "private_chat", "name": "Synapse private", "invite": [alice],
+                      "room_version": "10" }),
+        ),
+    );
+    let room2 = v["room_id"].as_str().unwrap().to_owned();
+    eventually(30, "alice sees erin's invite", || {
+        let (_, v) = curl(
+            "GET",
+            &format!("{}/_matrix/client/v3/sync?timeout=1000", hearth.url()),
+            Some(&alice_tok),
+            None,
+        );
+        let events = v["rooms"]["invite"][&room2]["invite_state"]["events"]
+            .as_array()?
+            .clone();
+        events
+            .iter()
+            .any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "Synapse private")
+            .then_some(())
+    });
+    let (s, v) = curl(
+        "POST",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/join",
+            hearth.url(),
+            common::enc(&room2)
+        ),
+        Some(&alice_tok),
+        Some(&json!({})),
+    );
+    assert_eq!(s, 200, "alice accepts: {v}");
+    let (_, v) = curl(
+        "GET",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/joined_members",
+            syn.url(),
+            common::enc(&room2)
+        ),
+        Some(&erin_tok),
+        None,
+    );
+    assert!(v["joined"].get(&alice).is_some(), "{v}");
+    hearth.hs.stop().unwrap();
 }

@@ -348,31 +348,64 @@ pub async fn join_by_id_or_alias(mut req: Req) -> Result<Response> {
         Ok(r) => r,
         Err(alias) => resolve_alias(&app, &alias).await?,
     };
-    set_membership(
-        &app,
-        &room_id,
-        &who.user_id,
-        &who.user_id,
-        "join",
-        body.reason,
-        Require::Nothing,
-    )
-    .await?;
+    join(&app, &room_id, &who.user_id, body.reason, body.via).await?;
     json(&json!({ "room_id": room_id }))
+}
+
+/// Joins locally when one of our users is in the room (we hold its state); otherwise through
+/// another server: those the client named, the room ID's server, and the inviter's server of
+/// a pending invite. A local room nobody is in any more has nobody to join through: 404.
+async fn join(
+    app: &App,
+    room_id: &RoomId,
+    user: &UserId,
+    reason: Option<String>,
+    via: Vec<ruma::OwnedServerName>,
+) -> Result<()> {
+    let (r, u, us) = (
+        room_id.to_string(),
+        user.to_string(),
+        app.server_name.to_string(),
+    );
+    let (resident, inviter_server) = app
+        .store
+        .read(move |c| {
+            let resident = q::get_room_version(c, &r)?.is_some()
+                && q::list_room_servers(c, &r, "")?.contains(&us);
+            let inviter = match q::get_current_state(c, &r, "m.room.member", &u)? {
+                Some(id) => q::get_event(c, &id)?.and_then(|row| {
+                    UserId::parse(row.sender.as_str())
+                        .ok()
+                        .map(|s| s.server_name().to_owned())
+                }),
+                None => None,
+            };
+            Ok((resident, inviter))
+        })
+        .await?;
+    if resident {
+        set_membership(app, room_id, user, user, "join", reason, Require::Nothing).await?;
+        return Ok(());
+    }
+    let mut servers = via;
+    servers.extend(room_id.server_name().map(ToOwned::to_owned));
+    servers.extend(inviter_server);
+    let mut seen = std::collections::HashSet::new();
+    servers.retain(|s| seen.insert(s.clone()));
+    crate::ops::federation::join_remote(app, user, room_id, &servers).await?;
+    Ok(())
 }
 
 /// # `POST /_matrix/client/v3/rooms/{roomId}/join`
 pub async fn join_by_id(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     let body: join_room_by_id::v3::Request = ruma_req(&mut req, &["room_id"]).await?;
-    set_membership(
+    join(
         req.state(),
         &body.room_id,
         &who.user_id,
-        &who.user_id,
-        "join",
         body.reason,
-        Require::Nothing,
+        Vec::new(),
     )
     .await?;
     json(&json!({ "room_id": body.room_id }))
@@ -432,9 +465,15 @@ pub async fn invite(mut req: Req) -> Result<Response> {
         ));
     };
     if recipient.user_id.server_name() != app.server_name {
-        return Err(Error::forbidden(
-            "Federation is not enabled yet: only local users can be invited",
-        ));
+        crate::ops::federation::invite_remote(
+            &app,
+            &who.user_id,
+            &body.room_id,
+            &recipient.user_id,
+            recipient.reason,
+        )
+        .await?;
+        return json(&json!({}));
     }
     set_membership(
         &app,

@@ -93,9 +93,28 @@ pub async fn get_filter(mut req: Req) -> Result<Response> {
 
 // ---------------------------------------------------------------- profile
 
+/// A user's profile: ours from the database, another server's over federation
+/// (`/query/profile`).
 async fn load_profile(req: &Req, user_id: OwnedUserId) -> Result<q::UserRow> {
-    req.state()
-        .store
+    let app = req.state();
+    if user_id.server_name() != app.server_name {
+        use ruma::api::federation::query::get_profile_information::v1 as profile;
+        let dest = user_id.server_name().to_owned();
+        let res = app
+            .fed
+            .client
+            .send(&dest, profile::Request::new(user_id))
+            .await?;
+        let field = |k: &str| res.data.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+        return Ok(q::UserRow {
+            password_hash: None,
+            is_admin: false,
+            deactivated: false,
+            displayname: field("displayname"),
+            avatar_url: field("avatar_url"),
+        });
+    }
+    app.store
         .read(move |c| q::get_user(c, user_id.as_str()))
         .await?
         .ok_or_else(|| Error::not_found("Profile not found"))

@@ -251,6 +251,14 @@ pub async fn join_remote(
             }
         }
     }
+    // No server could be reached (as Synapse: the room cannot be found from here); a server
+    // that answered with a refusal keeps its answer.
+    if last_err.status >= 500 {
+        return Err(Error::not_found(format!(
+            "No server could be reached to join {room_id}: {}",
+            last_err.message
+        )));
+    }
     Err(last_err)
 }
 

@@ -425,3 +425,60 @@ fn an_invite_to_another_server_is_cosigned_shown_and_accepted() {
     assert!(v["rooms"]["join"].get(room.as_str()).is_some(), "{v}");
     assert!(v["rooms"]["invite"].get(room.as_str()).is_none(), "{v}");
 }
+
+#[test]
+fn declining_an_invite_goes_through_the_inviting_server() {
+    let a = Hearth::start();
+    let b = Hearth::start();
+    let (alice, alice_tok) = register(&a.url(), "alice");
+    let (bob, bob_tok) = register(&b.url(), "bob");
+    let (_, v) = curl(
+        "POST",
+        &format!("{}/_matrix/client/v3/createRoom", a.url()),
+        Some(&alice_tok),
+        Some(&json!({ "preset": "private_chat", "invite": [bob] })),
+    );
+    let room = v["room_id"].as_str().unwrap().to_owned();
+    let _ = alice;
+    // The invite went out with createRoom (client API → /invite on b).
+    let (_, v) = curl(
+        "GET",
+        &format!("{}/_matrix/client/v3/sync?timeout=0", b.url()),
+        Some(&bob_tok),
+        None,
+    );
+    assert!(v["rooms"]["invite"].get(&room).is_some(), "{v}");
+    let since = v["next_batch"].as_str().unwrap().to_owned();
+    // Bob declines: make_leave/send_leave through a.
+    let (s, v) = curl(
+        "POST",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/leave",
+            b.url(),
+            common::enc(&room)
+        ),
+        Some(&bob_tok),
+        Some(&json!({})),
+    );
+    assert_eq!(s, 200, "{v}");
+    let (_, v) = curl(
+        "GET",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/state/m.room.member/{}",
+            a.url(),
+            common::enc(&room),
+            common::enc(&bob)
+        ),
+        Some(&alice_tok),
+        None,
+    );
+    assert_eq!(v["membership"], "leave", "a sees the decline: {v}");
+    let (_, v) = curl(
+        "GET",
+        &format!("{}/_matrix/client/v3/sync?since={since}&timeout=0", b.url()),
+        Some(&bob_tok),
+        None,
+    );
+    assert!(v["rooms"]["leave"].get(&room).is_some(), "{v}");
+    assert!(v["rooms"]["invite"].get(&room).is_none(), "{v}");
+}

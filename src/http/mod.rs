@@ -397,6 +397,10 @@ pub fn routes(app: App) -> tide::Server<App> {
         .put(h(federation::transactions::send));
     s.at("/_matrix/federation/v2/invite/:room_id/:event_id")
         .put(h(federation::membership::invite_v2));
+    s.at("/_matrix/federation/v1/make_leave/:room_id/:user_id")
+        .get(c(federation::membership::make_leave));
+    s.at("/_matrix/federation/v2/send_leave/:room_id/:event_id")
+        .put(h(federation::membership::send_leave_v2));
 
     // account and session
     client!(s, get "/login" => c(account::login_flows));

@@ -81,13 +81,14 @@ pub async fn create_room(mut req: Req) -> Result<Response> {
         }
         None => None,
     };
-    for invitee in &body.invite {
-        if invitee.server_name() != app.server_name {
-            return Err(Error::forbidden(
-                "Federation is not enabled yet: only local users can be invited",
-            ));
-        }
-    }
+    // Local invitees are invited in the room's creating write; users of other servers after
+    // it, over federation (their servers co-sign the invites).
+    let remote_invitees: Vec<OwnedUserId> = body
+        .invite
+        .iter()
+        .filter(|u| u.server_name() != app.server_name)
+        .cloned()
+        .collect();
     // ruma keeps unknown strings as `_Custom` variants; the spec's enums are closed.
     known_body(
         "visibility",
@@ -185,7 +186,7 @@ pub async fn create_room(mut req: Req) -> Result<Response> {
             if let Some(topic) = &body.topic {
                 send(tx, NewEvent::state("m.room.topic", "", json!({ "topic": topic })))?;
             }
-            for invitee in &body.invite {
+            for invitee in body.invite.iter().filter(|u| u.server_name() == local.server_name) {
                 if q::get_user(tx, invitee.as_str())?.is_none() {
                     return Err(Error::not_found(format!("Unknown user {invitee}")));
                 }
@@ -198,6 +199,19 @@ pub async fn create_room(mut req: Req) -> Result<Response> {
             Ok(())
         })
         .await?;
+    // The room exists now whatever happens to these: a failed remote invite is logged, not
+    // turned into a failed createRoom (the client would retry and create a second room).
+    for invitee in remote_invitees {
+        let room: OwnedRoomId = room_id.clone();
+        if let Err(e) =
+            crate::ops::federation::invite_remote(&app, &who.user_id, &room, &invitee, None).await
+        {
+            log::warn!(
+                "createRoom {room}: inviting {invitee} failed: {}",
+                e.message
+            );
+        }
+    }
     json(&json!({ "room_id": room_id }))
 }
 
@@ -362,27 +376,7 @@ async fn join(
     reason: Option<String>,
     via: Vec<ruma::OwnedServerName>,
 ) -> Result<()> {
-    let (r, u, us) = (
-        room_id.to_string(),
-        user.to_string(),
-        app.server_name.to_string(),
-    );
-    let (resident, inviter_server) = app
-        .store
-        .read(move |c| {
-            let resident = q::get_room_version(c, &r)?.is_some()
-                && q::list_room_servers(c, &r, "")?.contains(&us);
-            let inviter = match q::get_current_state(c, &r, "m.room.member", &u)? {
-                Some(id) => q::get_event(c, &id)?.and_then(|row| {
-                    UserId::parse(row.sender.as_str())
-                        .ok()
-                        .map(|s| s.server_name().to_owned())
-                }),
-                None => None,
-            };
-            Ok((resident, inviter))
-        })
-        .await?;
+    let (resident, inviter_server) = residency(app, room_id, user).await?;
     if resident {
         set_membership(app, room_id, user, user, "join", reason, Require::Nothing).await?;
         return Ok(());
@@ -415,8 +409,17 @@ pub async fn join_by_id(mut req: Req) -> Result<Response> {
 pub async fn leave(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     let body: leave_room::v3::Request = ruma_req(&mut req, &["room_id"]).await?;
+    let app = req.state();
+    let (resident, inviter_server) = residency(app, &body.room_id, &who.user_id).await?;
+    if !resident && inviter_server.is_some() {
+        // Declining an invite to a room this server is not in: through the room's servers.
+        let mut via: Vec<ruma::OwnedServerName> = inviter_server.into_iter().collect();
+        via.extend(body.room_id.server_name().map(ToOwned::to_owned));
+        crate::ops::federation::leave_remote(app, &who.user_id, &body.room_id, &via).await?;
+        return json(&json!({}));
+    }
     set_membership(
-        req.state(),
+        app,
         &body.room_id,
         &who.user_id,
         &who.user_id,
@@ -426,6 +429,36 @@ pub async fn leave(mut req: Req) -> Result<Response> {
     )
     .await?;
     json(&json!({}))
+}
+
+/// Whether one of our users is joined to the room (we hold its state), and the server of
+/// whoever sent `user`'s current membership event (an inviter), if that is another server.
+async fn residency(
+    app: &App,
+    room_id: &RoomId,
+    user: &UserId,
+) -> Result<(bool, Option<ruma::OwnedServerName>)> {
+    let (r, u, us) = (
+        room_id.to_string(),
+        user.to_string(),
+        app.server_name.to_string(),
+    );
+    app.store
+        .read(move |c| {
+            let resident = q::get_room_version(c, &r)?.is_some()
+                && q::list_room_servers(c, &r, "")?.contains(&us);
+            let inviter = match q::get_current_state(c, &r, "m.room.member", &u)? {
+                Some(id) => q::get_event(c, &id)?.and_then(|row| {
+                    UserId::parse(row.sender.as_str())
+                        .ok()
+                        .map(|s| s.server_name().to_owned())
+                        .filter(|s| s.as_str() != us)
+                }),
+                None => None,
+            };
+            Ok((resident, inviter))
+        })
+        .await
 }
 
 /// # `POST /_matrix/client/v3/rooms/{roomId}/forget`

@@ -286,43 +286,7 @@ async fn join_via(
     let rules = version
         .rules()
         .ok_or_else(|| Error::internal("room version without rules"))?;
-    // Our join, from the template: checked, then hashed and signed by us.
-    let mut template: ruma::CanonicalJsonObject = serde_json::from_str(res.event.get())
-        .map_err(|e| Error::bad_json(format!("make_join template: {e}")))?;
-    let expect = |k: &str, v: &str| matches!(template.get(k), Some(ruma::CanonicalJsonValue::String(s)) if s == v);
-    if !expect("type", "m.room.member")
-        || !expect("state_key", user.as_str())
-        || !expect("sender", user.as_str())
-        || !expect("room_id", room_id.as_str())
-    {
-        return Err(Error::bad_json("make_join template is not our join"));
-    }
-    template.insert("origin".into(), app.server_name.as_str().into());
-    template.insert(
-        "origin_server_ts".into(),
-        ruma::CanonicalJsonValue::Integer(
-            ruma::Int::try_from(app.clock.now_ms() as i64).unwrap_or_default(),
-        ),
-    );
-    let mut content = match template.get("content") {
-        Some(ruma::CanonicalJsonValue::Object(o)) => o.clone(),
-        _ => ruma::CanonicalJsonObject::new(),
-    };
-    content.insert("membership".into(), "join".into());
-    template.insert("content".into(), ruma::CanonicalJsonValue::Object(content));
-    ruma::signatures::hash_and_sign_event(
-        app.server_name.as_str(),
-        &app.local.key.pair,
-        &mut template,
-        &rules.redaction,
-    )
-    .map_err(|e| Error::internal(format_args!("signing our join: {e}")))?;
-    let join_id = OwnedEventId::try_from(format!(
-        "${}",
-        ruma::signatures::reference_hash(&template, &rules).map_err(Error::internal)?
-    ))
-    .map_err(Error::internal)?;
-    let join_raw = serde_json::value::to_raw_value(&template)?;
+    let (join_id, join_raw) = sign_template(app, &res.event, user, room_id, "join", &rules)?;
     let sj =
         create_join_event::v2::Request::new(room_id.to_owned(), join_id.clone(), join_raw.clone());
     let state = app.fed.client.send(server, sj).await?.room_state;
@@ -439,4 +403,124 @@ pub async fn invite_remote(
         })
         .await?;
     Ok(event_id)
+}
+
+/// Our membership event from a `/make_join` or `/make_leave` template: checked to be `user`'s
+/// own membership in `room_id`, then hashed and signed by us. Returns its ID and JSON.
+fn sign_template(
+    app: &App,
+    template: &RawValue,
+    user: &ruma::UserId,
+    room_id: &ruma::RoomId,
+    membership: &str,
+    rules: &ruma::room_version_rules::RoomVersionRules,
+) -> Result<(OwnedEventId, Box<RawValue>)> {
+    let mut obj: ruma::CanonicalJsonObject = serde_json::from_str(template.get())
+        .map_err(|e| Error::bad_json(format!("membership template: {e}")))?;
+    let expect = |k: &str, v: &str| matches!(obj.get(k), Some(ruma::CanonicalJsonValue::String(s)) if s == v);
+    if !expect("type", "m.room.member")
+        || !expect("state_key", user.as_str())
+        || !expect("sender", user.as_str())
+        || !expect("room_id", room_id.as_str())
+    {
+        return Err(Error::bad_json("The membership template is not ours"));
+    }
+    obj.insert("origin".into(), app.server_name.as_str().into());
+    obj.insert(
+        "origin_server_ts".into(),
+        ruma::CanonicalJsonValue::Integer(
+            ruma::Int::try_from(app.clock.now_ms() as i64).unwrap_or_default(),
+        ),
+    );
+    let mut content = match obj.get("content") {
+        Some(ruma::CanonicalJsonValue::Object(o)) => o.clone(),
+        _ => ruma::CanonicalJsonObject::new(),
+    };
+    content.insert("membership".into(), membership.into());
+    obj.insert("content".into(), ruma::CanonicalJsonValue::Object(content));
+    ruma::signatures::hash_and_sign_event(
+        app.server_name.as_str(),
+        &app.local.key.pair,
+        &mut obj,
+        &rules.redaction,
+    )
+    .map_err(|e| Error::internal(format_args!("signing our {membership}: {e}")))?;
+    let id = OwnedEventId::try_from(format!(
+        "${}",
+        ruma::signatures::reference_hash(&obj, rules).map_err(Error::internal)?
+    ))
+    .map_err(Error::internal)?;
+    Ok((id, serde_json::value::to_raw_value(&obj)?))
+}
+
+/// Leaves (or declines an invite to) a room this server is not in, through the room's
+/// server or the inviter's: `/make_leave`, sign, `/send_leave`, then record the leave
+/// (the event as an outlier, the membership row) in one write.
+pub async fn leave_remote(
+    app: &App,
+    user: &ruma::UserId,
+    room_id: &ruma::RoomId,
+    via: &[ruma::OwnedServerName],
+) -> Result<()> {
+    use ruma::api::federation::membership::{create_leave_event, prepare_leave_event};
+    let mut last_err = Error::not_found("No server to leave the room through");
+    for server in via.iter().filter(|s| **s != app.server_name) {
+        let attempt = async {
+            let res = app
+                .fed
+                .client
+                .send(
+                    server,
+                    prepare_leave_event::v1::Request::new(room_id.to_owned(), user.to_owned()),
+                )
+                .await?;
+            let version = res.room_version.unwrap_or(RoomVersionId::V1);
+            let rules = version
+                .rules()
+                .ok_or_else(|| Error::new(400, "M_UNSUPPORTED_ROOM_VERSION", "unknown version"))?;
+            let (id, raw) = sign_template(app, &res.event, user, room_id, "leave", &rules)?;
+            app.fed
+                .client
+                .send(
+                    server,
+                    create_leave_event::v2::Request::new(
+                        room_id.to_owned(),
+                        id.clone(),
+                        raw.clone(),
+                    ),
+                )
+                .await?;
+            receive::finish(
+                serde_json::from_str(raw.get())?,
+                id,
+                ruma::signatures::Verified::All,
+                &rules,
+            )
+        };
+        match attempt.await {
+            Ok(inc) => {
+                let (r, u) = (room_id.to_string(), user.to_string());
+                return app
+                    .store
+                    .write(move |tx| {
+                        receive::commit_outlier(tx, &inc)?;
+                        let pos = tx.next_pos([crate::notify::Topic::user(u.as_str())]);
+                        q::upsert_current_state(
+                            tx,
+                            &r,
+                            "m.room.member",
+                            &u,
+                            inc.pdu.event_id.as_str(),
+                            pos,
+                        )
+                    })
+                    .await;
+            }
+            Err(e) => {
+                log::info!("leaving {room_id} via {server} failed: {}", e.message);
+                last_err = e;
+            }
+        }
+    }
+    Err(last_err)
 }

@@ -245,3 +245,86 @@ pub async fn invite_v2(mut req: Req) -> Result<Response> {
         .await?;
     json(&json!({ "event": raw }))
 }
+
+/// # `GET /_matrix/federation/v1/make_leave/{roomId}/{userId}`
+pub async fn make_leave(mut req: Req) -> Result<Response> {
+    use ruma::api::federation::membership::prepare_leave_event;
+    let o = origin::<prepare_leave_event::v1::Request>(&mut req, &["room_id", "user_id"]).await?;
+    let app = req.state().clone();
+    let r = o.req;
+    if r.user_id.server_name() != o.origin {
+        return Err(Error::forbidden(
+            "The user is not from the requesting server",
+        ));
+    }
+    let (origin, us, now) = (
+        o.origin.to_string(),
+        app.server_name.to_string(),
+        app.clock.now_ms(),
+    );
+    let (version, event) = app
+        .store
+        .read(move |c| {
+            if q::get_room_version(c, r.room_id.as_str())?.is_none()
+                || !q::list_room_servers(c, r.room_id.as_str(), "")?.contains(&us)
+            {
+                return Err(Error::not_found("This server is not in that room"));
+            }
+            let version = build::room_version(c, &r.room_id)?;
+            let new = NewEvent::state(
+                "m.room.member",
+                r.user_id.as_str(),
+                json!({ "membership": "leave" }),
+            );
+            let prepared = build::prepare(c, &origin, &r.room_id, &r.user_id, new, None, now)?;
+            build::check_prepared(c, &r.room_id, &prepared)?;
+            Ok((version, prepared.pdu))
+        })
+        .await?;
+    json(&json!({ "room_version": version.as_str(), "event": event }))
+}
+
+/// # `PUT /_matrix/federation/v2/send_leave/{roomId}/{eventId}`
+pub async fn send_leave_v2(mut req: Req) -> Result<Response> {
+    use ruma::api::federation::membership::create_leave_event;
+    let o = origin::<create_leave_event::v2::Request>(&mut req, &["room_id", "event_id"]).await?;
+    let app = req.state().clone();
+    let r = o.req;
+    let (room_id, version) = room_of(&app, &r.pdu).await?;
+    if room_id != r.room_id {
+        return Err(Error::bad_json("The event is for another room"));
+    }
+    let inc = verify_pdu(&app, &r.pdu, &version).await?;
+    let pdu = &inc.pdu;
+    let content: Value = serde_json::from_str(pdu.content.get())?;
+    if pdu.event_id != r.event_id
+        || pdu.kind.to_string() != "m.room.member"
+        || pdu.state_key.as_deref() != Some(pdu.sender.as_str())
+        || content.get("membership").and_then(Value::as_str) != Some("leave")
+    {
+        return Err(Error::bad_json("Not a leave event for this request"));
+    }
+    if pdu.sender.server_name() != o.origin {
+        return Err(Error::forbidden(
+            "The leaving user is not from the requesting server",
+        ));
+    }
+    // The leave concerns the other servers in the room too: queue it for them in the same
+    // write (the leaving server has it already).
+    let (us, theirs) = (app.server_name.to_string(), o.origin.to_string());
+    app.store
+        .write(move |tx| match receive::commit(tx, &inc)? {
+            Ok(Outcome::Accepted(_)) => {
+                let mut dests = q::list_room_servers(tx, inc.pdu.room_id.as_str(), &us)?;
+                dests.retain(|d| *d != theirs);
+                q::insert_outbox_pdu(tx, &dests, inc.pdu.event_id.as_str())
+            }
+            Ok(Outcome::Duplicate) => Ok(()),
+            Ok(other) => Err(Error::forbidden(format!("Leave not accepted: {other:?}"))),
+            Err(missing) => Err(Error::bad_json(format!(
+                "The leave refers to events this server does not have: {missing:?}"
+            ))),
+        })
+        .await?;
+    json(&json!({}))
+}

@@ -100,12 +100,6 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
-impl From<rusqlite::Error> for Error {
-    fn from(e: rusqlite::Error) -> Self {
-        Self::internal(format_args!("database: {e}"))
-    }
-}
-
 impl From<r2d2::Error> for Error {
     fn from(e: r2d2::Error) -> Self {
         Self::internal(format_args!("database pool: {e}"))

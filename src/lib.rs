@@ -19,7 +19,8 @@
 //! - `proxy`     `trusted_proxies` and `X-Forwarded-For`: the client's address.
 //!
 //! ## Invariants
-//! - **Only `store/` (and the write closures it runs) touches rusqlite.**
+//! - **Only `store/` speaks SQL** (`tests/layering.rs` checks it): other modules hold a
+//!   `store::Connection` only to pass it to `store::queries`.
 //! - **Nothing awaits inside a transaction**: writes are sync closures run by the writer thread.
 //! - **One commit per operation**: everything an operation causes is written by one closure.
 //! - **A 200 means on disk**: the writer answers after a `synchronous=FULL` commit.

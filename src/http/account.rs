@@ -292,12 +292,7 @@ fn consume_registration_token(
     if config_tokens.iter().any(|t| t == token) {
         return Ok(());
     }
-    let n = tx.execute(
-        "UPDATE registration_tokens SET completed = completed + 1
-         WHERE token = ?1 AND (uses_allowed IS NULL OR completed < uses_allowed) AND (expiry_ts IS NULL OR expiry_ts > ?2)",
-        rusqlite::params![token, tx.now_ms as i64],
-    )?;
-    if n == 0 {
+    if !crate::store::queries::use_registration_token(tx, token, tx.now_ms as i64)? {
         return Err(uia_401(
             json!([{ "stages": ["m.login.registration_token"] }]),
             Some(Error::forbidden("Invalid registration token")),

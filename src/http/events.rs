@@ -5,6 +5,7 @@
 //! visibility); a user who left or was banned reads up to their leaving; anyone reads a
 //! `world_readable` room. `visible_range` is the one place that decides.
 
+use crate::store::Connection;
 use ruma::{
     api::{
         client::{
@@ -24,7 +25,6 @@ use ruma::{
     events::TimelineEventType,
     OwnedRoomId, RoomVersionId,
 };
-use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{json, Value};
 use tide::Response;
 
@@ -54,42 +54,23 @@ pub fn visible_range(conn: &Connection, room_id: &str, user_id: &str) -> Result<
     if hv == "world_readable" {
         return Ok((0, i64::MAX));
     }
-    let member: Option<(String, i64)> = conn
-        .query_row(
-            "SELECT membership, pos FROM current_state WHERE room_id = ?1 AND type = 'm.room.member' AND state_key = ?2",
-            [room_id, user_id],
-            |r| Ok((r.get::<_, Option<String>>(0)?.unwrap_or_default(), r.get(1)?)),
-        )
-        .optional()?;
+    let member = q::get_membership_pos(conn, room_id, user_id)?;
     let Some((membership, pos)) = member else {
         return Err(Error::forbidden("You are not in this room"));
     };
     // With `joined`/`invited` visibility, history starts at the user's first join/invite.
     let lo = if hv == "joined" || hv == "invited" {
         let wanted = if hv == "joined" { "join" } else { "invite" };
-        conn.query_row(
-            "SELECT min(pos) FROM events WHERE room_id = ?1 AND type = 'm.room.member' AND state_key = ?2
-             AND (json_extract(json, '$.content.membership') = ?3 OR json_extract(json, '$.content.membership') = 'join')",
-            params![room_id, user_id, wanted],
-            |r| r.get::<_, Option<i64>>(0),
-        )?
-        .map(|p| p - 1)
-        .unwrap_or(i64::MAX)
+        q::get_first_membership_pos(conn, room_id, user_id, wanted)?
+            .map(|p| p - 1)
+            .unwrap_or(i64::MAX)
     } else {
         0
     };
     match membership.as_str() {
         "join" => Ok((lo, i64::MAX)),
         "leave" | "ban" => {
-            let was_joined: bool = conn
-                .query_row(
-                    "SELECT 1 FROM events WHERE room_id = ?1 AND type = 'm.room.member' AND state_key = ?2
-                     AND json_extract(json, '$.content.membership') = 'join' LIMIT 1",
-                    [room_id, user_id],
-                    |_| Ok(true),
-                )
-                .optional()?
-                .unwrap_or(false);
+            let was_joined = q::was_ever_joined(conn, room_id, user_id)?;
             if was_joined {
                 Ok((lo, pos))
             } else {

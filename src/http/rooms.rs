@@ -143,13 +143,20 @@ pub async fn create_room(mut req: Req) -> Result<Response> {
     let (rid, creator) = (room_id.clone(), who.user_id.clone());
     app.store
         .write(move |tx| {
-            tx.execute(
-                "INSERT INTO rooms (room_id, room_version, creator, is_public, created_ts) VALUES (?1, ?2, ?3, ?4, ?5)",
-                rusqlite::params![rid.as_str(), version.as_str(), creator.as_str(), public, tx.now_ms as i64],
+            q::insert_room(
+                tx,
+                rid.as_str(),
+                version.as_str(),
+                creator.as_str(),
+                public,
+                tx.now_ms as i64,
             )?;
-            let send = |tx: &mut Tx<'_>, ev: NewEvent| build::send(tx, &local, &rid, &creator, ev, None);
+            let send =
+                |tx: &mut Tx<'_>, ev: NewEvent| build::send(tx, &local, &rid, &creator, ev, None);
             let mut creation = creation;
-            let obj = creation.as_object_mut().ok_or_else(|| Error::bad_json("creation_content must be an object"))?;
+            let obj = creation
+                .as_object_mut()
+                .ok_or_else(|| Error::bad_json("creation_content must be an object"))?;
             obj.insert("room_version".into(), version.as_str().into());
             if !matches!(version, RoomVersionId::V11) {
                 obj.insert("creator".into(), creator.as_str().into());
@@ -157,8 +164,17 @@ pub async fn create_room(mut req: Req) -> Result<Response> {
                 obj.remove("creator");
             }
             send(tx, NewEvent::state("m.room.create", "", creation))?;
-            send(tx, NewEvent::state("m.room.member", "", json!({})).with_key(creator.as_str()).with_content(join_content(tx, &creator)?))?;
-            let trusted: Vec<OwnedUserId> = if preset == "trusted_private_chat" { body.invite.clone() } else { Vec::new() };
+            send(
+                tx,
+                NewEvent::state("m.room.member", "", json!({}))
+                    .with_key(creator.as_str())
+                    .with_content(join_content(tx, &creator)?),
+            )?;
+            let trusted: Vec<OwnedUserId> = if preset == "trusted_private_chat" {
+                body.invite.clone()
+            } else {
+                Vec::new()
+            };
             let mut pl = default_power_levels(&creator, &trusted);
             if let (Some(Value::Object(o)), Value::Object(base)) = (pl_override, &mut pl) {
                 for (k, v) in o {
@@ -170,23 +186,57 @@ pub async fn create_room(mut req: Req) -> Result<Response> {
                 if !q::insert_alias(tx, a.as_str(), rid.as_str(), creator.as_str())? {
                     return Err(Error::room_in_use("Room alias already taken"));
                 }
-                send(tx, NewEvent::state("m.room.canonical_alias", "", json!({ "alias": a })))?;
+                send(
+                    tx,
+                    NewEvent::state("m.room.canonical_alias", "", json!({ "alias": a })),
+                )?;
             }
-            let join_rule = if preset == "public_chat" { "public" } else { "invite" };
-            send(tx, NewEvent::state("m.room.join_rules", "", json!({ "join_rule": join_rule })))?;
-            send(tx, NewEvent::state("m.room.history_visibility", "", json!({ "history_visibility": "shared" })))?;
-            let guest = if preset == "public_chat" { "forbidden" } else { "can_join" };
-            send(tx, NewEvent::state("m.room.guest_access", "", json!({ "guest_access": guest })))?;
+            let join_rule = if preset == "public_chat" {
+                "public"
+            } else {
+                "invite"
+            };
+            send(
+                tx,
+                NewEvent::state("m.room.join_rules", "", json!({ "join_rule": join_rule })),
+            )?;
+            send(
+                tx,
+                NewEvent::state(
+                    "m.room.history_visibility",
+                    "",
+                    json!({ "history_visibility": "shared" }),
+                ),
+            )?;
+            let guest = if preset == "public_chat" {
+                "forbidden"
+            } else {
+                "can_join"
+            };
+            send(
+                tx,
+                NewEvent::state("m.room.guest_access", "", json!({ "guest_access": guest })),
+            )?;
             for ev in initial_state {
                 send(tx, ev)?;
             }
             if let Some(name) = &body.name {
-                send(tx, NewEvent::state("m.room.name", "", json!({ "name": name })))?;
+                send(
+                    tx,
+                    NewEvent::state("m.room.name", "", json!({ "name": name })),
+                )?;
             }
             if let Some(topic) = &body.topic {
-                send(tx, NewEvent::state("m.room.topic", "", json!({ "topic": topic })))?;
+                send(
+                    tx,
+                    NewEvent::state("m.room.topic", "", json!({ "topic": topic })),
+                )?;
             }
-            for invitee in body.invite.iter().filter(|u| u.server_name() == local.server_name) {
+            for invitee in body
+                .invite
+                .iter()
+                .filter(|u| u.server_name() == local.server_name)
+            {
                 if q::get_user(tx, invitee.as_str())?.is_none() {
                     return Err(Error::not_found(format!("Unknown user {invitee}")));
                 }
@@ -194,7 +244,10 @@ pub async fn create_room(mut req: Req) -> Result<Response> {
                 if body.is_direct {
                     content["is_direct"] = true.into();
                 }
-                send(tx, NewEvent::state("m.room.member", invitee.as_str(), content))?;
+                send(
+                    tx,
+                    NewEvent::state("m.room.member", invitee.as_str(), content),
+                )?;
             }
             Ok(())
         })
@@ -250,7 +303,7 @@ impl NewEvent {
 }
 
 /// `{membership: join}` with the user's profile, as clients expect on member events.
-fn join_content(conn: &rusqlite::Connection, user_id: &UserId) -> Result<Value> {
+fn join_content(conn: &crate::store::Connection, user_id: &UserId) -> Result<Value> {
     let mut c = json!({ "membership": "join" });
     if let Some(u) = q::get_user(conn, user_id.as_str())? {
         if let Some(d) = u.displayname {
@@ -335,10 +388,7 @@ pub async fn set_membership(
                 None,
             )?;
             if m == "join" {
-                tx.execute(
-                    "DELETE FROM forgotten_rooms WHERE user_id = ?1 AND room_id = ?2",
-                    [t.as_str(), rid.as_str()],
-                )?;
+                q::delete_forgotten_room(tx, t.as_str(), rid.as_str())?;
             }
             Ok(p.event_id.to_string())
         })
@@ -477,10 +527,7 @@ pub async fn forget(mut req: Req) -> Result<Response> {
                     "You must leave the room before forgetting it",
                 ));
             }
-            tx.execute(
-                "INSERT OR IGNORE INTO forgotten_rooms (user_id, room_id) VALUES (?1, ?2)",
-                [&uid, &rid],
-            )?;
+            q::insert_forgotten_room(tx, &uid, &rid)?;
             Ok(())
         })
         .await?;
@@ -653,7 +700,7 @@ pub async fn delete_alias(mut req: Req) -> Result<Response> {
 
 /// Whether a joined user's power level allows sending the given state event type.
 fn can_send_state(
-    conn: &rusqlite::Connection,
+    conn: &crate::store::Connection,
     room_id: &str,
     user_id: &str,
     kind: &str,
@@ -729,7 +776,7 @@ pub async fn set_visibility(mut req: Req) -> Result<Response> {
 }
 
 /// One public room directory entry, from the room's current state.
-fn directory_entry(conn: &rusqlite::Connection, room_id: &str) -> Result<Value> {
+fn directory_entry(conn: &crate::store::Connection, room_id: &str) -> Result<Value> {
     let get = |kind: &str, field: &str| -> Result<Option<Value>> {
         Ok(current_content(conn, room_id, kind, "")?.and_then(|c| c.get(field).cloned()))
     };

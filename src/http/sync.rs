@@ -22,8 +22,8 @@ use std::{
     time::Duration,
 };
 
+use crate::store::Connection;
 use futures_lite::FutureExt;
-use rusqlite::Connection;
 use serde_json::{json, Map, Value};
 use tide::Response;
 

@@ -487,7 +487,7 @@ pub fn init_push_rules(tx: &mut Tx<'_>, user: &UserId) -> Result<()> {
     )
 }
 
-fn load_rules(conn: &rusqlite::Connection, user: &UserId) -> Result<Ruleset> {
+fn load_rules(conn: &crate::store::Connection, user: &UserId) -> Result<Ruleset> {
     match q::get_account_data(conn, user.as_str(), "", "m.push_rules")? {
         Some(s) => {
             let v: Value = serde_json::from_str(&s)?;
@@ -661,19 +661,10 @@ pub async fn search_users(mut req: Req) -> Result<Response> {
         .state()
         .store
         .read(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT DISTINCT u.user_id, u.displayname, u.avatar_url
-                 FROM users u JOIN current_state m ON m.type = 'm.room.member' AND m.state_key = u.user_id AND m.membership = 'join'
-                 WHERE u.deactivated = 0
-                   AND (m.room_id IN (SELECT room_id FROM current_state WHERE type = 'm.room.member' AND state_key = ?1 AND membership = 'join')
-                        OR m.room_id IN (SELECT room_id FROM rooms WHERE is_public = 1))
-                   AND (instr(lower(u.user_id), ?2) > 0 OR instr(lower(coalesce(u.displayname, '')), ?2) > 0)
-                 ORDER BY u.user_id LIMIT ?3",
-            )?;
-            let rows = stmt.query_map(rusqlite::params![me, term, limit as i64 + 1], |r| {
-                Ok(json!({ "user_id": r.get::<_, String>(0)?, "display_name": r.get::<_, Option<String>>(1)?, "avatar_url": r.get::<_, Option<String>>(2)? }))
-            })?;
-            let mut all: Vec<Value> = rows.collect::<rusqlite::Result<_>>()?;
+            let mut all: Vec<Value> = q::search_user_directory(c, &me, &term, limit + 1)?
+                .into_iter()
+                .map(|u| json!({ "user_id": u.user_id, "display_name": u.displayname, "avatar_url": u.avatar_url }))
+                .collect();
             let limited = all.len() > limit;
             all.truncate(limit);
             Ok((all, limited))

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::store::Connection;
 use ruma::{
     canonical_json::redact,
     events::{StateEventType, TimelineEventType},
@@ -15,7 +16,6 @@ use ruma::{
     CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedServerName, RoomId, RoomVersionId,
     UserId,
 };
-use rusqlite::Connection;
 use serde_json::{json, Value};
 
 use super::{power::PowerLevels, state, Pdu, SigningKey};

@@ -2,7 +2,7 @@
 //! spec): the PDU's public fields plus `unsigned` (`age`, `transaction_id` for the sending
 //! device, `prev_content`/`replaces_state` for state, `redacted_because`).
 
-use rusqlite::Connection;
+use crate::store::Connection;
 use serde_json::{json, Map, Value};
 
 use crate::{

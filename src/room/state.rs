@@ -6,13 +6,13 @@
 
 use std::collections::HashMap;
 
+use crate::store::Connection;
 use ruma::{
     events::StateEventType,
     room_version_rules::RoomVersionRules,
     state_res::{self, utils::event_id_set::EventIdSet},
     OwnedEventId,
 };
-use rusqlite::Connection;
 
 use super::build::{load_pdu, Lookups};
 use crate::{

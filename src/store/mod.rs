@@ -20,13 +20,22 @@ pub mod writer;
 use std::{path::Path, sync::Arc};
 
 use r2d2_sqlite::SqliteConnectionManager;
-use rusqlite::Connection;
 
 pub use writer::{Tx, Writer};
 
 use crate::{error::Result, notify::Notifier, Clock};
 
 pub type Pool = r2d2::Pool<SqliteConnectionManager>;
+
+/// The read handle a `Store::read` closure gets (and a write closure, through `Tx`'s deref).
+/// Code outside `store/` names it, and passes it to `store::queries`; it never runs SQL on it.
+pub use rusqlite::Connection;
+
+impl From<rusqlite::Error> for crate::error::Error {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::internal(format_args!("database: {e}"))
+    }
+}
 
 #[derive(Clone)]
 pub struct Store {

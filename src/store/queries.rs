@@ -1155,3 +1155,124 @@ pub fn get_invite_state(conn: &Connection, room_id: &str, user_id: &str) -> Resu
         .query_row([room_id, user_id], |r| r.get(0))
         .optional()?)
 }
+
+// ---------------------------------------------------------------- moved from handlers
+
+pub fn insert_room(
+    conn: &Connection,
+    room_id: &str,
+    version: &str,
+    creator: &str,
+    public: bool,
+    now_ms: i64,
+) -> Result<()> {
+    conn.execute(
+        "INSERT INTO rooms (room_id, room_version, creator, is_public, created_ts) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![room_id, version, creator, public, now_ms],
+    )?;
+    Ok(())
+}
+
+pub fn delete_forgotten_room(conn: &Connection, user_id: &str, room_id: &str) -> Result<()> {
+    conn.execute(
+        "DELETE FROM forgotten_rooms WHERE user_id = ?1 AND room_id = ?2",
+        [user_id, room_id],
+    )?;
+    Ok(())
+}
+
+pub fn insert_forgotten_room(conn: &Connection, user_id: &str, room_id: &str) -> Result<()> {
+    conn.execute(
+        "INSERT OR IGNORE INTO forgotten_rooms (user_id, room_id) VALUES (?1, ?2)",
+        [user_id, room_id],
+    )?;
+    Ok(())
+}
+
+/// A user's membership row in the current state: (membership, pos).
+pub fn get_membership_pos(
+    conn: &Connection,
+    room_id: &str,
+    user_id: &str,
+) -> Result<Option<(String, i64)>> {
+    Ok(conn
+        .query_row(
+            "SELECT membership, pos FROM current_state WHERE room_id = ?1 AND type = 'm.room.member' AND state_key = ?2",
+            [room_id, user_id],
+            |r| Ok((r.get::<_, Option<String>>(0)?.unwrap_or_default(), r.get(1)?)),
+        )
+        .optional()?)
+}
+
+/// The stream position of a user's first membership event in the room whose membership is
+/// `wanted` or `join`.
+pub fn get_first_membership_pos(
+    conn: &Connection,
+    room_id: &str,
+    user_id: &str,
+    wanted: &str,
+) -> Result<Option<i64>> {
+    Ok(conn.query_row(
+        "SELECT min(pos) FROM events WHERE room_id = ?1 AND type = 'm.room.member' AND state_key = ?2
+         AND (json_extract(json, '$.content.membership') = ?3 OR json_extract(json, '$.content.membership') = 'join')",
+        params![room_id, user_id, wanted],
+        |r| r.get::<_, Option<i64>>(0),
+    )?)
+}
+
+/// Whether the user was ever joined to the room.
+pub fn was_ever_joined(conn: &Connection, room_id: &str, user_id: &str) -> Result<bool> {
+    Ok(conn
+        .query_row(
+            "SELECT 1 FROM events WHERE room_id = ?1 AND type = 'm.room.member' AND state_key = ?2
+             AND json_extract(json, '$.content.membership') = 'join' LIMIT 1",
+            [room_id, user_id],
+            |_| Ok(true),
+        )
+        .optional()?
+        .unwrap_or(false))
+}
+
+/// Uses one registration token if it is valid now; false if it is unknown, used up or expired.
+pub fn use_registration_token(conn: &Connection, token: &str, now_ms: i64) -> Result<bool> {
+    let n = conn.execute(
+        "UPDATE registration_tokens SET completed = completed + 1
+         WHERE token = ?1 AND (uses_allowed IS NULL OR completed < uses_allowed) AND (expiry_ts IS NULL OR expiry_ts > ?2)",
+        params![token, now_ms],
+    )?;
+    Ok(n > 0)
+}
+
+/// A user directory hit.
+pub struct DirectoryUser {
+    pub user_id: String,
+    pub displayname: Option<String>,
+    pub avatar_url: Option<String>,
+}
+
+/// Users who share a room with `me` or are in a public room, matching `term` (lowercase) in
+/// their ID or display name, at most `limit`.
+pub fn search_user_directory(
+    conn: &Connection,
+    me: &str,
+    term: &str,
+    limit: usize,
+) -> Result<Vec<DirectoryUser>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT DISTINCT u.user_id, u.displayname, u.avatar_url
+         FROM users u JOIN current_state m ON m.type = 'm.room.member' AND m.state_key = u.user_id AND m.membership = 'join'
+         WHERE u.deactivated = 0
+           AND (m.room_id IN (SELECT room_id FROM current_state WHERE type = 'm.room.member' AND state_key = ?1 AND membership = 'join')
+                OR m.room_id IN (SELECT room_id FROM rooms WHERE is_public = 1))
+           AND (instr(lower(u.user_id), ?2) > 0 OR instr(lower(coalesce(u.displayname, '')), ?2) > 0)
+         ORDER BY u.user_id LIMIT ?3",
+    )?;
+    let rows = stmt.query_map(params![me, term, limit as i64], |r| {
+        Ok(DirectoryUser {
+            user_id: r.get(0)?,
+            displayname: r.get(1)?,
+            avatar_url: r.get(2)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}

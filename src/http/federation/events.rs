@@ -41,7 +41,7 @@ pub async fn get_event(mut req: Req) -> Result<Response> {
 /// the event's state group with its own change undone. Event IDs, and the auth chain of the
 /// state.
 fn state_before_event(
-    c: &rusqlite::Connection,
+    c: &crate::store::Connection,
     room_id: &str,
     event_id: &str,
     origin: &str,
@@ -73,7 +73,7 @@ fn state_before_event(
     Ok((ids, chain))
 }
 
-fn raw_events(c: &rusqlite::Connection, ids: &[String]) -> Result<Vec<Box<RawValue>>> {
+fn raw_events(c: &crate::store::Connection, ids: &[String]) -> Result<Vec<Box<RawValue>>> {
     q::get_events(c, ids)?
         .into_iter()
         .map(|r| RawValue::from_string(r.json).map_err(Error::from))

@@ -383,3 +383,36 @@ fn account_data_is_bounded_by_the_responses_upper_position() {
     // ...because the next one, from `before`, carries it (once).
     assert_eq!(types(Some(before), after), vec!["org.example.late"]);
 }
+
+#[test]
+fn sync_parameters_are_parsed_by_the_spec_types() {
+    let s = TestServer::start();
+    let (_, tok) = s.register("erin");
+    for q in [
+        "timeout=abc",
+        "full_state=maybe",
+        "set_presence=dancing",
+        "since=garbage",
+    ] {
+        let (status, v) = s.req(
+            "GET",
+            &format!("/_matrix/client/v3/sync?{q}"),
+            Some(&tok),
+            None,
+        );
+        assert_eq!(
+            (status, v["errcode"].as_str()),
+            (400, Some("M_INVALID_PARAM")),
+            "{q}: {v}"
+        );
+    }
+    let (status, v) = s.req(
+        "GET",
+        &format!("/_matrix/client/v3/sync?filter={}", enc("{\"room\": 5}")),
+        Some(&tok),
+        None,
+    );
+    assert_eq!(status, 400, "{v}");
+    // Valid ones still work.
+    s.sync(&tok, "timeout=0&full_state=true&set_presence=offline");
+}

@@ -24,6 +24,7 @@ use std::{
 
 use crate::store::Connection;
 use futures_lite::FutureExt;
+use ruma::api::client::sync::sync_events;
 use serde_json::{json, Map, Value};
 use tide::Response;
 
@@ -132,25 +133,29 @@ pub fn parse_since(t: &str) -> Result<Since> {
 }
 
 /// # `GET /_matrix/client/v3/sync`
-pub async fn sync(req: Req) -> Result<Response> {
+pub async fn sync(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     let app = req.state().clone();
-    let get = |k: &str| {
-        req.url()
-            .query_pairs()
-            .find(|(q, _)| q == k)
-            .map(|(_, v)| v.into_owned())
-    };
-    let since = get("since").map(|s| parse_since(&s)).transpose()?;
-    let timeout = match get("timeout") {
-        Some(t) => t
-            .parse::<u64>()
-            .map_err(|_| Error::invalid_param("timeout must be an integer"))?,
-        None => 0,
-    }
-    .min(MAX_TIMEOUT_MS);
-    let full_state = matches!(get("full_state").as_deref(), Some("true"));
-    let filter_param = get("filter");
+    // ruma's request type validates every parameter (types, the filter's shape); the filter
+    // is then read from the raw query (an ID or inline JSON) into `SyncFilter`.
+    let parsed: sync_events::v3::Request = super::ruma_req(&mut req, &[]).await?;
+    super::known_query(
+        "set_presence",
+        parsed.set_presence.as_str(),
+        &["online", "offline", "unavailable"],
+    )?;
+    let since = parsed.since.as_deref().map(parse_since).transpose()?;
+    let timeout = parsed
+        .timeout
+        .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+        .min(MAX_TIMEOUT_MS);
+    let full_state = parsed.full_state;
+    let filter_param = req
+        .url()
+        .query_pairs()
+        .find(|(q, _)| q == "filter")
+        .map(|(_, v)| v.into_owned());
     let filter = load_filter(&app, &who, filter_param.clone()).await?;
     let deadline = std::time::Instant::now() + Duration::from_millis(timeout);
     // The topics this poll watches, kept across wake-ups while the user's rooms stay the same.
@@ -219,6 +224,10 @@ async fn load_filter(app: &App, who: &Authed, f: Option<String>) -> Result<SyncF
         });
     };
     let v: Value = if f.trim_start().starts_with('{') {
+        // The spec's shape (ruma's `FilterDefinition`), not just any JSON: ruma's query parser
+        // takes a filter that is not a valid definition for a filter ID.
+        serde_json::from_str::<ruma::api::client::filter::FilterDefinition>(&f)
+            .map_err(|e| Error::invalid_param(format!("filter: {e}")))?;
         serde_json::from_str(&f).map_err(|e| Error::not_json(format!("filter: {e}")))?
     } else {
         let id: i64 = f

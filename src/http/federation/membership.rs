@@ -23,34 +23,48 @@ use crate::{
 /// # `GET /_matrix/federation/v1/make_join/{roomId}/{userId}`
 pub async fn make_join(mut req: Req) -> Result<Response> {
     let o = origin::<prepare_join_event::v1::Request>(&mut req, &["room_id", "user_id"]).await?;
+    // No `ver` means the server only knows version 1 (spec).
+    let ver = if o.req.ver.is_empty() {
+        vec![RoomVersionId::V1]
+    } else {
+        o.req.ver.clone()
+    };
+    let (room, user) = (o.req.room_id.clone(), o.req.user_id.clone());
+    template(&req, &o.origin, room, user, "join", Some(ver)).await
+}
+
+/// The unsigned membership event `/make_join` and `/make_leave` hand out, built on the
+/// room's current extremities and checked against the auth rules; `versions`: those the
+/// requesting server supports (`M_INCOMPATIBLE_ROOM_VERSION` otherwise).
+async fn template(
+    req: &Req,
+    origin: &ruma::ServerName,
+    room_id: ruma::OwnedRoomId,
+    user_id: ruma::OwnedUserId,
+    membership: &'static str,
+    versions: Option<Vec<RoomVersionId>>,
+) -> Result<Response> {
     let app = req.state().clone();
-    let r = o.req;
-    if r.user_id.server_name() != o.origin {
+    if user_id.server_name() != origin {
         return Err(Error::forbidden(
             "The user is not from the requesting server",
         ));
     }
     let (origin, us, now) = (
-        o.origin.to_string(),
+        origin.to_string(),
         app.server_name.to_string(),
         app.clock.now_ms(),
     );
     let (version, event) = app
         .store
         .read(move |c| {
-            if q::get_room_version(c, r.room_id.as_str())?.is_none()
-                || !q::list_room_servers(c, r.room_id.as_str(), "")?.contains(&us)
+            if q::get_room_version(c, room_id.as_str())?.is_none()
+                || !q::list_room_servers(c, room_id.as_str(), "")?.contains(&us)
             {
                 return Err(Error::not_found("This server is not in that room"));
             }
-            let version = build::room_version(c, &r.room_id)?;
-            // No `ver` means the server only knows version 1 (spec).
-            let supported = if r.ver.is_empty() {
-                vec![RoomVersionId::V1]
-            } else {
-                r.ver.clone()
-            };
-            if !supported.contains(&version) {
+            let version = build::room_version(c, &room_id)?;
+            if versions.is_some_and(|v| !v.contains(&version)) {
                 let mut e = Error::new(
                     400,
                     "M_INCOMPATIBLE_ROOM_VERSION",
@@ -65,11 +79,11 @@ pub async fn make_join(mut req: Req) -> Result<Response> {
             }
             let new = NewEvent::state(
                 "m.room.member",
-                r.user_id.as_str(),
-                json!({ "membership": "join" }),
+                user_id.as_str(),
+                json!({ "membership": membership }),
             );
-            let prepared = build::prepare(c, &origin, &r.room_id, &r.user_id, new, None, now)?;
-            build::check_prepared(c, &r.room_id, &prepared)?;
+            let prepared = build::prepare(c, &origin, &room_id, &user_id, new, None, now)?;
+            build::check_prepared(c, &room_id, &prepared)?;
             Ok((version, prepared.pdu))
         })
         .await?;
@@ -84,25 +98,10 @@ pub async fn send_join_v2(mut req: Req) -> Result<Response> {
     let o = origin::<create_join_event::v2::Request>(&mut req, &["room_id", "event_id"]).await?;
     let app = req.state().clone();
     let r = o.req;
-    let (room_id, version) = room_of(&app, &r.pdu).await?;
-    if room_id != r.room_id {
-        return Err(Error::bad_json("The event is for another room"));
-    }
-    let inc = verify_pdu(&app, &r.pdu, &version).await?;
+    let (inc, version) =
+        own_membership(&app, &o.origin, &r.room_id, &r.event_id, &r.pdu, "join").await?;
+    let room_id = r.room_id.clone();
     let pdu = &inc.pdu;
-    let content: Value = serde_json::from_str(pdu.content.get())?;
-    if pdu.event_id != r.event_id
-        || pdu.kind.to_string() != "m.room.member"
-        || pdu.state_key.as_deref() != Some(pdu.sender.as_str())
-        || content.get("membership").and_then(Value::as_str) != Some("join")
-    {
-        return Err(Error::bad_json("Not a join event for this request"));
-    }
-    if pdu.sender.server_name() != o.origin {
-        return Err(Error::forbidden(
-            "The joining user is not from the requesting server",
-        ));
-    }
     let prevs: Vec<OwnedEventId> = pdu.prev_events.clone();
     let join_id = pdu.event_id.to_string();
     match app.store.write(move |tx| receive::commit(tx, &inc)).await? {
@@ -250,38 +249,8 @@ pub async fn invite_v2(mut req: Req) -> Result<Response> {
 pub async fn make_leave(mut req: Req) -> Result<Response> {
     use ruma::api::federation::membership::prepare_leave_event;
     let o = origin::<prepare_leave_event::v1::Request>(&mut req, &["room_id", "user_id"]).await?;
-    let app = req.state().clone();
-    let r = o.req;
-    if r.user_id.server_name() != o.origin {
-        return Err(Error::forbidden(
-            "The user is not from the requesting server",
-        ));
-    }
-    let (origin, us, now) = (
-        o.origin.to_string(),
-        app.server_name.to_string(),
-        app.clock.now_ms(),
-    );
-    let (version, event) = app
-        .store
-        .read(move |c| {
-            if q::get_room_version(c, r.room_id.as_str())?.is_none()
-                || !q::list_room_servers(c, r.room_id.as_str(), "")?.contains(&us)
-            {
-                return Err(Error::not_found("This server is not in that room"));
-            }
-            let version = build::room_version(c, &r.room_id)?;
-            let new = NewEvent::state(
-                "m.room.member",
-                r.user_id.as_str(),
-                json!({ "membership": "leave" }),
-            );
-            let prepared = build::prepare(c, &origin, &r.room_id, &r.user_id, new, None, now)?;
-            build::check_prepared(c, &r.room_id, &prepared)?;
-            Ok((version, prepared.pdu))
-        })
-        .await?;
-    json(&json!({ "room_version": version.as_str(), "event": event }))
+    let (room, user) = (o.req.room_id.clone(), o.req.user_id.clone());
+    template(&req, &o.origin, room, user, "leave", None).await
 }
 
 /// # `PUT /_matrix/federation/v2/send_leave/{roomId}/{eventId}`
@@ -290,25 +259,8 @@ pub async fn send_leave_v2(mut req: Req) -> Result<Response> {
     let o = origin::<create_leave_event::v2::Request>(&mut req, &["room_id", "event_id"]).await?;
     let app = req.state().clone();
     let r = o.req;
-    let (room_id, version) = room_of(&app, &r.pdu).await?;
-    if room_id != r.room_id {
-        return Err(Error::bad_json("The event is for another room"));
-    }
-    let inc = verify_pdu(&app, &r.pdu, &version).await?;
-    let pdu = &inc.pdu;
-    let content: Value = serde_json::from_str(pdu.content.get())?;
-    if pdu.event_id != r.event_id
-        || pdu.kind.to_string() != "m.room.member"
-        || pdu.state_key.as_deref() != Some(pdu.sender.as_str())
-        || content.get("membership").and_then(Value::as_str) != Some("leave")
-    {
-        return Err(Error::bad_json("Not a leave event for this request"));
-    }
-    if pdu.sender.server_name() != o.origin {
-        return Err(Error::forbidden(
-            "The leaving user is not from the requesting server",
-        ));
-    }
+    let (inc, _) =
+        own_membership(&app, &o.origin, &r.room_id, &r.event_id, &r.pdu, "leave").await?;
     // The leave concerns the other servers in the room too: queue it for them in the same
     // write (the leaving server has it already).
     let (us, theirs) = (app.server_name.to_string(), o.origin.to_string());
@@ -327,4 +279,38 @@ pub async fn send_leave_v2(mut req: Req) -> Result<Response> {
         })
         .await?;
     json(&json!({}))
+}
+
+/// A `/send_join` or `/send_leave` body, checked: for this room and event ID, signed, and the
+/// requesting server's user changing their own membership to `membership`.
+async fn own_membership(
+    app: &crate::App,
+    origin: &ruma::ServerName,
+    room_id: &ruma::RoomId,
+    event_id: &ruma::EventId,
+    raw: &RawValue,
+    membership: &str,
+) -> Result<(receive::Incoming, RoomVersionId)> {
+    let (room, version) = room_of(app, raw).await?;
+    if room != room_id {
+        return Err(Error::bad_json("The event is for another room"));
+    }
+    let inc = verify_pdu(app, raw, &version).await?;
+    let pdu = &inc.pdu;
+    let content: Value = serde_json::from_str(pdu.content.get())?;
+    if pdu.event_id != event_id
+        || pdu.kind.to_string() != "m.room.member"
+        || pdu.state_key.as_deref() != Some(pdu.sender.as_str())
+        || content.get("membership").and_then(Value::as_str) != Some(membership)
+    {
+        return Err(Error::bad_json(format!(
+            "Not a {membership} event for this request"
+        )));
+    }
+    if pdu.sender.server_name() != origin {
+        return Err(Error::forbidden(
+            "The user is not from the requesting server",
+        ));
+    }
+    Ok((inc, version))
 }

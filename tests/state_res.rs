@@ -435,3 +435,28 @@ fn a_version_1_database_is_upgraded_with_its_event_graph() {
     assert_eq!(row, (1234, Some("rejected".to_owned()), 0));
     app.store.close().unwrap();
 }
+
+/// A database error while reading the create event is an error, not a room without a creator
+/// (which would give its creator power 0 and turn their requests into 403s).
+#[test]
+fn a_failed_read_is_not_a_missing_creator() {
+    let mut conn = rusqlite::Connection::open_in_memory().expect("in-memory database");
+    hearth::store::migrate::migrate(&mut conn).expect("schema");
+    conn.execute(
+        "INSERT INTO current_state (room_id, type, state_key, event_id, membership, pos)
+         VALUES ('!r:x', 'm.room.create', '', '$c', NULL, 1)",
+        [],
+    )
+    .expect("insert");
+    // Readable: the create event is simply not there.
+    assert_eq!(
+        build::power_levels(&conn, "!r:x")
+            .expect("levels")
+            .user("@a:x"),
+        0
+    );
+    // Unreadable: the error comes back.
+    conn.execute_batch("ALTER TABLE events RENAME TO events_unreadable")
+        .expect("rename");
+    assert!(build::power_levels(&conn, "!r:x").is_err());
+}

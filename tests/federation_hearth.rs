@@ -482,3 +482,74 @@ fn declining_an_invite_goes_through_the_inviting_server() {
     assert!(v["rooms"]["leave"].get(&room).is_some(), "{v}");
     assert!(v["rooms"]["invite"].get(&room).is_none(), "{v}");
 }
+
+#[test]
+fn three_servers_a_join_through_the_resident_reaches_the_third_and_messages_reach_all() {
+    let p = pair(); // a hosts, b joined through a
+    let c = Hearth::start();
+    let (carol, carol_tok) = register(&c.url(), "carol");
+    let carol: OwnedUserId = carol.as_str().try_into().unwrap();
+    let via: OwnedServerName = p.a.server_name().as_str().try_into().unwrap();
+    smol::block_on(hearth::ops::federation::join_remote(
+        c.hs.app(),
+        &carol,
+        &p.room,
+        &[via],
+    ))
+    .expect("c joins through a");
+    let member_on_b = |who: &OwnedUserId| -> Option<String> {
+        let (r, u) = (p.room.to_string(), who.to_string());
+        smol::block_on(
+            p.b.hs
+                .app()
+                .store
+                .read(move |c| q::get_membership(c, &r, &u)),
+        )
+        .unwrap()
+    };
+    // a forwards carol's join (b never talked to c).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while member_on_b(&carol).as_deref() != Some("join") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "b never learnt of carol's join"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // Carol speaks from c: it reaches a and b directly.
+    let (s, v) = curl(
+        "PUT",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/send/m.room.message/c1",
+            c.url(),
+            common::enc(p.room.as_str())
+        ),
+        Some(&carol_tok),
+        Some(&json!({ "msgtype": "m.text", "body": "hello from c" })),
+    );
+    assert_eq!(s, 200, "{v}");
+    let event: OwnedEventId = v["event_id"].as_str().unwrap().try_into().unwrap();
+    for (name, server) in [("a", &p.a), ("b", &p.b)] {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let id = event.to_string();
+            let held = smol::block_on(
+                server
+                    .hs
+                    .app()
+                    .store
+                    .read(move |c| Ok(q::get_event(c, &id)?.is_some())),
+            )
+            .unwrap();
+            if held {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name} never got carol's message"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+    let _ = (&p.alice_tok, &p.bob);
+}

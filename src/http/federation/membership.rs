@@ -104,7 +104,22 @@ pub async fn send_join_v2(mut req: Req) -> Result<Response> {
     let pdu = &inc.pdu;
     let prevs: Vec<OwnedEventId> = pdu.prev_events.clone();
     let join_id = pdu.event_id.to_string();
-    match app.store.write(move |tx| receive::commit(tx, &inc)).await? {
+    // The joining server knows only us: the join goes to the room's other servers from here,
+    // queued in the same write that accepts it.
+    let (us, joiner) = (app.server_name.to_string(), o.origin.to_string());
+    let outcome = app
+        .store
+        .write(move |tx| {
+            let out = receive::commit(tx, &inc)?;
+            if let Ok(Outcome::Accepted(_)) = out {
+                let mut dests = q::list_room_servers(tx, inc.pdu.room_id.as_str(), &us)?;
+                dests.retain(|d| *d != joiner);
+                q::insert_outbox_pdu(tx, &dests, inc.pdu.event_id.as_str())?;
+            }
+            Ok(out)
+        })
+        .await?;
+    match outcome {
         Ok(Outcome::Accepted(_)) | Ok(Outcome::Duplicate) => {}
         Ok(other) => return Err(Error::forbidden(format!("Join not accepted: {other:?}"))),
         Err(missing) => {

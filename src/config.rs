@@ -108,12 +108,17 @@ pub struct FederationConfig {
     /// Check remote servers' TLS certificates against the Web PKI. Turn off only for tests
     /// with self-signed peers (`--insecure-federation-tls`); Hearth warns at start.
     pub verify_certificates: bool,
+    /// Where other servers should connect (`host[:port]`), served as `m.server` at
+    /// `/.well-known/matrix/server` when Hearth answers for the server name's host itself
+    /// (e.g. `"matrix.example.org:443"`). Unset: that path is 404 and servers use port 8448.
+    pub well_known_server: Option<String>,
 }
 
 impl Default for FederationConfig {
     fn default() -> Self {
         Self {
             verify_certificates: true,
+            well_known_server: None,
         }
     }
 }

@@ -227,3 +227,21 @@ fn a_non_ascii_header_value_gets_an_error_not_a_panic() {
     );
     assert_eq!(status, 200);
 }
+
+#[test]
+fn well_known_server_delegates_only_when_configured() {
+    let s = TestServer::start();
+    s.err(
+        "GET",
+        "/.well-known/matrix/server",
+        None,
+        None,
+        404,
+        "M_NOT_FOUND",
+    );
+    let s = TestServer::start_with(|c| {
+        c.federation.well_known_server = Some("matrix.example.org:443".into());
+    });
+    let v = s.ok("GET", "/.well-known/matrix/server", None, None);
+    assert_eq!(v["m.server"], "matrix.example.org:443");
+}

@@ -6,7 +6,10 @@ use tide::Response;
 use ruma::api::client::discovery::{discover_homeserver, get_capabilities, get_supported_versions};
 
 use super::{auth, json, ruma_req, Req};
-use crate::{error::Result, room::SUPPORTED_VERSIONS};
+use crate::{
+    error::{Error, Result},
+    room::SUPPORTED_VERSIONS,
+};
 
 /// The Client-Server API versions `/versions` claims.
 ///
@@ -54,6 +57,16 @@ pub async fn capabilities(mut req: Req) -> Result<Response> {
 pub async fn well_known_client(mut req: Req) -> Result<Response> {
     let _: discover_homeserver::Request = ruma_req(&mut req, &[]).await?;
     json(&json!({ "m.homeserver": { "base_url": super::base_url(&req) } }))
+}
+
+/// # `GET /.well-known/matrix/server`
+///
+/// Server delegation, when configured (`federation.well_known_server`).
+pub async fn well_known_server(req: Req) -> Result<Response> {
+    match &req.state().config.federation.well_known_server {
+        Some(s) => json(&json!({ "m.server": s })),
+        None => Err(Error::not_found("No server delegation is configured")),
+    }
 }
 
 /// # `GET /_hearth/metrics` (Prometheus text format)

@@ -366,6 +366,8 @@ pub fn routes(app: App) -> tide::Server<App> {
     s.at("/_matrix/client/versions").get(c(misc::versions));
     s.at("/_hearth/metrics").get(c(misc::metrics));
     s.at("/_hearth/health").get(h(misc::health));
+    s.at("/.well-known/matrix/server")
+        .get(c(misc::well_known_server));
     s.at("/.well-known/matrix/client")
         .get(c(misc::well_known_client));
     client!(s, get "/capabilities" => c(misc::capabilities));

@@ -48,30 +48,7 @@ struct FakeDest {
 impl FakeDest {
     fn start(mode: Mode) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-        let ok = std::process::Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-            ])
-            .args(["-nodes", "-days", "1"])
-            .args([
-                "-subj",
-                "/CN=127.0.0.1",
-                "-addext",
-                "subjectAltName=IP:127.0.0.1",
-            ])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .output()
-            .expect("openssl is installed");
-        assert!(ok.status.success());
+        let (cert, key) = common::fed::self_signed_cert(dir.path());
         let mut c = common::config_in(dir.path());
         c.tls_cert = Some(cert);
         c.tls_key = Some(key);

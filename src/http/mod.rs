@@ -188,6 +188,43 @@ pub async fn ruma_req_compat<R: IncomingRequest>(
     ruma_req_inner(req, params, Some(fix)).await
 }
 
+/// The tide request as an `http::Request` with `body`: what ruma's parsers (and X-Matrix
+/// verification) take.
+pub fn http_request<B>(req: &Req, body: B) -> Result<http::Request<B>> {
+    let url = req.url();
+    let uri = match url.query() {
+        Some(q) => format!("{}?{}", url.path(), q),
+        None => url.path().to_owned(),
+    };
+    let mut builder = http::Request::builder()
+        .method(req.method().as_ref())
+        .uri(uri);
+    for (name, values) in req.iter() {
+        for v in values.iter() {
+            builder = builder.header(name.as_str(), v.as_str());
+        }
+    }
+    builder
+        .body(body)
+        .map_err(|e| Error::invalid_param(format!("bad request: {e}")))
+}
+
+/// The Matrix error for a request ruma's parser refused.
+pub fn parse_error(e: FromHttpRequestError) -> Error {
+    match e {
+        FromHttpRequestError::Deserialization(d) => match d {
+            DeserializationError::Utf8(e) => Error::not_json(format!("Content not JSON: {e}")),
+            DeserializationError::Json(e) => Error::bad_json(e.to_string()),
+            // Path parameters are deserialised with the query's error type.
+            DeserializationError::Query(e) => Error::invalid_param(e.to_string()),
+            DeserializationError::Ident(e) => Error::invalid_param(e.to_string()),
+            DeserializationError::Header(e) => Error::invalid_param(e.to_string()),
+            e => Error::bad_json(e.to_string()),
+        },
+        e => Error::unrecognized(e.to_string()),
+    }
+}
+
 async fn ruma_req_inner<R: IncomingRequest>(
     req: &mut Req,
     params: &[&str],
@@ -216,35 +253,9 @@ async fn ruma_req_inner<R: IncomingRequest>(
         // hand-written ones (state events, push rules) get the same.
         body = serde_json::to_vec(&json)?;
     }
-    let url = req.url();
-    let uri = match url.query() {
-        Some(q) => format!("{}?{}", url.path(), q),
-        None => url.path().to_owned(),
-    };
-    let mut builder = http::Request::builder()
-        .method(req.method().as_ref())
-        .uri(uri);
-    for (name, values) in req.iter() {
-        for v in values.iter() {
-            builder = builder.header(name.as_str(), v.as_str());
-        }
-    }
-    let http_req = builder
-        .body(&body[..])
-        .map_err(|e| Error::invalid_param(format!("bad request: {e}")))?;
+    let http_req = http_request(req, &body[..])?;
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let parsed = R::try_from_http_request(http_req, &args).map_err(|e| match e {
-        FromHttpRequestError::Deserialization(d) => match d {
-            DeserializationError::Utf8(e) => Error::not_json(format!("Content not JSON: {e}")),
-            DeserializationError::Json(e) => Error::bad_json(e.to_string()),
-            // Path parameters are deserialised with the query's error type.
-            DeserializationError::Query(e) => Error::invalid_param(e.to_string()),
-            DeserializationError::Ident(e) => Error::invalid_param(e.to_string()),
-            DeserializationError::Header(e) => Error::invalid_param(e.to_string()),
-            e => Error::bad_json(e.to_string()),
-        },
-        e => Error::unrecognized(e.to_string()),
-    })?;
+    let parsed = R::try_from_http_request(http_req, &args).map_err(parse_error)?;
     Ok((parsed, json))
 }
 

@@ -25,7 +25,8 @@ use crate::{
 /// How many events one PDU may pull in through `/get_missing_events` and `/event`.
 const MAX_FETCH: usize = 50;
 
-fn key_context(app: &App) -> KeyContext {
+/// What a key fetch needs, from the app (shared by inbound X-Matrix checks and PDU checks).
+pub fn key_context(app: &App) -> KeyContext {
     KeyContext {
         client: app.fed.client.clone(),
         store: app.store.clone(),
@@ -93,9 +94,40 @@ pub async fn room_of(app: &App, raw: &RawValue) -> Result<(OwnedRoomId, RoomVers
 
 /// Receives one PDU from `origin`: verify, commit; if events it needs are missing, fetch them
 /// from `origin` (bounded) and commit again.
-pub async fn receive_pdu(app: &App, origin: &ServerName, raw: &RawValue) -> Result<Outcome> {
-    let (room_id, version) = room_of(app, raw).await?;
-    let inc = verify_pdu(app, raw, &version).await?;
+///
+/// Also returns the PDU's event ID when it could be computed (for `/send`'s per-PDU results),
+/// so the PDU is parsed once.
+pub async fn receive_pdu(
+    app: &App,
+    origin: &ServerName,
+    raw: &RawValue,
+) -> (Option<OwnedEventId>, Result<Outcome>) {
+    let (room_id, version) = match room_of(app, raw).await {
+        Ok(rv) => rv,
+        Err(e) => return (None, Err(e)),
+    };
+    let inc = match verify_pdu(app, raw, &version).await {
+        Ok(inc) => inc,
+        Err(e) => {
+            let id = receive::parse(raw, &version).ok().map(|(_, id, _)| id);
+            return (id, Err(e));
+        }
+    };
+    let id = inc.pdu.event_id.clone();
+    (
+        Some(id),
+        commit_fetching(app, origin, &room_id, &version, inc).await,
+    )
+}
+
+/// Commits a verified PDU, fetching once (bounded) what it lacks from `origin`.
+async fn commit_fetching(
+    app: &App,
+    origin: &ServerName,
+    room_id: &OwnedRoomId,
+    version: &RoomVersionId,
+    inc: Incoming,
+) -> Result<Outcome> {
     let mut budget = MAX_FETCH;
     let mut fetched_once = false;
     loop {
@@ -111,7 +143,7 @@ pub async fn receive_pdu(app: &App, origin: &ServerName, raw: &RawValue) -> Resu
             Ok(outcome) => return Ok(outcome),
             Err(missing) if !fetched_once => {
                 fetched_once = true;
-                fetch_missing(app, origin, &room_id, &version, &inc, &missing, &mut budget).await?;
+                fetch_missing(app, origin, room_id, version, &inc, &missing, &mut budget).await?;
             }
             Err(missing) => {
                 return Err(Error::new(

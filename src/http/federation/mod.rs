@@ -15,11 +15,8 @@ use ruma::{
     OwnedServerName,
 };
 
-use super::{body_bytes, param, Req};
-use crate::{
-    error::{Error, Result},
-    fed::KeyContext,
-};
+use super::{body_bytes, http_request, param, parse_error, Req};
+use crate::error::{Error, Result};
 
 fn unauthorized(msg: impl Into<String>) -> Error {
     Error::new(401, "M_UNAUTHORIZED", msg)
@@ -54,27 +51,8 @@ pub async fn origin<R: IncomingRequest>(req: &mut Req, params: &[&str]) -> Resul
         .map(|p| param(req, p))
         .collect::<Result<Vec<_>>>()?;
     let body = body_bytes(req).await?;
-    let url = req.url();
-    let uri = match url.query() {
-        Some(q) => format!("{}?{}", url.path(), q),
-        None => url.path().to_owned(),
-    };
-    let mut builder = http::Request::builder()
-        .method(req.method().as_ref())
-        .uri(uri);
-    for (name, values) in req.iter() {
-        for v in values.iter() {
-            builder = builder.header(name.as_str(), v.as_str());
-        }
-    }
-    let http_req = builder
-        .body(body)
-        .map_err(|e| Error::bad_json(format!("bad request: {e}")))?;
-    let ctx = KeyContext {
-        client: app.fed.client.clone(),
-        store: app.store.clone(),
-        clock: app.clock.clone(),
-    };
+    let http_req = http_request(req, body)?;
+    let ctx = crate::ops::federation::key_context(&app);
     let keys = app
         .fed
         .keys
@@ -89,13 +67,7 @@ pub async fn origin<R: IncomingRequest>(req: &mut Req, params: &[&str]) -> Resul
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (parts, body) = http_req.into_parts();
     let parsed = R::try_from_http_request(http::Request::from_parts(parts, &body[..]), &args)
-        .map_err(|e| {
-            if !body.is_empty() && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
-                Error::not_json(format!("Content not JSON: {e}"))
-            } else {
-                Error::bad_json(e.to_string())
-            }
-        })?;
+        .map_err(parse_error)?;
     Ok(Origin {
         origin: xm.origin,
         req: parsed,

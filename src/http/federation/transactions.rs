@@ -86,8 +86,8 @@ async fn process(
         .map_err(|_| Error::bad_json("bad origin"))?;
     let mut out = Vec::new();
     for raw in pdus {
-        let id = event_id_of(app, &raw).await;
-        let result = match receive_pdu(app, &origin_name, &raw).await {
+        let (id, outcome) = receive_pdu(app, &origin_name, &raw).await;
+        let result = match outcome {
             Ok(Outcome::Accepted(_)) | Ok(Outcome::Duplicate) | Ok(Outcome::SoftFailed) => Ok(()),
             Ok(Outcome::Rejected(reason)) => Err(reason),
             Err(e) => Err(e.message),
@@ -204,12 +204,4 @@ fn receipt_rows(origin: &str, c: &serde_json::Value) -> Vec<ReceiptRow> {
         }
     }
     out
-}
-
-/// The event ID of a raw PDU, when it can be computed (for the per-PDU results).
-async fn event_id_of(app: &App, raw: &serde_json::value::RawValue) -> Option<OwnedEventId> {
-    let (_, version) = crate::ops::federation::room_of(app, raw).await.ok()?;
-    crate::room::receive::parse(raw, &version)
-        .ok()
-        .map(|(_, id, _)| id)
 }

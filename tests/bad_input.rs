@@ -121,6 +121,7 @@ fn malformed_requests_get_matrix_errors_never_500() {
             "/_matrix/client/v3/publicRooms?limit={id}&since={id}",
         ),
         ("POST", "/_matrix/client/v3/user_directory/search"),
+        ("GET", "/_matrix/client/v1/room_summary/{id}?via={id}"),
         ("PUT", "/_matrix/client/v3/devices/{id}"),
         ("DELETE", "/_matrix/client/v3/devices/{id}"),
         ("POST", "/_matrix/client/v3/delete_devices"),

@@ -11,6 +11,7 @@ pub mod events;
 pub mod federation;
 pub mod misc;
 pub mod rooms;
+pub mod summary;
 pub mod sync;
 pub mod user;
 
@@ -449,6 +450,12 @@ pub fn routes(app: App) -> tide::Server<App> {
     client!(s, get "/directory/list/room/:room_id" => c(rooms::get_visibility));
     client!(s, put "/directory/list/room/:room_id" => h(rooms::set_visibility));
     client!(s, get "/publicRooms" => c(rooms::public_rooms));
+    s.at("/_matrix/client/v1/room_summary/:room")
+        .get(c(summary::summary));
+    s.at("/_matrix/client/unstable/im.nheko.summary/rooms/:room/summary")
+        .get(c(summary::summary));
+    s.at("/_matrix/client/unstable/im.nheko.summary/summary/:room")
+        .get(c(summary::summary));
     client!(s, post "/publicRooms" => c(rooms::public_rooms));
 
     // events

@@ -396,7 +396,7 @@ pub async fn set_membership(
 }
 
 /// Resolves a local alias to its room.
-async fn resolve_alias(app: &App, alias: &RoomAliasId) -> Result<OwnedRoomId> {
+pub(super) async fn resolve_alias(app: &App, alias: &RoomAliasId) -> Result<OwnedRoomId> {
     let a = alias.to_string();
     let found = app.store.read(move |c| q::get_alias(c, &a)).await?;
     let (rid, _) = found.ok_or_else(|| Error::not_found("Room alias not found"))?;
@@ -681,21 +681,55 @@ pub async fn put_alias(mut req: Req) -> Result<Response> {
 pub async fn delete_alias(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     let body: delete_alias::v3::Request = ruma_req(&mut req, &["alias"]).await?;
-    let (a, u) = (body.room_alias.to_string(), who.user_id.to_string());
+    let (a, u) = (body.room_alias.to_string(), who.user_id.clone());
+    let local = req.state().local.clone();
     req.state()
         .store
         .write(move |tx| {
             let (room, creator) =
                 q::get_alias(tx, &a)?.ok_or_else(|| Error::not_found("Room alias not found"))?;
-            let admin = q::get_user(tx, &u)?.is_some_and(|r| r.is_admin);
-            if creator != u && !admin && !can_send_state(tx, &room, &u, "m.room.canonical_alias")? {
+            let admin = q::get_user(tx, u.as_str())?.is_some_and(|r| r.is_admin);
+            let may_send = can_send_state(tx, &room, u.as_str(), "m.room.canonical_alias")?;
+            if creator != u.as_str() && !admin && !may_send {
                 return Err(Error::forbidden("You may not delete this alias"));
             }
             q::delete_alias(tx, &a)?;
+            // As Synapse does: the room stops advertising the alias, in the same write, when
+            // the deleting user may send the event (otherwise the event is left as it is).
+            if may_send {
+                if let Some(content) = without_alias(tx, &room, &a)? {
+                    let rid = OwnedRoomId::try_from(room).map_err(Error::internal)?;
+                    let new = NewEvent::state("m.room.canonical_alias", "", content);
+                    build::send(tx, &local, &rid, &u, new, None)?;
+                }
+            }
             Ok(())
         })
         .await?;
     json(&json!({}))
+}
+
+/// The room's `m.room.canonical_alias` content without `alias` (as `alias` or in
+/// `alt_aliases`), or `None` when the event does not name it.
+fn without_alias(
+    conn: &crate::store::Connection,
+    room_id: &str,
+    alias: &str,
+) -> Result<Option<Value>> {
+    let Some(mut content) = current_content(conn, room_id, "m.room.canonical_alias", "")? else {
+        return Ok(None);
+    };
+    let mut named = false;
+    if content.get("alias").and_then(Value::as_str) == Some(alias) {
+        content.as_object_mut().map(|o| o.remove("alias"));
+        named = true;
+    }
+    if let Some(alts) = content.get_mut("alt_aliases").and_then(Value::as_array_mut) {
+        let before = alts.len();
+        alts.retain(|v| v.as_str() != Some(alias));
+        named |= alts.len() != before;
+    }
+    Ok(named.then_some(content))
 }
 
 /// Whether a joined user's power level allows sending the given state event type.
@@ -776,7 +810,7 @@ pub async fn set_visibility(mut req: Req) -> Result<Response> {
 }
 
 /// One public room directory entry, from the room's current state.
-fn directory_entry(conn: &crate::store::Connection, room_id: &str) -> Result<Value> {
+pub(super) fn directory_entry(conn: &crate::store::Connection, room_id: &str) -> Result<Value> {
     let get = |kind: &str, field: &str| -> Result<Option<Value>> {
         Ok(current_content(conn, room_id, kind, "")?.and_then(|c| c.get(field).cloned()))
     };

@@ -458,15 +458,18 @@ fn build(
             }
             "invite" if since.is_none() || mpos > since_pos => {
                 // A remote invite to a room we are not in: the stripped state it came with.
+                // Otherwise the room's, with the inviter's member event; then the invite itself.
+                let own = match q::get_current_state(c, &room, "m.room.member", user)? {
+                    Some(id) => q::get_event(c, &id)?,
+                    None => None,
+                };
                 let mut events = match q::get_invite_state(c, &room, user)? {
                     Some(s) => serde_json::from_str::<Vec<Value>>(&s).unwrap_or_default(),
-                    None => stripped_state(c, &room)?,
+                    None => stripped_state(c, &room, own.as_ref().map(|r| r.sender.as_str()))?,
                 };
-                if let Some(id) = q::get_current_state(c, &room, "m.room.member", user)? {
-                    if let Some(row) = q::get_event(c, &id)? {
-                        let v: Value = serde_json::from_str(&row.json)?;
-                        events.push(json!({ "type": "m.room.member", "state_key": user, "sender": v["sender"], "content": v["content"] }));
-                    }
+                if let Some(row) = own {
+                    let v: Value = serde_json::from_str(&row.json)?;
+                    events.push(json!({ "type": "m.room.member", "state_key": user, "sender": v["sender"], "content": v["content"] }));
                 }
                 invite.insert(room, json!({ "invite_state": { "events": events } }));
             }

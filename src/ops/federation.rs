@@ -378,7 +378,9 @@ pub async fn invite_remote(
                 crate::room::build::NewEvent::state("m.room.member", target.as_str(), content);
             let p = crate::room::build::prepare(c, &origin, &room, &who, new, None, now)?;
             crate::room::build::check_prepared(c, &room, &p)?;
-            Ok((p, crate::room::build::stripped_state(c, room.as_str())?))
+            let stripped =
+                crate::room::build::stripped_state(c, room.as_str(), Some(who.as_str()))?;
+            Ok((p, stripped))
         })
         .await?;
     let version = prepared.version.clone();

@@ -580,11 +580,16 @@ fn apply_redaction(
     q::set_event_redacted(conn, target, &serde_json::to_string(&redacted)?, by)
 }
 
-/// The state of a room as `(type, state_key) → content` for the given keys (used to build the
-/// stripped state of invites).
-pub fn stripped_state(conn: &Connection, room_id: &str) -> Result<Vec<Value>> {
+/// The stripped state an invite carries: the room's create event, join rules, name, avatar,
+/// canonical alias, encryption and topic, and the inviter's own member event (the spec
+/// recommends it and the matrix-rust-sdk shows "X invited you" from it, as Synapse sends it).
+pub fn stripped_state(
+    conn: &Connection,
+    room_id: &str,
+    inviter: Option<&str>,
+) -> Result<Vec<Value>> {
     let mut out = Vec::new();
-    for kind in [
+    let keys = [
         "m.room.create",
         "m.room.join_rules",
         "m.room.name",
@@ -592,11 +597,14 @@ pub fn stripped_state(conn: &Connection, room_id: &str) -> Result<Vec<Value>> {
         "m.room.canonical_alias",
         "m.room.encryption",
         "m.room.topic",
-    ] {
-        if let Some(id) = q::get_current_state(conn, room_id, kind, "")? {
+    ]
+    .map(|kind| (kind, ""));
+    let inviter = inviter.map(|i| ("m.room.member", i));
+    for (kind, key) in keys.into_iter().chain(inviter) {
+        if let Some(id) = q::get_current_state(conn, room_id, kind, key)? {
             if let Some(row) = q::get_event(conn, &id)? {
                 let v: Value = serde_json::from_str(&row.json)?;
-                out.push(json!({ "type": kind, "state_key": "", "sender": v["sender"], "content": v["content"] }));
+                out.push(json!({ "type": kind, "state_key": key, "sender": v["sender"], "content": v["content"] }));
             }
         }
     }

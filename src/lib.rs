@@ -267,7 +267,7 @@ impl Homeserver {
         password: Option<&str>,
         admin: bool,
     ) -> Result<OwnedUserId, String> {
-        smol::block_on(http::account::create_user(
+        smol::block_on(ops::account::create_user(
             &self.app, localpart, password, admin,
         ))
         .map_err(|e| e.to_string())

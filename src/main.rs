@@ -140,7 +140,7 @@ fn run(cli: Cli) -> Result<(), String> {
         }) => {
             let spawner = hearth::cancel::Spawner::new(Arc::new(async_executor::Executor::new()));
             let app = hearth::App::open(config, Arc::new(hearth::SystemClock), spawner)?;
-            let user = smol::block_on(hearth::http::account::create_user(
+            let user = smol::block_on(hearth::ops::account::create_user(
                 &app,
                 &name,
                 password.as_deref(),

@@ -69,7 +69,7 @@ fn ban_on_one_branch_beats_the_banned_users_topic_on_the_other() {
     let alice: OwnedUserId = "@alice:hearth.test".try_into().unwrap();
     let bob: OwnedUserId = "@bob:hearth.test".try_into().unwrap();
     for u in ["alice", "bob"] {
-        smol::block_on(hearth::http::account::create_user(&app, u, None, false)).unwrap();
+        smol::block_on(hearth::ops::account::create_user(&app, u, None, false)).unwrap();
     }
     let room: OwnedRoomId = "!fork:hearth.test".try_into().unwrap();
     let r = room.to_string();

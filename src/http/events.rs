@@ -6,24 +6,20 @@
 //! `world_readable` room. `visible_range` is the one place that decides.
 
 use crate::store::Connection;
-use ruma::{
-    api::{
-        client::{
-            context::get_context,
-            filter::RoomEventFilter,
-            membership::{get_member_events, joined_members},
-            message::{get_message_events, send_message_event},
-            redact::redact_event,
-            room::get_room_event,
-            state::{
-                get_state_event_for_key::{self, v3::StateEventFormat},
-                get_state_events, send_state_event,
-            },
+use ruma::api::{
+    client::{
+        context::get_context,
+        filter::RoomEventFilter,
+        membership::{get_member_events, joined_members},
+        message::{get_message_events, send_message_event},
+        redact::redact_event,
+        room::get_room_event,
+        state::{
+            get_state_event_for_key::{self, v3::StateEventFormat},
+            get_state_events, send_state_event,
         },
-        Direction,
     },
-    events::TimelineEventType,
-    OwnedRoomId, RoomVersionId,
+    Direction,
 };
 use serde_json::{json, Value};
 use tide::Response;
@@ -31,12 +27,12 @@ use tide::Response;
 use super::{auth, json, known_query, ruma_req, ruma_req_with_body, Authed, Req};
 use crate::{
     error::{Error, Result},
+    ops,
     room::{
-        build::{self, current_content, NewEvent, TxnRef},
+        build::{current_content, NewEvent},
         format::{client_event, client_events, Viewer},
     },
     store::queries::{self as q, EventRow},
-    App,
 };
 
 /// The stream positions `(lo, hi]` of a room's events this user may see.
@@ -88,47 +84,6 @@ fn viewer(who: &Authed) -> Viewer<'_> {
     }
 }
 
-/// Sends one event (message or state) from a client, deduplicated by transaction ID. Every
-/// check (membership, the aliases of `m.room.canonical_alias`) runs in the write closure that
-/// sends the event.
-async fn send_event(
-    app: &App,
-    who: &Authed,
-    room_id: OwnedRoomId,
-    new: NewEvent,
-    txn_id: Option<String>,
-) -> Result<String> {
-    let local = app.local.clone();
-    let (uid, dev) = (who.user_id.clone(), who.device_id.to_string());
-    app.store
-        .write(move |tx| {
-            if let Some(t) = &txn_id {
-                if let Some(existing) = q::get_txn(tx, uid.as_str(), &dev, t)? {
-                    return Ok(existing);
-                }
-            }
-            if q::get_membership(tx, room_id.as_str(), uid.as_str())?.as_deref() != Some("join")
-                && new.kind != TimelineEventType::RoomMember
-            {
-                if q::get_room_version(tx, room_id.as_str())?.is_none() {
-                    return Err(Error::not_found("Unknown room"));
-                }
-                return Err(Error::forbidden("You are not joined to this room"));
-            }
-            if new.kind == TimelineEventType::RoomCanonicalAlias && new.state_key.is_some() {
-                check_canonical_alias(tx, &room_id, &new.content)?;
-            }
-            let txn = txn_id.as_deref().map(|t| TxnRef {
-                device_id: &dev,
-                txn_id: t,
-            });
-            Ok(build::send(tx, &local, &room_id, &uid, new, txn)?
-                .event_id
-                .to_string())
-        })
-        .await
-}
-
 /// # `PUT /_matrix/client/v3/rooms/{roomId}/send/{eventType}/{txnId}`
 ///
 /// The content is free-form (any JSON object); the path goes through ruma's type.
@@ -152,9 +107,10 @@ pub async fn send_message(mut req: Req) -> Result<Response> {
         return json(&json!({ "event_id": existing }));
     }
     app.limits.check("send", who.user_id.as_str())?;
-    let event_id = send_event(
+    let event_id = ops::events::send_event(
         &app,
-        &who,
+        &who.user_id,
+        who.device_id.as_str(),
         b.room_id,
         NewEvent::message(kind, content),
         Some(txn_id),
@@ -175,39 +131,16 @@ pub async fn put_state(mut req: Req) -> Result<Response> {
     if kind.is_empty() {
         return Err(Error::invalid_param("Invalid event type"));
     }
-    let event_id = send_event(
+    let event_id = ops::events::send_event(
         &app,
-        &who,
+        &who.user_id,
+        who.device_id.as_str(),
         b.room_id,
         NewEvent::state(kind, b.state_key, content),
         None,
     )
     .await?;
     json(&json!({ "event_id": event_id }))
-}
-
-/// Aliases named in `m.room.canonical_alias` must exist and point at this room (`M_BAD_ALIAS`).
-fn check_canonical_alias(conn: &Connection, room_id: &OwnedRoomId, content: &Value) -> Result<()> {
-    let mut aliases: Vec<&str> = Vec::new();
-    if let Some(a) = content.get("alias").and_then(Value::as_str) {
-        aliases.push(a);
-    }
-    if let Some(list) = content.get("alt_aliases").and_then(Value::as_array) {
-        aliases.extend(list.iter().filter_map(Value::as_str));
-    }
-    for a in aliases {
-        match q::get_alias(conn, a)? {
-            Some((r, _)) if r == room_id.as_str() => {}
-            _ => {
-                return Err(Error::new(
-                    400,
-                    "M_BAD_ALIAS",
-                    format!("Alias {a} does not point to this room"),
-                ))
-            }
-        }
-    }
-    Ok(())
 }
 
 /// The state a user may see: current state when joined, else the state when they left.
@@ -281,29 +214,16 @@ pub async fn redact(mut req: Req) -> Result<Response> {
     let app = req.state().clone();
     let b: redact_event::v3::Request =
         ruma_req(&mut req, &["room_id", "event_id", "txn_id"]).await?;
-    let rid = b.room_id.to_string();
-    // The room version never changes, so reading it before the write is not a race.
-    let version = app
-        .store
-        .read(move |c| q::get_room_version(c, &rid))
-        .await?
-        .ok_or_else(|| Error::not_found("Unknown room"))?;
-    let mut content = json!({});
-    if let Some(r) = b.reason {
-        content["reason"] = r.into();
-    }
-    let v11 =
-        RoomVersionId::try_from(version.as_str()).is_ok_and(|v| matches!(v, RoomVersionId::V11));
-    if v11 {
-        content["redacts"] = b.event_id.as_str().into();
-    }
-    let new = NewEvent {
-        kind: TimelineEventType::RoomRedaction,
-        state_key: None,
-        content,
-        redacts: (!v11).then_some(b.event_id),
-    };
-    let event_id = send_event(&app, &who, b.room_id, new, Some(b.txn_id.to_string())).await?;
+    let event_id = ops::events::redact(
+        &app,
+        &who.user_id,
+        who.device_id.as_str(),
+        b.room_id,
+        b.event_id,
+        b.reason,
+        b.txn_id.to_string(),
+    )
+    .await?;
     json(&json!({ "event_id": event_id }))
 }
 

@@ -15,42 +15,23 @@ use ruma::{
         room::{aliases, create_room, Visibility},
     },
     events::room::power_levels::RoomPowerLevelsEventContent,
-    OwnedRoomAliasId, OwnedRoomId, OwnedUserId, RoomAliasId, RoomId, RoomVersionId, UserId,
+    OwnedRoomAliasId, OwnedRoomId, RoomAliasId, RoomVersionId,
 };
 use serde_json::{json, Value};
 use tide::Response;
 
 use super::{auth, json, known_body, ruma_req, Req};
+use crate::ops::rooms;
 use crate::{
     error::{Error, Result},
     room::{
         build::{self, current_content, NewEvent},
         is_supported_version,
     },
-    store::{queries as q, Tx},
-    util::{check_id_len, random_string},
+    store::queries as q,
+    util::check_id_len,
     App,
 };
-
-/// The default power levels of a new room (Synapse's, which clients expect), before the
-/// preset and `power_level_content_override`.
-fn default_power_levels(creator: &UserId, trusted_invitees: &[OwnedUserId]) -> Value {
-    let mut users = serde_json::Map::new();
-    users.insert(creator.to_string(), 100.into());
-    for u in trusted_invitees {
-        users.insert(u.to_string(), 100.into());
-    }
-    json!({
-        "users": users, "users_default": 0,
-        "events": {
-            "m.room.name": 50, "m.room.power_levels": 100, "m.room.history_visibility": 100,
-            "m.room.canonical_alias": 50, "m.room.avatar": 50, "m.room.tombstone": 100,
-            "m.room.server_acl": 100, "m.room.encryption": 100
-        },
-        "events_default": 0, "state_default": 50, "ban": 50, "kick": 50, "redact": 50, "invite": 0,
-        "notifications": { "room": 50 }
-    })
-}
 
 fn raw_to_value<T>(raw: &ruma::serde::Raw<T>) -> Result<Value> {
     serde_json::from_str(raw.json().get()).map_err(|e| Error::bad_json(e.to_string()))
@@ -81,14 +62,6 @@ pub async fn create_room(mut req: Req) -> Result<Response> {
         }
         None => None,
     };
-    // Local invitees are invited in the room's creating write; users of other servers after
-    // it, over federation (their servers co-sign the invites).
-    let remote_invitees: Vec<OwnedUserId> = body
-        .invite
-        .iter()
-        .filter(|u| u.server_name() != app.server_name)
-        .cloned()
-        .collect();
     // ruma keeps unknown strings as `_Custom` variants; the spec's enums are closed.
     known_body(
         "visibility",
@@ -137,134 +110,20 @@ pub async fn create_room(mut req: Req) -> Result<Response> {
         .iter()
         .map(|raw| initial_state_event(&raw_to_value(raw)?))
         .collect::<Result<Vec<_>>>()?;
-    let room_id = OwnedRoomId::try_from(format!("!{}:{}", random_string(18), app.server_name))
-        .map_err(Error::internal)?;
-    let local = app.local.clone();
-    let (rid, creator) = (room_id.clone(), who.user_id.clone());
-    app.store
-        .write(move |tx| {
-            q::insert_room(
-                tx,
-                rid.as_str(),
-                version.as_str(),
-                creator.as_str(),
-                public,
-                tx.now_ms as i64,
-            )?;
-            let send =
-                |tx: &mut Tx<'_>, ev: NewEvent| build::send(tx, &local, &rid, &creator, ev, None);
-            let mut creation = creation;
-            let obj = creation
-                .as_object_mut()
-                .ok_or_else(|| Error::bad_json("creation_content must be an object"))?;
-            obj.insert("room_version".into(), version.as_str().into());
-            if !matches!(version, RoomVersionId::V11) {
-                obj.insert("creator".into(), creator.as_str().into());
-            } else {
-                obj.remove("creator");
-            }
-            send(tx, NewEvent::state("m.room.create", "", creation))?;
-            send(
-                tx,
-                NewEvent::state("m.room.member", "", json!({}))
-                    .with_key(creator.as_str())
-                    .with_content(join_content(tx, &creator)?),
-            )?;
-            let trusted: Vec<OwnedUserId> = if preset == "trusted_private_chat" {
-                body.invite.clone()
-            } else {
-                Vec::new()
-            };
-            let mut pl = default_power_levels(&creator, &trusted);
-            if let (Some(Value::Object(o)), Value::Object(base)) = (pl_override, &mut pl) {
-                for (k, v) in o {
-                    base.insert(k, v);
-                }
-            }
-            send(tx, NewEvent::state("m.room.power_levels", "", pl))?;
-            if let Some(a) = &alias {
-                if !q::insert_alias(tx, a.as_str(), rid.as_str(), creator.as_str())? {
-                    return Err(Error::room_in_use("Room alias already taken"));
-                }
-                send(
-                    tx,
-                    NewEvent::state("m.room.canonical_alias", "", json!({ "alias": a })),
-                )?;
-            }
-            let join_rule = if preset == "public_chat" {
-                "public"
-            } else {
-                "invite"
-            };
-            send(
-                tx,
-                NewEvent::state("m.room.join_rules", "", json!({ "join_rule": join_rule })),
-            )?;
-            send(
-                tx,
-                NewEvent::state(
-                    "m.room.history_visibility",
-                    "",
-                    json!({ "history_visibility": "shared" }),
-                ),
-            )?;
-            let guest = if preset == "public_chat" {
-                "forbidden"
-            } else {
-                "can_join"
-            };
-            send(
-                tx,
-                NewEvent::state("m.room.guest_access", "", json!({ "guest_access": guest })),
-            )?;
-            for ev in initial_state {
-                send(tx, ev)?;
-            }
-            if let Some(name) = &body.name {
-                send(
-                    tx,
-                    NewEvent::state("m.room.name", "", json!({ "name": name })),
-                )?;
-            }
-            if let Some(topic) = &body.topic {
-                send(
-                    tx,
-                    NewEvent::state("m.room.topic", "", json!({ "topic": topic })),
-                )?;
-            }
-            for invitee in body
-                .invite
-                .iter()
-                .filter(|u| u.server_name() == local.server_name)
-            {
-                if q::get_user(tx, invitee.as_str())?.is_none() {
-                    return Err(Error::not_found(format!("Unknown user {invitee}")));
-                }
-                let mut content = json!({ "membership": "invite" });
-                if body.is_direct {
-                    content["is_direct"] = true.into();
-                }
-                send(
-                    tx,
-                    NewEvent::state("m.room.member", invitee.as_str(), content),
-                )?;
-            }
-            Ok(())
-        })
-        .await?;
-    // The room exists now whatever happens to these: a failed remote invite is logged, not
-    // turned into a failed createRoom (the client would retry and create a second room).
-    for invitee in remote_invitees {
-        let room: OwnedRoomId = room_id.clone();
-        if let Err(e) =
-            crate::ops::federation::invite_remote(&app, &who.user_id, &room, &invitee, None).await
-        {
-            log::warn!(
-                "createRoom {room}: inviting {invitee} failed: {}",
-                e.message
-            );
-        }
-    }
+    let room = rooms::NewRoom {
+        version,
+        alias,
+        public,
+        preset,
+        creation,
+        power_levels_override: pl_override,
+        initial_state,
+        name: body.name,
+        topic: body.topic,
+        invite: body.invite,
+        is_direct: body.is_direct,
+    };
+    let room_id = rooms::create_room(&app, &who.user_id, room).await?;
     json(&json!({ "room_id": room_id }))
 }
 
@@ -291,110 +150,6 @@ fn initial_state_event(v: &Value) -> Result<NewEvent> {
     Ok(NewEvent::state(kind, key, content))
 }
 
-impl NewEvent {
-    fn with_key(mut self, key: &str) -> Self {
-        self.state_key = Some(key.to_owned());
-        self
-    }
-    fn with_content(mut self, content: Value) -> Self {
-        self.content = content;
-        self
-    }
-}
-
-/// `{membership: join}` with the user's profile, as clients expect on member events.
-fn join_content(conn: &crate::store::Connection, user_id: &UserId) -> Result<Value> {
-    let mut c = json!({ "membership": "join" });
-    if let Some(u) = q::get_user(conn, user_id.as_str())? {
-        if let Some(d) = u.displayname {
-            c["displayname"] = d.into();
-        }
-        if let Some(a) = u.avatar_url {
-            c["avatar_url"] = a.into();
-        }
-    }
-    Ok(c)
-}
-
-/// What the target's membership must be for a membership change (checked in the same write
-/// closure that sends the event, so nothing can change it in between).
-#[derive(Clone, Copy)]
-pub enum Require {
-    Nothing,
-    /// Kick: the target is in the room (joined, invited or knocking).
-    InRoom,
-    /// Unban: the target is banned.
-    Banned,
-}
-
-/// Sends a membership event for `target` by `sender` (one write, authorised by the rules).
-pub async fn set_membership(
-    app: &App,
-    room_id: &RoomId,
-    sender: &UserId,
-    target: &UserId,
-    membership: &str,
-    reason: Option<String>,
-    require: Require,
-) -> Result<String> {
-    let local = app.local.clone();
-    let (rid, s, t, m) = (
-        room_id.to_owned(),
-        sender.to_owned(),
-        target.to_owned(),
-        membership.to_owned(),
-    );
-    app.store
-        .write(move |tx| {
-            if q::get_room_version(tx, rid.as_str())?.is_none() {
-                return Err(Error::not_found(
-                    "Unknown room (joining rooms on other servers needs federation)",
-                ));
-            }
-            let current = q::get_membership(tx, rid.as_str(), t.as_str())?;
-            match require {
-                Require::Nothing => {}
-                Require::InRoom => {
-                    if !matches!(current.as_deref(), Some("join" | "invite" | "knock")) {
-                        return Err(Error::forbidden("The user is not in the room"));
-                    }
-                }
-                Require::Banned => {
-                    if current.as_deref() != Some("ban") {
-                        return Err(Error::forbidden("The user is not banned"));
-                    }
-                }
-            }
-            let mut content = if m == "join" {
-                join_content(tx, &t)?
-            } else {
-                json!({ "membership": m })
-            };
-            if let Some(r) = reason {
-                content["reason"] = r.into();
-            }
-            if m == "invite"
-                && t.server_name() == s.server_name()
-                && q::get_user(tx, t.as_str())?.is_none()
-            {
-                return Err(Error::not_found("Unknown user"));
-            }
-            let p = build::send(
-                tx,
-                &local,
-                &rid,
-                &s,
-                NewEvent::state("m.room.member", t.as_str(), content),
-                None,
-            )?;
-            if m == "join" {
-                q::delete_forgotten_room(tx, t.as_str(), rid.as_str())?;
-            }
-            Ok(p.event_id.to_string())
-        })
-        .await
-}
-
 /// Resolves a local alias to its room.
 pub(super) async fn resolve_alias(app: &App, alias: &RoomAliasId) -> Result<OwnedRoomId> {
     let a = alias.to_string();
@@ -412,39 +167,15 @@ pub async fn join_by_id_or_alias(mut req: Req) -> Result<Response> {
         Ok(r) => r,
         Err(alias) => resolve_alias(&app, &alias).await?,
     };
-    join(&app, &room_id, &who.user_id, body.reason, body.via).await?;
+    rooms::join(&app, &room_id, &who.user_id, body.reason, body.via).await?;
     json(&json!({ "room_id": room_id }))
-}
-
-/// Joins locally when one of our users is in the room (we hold its state); otherwise through
-/// another server: those the client named, the room ID's server, and the inviter's server of
-/// a pending invite. A local room nobody is in any more has nobody to join through: 404.
-async fn join(
-    app: &App,
-    room_id: &RoomId,
-    user: &UserId,
-    reason: Option<String>,
-    via: Vec<ruma::OwnedServerName>,
-) -> Result<()> {
-    let (resident, inviter_server) = residency(app, room_id, user).await?;
-    if resident {
-        set_membership(app, room_id, user, user, "join", reason, Require::Nothing).await?;
-        return Ok(());
-    }
-    let mut servers = via;
-    servers.extend(room_id.server_name().map(ToOwned::to_owned));
-    servers.extend(inviter_server);
-    let mut seen = std::collections::HashSet::new();
-    servers.retain(|s| seen.insert(s.clone()));
-    crate::ops::federation::join_remote(app, user, room_id, &servers).await?;
-    Ok(())
 }
 
 /// # `POST /_matrix/client/v3/rooms/{roomId}/join`
 pub async fn join_by_id(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     let body: join_room_by_id::v3::Request = ruma_req(&mut req, &["room_id"]).await?;
-    join(
+    rooms::join(
         req.state(),
         &body.room_id,
         &who.user_id,
@@ -459,56 +190,8 @@ pub async fn join_by_id(mut req: Req) -> Result<Response> {
 pub async fn leave(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     let body: leave_room::v3::Request = ruma_req(&mut req, &["room_id"]).await?;
-    let app = req.state();
-    let (resident, inviter_server) = residency(app, &body.room_id, &who.user_id).await?;
-    if !resident && inviter_server.is_some() {
-        // Declining an invite to a room this server is not in: through the room's servers.
-        let mut via: Vec<ruma::OwnedServerName> = inviter_server.into_iter().collect();
-        via.extend(body.room_id.server_name().map(ToOwned::to_owned));
-        crate::ops::federation::leave_remote(app, &who.user_id, &body.room_id, &via).await?;
-        return json(&json!({}));
-    }
-    set_membership(
-        app,
-        &body.room_id,
-        &who.user_id,
-        &who.user_id,
-        "leave",
-        body.reason,
-        Require::Nothing,
-    )
-    .await?;
+    rooms::leave(req.state(), &who.user_id, &body.room_id, body.reason).await?;
     json(&json!({}))
-}
-
-/// Whether one of our users is joined to the room (we hold its state), and the server of
-/// whoever sent `user`'s current membership event (an inviter), if that is another server.
-async fn residency(
-    app: &App,
-    room_id: &RoomId,
-    user: &UserId,
-) -> Result<(bool, Option<ruma::OwnedServerName>)> {
-    let (r, u, us) = (
-        room_id.to_string(),
-        user.to_string(),
-        app.server_name.to_string(),
-    );
-    app.store
-        .read(move |c| {
-            let resident = q::get_room_version(c, &r)?.is_some()
-                && q::list_room_servers(c, &r, "")?.contains(&us);
-            let inviter = match q::get_current_state(c, &r, "m.room.member", &u)? {
-                Some(id) => q::get_event(c, &id)?.and_then(|row| {
-                    UserId::parse(row.sender.as_str())
-                        .ok()
-                        .map(|s| s.server_name().to_owned())
-                        .filter(|s| s.as_str() != us)
-                }),
-                None => None,
-            };
-            Ok((resident, inviter))
-        })
-        .await
 }
 
 /// # `POST /_matrix/client/v3/rooms/{roomId}/forget`
@@ -544,25 +227,12 @@ pub async fn invite(mut req: Req) -> Result<Response> {
             "Third-party invites are not supported (no identity server)",
         ));
     };
-    if recipient.user_id.server_name() != app.server_name {
-        crate::ops::federation::invite_remote(
-            &app,
-            &who.user_id,
-            &body.room_id,
-            &recipient.user_id,
-            recipient.reason,
-        )
-        .await?;
-        return json(&json!({}));
-    }
-    set_membership(
+    rooms::invite(
         &app,
-        &body.room_id,
         &who.user_id,
+        &body.room_id,
         &recipient.user_id,
-        "invite",
         recipient.reason,
-        Require::Nothing,
     )
     .await?;
     json(&json!({}))
@@ -575,14 +245,14 @@ pub async fn invite(mut req: Req) -> Result<Response> {
 pub async fn kick(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     let body: kick_user::v3::Request = ruma_req(&mut req, &["room_id"]).await?;
-    set_membership(
+    rooms::set_membership(
         req.state(),
         &body.room_id,
         &who.user_id,
         &body.user_id,
         "leave",
         body.reason,
-        Require::InRoom,
+        rooms::Require::InRoom,
     )
     .await?;
     json(&json!({}))
@@ -592,14 +262,14 @@ pub async fn kick(mut req: Req) -> Result<Response> {
 pub async fn ban(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     let body: ban_user::v3::Request = ruma_req(&mut req, &["room_id"]).await?;
-    set_membership(
+    rooms::set_membership(
         req.state(),
         &body.room_id,
         &who.user_id,
         &body.user_id,
         "ban",
         body.reason,
-        Require::Nothing,
+        rooms::Require::Nothing,
     )
     .await?;
     json(&json!({}))
@@ -611,14 +281,14 @@ pub async fn ban(mut req: Req) -> Result<Response> {
 pub async fn unban(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     let body: unban_user::v3::Request = ruma_req(&mut req, &["room_id"]).await?;
-    set_membership(
+    rooms::set_membership(
         req.state(),
         &body.room_id,
         &who.user_id,
         &body.user_id,
         "leave",
         body.reason,
-        Require::Banned,
+        rooms::Require::Banned,
     )
     .await?;
     json(&json!({}))

@@ -35,8 +35,8 @@ use super::{
 use crate::{
     error::{Error, Result},
     notify::Topic,
-    room::build::{self, NewEvent},
-    store::{queries as q, Tx},
+    ops::{self, account},
+    store::queries as q,
 };
 
 /// The path's user must be the caller.
@@ -203,57 +203,15 @@ pub async fn set_profile_field(mut req: Req) -> Result<Response> {
         }
     };
     own(&user_id, &who)?;
-    let local = req.state().local.clone();
-    let uid = who.user_id.clone();
-    req.state()
-        .store
-        .write(move |tx| {
-            let row = q::get_user(tx, uid.as_str())?
-                .ok_or_else(|| Error::not_found("Profile not found"))?;
-            let (d, a) = match field {
-                Field::Displayname => (value.clone(), row.avatar_url),
-                Field::AvatarUrl => (row.displayname, value.clone()),
-            };
-            q::update_profile(tx, uid.as_str(), d.as_deref(), a.as_deref())?;
-            for (room, membership, _) in q::list_user_rooms(tx, uid.as_str())? {
-                if membership != "join" {
-                    continue;
-                }
-                let mut content = json!({ "membership": "join" });
-                if let Some(d) = &d {
-                    content["displayname"] = d.clone().into();
-                }
-                if let Some(a) = &a {
-                    content["avatar_url"] = a.clone().into();
-                }
-                let rid = OwnedRoomId::try_from(room).map_err(Error::internal)?;
-                build::send(
-                    tx,
-                    &local,
-                    &rid,
-                    &uid,
-                    NewEvent::state("m.room.member", uid.as_str(), content),
-                    None,
-                )?;
-            }
-            Ok(())
-        })
-        .await?;
+    let (d, a) = match field {
+        Field::Displayname => (Some(value), None),
+        Field::AvatarUrl => (None, Some(value)),
+    };
+    ops::profile::set_profile(req.state(), &who.user_id, d, a).await?;
     json(&json!({}))
 }
 
 // ---------------------------------------------------------------- account data
-
-fn put_account_data_tx(
-    tx: &mut Tx<'_>,
-    user: &str,
-    room: &str,
-    kind: &str,
-    content: &Value,
-) -> Result<()> {
-    let pos = tx.next_pos([Topic::user(user)]);
-    q::upsert_account_data(tx, user, room, kind, &content.to_string(), pos)
-}
 
 async fn get_ad(
     req: &Req,
@@ -296,7 +254,7 @@ async fn put_ad(
     );
     req.state()
         .store
-        .write(move |tx| put_account_data_tx(tx, &u, &r, &kind, &content))
+        .write(move |tx| account::put_account_data(tx, &u, &r, &kind, &content))
         .await?;
     json(&json!({}))
 }
@@ -413,7 +371,13 @@ async fn store_markers(
                     return Err(Error::not_found("Event not found in this room"));
                 }
                 if m.kind == "m.fully_read" {
-                    put_account_data_tx(tx, &u, &r, "m.fully_read", &json!({ "event_id": e }))?;
+                    account::put_account_data(
+                        tx,
+                        &u,
+                        &r,
+                        "m.fully_read",
+                        &json!({ "event_id": e }),
+                    )?;
                     continue;
                 }
                 let pos = tx.next_pos([Topic::room(r.as_str())]);
@@ -475,18 +439,6 @@ pub async fn read_markers(mut req: Req) -> Result<Response> {
 
 // ---------------------------------------------------------------- push rules
 
-/// Stores the default rule set (ruma's) for a new user.
-pub fn init_push_rules(tx: &mut Tx<'_>, user: &UserId) -> Result<()> {
-    let rules = Ruleset::server_default(user);
-    put_account_data_tx(
-        tx,
-        user.as_str(),
-        "",
-        "m.push_rules",
-        &json!({ "global": rules }),
-    )
-}
-
 fn load_rules(conn: &crate::store::Connection, user: &UserId) -> Result<Ruleset> {
     match q::get_account_data(conn, user.as_str(), "", "m.push_rules")? {
         Some(s) => {
@@ -508,7 +460,7 @@ where
         .write(move |tx| {
             let mut rules = load_rules(tx, &uid)?;
             f(&mut rules)?;
-            put_account_data_tx(
+            account::put_account_data(
                 tx,
                 uid.as_str(),
                 "",

@@ -1,5 +1,9 @@
 //! Use cases: gather (async, may do network I/O, writes nothing), then one commit (a write
-//! closure), then answer. Shared by the client and federation handlers. (The client-side use
-//! cases still live in their handlers; they move here as federation needs them.)
+//! closure), then answer. The client handlers, the federation handlers, the CLI and embedders
+//! call these; handlers only parse the request (ruma's types) and shape the answer.
 
+pub mod account;
+pub mod events;
 pub mod federation;
+pub mod profile;
+pub mod rooms;

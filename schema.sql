@@ -248,3 +248,16 @@ CREATE TABLE IF NOT EXISTS invite_state (
     events  TEXT NOT NULL,
     PRIMARY KEY (room_id, user_id)
 ) STRICT;
+
+-- sticky (schema v3)
+-- Live sticky events (MSC4354): one row per sticky event that is part of the room, from its
+-- commit until it is redacted or expires (`expires_ts` = min(received_ts, origin_server_ts) +
+-- min(duration_ms, 1 h)). Small by construction: nothing stays sticky for more than an hour.
+CREATE TABLE IF NOT EXISTS sticky_events (
+    event_id   TEXT PRIMARY KEY,
+    room_id    TEXT NOT NULL,
+    pos        INTEGER NOT NULL,
+    expires_ts INTEGER NOT NULL
+) STRICT;
+CREATE INDEX IF NOT EXISTS sticky_events_room ON sticky_events(room_id, pos);
+CREATE INDEX IF NOT EXISTS sticky_events_expiry ON sticky_events(expires_ts);

@@ -140,12 +140,23 @@ impl App {
             limits,
             tokens: ephemeral::TokenCache::default(),
             metrics: ephemeral::Metrics::default(),
-            clock,
+            clock: clock.clone(),
             lazy_members: Arc::default(),
-            sync_cache: cancel::ResponseCache::new(
+            // Kept on the server's clock: what a response holds depends on the time (sticky
+            // events expire), so an injected clock must age the cache too.
+            sync_cache: cancel::ResponseCache::with_clock(
                 &spawner,
                 "sync",
                 std::time::Duration::from_secs(2),
+                {
+                    let (base, start, clock) =
+                        (std::time::Instant::now(), clock.now_ms(), clock.clone());
+                    Arc::new(move || {
+                        base + std::time::Duration::from_millis(
+                            clock.now_ms().saturating_sub(start),
+                        )
+                    })
+                },
             ),
             spawner,
             sender: workers::federation::SenderState::default(),

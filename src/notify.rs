@@ -40,6 +40,8 @@ pub enum Topic {
     User(String),
     /// The federation outbox has new rows (the sender worker watches this).
     FederationOutbox,
+    /// A sticky event with an earlier expiry than any before it (the expiry worker).
+    StickyExpiry,
 }
 
 impl Topic {

@@ -107,12 +107,15 @@ pub async fn send_message(mut req: Req) -> Result<Response> {
         return json(&json!({ "event_id": existing }));
     }
     app.limits.check("send", who.user_id.as_str())?;
+    let mut new = NewEvent::message(kind, content);
+    // `org.matrix.msc4354.sticky_duration_ms` (0..=3,600,000; ruma refuses anything else).
+    new.sticky_ms = b.sticky_duration_ms.map(|d| u64::from(d.get()));
     let event_id = ops::events::send_event(
         &app,
         &who.user_id,
         who.device_id.as_str(),
         b.room_id,
-        NewEvent::message(kind, content),
+        new,
         Some(txn_id),
     )
     .await?;

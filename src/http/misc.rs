@@ -28,7 +28,8 @@ pub async fn versions(mut req: Req) -> Result<Response> {
     let _: get_supported_versions::Request = ruma_req(&mut req, &[]).await?;
     json(&json!({
         "versions": CLIENT_VERSIONS,
-        "unstable_features": {}
+        // Sticky events (MSC4354) and room summaries (MSC3266, the `im.nheko.summary` paths).
+        "unstable_features": { "org.matrix.msc4354": true, "org.matrix.msc3266": true }
     }))
 }
 

@@ -370,6 +370,7 @@ pub async fn compute(
 }
 
 /// Everything one sync computation needs besides the database.
+#[derive(Clone)]
 struct Ctx {
     who: Authed,
     since: Option<Since>,
@@ -395,6 +396,29 @@ fn build(
     rooms: Vec<(String, String, i64)>,
     typing: Map<String, Value>,
 ) -> Result<SyncOutput> {
+    // Sticky events first: when more are due than one response carries, the whole response
+    // stops at the position of the last one it carries (see `sticky_due`).
+    let joined: Vec<String> = rooms
+        .iter()
+        .filter(|(_, m, _)| m == "join")
+        .map(|(r, _, _)| r.clone())
+        .collect();
+    let (mut sticky, stop) = sticky_due(c, ctx, &joined)?;
+    let held_back = stop.is_some();
+    let shortened;
+    let ctx = match stop {
+        Some(pos) => {
+            shortened = Ctx {
+                upto: Since {
+                    pos,
+                    eph: ctx.upto.eph,
+                },
+                ..ctx.clone()
+            };
+            &shortened
+        }
+        None => ctx,
+    };
     let (since, upto, filter) = (ctx.since, ctx.upto, &ctx.filter);
     let user = ctx.who.user_id.as_str();
     let since_pos = since.map(|s| s.pos).unwrap_or(0);
@@ -403,11 +427,6 @@ fn build(
     }
     let account_data = q::list_account_data_between(c, user, since_pos, upto.pos)?;
     let forgotten: HashSet<String> = q::list_forgotten_rooms(c, user)?.into_iter().collect();
-    let joined: Vec<String> = rooms
-        .iter()
-        .filter(|(_, m, _)| m == "join")
-        .map(|(r, _, _)| r.clone())
-        .collect();
 
     let (mut join, mut invite, mut leave) = (Map::new(), Map::new(), Map::new());
     for (room, membership, mpos) in rooms {
@@ -424,10 +443,12 @@ fn build(
                 // New to this client: the whole room, timeline unbounded below.
                 let fresh = since.is_none() || mpos > since_pos;
                 let typing_ev = typing.get(&room).cloned();
+                let room_sticky = sticky.remove(&room).unwrap_or_default();
                 if !fresh
                     && !ctx.full_state
                     && room_ad.is_empty()
                     && typing_ev.is_none()
+                    && room_sticky.is_empty()
                     && !q::room_changed_between(c, &room, since_pos, upto.pos)?
                 {
                     continue;
@@ -445,12 +466,34 @@ fn build(
                     ephemeral.push(rec);
                 }
                 r["ephemeral"] = json!({ "events": ephemeral });
+                // Sticky events not already in this response's (filtered) timeline.
+                let in_timeline: HashSet<&str> = r["timeline"]["events"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|e| e["event_id"].as_str())
+                    .collect();
+                let ids: Vec<String> = room_sticky
+                    .into_iter()
+                    .filter(|id| !in_timeline.contains(id.as_str()))
+                    .collect();
+                let has_sticky = !ids.is_empty();
+                if has_sticky {
+                    let viewer = Viewer {
+                        user_id: user,
+                        device_id: ctx.who.device_id.as_str(),
+                    };
+                    let rows = q::get_events(c, ids)?;
+                    r[STICKY_SECTION] =
+                        json!({ "events": client_events(c, &rows, Some(viewer), ctx.now, false)? });
+                }
                 r["account_data"] = json!({ "events": room_ad });
                 let empty = !fresh
                     && !ctx.full_state
                     && r["timeline"]["events"].as_array().is_none_or(Vec::is_empty)
                     && ephemeral.is_empty()
                     && room_ad.is_empty()
+                    && !has_sticky
                     && r["state"]["events"].as_array().is_none_or(Vec::is_empty);
                 if !empty {
                     join.insert(room, r);
@@ -495,8 +538,11 @@ fn build(
         .filter(|(r, _, _)| r.is_empty())
         .map(|(_, t, content)| json!({ "type": t, "content": serde_json::from_str::<Value>(content).unwrap_or(Value::Null) }))
         .collect();
-    let has_data =
-        !join.is_empty() || !invite.is_empty() || !leave.is_empty() || !global_ad.is_empty();
+    let has_data = !join.is_empty()
+        || !invite.is_empty()
+        || !leave.is_empty()
+        || !global_ad.is_empty()
+        || held_back;
     let body = json!({
         "next_batch": format!("s{}_{}", upto.pos, upto.eph),
         "rooms": { "join": join, "invite": invite, "leave": leave, "knock": {} },
@@ -508,6 +554,69 @@ fn build(
         has_data,
         joined,
     })
+}
+
+/// The `/sync` section of a joined room that carries its sticky events (MSC4354, unstable).
+const STICKY_SECTION: &str = "msc4354_sticky";
+
+/// Sticky event IDs due in a response, by room.
+type StickyByRoom = HashMap<String, Vec<String>>;
+
+/// The most sticky events one `/sync` response carries (the MSC's suggestion).
+pub const STICKY_PER_RESPONSE: usize = 100;
+
+/// The sticky events due in this response, by room (event IDs), and the position the response
+/// must stop at when more are due than [`STICKY_PER_RESPONSE`].
+///
+/// A sticky event enters a user's sticky stream at `key` = the later of its stream position
+/// and the start of the user's current membership run in the room, so every live sticky event
+/// of a room the user has just joined arrives with the join, whatever the history visibility
+/// (a sticky event reaches every member while it is sticky). Due: live at `now`, in a room the
+/// user is joined to, `since < key <= upto`. When more than the limit are due, the response
+/// ends at the key of the last one it carries: everything up to there (timeline, state,
+/// sticky events) is delivered and the next response goes on from it, so none is lost or sent
+/// twice. Events sharing one key (those entering at a join) are never split, so a join into
+/// a room with more live sticky events than the limit brings them all at once.
+fn sticky_due(c: &Connection, ctx: &Ctx, joined: &[String]) -> Result<(StickyByRoom, Option<i64>)> {
+    let user = ctx.who.user_id.as_str();
+    let since = ctx.since.map(|s| s.pos).unwrap_or(i64::MIN);
+    let now = ctx.now as i64;
+    let joined: HashSet<&str> = joined.iter().map(String::as_str).collect();
+    let mut due: Vec<(i64, i64, String, String)> = Vec::new();
+    for room in crate::store::sticky::rooms_with_live_sticky(c, now)? {
+        if !joined.contains(room.as_str()) || !ctx.filter.wants_room(&room) {
+            continue;
+        }
+        let Some(run) = crate::store::sticky::join_run_start(c, &room, user)? else {
+            continue;
+        };
+        for row in crate::store::sticky::list_live_sticky(c, &room, now, ctx.upto.pos)? {
+            let key = row.pos.max(run);
+            if key > since && key <= ctx.upto.pos {
+                due.push((key, row.pos, room.clone(), row.event_id));
+            }
+        }
+    }
+    due.sort();
+    let stop = match due.get(STICKY_PER_RESPONSE) {
+        Some(first_left) if first_left.0 > due[STICKY_PER_RESPONSE - 1].0 => {
+            Some(due[STICKY_PER_RESPONSE - 1].0)
+        }
+        // The limit falls inside one key: that key's events all go, the rest wait.
+        Some(first_left) => due
+            .iter()
+            .find(|d| d.0 > first_left.0)
+            .map(|_| first_left.0),
+        None => None,
+    };
+    let mut by_room = StickyByRoom::new();
+    for (key, _, room, id) in due {
+        if stop.is_some_and(|s| key > s) {
+            break;
+        }
+        by_room.entry(room).or_default().push(id);
+    }
+    Ok((by_room, stop))
 }
 
 /// What part of a room's history one response covers.

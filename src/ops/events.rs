@@ -85,6 +85,7 @@ pub async fn redact(
         state_key: None,
         content,
         redacts: (!v11).then_some(event_id),
+        sticky_ms: None,
     };
     send_event(app, user, device, room_id, new, Some(txn_id)).await
 }

@@ -42,6 +42,8 @@ pub struct NewEvent {
     pub content: Value,
     /// For `m.room.redaction` in room versions before 11.
     pub redacts: Option<OwnedEventId>,
+    /// A sticky event's duration (MSC4354), put in the PDU as `msc4354_sticky`.
+    pub sticky_ms: Option<u64>,
 }
 
 impl NewEvent {
@@ -51,6 +53,7 @@ impl NewEvent {
             state_key: Some(state_key.into()),
             content,
             redacts: None,
+            sticky_ms: None,
         }
     }
     pub fn message(kind: impl Into<String>, content: Value) -> Self {
@@ -59,6 +62,7 @@ impl NewEvent {
             state_key: None,
             content,
             redacts: None,
+            sticky_ms: None,
         }
     }
 }
@@ -270,6 +274,9 @@ pub fn prepare(
     }
     if let Some(r) = &new.redacts {
         pdu["redacts"] = r.as_str().into();
+    }
+    if let Some(d) = new.sticky_ms {
+        pdu[super::sticky::PDU_KEY] = json!({ "duration_ms": d });
     }
     Ok(Prepared {
         pdu,
@@ -541,6 +548,15 @@ pub(super) fn persist(
             pos,
         });
     }
+    super::sticky::index_if_sticky(
+        tx,
+        json,
+        eid,
+        rid,
+        pos,
+        u64::from(pdu.origin_server_ts.get()) as i64,
+        tx.now_ms as i64,
+    )?;
     q::advance_forward_extremities(tx, rid, eid, &prevs)?;
     if let Some(t) = &txn {
         q::insert_txn_id(tx, pdu.sender.as_str(), t.device_id, t.txn_id, eid)?;
@@ -577,6 +593,7 @@ fn apply_redaction(
     }
     let obj: CanonicalJsonObject = serde_json::from_str(&row.json)?;
     let redacted = redact(obj, &rules.redaction, None).map_err(Error::internal)?;
+    crate::store::sticky::delete_sticky(conn, target)?;
     q::set_event_redacted(conn, target, &serde_json::to_string(&redacted)?, by)
 }
 

@@ -33,6 +33,7 @@ pub fn client_event(
         "type",
         "state_key",
         "redacts",
+        super::sticky::PDU_KEY,
     ] {
         if let Some(v) = pdu.get(key) {
             ev.insert(key.into(), v.clone());
@@ -73,6 +74,15 @@ pub fn client_event(
                 json!({ "event_id": red.event_id, "type": rv["type"], "sender": rv["sender"], "content": rv["content"],
                         "origin_server_ts": rv["origin_server_ts"], "redacts": rv.get("redacts").cloned().unwrap_or(rv["content"]["redacts"].clone()) }),
             );
+        }
+    }
+    if pdu.get(super::sticky::PDU_KEY).is_some() {
+        // Live sticky events carry the time they stay sticky; expired or redacted ones
+        // (no longer in the index) do not.
+        if let Some(exp) = crate::store::sticky::get_sticky_expiry(conn, &row.event_id)? {
+            if let Some(ttl) = super::sticky::ttl_ms(exp, now_ms as i64) {
+                unsigned.insert("msc4354_sticky_duration_ttl_ms".into(), ttl.into());
+            }
         }
     }
     ev.insert("unsigned".into(), Value::Object(unsigned));

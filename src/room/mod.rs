@@ -7,6 +7,7 @@ pub mod format;
 pub mod power;
 pub mod receive;
 pub mod state;
+pub mod sticky;
 
 use ruma::{
     events::TimelineEventType, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId,

@@ -10,10 +10,10 @@ use crate::error::{Error, Result};
 pub const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// The version `SCHEMA` describes.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Upgrades from version `n` to `n + 1` are `STEPS[n - 1]`.
-const STEPS: &[&str] = &[V1_TO_V2];
+const STEPS: &[&str] = &[V1_TO_V2, V2_TO_V3];
 
 /// Version 2: federation (`server_keys`, `outbox`, `destinations`, `received_txns`,
 /// `invite_state`); events that are not simply appended (outliers with no state group, rejected
@@ -114,6 +114,18 @@ CREATE TABLE invite_state (
     events  TEXT NOT NULL,
     PRIMARY KEY (room_id, user_id)
 ) STRICT;
+";
+
+/// Version 3: sticky events (`sticky_events`, the live index of MSC4354 sticky events).
+const V2_TO_V3: &str = "
+CREATE TABLE sticky_events (
+    event_id   TEXT PRIMARY KEY,
+    room_id    TEXT NOT NULL,
+    pos        INTEGER NOT NULL,
+    expires_ts INTEGER NOT NULL
+) STRICT;
+CREATE INDEX sticky_events_room ON sticky_events(room_id, pos);
+CREATE INDEX sticky_events_expiry ON sticky_events(expires_ts);
 ";
 
 pub fn migrate(conn: &mut Connection) -> Result<()> {

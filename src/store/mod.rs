@@ -15,6 +15,7 @@
 pub mod migrate;
 pub mod outbox;
 pub mod queries;
+pub mod sticky;
 pub mod writer;
 
 use std::{path::Path, sync::Arc};

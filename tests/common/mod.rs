@@ -31,11 +31,19 @@ impl TestServer {
     }
 
     pub fn start_with(f: impl FnOnce(&mut hearth::Config)) -> Self {
+        Self::start_with_clock(f, std::sync::Arc::new(hearth::SystemClock))
+    }
+
+    /// A server whose clock the test sets (see [`ManualClock`]).
+    pub fn start_with_clock(
+        f: impl FnOnce(&mut hearth::Config),
+        clock: std::sync::Arc<dyn hearth::Clock>,
+    ) -> Self {
         let _ = env_logger::builder().is_test(true).try_init();
         let dir = tempfile::tempdir().unwrap();
         let mut c = config_in(dir.path());
         f(&mut c);
-        let hs = hearth::Homeserver::start(c).unwrap();
+        let hs = hearth::Homeserver::start_with_clock(c, clock).unwrap();
         let base = format!("http://{}", hs.addrs()[0]);
         Self {
             hs: Some(hs),
@@ -160,6 +168,24 @@ impl TestServer {
             Some(token),
             None,
         )
+    }
+}
+
+/// A clock the test moves by hand (expiries without sleeping).
+pub struct ManualClock(pub std::sync::atomic::AtomicU64);
+
+impl ManualClock {
+    pub fn new(ms: u64) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self(std::sync::atomic::AtomicU64::new(ms)))
+    }
+    pub fn advance(&self, ms: u64) {
+        self.0.fetch_add(ms, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl hearth::Clock for ManualClock {
+    fn now_ms(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 

@@ -40,7 +40,7 @@ pub fn self_signed_cert(dir: &std::path::Path) -> (std::path::PathBuf, std::path
     (cert, key)
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -131,5 +131,103 @@ impl Hearth {
 impl Hearth {
     pub fn server_name(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+}
+
+/// A Hearth run as its own process (the `hearth` binary), so a test can SIGKILL it and start
+/// it again on the same database, key and port.
+pub struct HearthProcess {
+    pub port: u16,
+    child: Option<std::process::Child>,
+    dir: tempfile::TempDir,
+}
+
+impl HearthProcess {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        self_signed_cert(dir.path());
+        let mut h = Self {
+            port: free_port(),
+            child: None,
+            dir,
+        };
+        h.spawn();
+        h
+    }
+
+    fn spawn(&mut self) {
+        let d = self.dir.path();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join("hearth.log"))
+            .unwrap();
+        let addr = format!("127.0.0.1:{}", self.port);
+        let child = Command::new(env!("CARGO_BIN_EXE_hearth"))
+            .arg("--database")
+            .arg(d.join("hearth.db"))
+            .arg("--tls-cert")
+            .arg(d.join("cert.pem"))
+            .arg("--tls-key")
+            .arg(d.join("key.pem"))
+            .args(["--listen", &addr, "--server-name", &addr])
+            .args(["--no-rate-limit", "--insecure-federation-tls"])
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("the hearth binary starts");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while curl(
+            "GET",
+            &format!("{}/_matrix/client/versions", self.url()),
+            None,
+            None,
+        )
+        .0 != 200
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "hearth did not start: {}",
+                self.log_tail()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL: no shutdown, no checkpoint, whatever was in flight is cut off.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap(); // SIGKILL on Unix
+            c.wait().unwrap();
+        }
+    }
+
+    /// Starts it again on the same database and port.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "kill it first");
+        self.spawn();
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    pub fn server_name(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The end of its log (for failure messages).
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("hearth.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for HearthProcess {
+    fn drop(&mut self) {
+        self.kill9();
     }
 }

@@ -25,6 +25,7 @@ struct Pair {
     b: Hearth,
     alice_tok: String,
     bob: OwnedUserId,
+    bob_tok: String,
     room: OwnedRoomId,
 }
 
@@ -32,7 +33,7 @@ fn pair() -> Pair {
     let a = Hearth::start();
     let b = Hearth::start();
     let (_, alice_tok) = register(&a.url(), "alice");
-    let (bob, _) = register(&b.url(), "bob");
+    let (bob, bob_tok) = register(&b.url(), "bob");
     let (s, v) = curl(
         "POST",
         &format!("{}/_matrix/client/v3/createRoom", a.url()),
@@ -55,6 +56,7 @@ fn pair() -> Pair {
         b,
         alice_tok,
         bob,
+        bob_tok,
         room,
     }
 }
@@ -83,6 +85,19 @@ fn signed_pdu(
     ev: NewEvent,
     tamper: impl FnOnce(&mut serde_json::Map<String, Value>),
 ) -> (OwnedEventId, Box<serde_json::value::RawValue>) {
+    malformed_pdu(app, room, sender, ev, |_| {}, tamper)
+}
+
+/// Like [`signed_pdu`], with `edit` applied before hashing and signing: a PDU its origin
+/// really signed, in a shape of the origin's choosing.
+fn malformed_pdu(
+    app: &App,
+    room: &OwnedRoomId,
+    sender: &OwnedUserId,
+    ev: NewEvent,
+    edit: impl FnOnce(&mut serde_json::Map<String, Value>),
+    tamper: impl FnOnce(&mut serde_json::Map<String, Value>),
+) -> (OwnedEventId, Box<serde_json::value::RawValue>) {
     let (r, s, origin, now) = (
         room.clone(),
         sender.clone(),
@@ -94,7 +109,11 @@ fn signed_pdu(
             .read(move |c| build::prepare(c, &origin, &r, &s, ev, None, now)),
     )
     .unwrap();
-    let mut obj: ruma::CanonicalJsonObject = serde_json::from_value(prepared.pdu).unwrap();
+    let mut unsigned: serde_json::Map<String, Value> =
+        serde_json::from_value(prepared.pdu).unwrap();
+    edit(&mut unsigned);
+    let mut obj: ruma::CanonicalJsonObject =
+        serde_json::from_value(Value::Object(unsigned)).unwrap();
     ruma::signatures::hash_and_sign_event(
         app.server_name.as_str(),
         &app.local.key.pair,
@@ -552,4 +571,216 @@ fn three_servers_a_join_through_the_resident_reaches_the_third_and_messages_reac
         }
     }
     let _ = (&p.alice_tok, &p.bob);
+}
+
+/// Every event row a server holds (accepted, rejected, outlier).
+fn event_rows(app: &App) -> i64 {
+    smol::block_on(
+        app.store
+            .read(|c| Ok(c.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))?)),
+    )
+    .unwrap()
+}
+
+/// `PUT /send/{txn}` from b to a with an X-Matrix signature by b over `signed` while the
+/// request carries `sent` (the same bytes for an honest request).
+fn signed_send(p: &Pair, txn: &str, signed: &[u8], sent: &[u8]) -> (u16, Value) {
+    use ruma::api::federation::authentication::{XMatrix, XMatrixSigningInput};
+    let b = p.b.hs.app();
+    let path = format!("/_matrix/federation/v1/send/{txn}");
+    let http_req = http::Request::put(&path).body(signed.to_vec()).unwrap();
+    let a_name: OwnedServerName = p.a.server_name().as_str().try_into().unwrap();
+    let xm = XMatrix::sign_http_request(
+        &http_req,
+        XMatrixSigningInput::new(b.server_name.clone(), a_name, &b.local.key.pair),
+    )
+    .unwrap();
+    common::fed::curl_raw(
+        "PUT",
+        &format!("{}{path}", p.a.url()),
+        &[
+            format!("Authorization: {xm}"),
+            "Content-Type: application/json".to_owned(),
+        ],
+        sent,
+    )
+}
+
+/// A transaction body claiming to come from `origin`.
+fn txn_body(origin: &str, pdus: Vec<Value>, edus: Vec<Value>) -> Vec<u8> {
+    json!({ "origin": origin, "origin_server_ts": 1_700_000_000_000u64, "pdus": pdus, "edus": edus })
+        .to_string()
+        .into_bytes()
+}
+
+/// The rest of issue 9's list of malformed input: a room this server is not in, PDUs its
+/// origin signed in a malformed shape, a known event ID with other content, oversized and
+/// garbage transactions, an X-Matrix signature over another body, a transaction whose
+/// `origin` is not its signer. Each is refused, nothing of it is stored, and the server
+/// goes on serving.
+#[test]
+fn malformed_transactions_and_pdus_are_refused_and_never_stored() {
+    let p = pair();
+    let (a, b) = (p.a.hs.app(), p.b.hs.app());
+    let msg = |body: &str| {
+        NewEvent::message(
+            "m.room.message",
+            json!({ "msgtype": "m.text", "body": body }),
+        )
+    };
+    let rows = event_rows(a);
+
+    // A room a is not in (b's own room, correctly signed): not looked at.
+    let (s, v) = curl(
+        "POST",
+        &format!("{}/_matrix/client/v3/createRoom", p.b.url()),
+        Some(&p.bob_tok),
+        Some(&json!({ "preset": "private_chat" })),
+    );
+    assert_eq!(s, 200, "{v}");
+    let elsewhere: OwnedRoomId = v["room_id"].as_str().unwrap().try_into().unwrap();
+    let (foreign, raw) = signed_pdu(b, &elsewhere, &p.bob, msg("elsewhere"), |_| {});
+    push(&p, vec![raw]);
+    assert!(stored(a, &foreign).is_none());
+
+    // Signed by b, but malformed for the room version: no prev events (nothing to check it
+    // against), no depth, a negative depth or timestamp.
+    let edits: Vec<(&str, Box<dyn FnOnce(&mut serde_json::Map<String, Value>)>)> = vec![
+        (
+            "empty prev_events",
+            Box::new(|v| drop(v.insert("prev_events".into(), json!([])))),
+        ),
+        (
+            "no prev_events",
+            Box::new(|v| drop(v.remove("prev_events"))),
+        ),
+        ("no depth", Box::new(|v| drop(v.remove("depth")))),
+        (
+            "negative depth",
+            Box::new(|v| drop(v.insert("depth".into(), json!(-3)))),
+        ),
+        (
+            "negative timestamp",
+            Box::new(|v| drop(v.insert("origin_server_ts".into(), json!(-3)))),
+        ),
+    ];
+    for (what, edit) in edits {
+        let (id, raw) = malformed_pdu(b, &p.room, &p.bob, msg(what), edit, |_| {});
+        push(&p, vec![raw]);
+        assert!(stored(a, &id).is_none(), "{what}: stored");
+    }
+    assert_eq!(event_rows(a), rows, "nothing stored so far");
+
+    // A known event ID with other content: the ID (a hash of the redacted event) is the
+    // same, so it is the event already held, which keeps its content.
+    let (original, raw) = signed_pdu(b, &p.room, &p.bob, msg("original"), |_| {});
+    assert_eq!(push(&p, vec![raw.clone()])[original.as_str()], "");
+    let mut other: Value = serde_json::from_str(raw.get()).unwrap();
+    other["content"]["body"] = json!("other content, same ID");
+    let other = serde_json::value::to_raw_value(&other).unwrap();
+    push(&p, vec![other]);
+    let (json, rejected, _) = stored(a, &original).unwrap();
+    assert!(
+        json.contains("\"original\"") && rejected.is_none(),
+        "{json}"
+    );
+    let rows = event_rows(a);
+
+    // Oversized transactions: refused whole, none of their PDUs stored.
+    let many: Vec<(OwnedEventId, Box<serde_json::value::RawValue>)> = (0..51)
+        .map(|i| signed_pdu(b, &p.room, &p.bob, msg(&format!("many {i}")), |_| {}))
+        .collect();
+    let b_name = p.b.server_name();
+    let to_value =
+        |r: &serde_json::value::RawValue| serde_json::from_str::<Value>(r.get()).unwrap();
+    let body = txn_body(
+        &b_name,
+        many.iter().map(|(_, r)| to_value(r)).collect(),
+        vec![],
+    );
+    let (s, v) = signed_send(&p, "many-pdus", &body, &body);
+    assert_eq!(
+        (s, v["errcode"].as_str()),
+        (413, Some("M_TOO_LARGE")),
+        "51 PDUs: {v}"
+    );
+    let typing = json!({ "edu_type": "m.typing", "content": {
+        "room_id": p.room, "user_id": p.bob, "typing": true } });
+    let body = txn_body(&b_name, vec![], vec![typing; 101]);
+    let (s, v) = signed_send(&p, "many-edus", &body, &body);
+    assert_eq!(
+        (s, v["errcode"].as_str()),
+        (413, Some("M_TOO_LARGE")),
+        "101 EDUs: {v}"
+    );
+    assert!(many.iter().all(|(id, _)| stored(a, id).is_none()));
+
+    // Garbage among the PDUs (not objects, no room) is dropped; the good PDU beside it is
+    // accepted.
+    let (good, raw) = signed_pdu(b, &p.room, &p.bob, msg("beside garbage"), |_| {});
+    let garbage: Vec<Box<serde_json::value::RawValue>> = [
+        json!(5),
+        json!("pdu"),
+        json!([]),
+        json!({}),
+        json!({ "room_id": 5 }),
+    ]
+    .iter()
+    .map(|v| serde_json::value::to_raw_value(v).unwrap())
+    .chain([raw.clone()])
+    .collect();
+    let res = push(&p, garbage);
+    assert_eq!(res[good.as_str()], "", "{res}");
+    assert_eq!(event_rows(a), rows + 1, "only the good one is stored");
+
+    // An integer past canonical JSON's range cannot be signed (X-Matrix signs canonical
+    // JSON), so a transaction carrying one is refused whatever its signature covers.
+    let (deep, raw) = signed_pdu(b, &p.room, &p.bob, msg("deep"), |_| {});
+    let mut huge_depth = to_value(&raw);
+    huge_depth["depth"] = json!(1u64 << 60);
+    let (s, v) = signed_send(
+        &p,
+        "huge-depth",
+        &txn_body(&b_name, vec![to_value(&raw)], vec![]),
+        &txn_body(&b_name, vec![huge_depth], vec![]),
+    );
+    assert!(matches!(s, 400 | 401), "out-of-range depth: {s} {v}");
+    assert!(stored(a, &deep).is_none());
+
+    // At the HTTP level: a signature over another body, a body that is not JSON, a body of
+    // the wrong shape, and a transaction whose origin is not the server that signed it.
+    let (x, x_raw) = signed_pdu(b, &p.room, &p.bob, msg("signed body"), |_| {});
+    let (y, y_raw) = signed_pdu(b, &p.room, &p.bob, msg("sent body"), |_| {});
+    let to_value =
+        |r: &serde_json::value::RawValue| serde_json::from_str::<Value>(r.get()).unwrap();
+    let (s, v) = signed_send(
+        &p,
+        "other-body",
+        &txn_body(&b_name, vec![to_value(&x_raw)], vec![]),
+        &txn_body(&b_name, vec![to_value(&y_raw)], vec![]),
+    );
+    assert_eq!(
+        (s, v["errcode"].as_str()),
+        (401, Some("M_UNAUTHORIZED")),
+        "{v}"
+    );
+    let (s, v) = signed_send(&p, "garbage", b"{}", b"{\"pdus\": [garbage");
+    assert!(matches!(s, 400 | 401), "garbage JSON: {s} {v}");
+    let shape = json!({ "origin": b_name, "origin_server_ts": 1, "pdus": "not a list" })
+        .to_string()
+        .into_bytes();
+    let (s, v) = signed_send(&p, "shape", &shape, &shape);
+    assert_eq!(s, 400, "wrong shape: {v}");
+    let body = txn_body(&p.a.server_name(), vec![to_value(&y_raw)], vec![]);
+    let (s, v) = signed_send(&p, "not-my-origin", &body, &body);
+    assert_eq!(s, 403, "origin is not the signer: {v}");
+    for id in [&x, &y] {
+        assert!(stored(a, id).is_none(), "{id} stored");
+    }
+    assert_eq!(event_rows(a), rows + 1);
+
+    // And a is still well: alice sends, bob's next good PDU is accepted.
+    send_msg(&p, "after", "still here");
+    let (last, raw) = signed_pdu(b, &p.room, &p.bob, msg("still accepted"), |_| {});
+    assert_eq!(push(&p, vec![raw])[last.as_str()], "");
 }

@@ -72,12 +72,46 @@ pub fn curl(method: &str, url: &str, token: Option<&str>, body: Option<&Value>) 
         ]);
     }
     let out = cmd.arg(url).output().expect("curl runs");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    status_and_json(&out.stdout)
+}
+
+/// curl's output with `-w "\n%{http_code}"`: (status, JSON body or Null).
+fn status_and_json(stdout: &[u8]) -> (u16, Value) {
+    let text = String::from_utf8_lossy(stdout).to_string();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
     (
         code.trim().parse().unwrap_or(0),
         serde_json::from_str(body).unwrap_or(Value::Null),
     )
+}
+
+/// One HTTPS request with curl, with these headers and these exact body bytes (which need
+/// not be JSON): (status, JSON body or Null).
+pub fn curl_raw(method: &str, url: &str, headers: &[String], body: &[u8]) -> (u16, Value) {
+    use std::io::Write;
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-sk",
+        "--max-time",
+        "60",
+        "-X",
+        method,
+        "-w",
+        "\n%{http_code}",
+    ]);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    let mut child = cmd
+        .args(["--data-binary", "@-"])
+        .arg(url)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("curl runs");
+    child.stdin.take().unwrap().write_all(body).unwrap();
+    let out = child.wait_with_output().expect("curl runs");
+    status_and_json(&out.stdout)
 }
 
 pub fn register(base: &str, name: &str) -> (String, String) {

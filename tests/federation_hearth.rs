@@ -784,3 +784,219 @@ fn malformed_transactions_and_pdus_are_refused_and_never_stored() {
     let (last, raw) = signed_pdu(b, &p.room, &p.bob, msg("still accepted"), |_| {});
     assert_eq!(push(&p, vec![raw])[last.as_str()], "");
 }
+
+/// A room's current state through a server's client API: (type, state_key) → event.
+fn client_state(
+    base: &str,
+    token: &str,
+    room: &str,
+) -> std::collections::BTreeMap<(String, String), Value> {
+    let (s, v) = curl(
+        "GET",
+        &format!("{base}/_matrix/client/v3/rooms/{}/state", common::enc(room)),
+        Some(token),
+        None,
+    );
+    assert_eq!(s, 200, "/state at {base}: {v}");
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let key = (
+                e["type"].as_str().unwrap().to_owned(),
+                e["state_key"].as_str().unwrap().to_owned(),
+            );
+            (key, e.clone())
+        })
+        .collect()
+}
+
+fn put_state(base: &str, token: &str, room: &str, kind: &str, content: Value) -> (u16, Value) {
+    curl(
+        "PUT",
+        &format!(
+            "{base}/_matrix/client/v3/rooms/{}/state/{kind}/",
+            common::enc(room)
+        ),
+        Some(token),
+        Some(&content),
+    )
+}
+
+/// Three Hearths in one room, a fork made by a partition and healed by state resolution:
+///
+/// - a hosts the room; alice (admin) makes bob (on b) a moderator; carol is on c.
+/// - b is killed. On a, alice demotes bob and sets a topic (c gets both; b's copy waits in
+///   a's outbox). Then a is killed too, so b, back up, cannot learn of the demotion.
+/// - On b, bob (a moderator as far as b knows) renames the room and speaks. c gets both; the
+///   rename fails against c's current state (soft-failed), the message is accepted.
+/// - a comes back; the partition heals. Resolution puts the demotion first, so bob's
+///   rename no longer passes auth: every server ends with the same state, the original
+///   name, and bob's client on b sees its room's name reset in its sync's `state`.
+#[test]
+fn three_servers_a_partition_forks_the_room_and_state_resolution_converges_it() {
+    use common::fed::HearthProcess;
+    use common::synapse::eventually;
+    let mut a = HearthProcess::start();
+    let mut b = HearthProcess::start();
+    let c = HearthProcess::start();
+    let (_, alice) = register(&a.url(), "alice");
+    let (bob_id, bob) = register(&b.url(), "bob");
+    let (_, carol) = register(&c.url(), "carol");
+    let (s, v) = curl(
+        "POST",
+        &format!("{}/_matrix/client/v3/createRoom", a.url()),
+        Some(&alice),
+        Some(&json!({ "preset": "public_chat", "name": "original" })),
+    );
+    assert_eq!(s, 200, "{v}");
+    let room = v["room_id"].as_str().unwrap().to_owned();
+    for (h, tok) in [(&b, &bob), (&c, &carol)] {
+        let (s, v) = curl(
+            "POST",
+            &format!(
+                "{}/_matrix/client/v3/join/{}?server_name={}",
+                h.url(),
+                common::enc(&room),
+                common::enc(&a.server_name())
+            ),
+            Some(tok),
+            Some(&json!({})),
+        );
+        assert_eq!(s, 200, "join through a: {v}");
+    }
+    let name_event = client_state(&a.url(), &alice, &room)[&("m.room.name".into(), String::new())]
+        ["event_id"]
+        .clone();
+    let mut pl = client_state(&a.url(), &alice, &room)
+        [&("m.room.power_levels".into(), String::new())]["content"]
+        .clone();
+    pl["users"][&bob_id] = json!(50);
+    let (s, v) = put_state(&a.url(), &alice, &room, "m.room.power_levels", pl.clone());
+    assert_eq!(s, 200, "{v}");
+    let bob_level = |h: &HearthProcess, tok: &str| {
+        client_state(&h.url(), tok, &room)[&("m.room.power_levels".into(), String::new())]
+            ["content"]["users"][&bob_id]
+            .as_i64()
+    };
+    eventually(30, "everyone knows bob is a moderator", || {
+        (bob_level(&b, &bob) == Some(50) && bob_level(&c, &carol) == Some(50)).then_some(())
+    });
+    let v = common_sync(&b, &bob, None);
+    let mut since = v["next_batch"].as_str().unwrap().to_owned();
+
+    // The a side of the partition.
+    b.kill9();
+    pl["users"][&bob_id] = json!(0);
+    let (s, v) = put_state(&a.url(), &alice, &room, "m.room.power_levels", pl);
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = put_state(
+        &a.url(),
+        &alice,
+        &room,
+        "m.room.topic",
+        json!({ "topic": "from the a side" }),
+    );
+    assert_eq!(s, 200, "{v}");
+    eventually(30, "c gets the a side", || {
+        (bob_level(&c, &carol) == Some(0)).then_some(())
+    });
+    a.kill9();
+
+    // The b side: bob still holds power here.
+    b.restart();
+    let (s, v) = put_state(
+        &b.url(),
+        &bob,
+        &room,
+        "m.room.name",
+        json!({ "name": "from the b side" }),
+    );
+    assert_eq!(s, 200, "bob is a moderator on b: {v}");
+    let (s, v) = curl(
+        "PUT",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/send/m.room.message/b1",
+            b.url(),
+            common::enc(&room)
+        ),
+        Some(&bob),
+        Some(&json!({ "msgtype": "m.text", "body": "from the b side" })),
+    );
+    assert_eq!(s, 200, "{v}");
+    // Bob's client has seen the new name.
+    let mut names_seen = Vec::new();
+    eventually(10, "bob's client sees the b-side name", || {
+        let v = common_sync(&b, &bob, Some(&since));
+        since = v["next_batch"].as_str().unwrap().to_owned();
+        names_seen.extend(names_in(&v, &room, "timeline"));
+        names_seen
+            .contains(&"from the b side".to_owned())
+            .then_some(())
+    });
+    eventually(30, "c gets the b side", || {
+        common::synapse::room_bodies(&c.url(), &carol, &room, 20)
+            .contains(&"from the b side".to_owned())
+            .then_some(())
+    });
+
+    // Heal: every server ends with the same state.
+    a.restart();
+    let states = eventually(90, "the three servers converge", || {
+        let states = [
+            client_state(&a.url(), &alice, &room),
+            client_state(&b.url(), &bob, &room),
+            client_state(&c.url(), &carol, &room),
+        ];
+        let ids = |s: &std::collections::BTreeMap<(String, String), Value>| {
+            s.iter()
+                .map(|(k, e)| (k.clone(), e["event_id"].clone()))
+                .collect::<Vec<_>>()
+        };
+        let b_has_a_side = states[1].contains_key(&("m.room.topic".into(), String::new()));
+        (b_has_a_side && ids(&states[0]) == ids(&states[1]) && ids(&states[1]) == ids(&states[2]))
+            .then_some(states)
+    });
+    let name = &states[0][&("m.room.name".into(), String::new())];
+    assert_eq!(
+        name["event_id"], name_event,
+        "the rename did not survive: {name}"
+    );
+    assert_eq!(
+        states[0][&("m.room.topic".into(), String::new())]["content"]["topic"],
+        "from the a side"
+    );
+    assert_eq!(bob_level(&b, &bob), Some(0));
+
+    // Bob's client on b is told: the old name comes back in its sync's state section.
+    eventually(30, "bob's client sees the name reset", || {
+        let v = common_sync(&b, &bob, Some(&since));
+        since = v["next_batch"].as_str().unwrap().to_owned();
+        names_in(&v, &room, "state")
+            .contains(&"original".to_owned())
+            .then_some(())
+    });
+}
+
+fn common_sync(h: &common::fed::HearthProcess, token: &str, since: Option<&str>) -> Value {
+    let q = since.map(|s| format!("&since={s}")).unwrap_or_default();
+    let (s, v) = curl(
+        "GET",
+        &format!("{}/_matrix/client/v3/sync?timeout=500{q}", h.url()),
+        Some(token),
+        None,
+    );
+    assert_eq!(s, 200, "{v}");
+    v
+}
+
+/// Names in the `section` ("state" or "timeline") of a room in a sync response.
+fn names_in(v: &Value, room: &str, section: &str) -> Vec<String> {
+    v["rooms"]["join"][room][section]["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["type"] == "m.room.name")
+        .filter_map(|e| e["content"]["name"].as_str().map(str::to_owned))
+        .collect()
+}

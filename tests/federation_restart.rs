@@ -170,20 +170,38 @@ fn hearth_killed_while_sending_a_burst_to_synapse_loses_and_doubles_nothing() {
     let mut h = HearthProcess::start();
     let (room, alice_tok, bob_tok) = room_with_synapse_user(&h, syn, "bob_reader");
 
-    // Every message got its 200 (it is on disk, and so is its outbox row) before the kill,
-    // which lands while the sender is pushing the burst to Synapse.
-    let expected: Vec<String> = (0..60).map(|i| format!("crash {i:02}")).collect();
-    for body in &expected[..30] {
-        send(&h.url(), &alice_tok, &room, body);
-    }
+    // Thirty messages at once, so the sender has a backlog: each got its 200 (it is on disk,
+    // and so is its outbox row) before the kill, which lands while transactions are in
+    // flight.
+    let all: Vec<String> = (0..60).map(|i| format!("crash {i:02}")).collect();
+    std::thread::scope(|s| {
+        for body in &all[..30] {
+            let (url, tok, room) = (h.url(), &alice_tok, &room);
+            s.spawn(move || send(&url, tok, room, body));
+        }
+    });
     h.kill9();
+    let pending = h.outbox_rows();
+    eprintln!("outbox rows at the kill: {pending}");
+    assert!(
+        pending > 0,
+        "everything was sent before the kill: this run proves nothing about a crash mid-way"
+    );
     h.restart();
-    for body in &expected[30..] {
+    for body in &all[30..] {
         send(&h.url(), &alice_tok, &room, body);
     }
+    // The order is Hearth's (the concurrent sends raced); it must hold each exactly once.
+    let order: Vec<String> = room_bodies(&h.url(), &alice_tok, &room, 100)
+        .into_iter()
+        .filter(|b| b.starts_with("crash "))
+        .collect();
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(sorted, all, "Hearth holds each message once");
     all_once_in_order(
         "Synapse gets the whole burst",
-        &expected,
+        &order,
         "crash ",
         120,
         || syn.bodies(&bob_tok, &room, 200),

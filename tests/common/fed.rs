@@ -252,6 +252,14 @@ impl HearthProcess {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// Rows waiting in its federation outbox, read from its database while it is down.
+    pub fn outbox_rows(&self) -> i64 {
+        assert!(self.child.is_none(), "stop it first");
+        let c = rusqlite::Connection::open(self.dir.path().join("hearth.db")).unwrap();
+        c.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))
+            .unwrap()
+    }
+
     /// The end of its log (for failure messages).
     pub fn log_tail(&self) -> String {
         let log = std::fs::read_to_string(self.dir.path().join("hearth.log")).unwrap_or_default();

@@ -72,6 +72,9 @@ fn v10_pdu() -> serde_json::Value {
     })
 }
 
+/// A change that makes the well-formed PDU malformed.
+type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+
 fn parse(v: &serde_json::Value) -> Result<(), String> {
     let raw = serde_json::value::to_raw_value(v).unwrap();
     hearth::room::receive::parse(&raw, &ruma::RoomVersionId::V10)
@@ -86,7 +89,7 @@ fn parse(v: &serde_json::Value) -> Result<(), String> {
 fn malformed_pdus_are_refused_by_the_format_check() {
     assert_eq!(parse(&v10_pdu()), Ok(()), "the well-formed one passes");
     let long = "x".repeat(300);
-    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+    let cases: Vec<(&str, Edit)> = vec![
         (
             "no prev_events",
             Box::new(|v| drop(v.as_object_mut().unwrap().remove("prev_events"))),

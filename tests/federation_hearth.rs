@@ -573,6 +573,9 @@ fn three_servers_a_join_through_the_resident_reaches_the_third_and_messages_reac
     let _ = (&p.alice_tok, &p.bob);
 }
 
+/// A change to a PDU's JSON before it is signed.
+type Edit = Box<dyn FnOnce(&mut serde_json::Map<String, Value>)>;
+
 /// Every event row a server holds (accepted, rejected, outlier).
 fn event_rows(app: &App) -> i64 {
     smol::block_on(
@@ -645,7 +648,7 @@ fn malformed_transactions_and_pdus_are_refused_and_never_stored() {
 
     // Signed by b, but malformed for the room version: no prev events (nothing to check it
     // against), no depth, a negative depth or timestamp.
-    let edits: Vec<(&str, Box<dyn FnOnce(&mut serde_json::Map<String, Value>)>)> = vec![
+    let edits: Vec<(&str, Edit)> = vec![
         (
             "empty prev_events",
             Box::new(|v| drop(v.insert("prev_events".into(), json!([])))),
@@ -999,4 +1002,73 @@ fn names_in(v: &Value, room: &str, section: &str) -> Vec<String> {
         .filter(|e| e["type"] == "m.room.name")
         .filter_map(|e| e["content"]["name"].as_str().map(str::to_owned))
         .collect()
+}
+
+/// Runs `sql` on a server's database (test set-up the API cannot express).
+fn exec(app: &App, sql: String) {
+    smol::block_on(app.store.write(move |tx| {
+        tx.execute_batch(&sql)?;
+        Ok(())
+    }))
+    .unwrap();
+}
+
+/// a misses 70 of bob's messages (b's queue for a is held back, then dropped), then gets the
+/// next one: it walks the gap back with `/get_missing_events` page after page (a page is at
+/// most 50 events here, 20 from Synapse) and ends with every message, in order.
+#[test]
+fn a_gap_longer_than_a_page_of_missing_events_is_walked_back_and_filled() {
+    use common::synapse::{eventually, room_bodies};
+    let p = pair();
+    let a_name = p.a.server_name();
+    let b = p.b.hs.app();
+    exec(
+        b,
+        format!(
+            "INSERT INTO destinations (name, retry_at, backoff_ms, failures)
+             VALUES ('{a_name}', 4000000000000, 3600000, 1)
+             ON CONFLICT (name) DO UPDATE SET retry_at = excluded.retry_at"
+        ),
+    );
+    let send_b = |body: &str| {
+        let (s, v) = curl(
+            "PUT",
+            &format!(
+                "{}/_matrix/client/v3/rooms/{}/send/m.room.message/{}",
+                p.b.url(),
+                common::enc(p.room.as_str()),
+                common::enc(body)
+            ),
+            Some(&p.bob_tok),
+            Some(&json!({ "msgtype": "m.text", "body": body })),
+        );
+        assert_eq!(s, 200, "{v}");
+    };
+    let expected: Vec<String> = (0..71).map(|i| format!("gap {i:02}")).collect();
+    for body in &expected[..70] {
+        send_b(body);
+    }
+    exec(
+        b,
+        format!(
+            "DELETE FROM outbox WHERE destination = '{a_name}';
+             UPDATE destinations SET retry_at = 0, backoff_ms = 0, failures = 0
+             WHERE name = '{a_name}'"
+        ),
+    );
+    assert!(
+        room_bodies(&p.a.url(), &p.alice_tok, p.room.as_str(), 100)
+            .iter()
+            .all(|b| !b.starts_with("gap ")),
+        "a got none of them"
+    );
+    send_b(&expected[70]);
+    let got = eventually(60, "a fills the gap", || {
+        let got: Vec<String> = room_bodies(&p.a.url(), &p.alice_tok, p.room.as_str(), 100)
+            .into_iter()
+            .filter(|b| b.starts_with("gap "))
+            .collect();
+        (got.len() >= expected.len()).then_some(got)
+    });
+    assert_eq!(got, expected);
 }

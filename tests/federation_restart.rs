@@ -119,7 +119,7 @@ fn hearth_killed_during_a_burst_from_synapse_gets_every_message_once() {
     let (room, alice_tok, bob_tok) = room_with_synapse_user(&h, syn, "bob_burst");
 
     // Bob sends a burst; Hearth is SIGKILLed while Synapse is pushing it.
-    let expected: Vec<String> = (0..40).map(|i| format!("burst {i:02}")).collect();
+    let expected: Vec<String> = (0..90).map(|i| format!("burst {i:02}")).collect();
     for (i, body) in expected.iter().enumerate() {
         send(&syn.url(), &bob_tok, &room, body);
         if i == 12 {
@@ -143,7 +143,7 @@ fn hearth_killed_during_a_burst_from_synapse_gets_every_message_once() {
     );
     assert_eq!(s, 200, "{v}");
     all_once_in_order("Hearth catches up", &expected, "burst ", 120, || {
-        room_bodies(&h.url(), &alice_tok, &room, 100)
+        room_bodies(&h.url(), &alice_tok, &room, 200)
     });
     // And alice's /sync timeline (what clients see) has each once.
     let (_, v) = curl(
@@ -151,7 +151,7 @@ fn hearth_killed_during_a_burst_from_synapse_gets_every_message_once() {
         &format!(
             "{}/_matrix/client/v3/sync?timeout=0&filter={}",
             h.url(),
-            enc(&json!({ "room": { "timeline": { "limit": 100 } } }).to_string())
+            enc(&json!({ "room": { "timeline": { "limit": 200 } } }).to_string())
         ),
         Some(&alice_tok),
         None,

@@ -672,6 +672,19 @@ fn malformed_transactions_and_pdus_are_refused_and_never_stored() {
         push(&p, vec![raw]);
         assert!(stored(a, &id).is_none(), "{what}: stored");
     }
+    // Signed with a key b never published (the signature moved to an unknown key ID).
+    let b_name = p.b.server_name();
+    let (unknown_key, raw) = signed_pdu(b, &p.room, &p.bob, msg("unknown key"), |v| {
+        let sig = v["signatures"][&b_name]
+            .as_object()
+            .unwrap()
+            .values()
+            .next()
+            .cloned();
+        v["signatures"][&b_name] = json!({ "ed25519:never_published": sig });
+    });
+    push(&p, vec![raw]);
+    assert!(stored(a, &unknown_key).is_none());
     assert_eq!(event_rows(a), rows, "nothing stored so far");
 
     // A known event ID with other content: the ID (a hash of the redacted event) is the
@@ -693,7 +706,6 @@ fn malformed_transactions_and_pdus_are_refused_and_never_stored() {
     let many: Vec<(OwnedEventId, Box<serde_json::value::RawValue>)> = (0..51)
         .map(|i| signed_pdu(b, &p.room, &p.bob, msg(&format!("many {i}")), |_| {}))
         .collect();
-    let b_name = p.b.server_name();
     let to_value =
         |r: &serde_json::value::RawValue| serde_json::from_str::<Value>(r.get()).unwrap();
     let body = txn_body(

@@ -28,7 +28,29 @@ impl Synapse {
             port,
         };
         s.run_start(true);
+        s.stop_when_this_process_exits();
         s
+    }
+
+    /// A watcher that stops and purges this Synapse once the test process is gone, however
+    /// it ends: a run of only some of a file's tests (the last-test count is never reached),
+    /// a panic outside a test, a killed run. After a normal end it finds nothing to stop.
+    fn stop_when_this_process_exits(&self) {
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; SYNPEER_PURGE=1 bash {stop} {name}",
+            pid = std::process::id(),
+            stop = peer_dir().join("stop.sh").display(),
+            name = self.name,
+        );
+        let spawned = Command::new("setsid")
+            .args(["bash", "-c", &script])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        if let Err(e) = spawned {
+            eprintln!("no watcher for Synapse {}: {e}", self.name);
+        }
     }
 
     /// A Synapse started by someone else (e.g. `scripts/test.sh`), never stopped here.

@@ -25,6 +25,7 @@ struct Pair {
     b: Hearth,
     alice_tok: String,
     bob: OwnedUserId,
+    bob_tok: String,
     room: OwnedRoomId,
 }
 
@@ -32,7 +33,7 @@ fn pair() -> Pair {
     let a = Hearth::start();
     let b = Hearth::start();
     let (_, alice_tok) = register(&a.url(), "alice");
-    let (bob, _) = register(&b.url(), "bob");
+    let (bob, bob_tok) = register(&b.url(), "bob");
     let (s, v) = curl(
         "POST",
         &format!("{}/_matrix/client/v3/createRoom", a.url()),
@@ -55,6 +56,7 @@ fn pair() -> Pair {
         b,
         alice_tok,
         bob,
+        bob_tok,
         room,
     }
 }
@@ -83,6 +85,19 @@ fn signed_pdu(
     ev: NewEvent,
     tamper: impl FnOnce(&mut serde_json::Map<String, Value>),
 ) -> (OwnedEventId, Box<serde_json::value::RawValue>) {
+    malformed_pdu(app, room, sender, ev, |_| {}, tamper)
+}
+
+/// Like [`signed_pdu`], with `edit` applied before hashing and signing: a PDU its origin
+/// really signed, in a shape of the origin's choosing.
+fn malformed_pdu(
+    app: &App,
+    room: &OwnedRoomId,
+    sender: &OwnedUserId,
+    ev: NewEvent,
+    edit: impl FnOnce(&mut serde_json::Map<String, Value>),
+    tamper: impl FnOnce(&mut serde_json::Map<String, Value>),
+) -> (OwnedEventId, Box<serde_json::value::RawValue>) {
     let (r, s, origin, now) = (
         room.clone(),
         sender.clone(),
@@ -94,7 +109,11 @@ fn signed_pdu(
             .read(move |c| build::prepare(c, &origin, &r, &s, ev, None, now)),
     )
     .unwrap();
-    let mut obj: ruma::CanonicalJsonObject = serde_json::from_value(prepared.pdu).unwrap();
+    let mut unsigned: serde_json::Map<String, Value> =
+        serde_json::from_value(prepared.pdu).unwrap();
+    edit(&mut unsigned);
+    let mut obj: ruma::CanonicalJsonObject =
+        serde_json::from_value(Value::Object(unsigned)).unwrap();
     ruma::signatures::hash_and_sign_event(
         app.server_name.as_str(),
         &app.local.key.pair,
@@ -552,4 +571,516 @@ fn three_servers_a_join_through_the_resident_reaches_the_third_and_messages_reac
         }
     }
     let _ = (&p.alice_tok, &p.bob);
+}
+
+/// A change to a PDU's JSON before it is signed.
+type Edit = Box<dyn FnOnce(&mut serde_json::Map<String, Value>)>;
+
+/// Every event row a server holds (accepted, rejected, outlier).
+fn event_rows(app: &App) -> i64 {
+    smol::block_on(
+        app.store
+            .read(|c| Ok(c.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))?)),
+    )
+    .unwrap()
+}
+
+/// `PUT /send/{txn}` from b to a with an X-Matrix signature by b over `signed` while the
+/// request carries `sent` (the same bytes for an honest request).
+fn signed_send(p: &Pair, txn: &str, signed: &[u8], sent: &[u8]) -> (u16, Value) {
+    use ruma::api::federation::authentication::{XMatrix, XMatrixSigningInput};
+    let b = p.b.hs.app();
+    let path = format!("/_matrix/federation/v1/send/{txn}");
+    let http_req = http::Request::put(&path).body(signed.to_vec()).unwrap();
+    let a_name: OwnedServerName = p.a.server_name().as_str().try_into().unwrap();
+    let xm = XMatrix::sign_http_request(
+        &http_req,
+        XMatrixSigningInput::new(b.server_name.clone(), a_name, &b.local.key.pair),
+    )
+    .unwrap();
+    common::fed::curl_raw(
+        "PUT",
+        &format!("{}{path}", p.a.url()),
+        &[
+            format!("Authorization: {xm}"),
+            "Content-Type: application/json".to_owned(),
+        ],
+        sent,
+    )
+}
+
+/// A transaction body claiming to come from `origin`.
+fn txn_body(origin: &str, pdus: Vec<Value>, edus: Vec<Value>) -> Vec<u8> {
+    json!({ "origin": origin, "origin_server_ts": 1_700_000_000_000u64, "pdus": pdus, "edus": edus })
+        .to_string()
+        .into_bytes()
+}
+
+/// The rest of issue 9's list of malformed input: a room this server is not in, PDUs its
+/// origin signed in a malformed shape, a known event ID with other content, oversized and
+/// garbage transactions, an X-Matrix signature over another body, a transaction whose
+/// `origin` is not its signer. Each is refused, nothing of it is stored, and the server
+/// goes on serving.
+#[test]
+fn malformed_transactions_and_pdus_are_refused_and_never_stored() {
+    let p = pair();
+    let (a, b) = (p.a.hs.app(), p.b.hs.app());
+    let msg = |body: &str| {
+        NewEvent::message(
+            "m.room.message",
+            json!({ "msgtype": "m.text", "body": body }),
+        )
+    };
+    let rows = event_rows(a);
+
+    // A room a is not in (b's own room, correctly signed): not looked at.
+    let (s, v) = curl(
+        "POST",
+        &format!("{}/_matrix/client/v3/createRoom", p.b.url()),
+        Some(&p.bob_tok),
+        Some(&json!({ "preset": "private_chat" })),
+    );
+    assert_eq!(s, 200, "{v}");
+    let elsewhere: OwnedRoomId = v["room_id"].as_str().unwrap().try_into().unwrap();
+    let (foreign, raw) = signed_pdu(b, &elsewhere, &p.bob, msg("elsewhere"), |_| {});
+    push(&p, vec![raw]);
+    assert!(stored(a, &foreign).is_none());
+
+    // Signed by b, but malformed for the room version: no prev events (nothing to check it
+    // against), no depth, a negative depth or timestamp.
+    let edits: Vec<(&str, Edit)> = vec![
+        (
+            "empty prev_events",
+            Box::new(|v| drop(v.insert("prev_events".into(), json!([])))),
+        ),
+        (
+            "no prev_events",
+            Box::new(|v| drop(v.remove("prev_events"))),
+        ),
+        ("no depth", Box::new(|v| drop(v.remove("depth")))),
+        (
+            "negative depth",
+            Box::new(|v| drop(v.insert("depth".into(), json!(-3)))),
+        ),
+        (
+            "negative timestamp",
+            Box::new(|v| drop(v.insert("origin_server_ts".into(), json!(-3)))),
+        ),
+    ];
+    for (what, edit) in edits {
+        let (id, raw) = malformed_pdu(b, &p.room, &p.bob, msg(what), edit, |_| {});
+        push(&p, vec![raw]);
+        assert!(stored(a, &id).is_none(), "{what}: stored");
+    }
+    // Signed with a key b never published (the signature moved to an unknown key ID).
+    let b_name = p.b.server_name();
+    let (unknown_key, raw) = signed_pdu(b, &p.room, &p.bob, msg("unknown key"), |v| {
+        let sig = v["signatures"][&b_name]
+            .as_object()
+            .unwrap()
+            .values()
+            .next()
+            .cloned();
+        v["signatures"][&b_name] = json!({ "ed25519:never_published": sig });
+    });
+    push(&p, vec![raw]);
+    assert!(stored(a, &unknown_key).is_none());
+    assert_eq!(event_rows(a), rows, "nothing stored so far");
+
+    // A known event ID with other content: the ID (a hash of the redacted event) is the
+    // same, so it is the event already held, which keeps its content.
+    let (original, raw) = signed_pdu(b, &p.room, &p.bob, msg("original"), |_| {});
+    assert_eq!(push(&p, vec![raw.clone()])[original.as_str()], "");
+    let mut other: Value = serde_json::from_str(raw.get()).unwrap();
+    other["content"]["body"] = json!("other content, same ID");
+    let other = serde_json::value::to_raw_value(&other).unwrap();
+    push(&p, vec![other]);
+    let (json, rejected, _) = stored(a, &original).unwrap();
+    assert!(
+        json.contains("\"original\"") && rejected.is_none(),
+        "{json}"
+    );
+    let rows = event_rows(a);
+
+    // Oversized transactions: refused whole, none of their PDUs stored.
+    let many: Vec<(OwnedEventId, Box<serde_json::value::RawValue>)> = (0..51)
+        .map(|i| signed_pdu(b, &p.room, &p.bob, msg(&format!("many {i}")), |_| {}))
+        .collect();
+    let to_value =
+        |r: &serde_json::value::RawValue| serde_json::from_str::<Value>(r.get()).unwrap();
+    let body = txn_body(
+        &b_name,
+        many.iter().map(|(_, r)| to_value(r)).collect(),
+        vec![],
+    );
+    let (s, v) = signed_send(&p, "many-pdus", &body, &body);
+    assert_eq!(
+        (s, v["errcode"].as_str()),
+        (413, Some("M_TOO_LARGE")),
+        "51 PDUs: {v}"
+    );
+    let typing = json!({ "edu_type": "m.typing", "content": {
+        "room_id": p.room, "user_id": p.bob, "typing": true } });
+    let body = txn_body(&b_name, vec![], vec![typing; 101]);
+    let (s, v) = signed_send(&p, "many-edus", &body, &body);
+    assert_eq!(
+        (s, v["errcode"].as_str()),
+        (413, Some("M_TOO_LARGE")),
+        "101 EDUs: {v}"
+    );
+    assert!(many.iter().all(|(id, _)| stored(a, id).is_none()));
+
+    // Garbage among the PDUs (not objects, no room) is dropped; the good PDU beside it is
+    // accepted.
+    let (good, raw) = signed_pdu(b, &p.room, &p.bob, msg("beside garbage"), |_| {});
+    let garbage: Vec<Box<serde_json::value::RawValue>> = [
+        json!(5),
+        json!("pdu"),
+        json!([]),
+        json!({}),
+        json!({ "room_id": 5 }),
+    ]
+    .iter()
+    .map(|v| serde_json::value::to_raw_value(v).unwrap())
+    .chain([raw.clone()])
+    .collect();
+    let res = push(&p, garbage);
+    assert_eq!(res[good.as_str()], "", "{res}");
+    assert_eq!(event_rows(a), rows + 1, "only the good one is stored");
+
+    // An integer past canonical JSON's range cannot be signed (X-Matrix signs canonical
+    // JSON), so a transaction carrying one is refused whatever its signature covers.
+    let (deep, raw) = signed_pdu(b, &p.room, &p.bob, msg("deep"), |_| {});
+    let mut huge_depth = to_value(&raw);
+    huge_depth["depth"] = json!(1u64 << 60);
+    let (s, v) = signed_send(
+        &p,
+        "huge-depth",
+        &txn_body(&b_name, vec![to_value(&raw)], vec![]),
+        &txn_body(&b_name, vec![huge_depth], vec![]),
+    );
+    assert!(matches!(s, 400 | 401), "out-of-range depth: {s} {v}");
+    assert!(stored(a, &deep).is_none());
+
+    // At the HTTP level: a signature over another body, a body that is not JSON, a body of
+    // the wrong shape, and a transaction whose origin is not the server that signed it.
+    let (x, x_raw) = signed_pdu(b, &p.room, &p.bob, msg("signed body"), |_| {});
+    let (y, y_raw) = signed_pdu(b, &p.room, &p.bob, msg("sent body"), |_| {});
+    let to_value =
+        |r: &serde_json::value::RawValue| serde_json::from_str::<Value>(r.get()).unwrap();
+    let (s, v) = signed_send(
+        &p,
+        "other-body",
+        &txn_body(&b_name, vec![to_value(&x_raw)], vec![]),
+        &txn_body(&b_name, vec![to_value(&y_raw)], vec![]),
+    );
+    assert_eq!(
+        (s, v["errcode"].as_str()),
+        (401, Some("M_UNAUTHORIZED")),
+        "{v}"
+    );
+    let (s, v) = signed_send(&p, "garbage", b"{}", b"{\"pdus\": [garbage");
+    assert!(matches!(s, 400 | 401), "garbage JSON: {s} {v}");
+    let shape = json!({ "origin": b_name, "origin_server_ts": 1, "pdus": "not a list" })
+        .to_string()
+        .into_bytes();
+    let (s, v) = signed_send(&p, "shape", &shape, &shape);
+    assert_eq!(s, 400, "wrong shape: {v}");
+    let body = txn_body(&p.a.server_name(), vec![to_value(&y_raw)], vec![]);
+    let (s, v) = signed_send(&p, "not-my-origin", &body, &body);
+    assert_eq!(s, 403, "origin is not the signer: {v}");
+    for id in [&x, &y] {
+        assert!(stored(a, id).is_none(), "{id} stored");
+    }
+    assert_eq!(event_rows(a), rows + 1);
+
+    // And a is still well: alice sends, bob's next good PDU is accepted.
+    send_msg(&p, "after", "still here");
+    let (last, raw) = signed_pdu(b, &p.room, &p.bob, msg("still accepted"), |_| {});
+    assert_eq!(push(&p, vec![raw])[last.as_str()], "");
+}
+
+/// A room's current state through a server's client API: (type, state_key) → event.
+fn client_state(
+    base: &str,
+    token: &str,
+    room: &str,
+) -> std::collections::BTreeMap<(String, String), Value> {
+    let (s, v) = curl(
+        "GET",
+        &format!("{base}/_matrix/client/v3/rooms/{}/state", common::enc(room)),
+        Some(token),
+        None,
+    );
+    assert_eq!(s, 200, "/state at {base}: {v}");
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let key = (
+                e["type"].as_str().unwrap().to_owned(),
+                e["state_key"].as_str().unwrap().to_owned(),
+            );
+            (key, e.clone())
+        })
+        .collect()
+}
+
+fn put_state(base: &str, token: &str, room: &str, kind: &str, content: Value) -> (u16, Value) {
+    curl(
+        "PUT",
+        &format!(
+            "{base}/_matrix/client/v3/rooms/{}/state/{kind}/",
+            common::enc(room)
+        ),
+        Some(token),
+        Some(&content),
+    )
+}
+
+/// Three Hearths in one room, a fork made by a partition and healed by state resolution:
+///
+/// - a hosts the room; alice (admin) makes bob (on b) a moderator; carol is on c.
+/// - b is killed. On a, alice demotes bob and sets a topic (c gets both; b's copy waits in
+///   a's outbox). Then a is killed too, so b, back up, cannot learn of the demotion.
+/// - On b, bob (a moderator as far as b knows) renames the room and speaks. c gets both; the
+///   rename fails against c's current state (soft-failed), the message is accepted.
+/// - a comes back; the partition heals. Resolution puts the demotion first, so bob's
+///   rename no longer passes auth: every server ends with the same state, the original
+///   name, and bob's client on b sees its room's name reset in its sync's `state`.
+#[test]
+fn three_servers_a_partition_forks_the_room_and_state_resolution_converges_it() {
+    use common::fed::HearthProcess;
+    use common::synapse::eventually;
+    let mut a = HearthProcess::start();
+    let mut b = HearthProcess::start();
+    let c = HearthProcess::start();
+    let (_, alice) = register(&a.url(), "alice");
+    let (bob_id, bob) = register(&b.url(), "bob");
+    let (_, carol) = register(&c.url(), "carol");
+    let (s, v) = curl(
+        "POST",
+        &format!("{}/_matrix/client/v3/createRoom", a.url()),
+        Some(&alice),
+        Some(&json!({ "preset": "public_chat", "name": "original" })),
+    );
+    assert_eq!(s, 200, "{v}");
+    let room = v["room_id"].as_str().unwrap().to_owned();
+    for (h, tok) in [(&b, &bob), (&c, &carol)] {
+        let (s, v) = curl(
+            "POST",
+            &format!(
+                "{}/_matrix/client/v3/join/{}?server_name={}",
+                h.url(),
+                common::enc(&room),
+                common::enc(&a.server_name())
+            ),
+            Some(tok),
+            Some(&json!({})),
+        );
+        assert_eq!(s, 200, "join through a: {v}");
+    }
+    let name_event = client_state(&a.url(), &alice, &room)[&("m.room.name".into(), String::new())]
+        ["event_id"]
+        .clone();
+    let mut pl = client_state(&a.url(), &alice, &room)
+        [&("m.room.power_levels".into(), String::new())]["content"]
+        .clone();
+    pl["users"][&bob_id] = json!(50);
+    let (s, v) = put_state(&a.url(), &alice, &room, "m.room.power_levels", pl.clone());
+    assert_eq!(s, 200, "{v}");
+    let bob_level = |h: &HearthProcess, tok: &str| {
+        client_state(&h.url(), tok, &room)[&("m.room.power_levels".into(), String::new())]
+            ["content"]["users"][&bob_id]
+            .as_i64()
+    };
+    eventually(30, "everyone knows bob is a moderator", || {
+        (bob_level(&b, &bob) == Some(50) && bob_level(&c, &carol) == Some(50)).then_some(())
+    });
+    let v = common_sync(&b, &bob, None);
+    let mut since = v["next_batch"].as_str().unwrap().to_owned();
+
+    // The a side of the partition.
+    b.kill9();
+    pl["users"][&bob_id] = json!(0);
+    let (s, v) = put_state(&a.url(), &alice, &room, "m.room.power_levels", pl);
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = put_state(
+        &a.url(),
+        &alice,
+        &room,
+        "m.room.topic",
+        json!({ "topic": "from the a side" }),
+    );
+    assert_eq!(s, 200, "{v}");
+    eventually(30, "c gets the a side", || {
+        (bob_level(&c, &carol) == Some(0)).then_some(())
+    });
+    a.kill9();
+
+    // The b side: bob still holds power here.
+    b.restart();
+    let (s, v) = put_state(
+        &b.url(),
+        &bob,
+        &room,
+        "m.room.name",
+        json!({ "name": "from the b side" }),
+    );
+    assert_eq!(s, 200, "bob is a moderator on b: {v}");
+    let (s, v) = curl(
+        "PUT",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/send/m.room.message/b1",
+            b.url(),
+            common::enc(&room)
+        ),
+        Some(&bob),
+        Some(&json!({ "msgtype": "m.text", "body": "from the b side" })),
+    );
+    assert_eq!(s, 200, "{v}");
+    // Bob's client has seen the new name.
+    let mut names_seen = Vec::new();
+    eventually(10, "bob's client sees the b-side name", || {
+        let v = common_sync(&b, &bob, Some(&since));
+        since = v["next_batch"].as_str().unwrap().to_owned();
+        names_seen.extend(names_in(&v, &room, "timeline"));
+        names_seen
+            .contains(&"from the b side".to_owned())
+            .then_some(())
+    });
+    eventually(30, "c gets the b side", || {
+        common::synapse::room_bodies(&c.url(), &carol, &room, 20)
+            .contains(&"from the b side".to_owned())
+            .then_some(())
+    });
+
+    // Heal: every server ends with the same state.
+    a.restart();
+    let states = eventually(90, "the three servers converge", || {
+        let states = [
+            client_state(&a.url(), &alice, &room),
+            client_state(&b.url(), &bob, &room),
+            client_state(&c.url(), &carol, &room),
+        ];
+        let ids = |s: &std::collections::BTreeMap<(String, String), Value>| {
+            s.iter()
+                .map(|(k, e)| (k.clone(), e["event_id"].clone()))
+                .collect::<Vec<_>>()
+        };
+        let b_has_a_side = states[1].contains_key(&("m.room.topic".into(), String::new()));
+        (b_has_a_side && ids(&states[0]) == ids(&states[1]) && ids(&states[1]) == ids(&states[2]))
+            .then_some(states)
+    });
+    let name = &states[0][&("m.room.name".into(), String::new())];
+    assert_eq!(
+        name["event_id"], name_event,
+        "the rename did not survive: {name}"
+    );
+    assert_eq!(
+        states[0][&("m.room.topic".into(), String::new())]["content"]["topic"],
+        "from the a side"
+    );
+    assert_eq!(bob_level(&b, &bob), Some(0));
+
+    // Bob's client on b is told: the old name comes back in its sync's state section.
+    eventually(30, "bob's client sees the name reset", || {
+        let v = common_sync(&b, &bob, Some(&since));
+        since = v["next_batch"].as_str().unwrap().to_owned();
+        names_in(&v, &room, "state")
+            .contains(&"original".to_owned())
+            .then_some(())
+    });
+}
+
+fn common_sync(h: &common::fed::HearthProcess, token: &str, since: Option<&str>) -> Value {
+    let q = since.map(|s| format!("&since={s}")).unwrap_or_default();
+    let (s, v) = curl(
+        "GET",
+        &format!("{}/_matrix/client/v3/sync?timeout=500{q}", h.url()),
+        Some(token),
+        None,
+    );
+    assert_eq!(s, 200, "{v}");
+    v
+}
+
+/// Names in the `section` ("state" or "timeline") of a room in a sync response.
+fn names_in(v: &Value, room: &str, section: &str) -> Vec<String> {
+    v["rooms"]["join"][room][section]["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["type"] == "m.room.name")
+        .filter_map(|e| e["content"]["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Runs `sql` on a server's database (test set-up the API cannot express).
+fn exec(app: &App, sql: String) {
+    smol::block_on(app.store.write(move |tx| {
+        tx.execute_batch(&sql)?;
+        Ok(())
+    }))
+    .unwrap();
+}
+
+/// a misses 70 of bob's messages (b's queue for a is held back, then dropped), then gets the
+/// next one: it walks the gap back with `/get_missing_events` page after page (a page is at
+/// most 50 events here, 20 from Synapse) and ends with every message, in order.
+#[test]
+fn a_gap_longer_than_a_page_of_missing_events_is_walked_back_and_filled() {
+    use common::synapse::{eventually, room_bodies};
+    let p = pair();
+    let a_name = p.a.server_name();
+    let b = p.b.hs.app();
+    exec(
+        b,
+        format!(
+            "INSERT INTO destinations (name, retry_at, backoff_ms, failures)
+             VALUES ('{a_name}', 4000000000000, 3600000, 1)
+             ON CONFLICT (name) DO UPDATE SET retry_at = excluded.retry_at"
+        ),
+    );
+    let send_b = |body: &str| {
+        let (s, v) = curl(
+            "PUT",
+            &format!(
+                "{}/_matrix/client/v3/rooms/{}/send/m.room.message/{}",
+                p.b.url(),
+                common::enc(p.room.as_str()),
+                common::enc(body)
+            ),
+            Some(&p.bob_tok),
+            Some(&json!({ "msgtype": "m.text", "body": body })),
+        );
+        assert_eq!(s, 200, "{v}");
+    };
+    let expected: Vec<String> = (0..71).map(|i| format!("gap {i:02}")).collect();
+    for body in &expected[..70] {
+        send_b(body);
+    }
+    exec(
+        b,
+        format!(
+            "DELETE FROM outbox WHERE destination = '{a_name}';
+             UPDATE destinations SET retry_at = 0, backoff_ms = 0, failures = 0
+             WHERE name = '{a_name}'"
+        ),
+    );
+    assert!(
+        room_bodies(&p.a.url(), &p.alice_tok, p.room.as_str(), 100)
+            .iter()
+            .all(|b| !b.starts_with("gap ")),
+        "a got none of them"
+    );
+    send_b(&expected[70]);
+    let got = eventually(60, "a fills the gap", || {
+        let got: Vec<String> = room_bodies(&p.a.url(), &p.alice_tok, p.room.as_str(), 100)
+            .into_iter()
+            .filter(|b| b.starts_with("gap "))
+            .collect();
+        (got.len() >= expected.len()).then_some(got)
+    });
+    assert_eq!(got, expected);
 }

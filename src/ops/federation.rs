@@ -4,6 +4,8 @@
 //! Dropping a gather at any await leaves nothing behind: it writes nothing until the commit,
 //! and the key fetches it waits on are shielded (`fed::keys`).
 
+use std::collections::{HashMap, HashSet};
+
 use ruma::{
     api::federation::event::{get_event, get_missing_events},
     signatures::{required_server_signatures_to_verify_event, verify_event, PublicKeyMap},
@@ -22,8 +24,9 @@ use crate::{
     App,
 };
 
-/// How many events one PDU may pull in through `/get_missing_events` and `/event`.
-const MAX_FETCH: usize = 50;
+/// How many events one PDU may pull in through `/get_missing_events` and `/event`: ten of
+/// Synapse's pages of missing events, so a server that was down a while catches up.
+const MAX_FETCH: usize = 200;
 
 /// What a key fetch needs, from the app (shared by inbound X-Matrix checks and PDU checks).
 pub fn key_context(app: &App) -> KeyContext {
@@ -160,8 +163,8 @@ async fn commit_fetching(
 }
 
 /// Fetches what a PDU needs: auth events one by one (`/event`, stored as outliers), prev
-/// events through `/get_missing_events` from our forward extremities (committed oldest first,
-/// each through the full checks).
+/// events through `/get_missing_events` back to our forward extremities (committed oldest
+/// first, each through the full checks).
 async fn fetch_missing(
     app: &App,
     origin: &ServerName,
@@ -177,36 +180,8 @@ async fn fetch_missing(
     if missing.prev_events.is_empty() {
         return Ok(());
     }
-    let r = room_id.to_string();
-    let earliest: Vec<OwnedEventId> = app
-        .store
-        .read(move |c| q::list_forward_extremities(c, &r))
-        .await?
-        .into_iter()
-        .filter_map(|(e, _)| OwnedEventId::try_from(e).ok())
-        .collect();
-    let mut req = get_missing_events::v1::Request::new(
-        room_id.clone(),
-        earliest,
-        vec![inc.pdu.event_id.clone()],
-    );
-    req.limit = UInt::from((*budget).min(50) as u32);
-    let res = app.fed.client.send(origin, req).await?;
-    // Oldest first, so each one's prev events are there when it is committed.
-    let mut events: Vec<(u64, Box<RawValue>)> = res
-        .events
-        .into_iter()
-        .map(|e| {
-            let depth = serde_json::from_str::<serde_json::Value>(e.get())
-                .ok()
-                .and_then(|v| v.get("depth").and_then(|d| d.as_u64()))
-                .unwrap_or(0);
-            (depth, e)
-        })
-        .collect();
-    events.sort_by_key(|(d, _)| *d);
-    for (_, raw) in events.into_iter().take(*budget) {
-        *budget = budget.saturating_sub(1);
+    let events = walk_missing(app, origin, room_id, version, &inc.pdu.event_id, budget).await?;
+    for raw in events {
         let e = verify_pdu(app, &raw, version).await?;
         for a in e.pdu.auth_events.clone() {
             fetch_outlier(app, origin, version, &a, budget).await?;
@@ -220,6 +195,94 @@ async fn fetch_missing(
         let _ = app.store.write(move |tx| receive::commit(tx, &e2)).await?;
     }
     Ok(())
+}
+
+/// The events between our forward extremities and `latest`, oldest first, fetched from
+/// `origin` with `/get_missing_events` page after page: a server answers at most a page
+/// (Synapse 20 events, Hearth 100), so a gap longer than one page is walked back from the
+/// oldest events fetched until they connect to events we hold, or `budget` runs out.
+async fn walk_missing(
+    app: &App,
+    origin: &ServerName,
+    room_id: &OwnedRoomId,
+    version: &RoomVersionId,
+    latest: &OwnedEventId,
+    budget: &mut usize,
+) -> Result<Vec<Box<RawValue>>> {
+    let r = room_id.to_string();
+    let earliest: Vec<OwnedEventId> = app
+        .store
+        .read(move |c| q::list_forward_extremities(c, &r))
+        .await?
+        .into_iter()
+        .filter_map(|(e, _)| OwnedEventId::try_from(e).ok())
+        .collect();
+    // Event ID → (depth, prev events, the PDU).
+    let mut fetched: HashMap<OwnedEventId, (u64, Vec<OwnedEventId>, Box<RawValue>)> =
+        HashMap::new();
+    let mut from = vec![latest.clone()];
+    while *budget > 0 {
+        let mut req = get_missing_events::v1::Request::new(room_id.clone(), earliest.clone(), from);
+        req.limit = UInt::from((*budget).min(50) as u32);
+        let res = app.fed.client.send(origin, req).await?;
+        let before = fetched.len();
+        for raw in res.events.into_iter().take(*budget) {
+            // Malformed ones are left out here; the PDU that needs them then fails.
+            let Ok((obj, id, _)) = receive::parse(&raw, version) else {
+                continue;
+            };
+            let v: serde_json::Value = serde_json::to_value(&obj)?;
+            let depth = v["depth"].as_u64().unwrap_or(0);
+            let prevs = v["prev_events"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p.as_str().and_then(|p| OwnedEventId::try_from(p).ok()))
+                .collect();
+            fetched.entry(id).or_insert((depth, prevs, raw));
+        }
+        let new = fetched.len() - before;
+        if new == 0 {
+            break;
+        }
+        *budget = budget.saturating_sub(new);
+        // Prev events neither fetched nor held (with their state): the gap goes on.
+        let unknown: HashSet<OwnedEventId> = fetched
+            .values()
+            .flat_map(|(_, prevs, _)| prevs.iter())
+            .filter(|p| !fetched.contains_key(*p))
+            .cloned()
+            .collect();
+        let ids: Vec<String> = unknown.iter().map(|e| e.to_string()).collect();
+        let held: HashSet<String> = app
+            .store
+            .read(move |c| {
+                let mut held = HashSet::new();
+                for id in ids {
+                    if q::get_event(c, &id)?.is_some_and(|r| r.state_group.is_some()) {
+                        held.insert(id);
+                    }
+                }
+                Ok(held)
+            })
+            .await?;
+        from = fetched
+            .iter()
+            .filter(|(_, (_, prevs, _))| {
+                prevs
+                    .iter()
+                    .any(|p| unknown.contains(p) && !held.contains(p.as_str()))
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        if from.is_empty() {
+            break;
+        }
+    }
+    let mut events: Vec<(u64, Box<RawValue>)> =
+        fetched.into_values().map(|(d, _, raw)| (d, raw)).collect();
+    events.sort_by_key(|(d, _)| *d);
+    Ok(events.into_iter().map(|(_, raw)| raw).collect())
 }
 
 /// Fetches one event by ID from `origin` and stores it as an outlier, unless held.

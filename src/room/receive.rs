@@ -18,8 +18,10 @@ use ruma::{
     events::StateEventType,
     room_version_rules::RoomVersionRules,
     signatures::{reference_hash, Verified},
-    state_res::{check_state_dependent_auth_rules, check_state_independent_auth_rules},
-    CanonicalJsonObject, OwnedEventId, RoomVersionId,
+    state_res::{
+        check_pdu_format, check_state_dependent_auth_rules, check_state_independent_auth_rules,
+    },
+    CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, RoomVersionId,
 };
 use serde_json::value::RawValue;
 
@@ -57,6 +59,20 @@ pub fn parse(
         .ok_or_else(|| Error::new(400, "M_UNSUPPORTED_ROOM_VERSION", "unknown room version"))?;
     let obj: CanonicalJsonObject = serde_json::from_str(raw.get())
         .map_err(|e| Error::bad_json(format!("PDU is not canonical JSON: {e}")))?;
+    // The event format of the room version: required fields present with the right types,
+    // ID lengths, at most 20 prev and 10 auth events, a non-negative depth (the canonical
+    // JSON parse above bounds integers to ±(2^53-1)).
+    check_pdu_format(&obj, &rules.event_format)
+        .map_err(|e| Error::bad_json(format!("PDU: {e}")))?;
+    // Only the create event starts the graph; anything else without a prev event has no
+    // place in the room (and no state before it to be checked against).
+    let is_create =
+        matches!(obj.get("type"), Some(CanonicalJsonValue::String(t)) if t == "m.room.create");
+    let no_prevs =
+        matches!(obj.get("prev_events"), Some(CanonicalJsonValue::Array(a)) if a.is_empty());
+    if no_prevs && !is_create {
+        return Err(Error::bad_json("PDU: no prev_events"));
+    }
     let id = reference_hash(&obj, &rules).map_err(|e| Error::bad_json(format!("PDU: {e}")))?;
     let event_id = OwnedEventId::try_from(format!("${id}")).map_err(Error::internal)?;
     // The fields the auth rules need, with the right types.
@@ -165,10 +181,14 @@ pub fn commit(tx: &mut Tx<'_>, inc: &Incoming) -> Result<std::result::Result<Out
     let on_tip = pdu.prev_events.len() == 1
         && extremities.len() == 1
         && extremities[0].0 == pdu.prev_events[0].as_str();
+    let Some(first_prev) = pdu.prev_events.first() else {
+        // `parse` refuses these; an event from another path must not reach the indexing.
+        return Err(Error::bad_json("PDU: no prev_events"));
+    };
     let state_at = if on_tip {
         StateAt::Current
     } else {
-        let base = q::get_event(tx, pdu.prev_events[0].as_str())?.and_then(|r| r.state_group);
+        let base = q::get_event(tx, first_prev.as_str())?.and_then(|r| r.state_group);
         StateAt::Resolved {
             before: state::state_before(tx, &rules, &pdu.prev_events)?,
             base,

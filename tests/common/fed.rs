@@ -40,7 +40,7 @@ pub fn self_signed_cert(dir: &std::path::Path) -> (std::path::PathBuf, std::path
     (cert, key)
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -72,12 +72,46 @@ pub fn curl(method: &str, url: &str, token: Option<&str>, body: Option<&Value>) 
         ]);
     }
     let out = cmd.arg(url).output().expect("curl runs");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    status_and_json(&out.stdout)
+}
+
+/// curl's output with `-w "\n%{http_code}"`: (status, JSON body or Null).
+fn status_and_json(stdout: &[u8]) -> (u16, Value) {
+    let text = String::from_utf8_lossy(stdout).to_string();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
     (
         code.trim().parse().unwrap_or(0),
         serde_json::from_str(body).unwrap_or(Value::Null),
     )
+}
+
+/// One HTTPS request with curl, with these headers and these exact body bytes (which need
+/// not be JSON): (status, JSON body or Null).
+pub fn curl_raw(method: &str, url: &str, headers: &[String], body: &[u8]) -> (u16, Value) {
+    use std::io::Write;
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-sk",
+        "--max-time",
+        "60",
+        "-X",
+        method,
+        "-w",
+        "\n%{http_code}",
+    ]);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    let mut child = cmd
+        .args(["--data-binary", "@-"])
+        .arg(url)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("curl runs");
+    child.stdin.take().unwrap().write_all(body).unwrap();
+    let out = child.wait_with_output().expect("curl runs");
+    status_and_json(&out.stdout)
 }
 
 pub fn register(base: &str, name: &str) -> (String, String) {
@@ -131,5 +165,111 @@ impl Hearth {
 impl Hearth {
     pub fn server_name(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+}
+
+/// A Hearth run as its own process (the `hearth` binary), so a test can SIGKILL it and start
+/// it again on the same database, key and port.
+pub struct HearthProcess {
+    pub port: u16,
+    child: Option<std::process::Child>,
+    dir: tempfile::TempDir,
+}
+
+impl HearthProcess {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        self_signed_cert(dir.path());
+        let mut h = Self {
+            port: free_port(),
+            child: None,
+            dir,
+        };
+        h.spawn();
+        h
+    }
+
+    fn spawn(&mut self) {
+        let d = self.dir.path();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join("hearth.log"))
+            .unwrap();
+        let addr = format!("127.0.0.1:{}", self.port);
+        let child = Command::new(env!("CARGO_BIN_EXE_hearth"))
+            .arg("--database")
+            .arg(d.join("hearth.db"))
+            .arg("--tls-cert")
+            .arg(d.join("cert.pem"))
+            .arg("--tls-key")
+            .arg(d.join("key.pem"))
+            .args(["--listen", &addr, "--server-name", &addr])
+            .args(["--no-rate-limit", "--insecure-federation-tls"])
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("the hearth binary starts");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while curl(
+            "GET",
+            &format!("{}/_matrix/client/versions", self.url()),
+            None,
+            None,
+        )
+        .0 != 200
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "hearth did not start: {}",
+                self.log_tail()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL: no shutdown, no checkpoint, whatever was in flight is cut off.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap(); // SIGKILL on Unix
+            c.wait().unwrap();
+        }
+    }
+
+    /// Starts it again on the same database and port.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "kill it first");
+        self.spawn();
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    pub fn server_name(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Rows waiting in its federation outbox, read from its database while it is down.
+    pub fn outbox_rows(&self) -> i64 {
+        assert!(self.child.is_none(), "stop it first");
+        let c = rusqlite::Connection::open(self.dir.path().join("hearth.db")).unwrap();
+        c.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    /// The end of its log (for failure messages).
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("hearth.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for HearthProcess {
+    fn drop(&mut self) {
+        self.kill9();
     }
 }

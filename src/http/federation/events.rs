@@ -219,7 +219,7 @@ pub async fn backfill(mut req: Req) -> Result<Response> {
                     keyed.push((key, row));
                 }
             }
-            keyed.sort_by(|a, b| b.0.cmp(&a.0));
+            keyed.sort_by_key(|k| std::cmp::Reverse(k.0));
             keyed.dedup_by(|a, b| a.1.event_id == b.1.event_id);
             keyed.truncate(limit);
             let rules = crate::room::build::room_version(c, &r.room_id)?

@@ -444,3 +444,32 @@ fn backfill_is_served_by_topology_within_history_visibility() {
     assert!(bodies(&back).is_empty(), "{back:?}");
     assert_eq!(back.last().unwrap()["type"], "m.room.member");
 }
+
+#[test]
+fn a_messages_request_cut_off_during_backfill_leaves_it_to_complete() {
+    let j = joined_after(30, "shared");
+    let url = format!(
+        "{}/_matrix/client/v3/rooms/{}/messages?dir=b&limit=40",
+        j.b.url(),
+        enc(&j.room)
+    );
+    // The client hangs up almost at once: the request is dropped wherever it is, the backfill
+    // it started (if it got that far) goes on in its own task.
+    let out = std::process::Command::new("curl")
+        .args(["-sk", "--max-time", "0.05", "-H"])
+        .arg(format!("Authorization: Bearer {}", j.bob))
+        .arg(&url)
+        .output()
+        .expect("curl runs");
+    assert!(!out.status.success(), "the request was cut off");
+    let back = page_all(
+        &|q| messages(&j.b.url(), &j.bob, &j.room, q),
+        "b",
+        None,
+        "&limit=7",
+    );
+    assert_unique(&back);
+    let expected: Vec<String> = (0..30).rev().map(|i| format!("msg {i}")).collect();
+    assert_eq!(bodies(&back), expected);
+    assert_eq!(back.last().unwrap()["type"], "m.room.create");
+}

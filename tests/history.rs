@@ -269,7 +269,9 @@ fn messages(base: &str, tok: &str, room: &str, q: &str) -> Value {
 
 #[test]
 fn a_remote_room_is_backfilled_back_to_its_creation() {
-    let j = joined_after(35, "shared");
+    // More than one `/backfill` holds (100 events): the first batch's oldest events build on
+    // the state `/state_ids` gave for them.
+    let j = joined_after(130, "shared");
     let sync = |since: Option<&str>| {
         let q = since.map(|s| format!("?since={s}")).unwrap_or_default();
         let (st, v) = fed::curl(
@@ -288,13 +290,39 @@ fn a_remote_room_is_backfilled_back_to_its_creation() {
     let prev = tl["prev_batch"].as_str().unwrap().to_owned();
 
     let get = |q: &str| messages(&j.b.url(), &j.bob, &j.room, q);
-    let back = page_all(&get, "b", Some(&prev), "&limit=10");
+    let back = page_all(&get, "b", Some(&prev), "&limit=25");
     assert_unique(&back);
-    let expected: Vec<String> = (0..35).rev().map(|i| format!("msg {i}")).collect();
+    let expected: Vec<String> = (0..130).rev().map(|i| format!("msg {i}")).collect();
     assert_eq!(bodies(&back), expected, "every message once, newest first");
     assert_eq!(back.last().unwrap()["type"], "m.room.create");
     for id in &seen {
         assert!(!ids(&back).contains(id), "the timeline came again");
+    }
+    // Backfilled history has its state: `/context` of old and recent messages shows it.
+    for e in back
+        .iter()
+        .filter(|e| e["type"] == "m.room.message")
+        .step_by(20)
+    {
+        let (st, ctx) = fed::curl(
+            "GET",
+            &format!(
+                "{}/_matrix/client/v3/rooms/{}/context/{}?limit=0",
+                j.b.url(),
+                enc(&j.room),
+                enc(e["event_id"].as_str().unwrap())
+            ),
+            Some(&j.bob),
+            None,
+        );
+        assert_eq!(st, 200, "{ctx}");
+        let state = ctx["state"].as_array().unwrap();
+        assert!(
+            state.iter().any(|s| s["type"] == "m.room.create")
+                && state.iter().any(|s| s["type"] == "m.room.power_levels"),
+            "state at {}: {ctx}",
+            e["content"]["body"]
+        );
     }
 
     // Forwards from the room's beginning: the same history, then what the timeline showed.
@@ -351,9 +379,10 @@ fn a_backfill_dropped_by_its_waiter_still_completes_for_the_next() {
     };
     let before = held(&app);
     let r = j.room.clone();
-    let ext = smol::block_on(app.store.read(move |c| {
-        hearth::store::history::list_backward_extremities(c, &r, (i64::MAX, i64::MAX), 20)
-    }))
+    let ext = smol::block_on(
+        app.store
+            .read(move |c| hearth::store::history::list_backward_extremities(c, &r, 20)),
+    )
     .unwrap();
     assert!(!ext.is_empty(), "the join's prev events are missing");
 
@@ -399,9 +428,10 @@ fn backfill_is_served_by_topology_within_history_visibility() {
     let app = j.b.hs.app().clone();
     let room: ruma::OwnedRoomId = j.room.as_str().try_into().unwrap();
     let r = j.room.clone();
-    let ext = smol::block_on(app.store.read(move |c| {
-        hearth::store::history::list_backward_extremities(c, &r, (i64::MAX, i64::MAX), 20)
-    }))
+    let ext = smol::block_on(
+        app.store
+            .read(move |c| hearth::store::history::list_backward_extremities(c, &r, 20)),
+    )
     .unwrap();
     let dest: ruma::OwnedServerName = j.a.server_name().as_str().try_into().unwrap();
     let v: Vec<ruma::OwnedEventId> = ext.iter().map(|e| e.as_str().try_into().unwrap()).collect();

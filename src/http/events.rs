@@ -541,7 +541,7 @@ fn scan_page(c: &Connection, r: &PageRequest) -> Result<Page> {
             to.at_or_before(&mut b);
         }
     }
-    let (mut chunk, mut next, mut top) = (Vec::new(), None, None);
+    let (mut chunk, mut next) = (Vec::new(), None);
     let (mut scanned, mut exhausted) = (0, false);
     while chunk.len() < r.limit && scanned < MAX_SCAN {
         // One row more than needed: when it comes back, more follows (this response did not
@@ -556,7 +556,6 @@ fn scan_page(c: &Connection, r: &PageRequest) -> Result<Page> {
             }
             consumed += 1;
             scanned += 1;
-            top.get_or_insert((depth, row.pos));
             let key = if r.backward {
                 b.topo_hi = (depth, row.pos - 1);
                 b.topo_hi
@@ -576,13 +575,7 @@ fn scan_page(c: &Connection, r: &PageRequest) -> Result<Page> {
     }
     let open_below = r.backward && r.to.is_none() && vis.topo_lo == Bounds::default().topo_lo;
     let extremities = if exhausted && open_below {
-        let upto = top
-            .or(match r.from {
-                Some(Token::Topo(k)) => Some(k),
-                _ => None,
-            })
-            .unwrap_or((i64::MAX, i64::MAX));
-        h::list_backward_extremities(c, &r.room_id, upto, MAX_EXTREMITIES)?
+        h::list_backward_extremities(c, &r.room_id, MAX_EXTREMITIES)?
     } else {
         Vec::new()
     };

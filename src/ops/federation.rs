@@ -651,7 +651,96 @@ async fn backfill_from(
             }
         }
     }
+    // The state before the batch's oldest events, whose prev events we do not hold, from
+    // the same server, so they are checked against it and what builds on them has state.
+    let prevs: Vec<(OwnedEventId, Vec<String>)> = batch
+        .iter()
+        .map(|i| {
+            let missing = i.pdu.prev_events.iter().filter(|p| !ids.contains(*p));
+            (
+                i.pdu.event_id.clone(),
+                missing.map(|p| p.to_string()).collect(),
+            )
+        })
+        .collect();
+    let edge: Vec<OwnedEventId> = app
+        .store
+        .read(move |c| {
+            let mut edge = Vec::new();
+            for (id, prevs) in prevs {
+                let mut held = true;
+                for p in &prevs {
+                    held &= q::get_event(c, p)?.is_some_and(|r| r.state_group.is_some());
+                }
+                if !held {
+                    edge.push(id);
+                }
+            }
+            Ok(edge)
+        })
+        .await?;
+    let mut states = std::collections::HashMap::new();
+    for id in edge.into_iter().take(BACKFILL_STATE_FETCHES) {
+        match state_ids_before(app, server, room_id, &version, &id, &batch, &mut budget).await {
+            Ok(m) => {
+                states.insert(id, m);
+            }
+            Err(e) => log::info!("backfill: the state before {id}: {}", e.message),
+        }
+    }
     app.store
-        .write(move |tx| crate::room::history::commit_batch(tx, &batch))
+        .write(move |tx| crate::room::history::commit_batch(tx, &batch, &states))
         .await
+}
+
+/// Most `/state_ids` one backfill asks.
+const BACKFILL_STATE_FETCHES: usize = 3;
+
+/// The state before `event_id` as `server` tells it (`/state_ids`): the state events it
+/// names, checked and stored as outliers unless held or in `batch` (bounded by `budget`).
+async fn state_ids_before(
+    app: &App,
+    server: &ServerName,
+    room_id: &ruma::RoomId,
+    version: &RoomVersionId,
+    event_id: &OwnedEventId,
+    batch: &[Incoming],
+    budget: &mut usize,
+) -> Result<crate::room::state::StateMap> {
+    use ruma::api::federation::event::get_room_state_ids;
+    let req = get_room_state_ids::v1::Request::new(event_id.clone(), room_id.to_owned());
+    let res = app.fed.client.send(server, req).await?;
+    let mut map = crate::room::state::StateMap::new();
+    let mut from_store = Vec::new();
+    for id in res.pdu_ids {
+        match batch.iter().find(|i| i.pdu.event_id == id) {
+            Some(i) => {
+                let key = i.pdu.state_key.clone().ok_or_else(|| {
+                    Error::bad_json(format!("{id} in the state is not a state event"))
+                })?;
+                map.insert((i.pdu.kind.to_string().into(), key), id);
+            }
+            None => {
+                fetch_outlier(app, server, version, &id, budget).await?;
+                from_store.push(id);
+            }
+        }
+    }
+    let held = app
+        .store
+        .read(move |c| {
+            let mut out = Vec::new();
+            for id in from_store {
+                let pdu = crate::room::build::load_pdu(c, id.as_str())?
+                    .ok_or_else(|| Error::internal(format_args!("{id} was just stored")))?;
+                let key = pdu.state_key.clone().ok_or_else(|| {
+                    Error::bad_json(format!("{id} in the state is not a state event"))
+                })?;
+                out.push(((pdu.kind.to_string().into(), key), id));
+            }
+            Ok(out)
+        })
+        .await?;
+    map.extend(held);
+    Ok(map)
 }

@@ -7,7 +7,9 @@
 //! backfill too), and they take negative stream positions (`store::history`), so `/sync`
 //! never sends them as new while `/messages` finds them by topology.
 
-use ruma::events::StateEventType;
+use std::collections::HashMap;
+
+use ruma::{events::StateEventType, OwnedEventId};
 
 use super::{
     build::StateAt,
@@ -22,7 +24,14 @@ use crate::{
 /// Commits a batch of backfilled events, oldest first (by depth), in one write. Returns how
 /// many became part of the room's history. An event whose auth events are still missing is
 /// skipped (the gather fetched what it could).
-pub fn commit_batch(tx: &mut Tx<'_>, batch: &[Incoming]) -> Result<usize> {
+///
+/// `states` holds the state before events whose prev events we do not hold, as the other
+/// server told it (`/state_ids`).
+pub fn commit_batch(
+    tx: &mut Tx<'_>,
+    batch: &[Incoming],
+    states: &HashMap<OwnedEventId, state::StateMap>,
+) -> Result<usize> {
     // Positions below everything held, rising with the batch's topological order, so that
     // "the last event at or before a position" stays meaningful among backfilled events.
     let floor = h::get_backfill_floor(tx)?;
@@ -30,7 +39,7 @@ pub fn commit_batch(tx: &mut Tx<'_>, batch: &[Incoming]) -> Result<usize> {
     let mut accepted = 0;
     for (i, inc) in batch.iter().enumerate() {
         let pos = floor - n + i as i64;
-        if commit_historical(tx, inc, pos)? == Some(Outcome::Accepted(pos)) {
+        if commit_historical(tx, inc, pos, states)? == Some(Outcome::Accepted(pos)) {
             accepted += 1;
         }
     }
@@ -38,7 +47,12 @@ pub fn commit_batch(tx: &mut Tx<'_>, batch: &[Incoming]) -> Result<usize> {
 }
 
 /// One backfilled event at position `pos`. `None` when its auth events are missing.
-fn commit_historical(tx: &mut Tx<'_>, inc: &Incoming, pos: i64) -> Result<Option<Outcome>> {
+fn commit_historical(
+    tx: &mut Tx<'_>,
+    inc: &Incoming,
+    pos: i64,
+    states: &HashMap<OwnedEventId, state::StateMap>,
+) -> Result<Option<Outcome>> {
     let pdu = &inc.pdu;
     let eid = pdu.event_id.as_str();
     let was_outlier = match h::is_outlier(tx, eid)? {
@@ -62,53 +76,58 @@ fn commit_historical(tx: &mut Tx<'_>, inc: &Incoming, pos: i64) -> Result<Option
         }
         return reject(tx, inc, reason).map(|r| r.ok());
     }
-    // The state before it is known when every prev event is held with its state (the batch
-    // is committed oldest first, so a run of history builds on itself). At the edge of what
-    // we hold it is not, without asking for it (`/state_ids`): the event is then kept with
-    // its own auth checked and no state of its own.
+    // The state before it: from its prev events when each is held with its state (the
+    // batch is committed oldest first, so a run of history builds on itself), else the state
+    // the gather asked the other server for (`/state_ids`). Without either, the event is kept
+    // with its own auth checked and no state of its own.
     let mut prev_groups = Vec::new();
     for p in &pdu.prev_events {
         prev_groups.push(q::get_event(tx, p.as_str())?.and_then(|r| r.state_group));
     }
-    let known = !prev_groups.is_empty() && prev_groups.iter().all(Option::is_some);
-    let (group, replaces) = if known {
-        let before = state::state_before(tx, &rules, &pdu.prev_events)?;
-        let state_at = StateAt::Resolved {
-            before,
-            base: prev_groups[0],
-        };
+    let before = if pdu.prev_events.is_empty() {
+        // The create event: nothing before it (its auth is the state-independent rules).
+        None
+    } else if prev_groups.iter().all(Option::is_some) {
+        Some((
+            state::state_before(tx, &rules, &pdu.prev_events)?,
+            prev_groups[0],
+        ))
+    } else {
+        states.get(&pdu.event_id).map(|m| (m.clone(), None))
+    };
+    let known = before.is_some() || pdu.prev_events.is_empty();
+    let mut after = state::StateMap::new();
+    let mut base = None;
+    if let Some((before, b)) = before {
+        let state_at = StateAt::Resolved { before, base: b };
         if let Some(reason) = check_state_before(tx, &rules, pdu, &state_at)? {
             if was_outlier {
                 return Ok(Some(Outcome::Rejected(reason)));
             }
             return reject(tx, inc, reason).map(|r| r.ok());
         }
-        let StateAt::Resolved { mut before, base } = state_at else {
-            return Err(Error::internal("state before a backfilled event"));
-        };
-        let replaces = pdu.state_key.as_ref().and_then(|key| {
-            before
-                .insert(
-                    (StateEventType::from(pdu.kind.to_string()), key.clone()),
-                    pdu.event_id.clone(),
-                )
-                .map(|e| e.to_string())
-        });
-        let group = state::insert_group_against(tx, pdu.room_id.as_str(), base, &before)?;
-        (Some(group), replaces)
-    } else if pdu.prev_events.is_empty() {
-        // The create event: the state after it is itself.
-        let mut after = state::StateMap::new();
-        if let Some(key) = &pdu.state_key {
-            after.insert(
+        if let StateAt::Resolved { before, .. } = state_at {
+            after = before;
+        }
+        base = b;
+    }
+    let replaces = pdu.state_key.as_ref().and_then(|key| {
+        after
+            .insert(
                 (StateEventType::from(pdu.kind.to_string()), key.clone()),
                 pdu.event_id.clone(),
-            );
-        }
-        let group = state::insert_group_against(tx, pdu.room_id.as_str(), None, &after)?;
-        (Some(group), None)
+            )
+            .map(|e| e.to_string())
+    });
+    let group = if known {
+        Some(state::insert_group_against(
+            tx,
+            pdu.room_id.as_str(),
+            base,
+            &after,
+        )?)
     } else {
-        (None, None)
+        None
     };
     if was_outlier {
         h::promote_outlier(tx, eid, pos, group, replaces.as_deref())?;

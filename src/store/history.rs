@@ -107,36 +107,32 @@ pub fn get_topo_key_after(conn: &Connection, room_id: &str, pos: i64) -> Result<
         .optional()?)
 }
 
-/// How many of the room's lowest events (by topology, up to `upto`) are searched for
-/// backward extremities: a backwards `/messages` asks only once it has scanned down to the
-/// bottom of what we hold, so the events below its start are few (at most its scan limit).
+/// How many of the room's lowest events (by topology) are searched for backward
+/// extremities: a backwards `/messages` asks only once it has scanned down to the bottom of
+/// what we hold, so the events below its start are fewer than this (its scan limit).
 const EXTREMITY_SCAN: i64 = 2500;
 
-/// Backward extremities at the bottom of the room's history up to `upto`: prev events of
+/// Backward extremities at the bottom of the room's history: prev events of
 /// events that are part of the room, which we do not hold as part of the room (unknown, or
 /// known only as outliers, like the state a join through another server brought). Ordered
 /// by the depth of the event that references them, newest first.
 pub fn list_backward_extremities(
     conn: &Connection,
     room_id: &str,
-    upto: TopoKey,
     limit: usize,
 ) -> Result<Vec<String>> {
     let mut stmt = conn.prepare_cached(&format!(
         "WITH low AS (
              SELECT event_id, depth, pos FROM events
-             WHERE room_id = ?1 AND (depth, pos) <= (?2, ?3) AND {IN_ROOM}
-             ORDER BY depth ASC, pos ASC LIMIT ?4
+             WHERE room_id = ?1 AND {IN_ROOM}
+             ORDER BY depth ASC, pos ASC LIMIT ?2
          )
          SELECT ed.prev_event_id FROM low JOIN event_edges ed ON ed.event_id = low.event_id
          WHERE NOT EXISTS (SELECT 1 FROM events p WHERE p.event_id = ed.prev_event_id AND p.outlier = 0)
          GROUP BY ed.prev_event_id
-         ORDER BY max(low.depth) DESC, ed.prev_event_id LIMIT ?5"
+         ORDER BY max(low.depth) DESC, ed.prev_event_id LIMIT ?3"
     ))?;
-    let rows = stmt.query_map(
-        params![room_id, upto.0, upto.1, EXTREMITY_SCAN, limit as i64],
-        |r| r.get(0),
-    )?;
+    let rows = stmt.query_map(params![room_id, EXTREMITY_SCAN, limit as i64], |r| r.get(0))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 

@@ -88,6 +88,9 @@ pub struct AppInner {
     /// Shared `/sync` computations (see `http::sync`).
     pub sync_cache:
         cancel::ResponseCache<http::sync::SyncKey, error::Result<http::sync::SyncOutput>>,
+    /// Shared backfills from other servers, keyed by room and backward extremities (see
+    /// `ops::federation::backfill_shared`).
+    pub backfill: cancel::ResponseCache<(String, Vec<String>), error::Result<usize>>,
 }
 
 impl std::ops::Deref for App {
@@ -157,6 +160,11 @@ impl App {
                         )
                     })
                 },
+            ),
+            backfill: cancel::ResponseCache::new(
+                &spawner,
+                "backfill",
+                std::time::Duration::from_secs(30),
             ),
             spawner,
             sender: workers::federation::SenderState::default(),

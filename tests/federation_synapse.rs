@@ -28,7 +28,7 @@ static SYNAPSE: PerFile = PerFile::new(TESTS, || {
 });
 
 /// Tests in this file that take a turn with the Synapse: bump it when adding one.
-const TESTS: usize = 5;
+const TESTS: usize = 6;
 
 #[test]
 fn keys_and_x_matrix_work_both_ways_with_synapse() {
@@ -602,5 +602,94 @@ fn invites_joins_and_profiles_through_the_client_api_with_synapse() {
         None,
     );
     assert!(v["joined"].get(&alice).is_some(), "{v}");
+    hearth.hs.stop().unwrap();
+}
+
+/// A Hearth user joins a Synapse room that has history and pages `/messages` back to its
+/// creation: Hearth backfills from Synapse, and every message comes once, newest first,
+/// without the timeline `/sync` already showed.
+#[test]
+fn a_hearth_user_pages_back_through_a_synapse_rooms_history() {
+    let _finished = Finished;
+    let guard = synapse().lock().unwrap_or_else(|p| p.into_inner());
+    let syn = guard.as_ref().unwrap();
+    let hearth = Hearth::start();
+    let (_, alice_tok) = register(&hearth.url(), "alice");
+    let (_, carol_tok) = register(&syn.url(), "carol_history");
+    let (s, v) = curl(
+        "POST",
+        &format!("{}/_matrix/client/v3/createRoom", syn.url()),
+        Some(&carol_tok),
+        Some(&json!({ "preset": "public_chat", "room_version": "10" })),
+    );
+    assert_eq!(s, 200, "{v}");
+    let room = v["room_id"].as_str().unwrap().to_owned();
+    for i in 0..30 {
+        let (s, v) = curl(
+            "PUT",
+            &format!(
+                "{}/_matrix/client/v3/rooms/{}/send/m.room.message/h{i}",
+                syn.url(),
+                common::enc(&room)
+            ),
+            Some(&carol_tok),
+            Some(&json!({ "msgtype": "m.text", "body": format!("old {i}") })),
+        );
+        assert_eq!(s, 200, "{v}");
+    }
+    let (s, v) = curl(
+        "POST",
+        &format!(
+            "{}/_matrix/client/v3/join/{}?server_name={}",
+            hearth.url(),
+            common::enc(&room),
+            common::enc(&syn.server_name())
+        ),
+        Some(&alice_tok),
+        Some(&json!({})),
+    );
+    assert_eq!(s, 200, "{v}");
+    let (_, v) = curl(
+        "GET",
+        &format!("{}/_matrix/client/v3/sync?timeout=0", hearth.url()),
+        Some(&alice_tok),
+        None,
+    );
+    let tl = &v["rooms"]["join"][&room]["timeline"];
+    let seen: Vec<Value> = timeline(&v, &room);
+    let mut from = tl["prev_batch"].as_str().expect("a prev_batch").to_owned();
+    let mut back: Vec<Value> = Vec::new();
+    for _ in 0..50 {
+        let (s, v) = curl(
+            "GET",
+            &format!(
+                "{}/_matrix/client/v3/rooms/{}/messages?dir=b&limit=10&from={}",
+                hearth.url(),
+                common::enc(&room),
+                common::enc(&from)
+            ),
+            Some(&alice_tok),
+            None,
+        );
+        assert_eq!(s, 200, "{v}");
+        back.extend(v["chunk"].as_array().unwrap().iter().cloned());
+        match v["end"].as_str() {
+            Some(e) => from = e.to_owned(),
+            None => break,
+        }
+    }
+    let bodies: Vec<&str> = back
+        .iter()
+        .filter_map(|e| e["content"]["body"].as_str())
+        .collect();
+    let expected: Vec<String> = (0..30).rev().map(|i| format!("old {i}")).collect();
+    assert_eq!(bodies, expected, "every message once, newest first");
+    assert_eq!(back.last().unwrap()["type"], "m.room.create");
+    for e in &seen {
+        assert!(
+            !back.iter().any(|b| b["event_id"] == e["event_id"]),
+            "the timeline came again: {e}"
+        );
+    }
     hearth.hs.stop().unwrap();
 }

@@ -5,7 +5,12 @@
 //! visibility); a user who left or was banned reads up to their leaving; anyone reads a
 //! `world_readable` room. `visible_range` is the one place that decides.
 
-use crate::store::Connection;
+use std::sync::Arc;
+
+use crate::store::{
+    history::{self as h, Bounds, TopoKey},
+    Connection,
+};
 use ruma::api::{
     client::{
         context::get_context,
@@ -230,15 +235,93 @@ pub async fn redact(mut req: Req) -> Result<Response> {
     json(&json!({ "event_id": event_id }))
 }
 
-/// A stream token for `/messages`: `t<pos>` (or a `/sync` `next_batch`, `s<pos>_<n>`).
-pub fn parse_pos_token(t: &str) -> Result<i64> {
-    let digits = t.strip_prefix('t').or_else(|| {
+/// A pagination token. `/messages` and `/context` hand out places in the topological order,
+/// `t<depth>-<pos>` (Synapse's shape); stream positions are accepted too: `/sync`'s
+/// `prev_batch` and older Hearth tokens (`t<pos>`), and `/sync`'s `next_batch` (`s<pos>_…`).
+///
+/// A token sits *between* events: the events at or before it are those with a key (or, for a
+/// stream token, a position) at most its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Token {
+    Stream(i64),
+    Topo(TopoKey),
+}
+
+impl Token {
+    pub fn parse(t: &str) -> Result<Self> {
+        let bad = || Error::invalid_param("Invalid pagination token");
+        if let Some(rest) = t.strip_prefix('t') {
+            // The separator is the first '-' after the depth's first character (a stream
+            // part may be negative: backfilled history).
+            return match rest.get(1..).and_then(|r| r.find('-')).map(|i| i + 1) {
+                Some(i) => Ok(Self::Topo((
+                    rest[..i].parse().map_err(|_| bad())?,
+                    rest[i + 1..].parse().map_err(|_| bad())?,
+                ))),
+                None => rest.parse().map(Self::Stream).map_err(|_| bad()),
+            };
+        }
         t.strip_prefix('s')
-            .map(|s| s.split('_').next().unwrap_or(""))
-    });
-    digits
-        .and_then(|d| d.parse().ok())
-        .ok_or_else(|| Error::invalid_param("Invalid pagination token"))
+            .and_then(|s| s.split('_').next())
+            .and_then(|d| d.parse().ok())
+            .map(Self::Stream)
+            .ok_or_else(bad)
+    }
+
+    /// The stream position a stream reader (the state at a token) uses.
+    pub fn stream_pos(self) -> i64 {
+        match self {
+            Self::Stream(p) | Self::Topo((_, p)) => p,
+        }
+    }
+
+    /// Narrows `b` to the events at or before this token.
+    fn at_or_before(self, b: &mut Bounds) {
+        match self {
+            Self::Stream(p) => b.pos_hi = b.pos_hi.min(p),
+            Self::Topo(k) => b.topo_hi = b.topo_hi.min(k),
+        }
+    }
+
+    /// Narrows `b` to the events after this token.
+    fn after(self, b: &mut Bounds) {
+        match self {
+            Self::Stream(p) => b.pos_lo = b.pos_lo.max(p),
+            Self::Topo(k) => b.topo_lo = b.topo_lo.max(k),
+        }
+    }
+}
+
+impl std::fmt::Display for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Stream(p) => write!(f, "t{p}"),
+            Self::Topo((d, p)) => write!(f, "t{d}-{p}"),
+        }
+    }
+}
+
+/// The stream position of a pagination token (`/members`' `at`).
+pub fn parse_pos_token(t: &str) -> Result<i64> {
+    Token::parse(t).map(Token::stream_pos)
+}
+
+/// [`visible_range`] as bounds in the topological order, so history backfilled after the
+/// user's join (which has later stream positions) is judged by where it sits in the room.
+fn visible_bounds(conn: &Connection, room_id: &str, user_id: &str) -> Result<Bounds> {
+    let (lo, hi) = visible_range(conn, room_id, user_id)?;
+    let mut b = Bounds::default();
+    if lo != 0 {
+        b.topo_lo = match h::get_topo_key_after(conn, room_id, lo)? {
+            Some((d, p)) => (d, p - 1),
+            None => (i64::MAX, i64::MAX),
+        };
+    }
+    if hi != i64::MAX {
+        b.topo_hi =
+            h::get_topo_key_at_or_before(conn, room_id, hi)?.unwrap_or((i64::MIN, i64::MIN));
+    }
+    Ok(b)
 }
 
 /// The parts of a `RoomEventFilter` `/messages` and `/context` apply.
@@ -333,18 +416,118 @@ pub fn lazy_members_of(
 
 /// Most rows a single `/messages` scans while filtering.
 const MAX_SCAN: usize = 2000;
+/// Most backward extremities one backfill asks about.
+const MAX_EXTREMITIES: usize = 20;
+/// Most backfills one `/messages` waits for.
+const MAX_BACKFILL_ROUNDS: usize = 3;
+
+/// What one `/messages` asks for.
+struct PageRequest {
+    room_id: String,
+    user_id: String,
+    backward: bool,
+    from: Option<Token>,
+    to: Option<Token>,
+    filter: EventFilter,
+    limit: usize,
+}
+
+/// One scan of a room's history in topological order.
+struct Page {
+    chunk: Vec<EventRow>,
+    /// Where the next page starts (`None`: nothing was scanned, it is `from`).
+    next: Option<Token>,
+    /// The scan reached the end of what we hold in its direction (or the bound it was given).
+    exhausted: bool,
+    /// When a backward scan ran out of events and nothing but the room's beginning bounds it
+    /// (no `to`, no history visibility limit): the backward extremities below it, where a
+    /// backfill from another server would add history.
+    extremities: Vec<String>,
+}
+
+/// Scans events from `from` in the asked direction, applying the filter, until `limit`
+/// events are found, [`MAX_SCAN`] rows were scanned, or the events run out.
+fn scan_page(c: &Connection, r: &PageRequest) -> Result<Page> {
+    let vis = visible_bounds(c, &r.room_id, &r.user_id)?;
+    let mut b = vis;
+    if let Some(from) = r.from {
+        if r.backward {
+            from.at_or_before(&mut b);
+        } else {
+            from.after(&mut b);
+        }
+    }
+    if let Some(to) = r.to {
+        if r.backward {
+            to.after(&mut b);
+        } else {
+            to.at_or_before(&mut b);
+        }
+    }
+    let (mut chunk, mut next) = (Vec::new(), None);
+    let (mut scanned, mut exhausted) = (0, false);
+    while chunk.len() < r.limit && scanned < MAX_SCAN {
+        // One row more than needed: when it comes back, more follows (this response did not
+        // reach the end); when it does not and every row was used, the end was reached.
+        let want = (r.limit - chunk.len()).max(16).min(MAX_SCAN - scanned);
+        let rows = h::list_room_events_topo(c, &r.room_id, &b, want + 1, r.backward)?;
+        let n = rows.len();
+        let mut consumed = 0;
+        for (depth, row) in rows {
+            if chunk.len() == r.limit || scanned == MAX_SCAN {
+                break;
+            }
+            consumed += 1;
+            scanned += 1;
+            let key = if r.backward {
+                b.topo_hi = (depth, row.pos - 1);
+                b.topo_hi
+            } else {
+                b.topo_lo = (depth, row.pos);
+                b.topo_lo
+            };
+            next = Some(Token::Topo(key));
+            if r.filter.allows(&row) {
+                chunk.push(row);
+            }
+        }
+        if consumed == n && n <= want {
+            exhausted = true;
+            break;
+        }
+    }
+    let open_below = r.backward && r.to.is_none() && vis.topo_lo == Bounds::default().topo_lo;
+    let extremities = if exhausted && open_below {
+        h::list_backward_extremities(c, &r.room_id, MAX_EXTREMITIES)?
+    } else {
+        Vec::new()
+    };
+    Ok(Page {
+        chunk,
+        next,
+        exhausted,
+        extremities,
+    })
+}
 
 /// # `GET /_matrix/client/v3/rooms/{roomId}/messages`
+///
+/// Pages by topology (depth, then stream position), so history backfilled later comes
+/// before what users have seen. Going backwards past the oldest event held, where the room's
+/// history before our join is missing, the history is backfilled from another server in the
+/// room first (shared by concurrent requests; on failure, the answer is what we hold).
+///
+/// `end` is given whenever more might follow, and left out only when this response reached
+/// the room's beginning (backwards) or its latest event (forwards), or the bound of what the
+/// user may see: a client paging until `end` is absent misses nothing, whatever the filter
+/// dropped or the scan limit cut.
 pub async fn messages(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     let app = req.state().clone();
     // A `limit` in the query wins over the filter's; ruma fills in 10 when it is absent.
     let limit_in_query = req.url().query_pairs().any(|(k, _)| k == "limit");
     let b: get_message_events::v3::Request = ruma_req(&mut req, &["room_id"]).await?;
-    let room_id = b.room_id.to_string();
     let backward = b.dir == Direction::Backward;
-    let from = b.from.as_deref().map(parse_pos_token).transpose()?;
-    let to = b.to.as_deref().map(parse_pos_token).transpose()?;
     let filter = room_filter(&b.filter)?;
     let limit = if limit_in_query {
         usize::try_from(u64::from(b.limit)).unwrap_or(usize::MAX)
@@ -352,64 +535,63 @@ pub async fn messages(mut req: Req) -> Result<Response> {
         filter.limit.unwrap_or(10)
     }
     .clamp(1, 1000);
+    let r = Arc::new(PageRequest {
+        room_id: b.room_id.to_string(),
+        user_id: who.user_id.to_string(),
+        backward,
+        from: b.from.as_deref().map(Token::parse).transpose()?,
+        to: b.to.as_deref().map(Token::parse).transpose()?,
+        filter,
+        limit,
+    });
+    let start = r.from.unwrap_or(if backward {
+        Token::Stream(app.notifier.pos())
+    } else {
+        // Before every event, backfilled history included.
+        Token::Topo((-1, 0))
+    });
+    let scan = |r: &Arc<PageRequest>| {
+        let r = r.clone();
+        app.store.read(move |c| scan_page(c, &r))
+    };
+    let mut page = scan(&r).await?;
+    let mut progressed = false;
+    for _ in 0..MAX_BACKFILL_ROUNDS {
+        if page.extremities.is_empty() || page.chunk.len() == limit {
+            break;
+        }
+        progressed = matches!(
+            crate::ops::federation::backfill_shared(&app, &b.room_id, page.extremities.clone())
+                .await,
+            Ok(n) if n > 0
+        );
+        if !progressed {
+            break;
+        }
+        page = scan(&r).await?;
+    }
+    // History we may still fetch counts as "more might follow", unless fetching it failed.
+    let more = !page.exhausted
+        || (!page.extremities.is_empty() && (progressed || page.chunk.len() == limit));
     let now = app.clock.now_ms();
-    let current = app.notifier.pos();
     let out = app
         .store
         .read(move |c| {
-            let (lo, hi) = visible_range(c, &room_id, who.user_id.as_str())?;
-            let mut chunk = Vec::new();
-            let mut scanned = 0;
-            let mut exhausted = false;
-            let mut cursor = if backward {
-                from.unwrap_or(current)
-            } else {
-                from.unwrap_or(0)
-            };
-            while chunk.len() < limit && scanned < MAX_SCAN {
-                let (after, upto) = if backward {
-                    (to.unwrap_or(0).max(lo), cursor.min(hi))
-                } else {
-                    (cursor.max(lo), to.unwrap_or(i64::MAX).min(hi))
-                };
-                if after >= upto {
-                    exhausted = true;
-                    break;
-                }
-                let rows = q::list_room_events(c, &room_id, after, upto, limit, backward)?;
-                if rows.is_empty() {
-                    exhausted = true;
-                    break;
-                }
-                for r in rows {
-                    scanned += 1;
-                    cursor = if backward { r.pos - 1 } else { r.pos };
-                    if filter.allows(&r) {
-                        chunk.push(r);
-                        if chunk.len() == limit {
-                            break;
-                        }
-                    }
-                }
-            }
-            let state = if filter.lazy_load_members {
-                lazy_members_of(c, &room_id, &chunk)?
+            let state = if r.filter.lazy_load_members {
+                lazy_members_of(c, &r.room_id, &page.chunk)?
             } else {
                 Vec::new()
             };
-            let v = Viewer {
-                user_id: who.user_id.as_str(),
-                device_id: who.device_id.as_str(),
-            };
+            let v = Some(viewer(&who));
             let mut out = json!({
-                "chunk": client_events(c, &chunk, Some(v), now, true)?,
-                "start": format!("t{}", from.unwrap_or(if backward { current } else { 0 })),
+                "chunk": client_events(c, &page.chunk, v, now, true)?,
+                "start": start.to_string(),
             });
-            if !exhausted || chunk.len() == limit {
-                out["end"] = format!("t{cursor}").into();
+            if more {
+                out["end"] = page.next.unwrap_or(start).to_string().into();
             }
             if !state.is_empty() {
-                out["state"] = client_events(c, &state, Some(v), now, true)?.into();
+                out["state"] = client_events(c, &state, v, now, true)?.into();
             }
             Ok(out)
         })
@@ -492,22 +674,26 @@ pub async fn joined_members(mut req: Req) -> Result<Response> {
     json(&out)
 }
 
-/// Loads an event of `room_id` that the user may see, or `M_NOT_FOUND`.
+/// Loads an event of `room_id` that the user may see, or `M_NOT_FOUND`; with its place in
+/// the topological order.
 fn visible_event(
     conn: &Connection,
     room_id: &str,
     event_id: &str,
     user_id: &str,
-) -> Result<EventRow> {
-    let (lo, hi) = visible_range(conn, room_id, user_id)?;
-    let row = q::get_event(conn, event_id)?.ok_or_else(|| Error::not_found("Event not found"))?;
+) -> Result<(EventRow, TopoKey)> {
+    let vis = visible_bounds(conn, room_id, user_id)?;
+    let not_found = || Error::not_found("Event not found");
+    let row = q::get_event(conn, event_id)?.ok_or_else(not_found)?;
+    let depth = q::get_event_depth(conn, event_id)?.ok_or_else(not_found)?;
+    let key = (depth, row.pos);
     if q::get_event_room(conn, event_id)?.as_deref() != Some(room_id)
-        || row.pos <= lo
-        || row.pos > hi
+        || key <= vis.topo_lo
+        || key > vis.topo_hi
     {
-        return Err(Error::not_found("Event not found"));
+        return Err(not_found());
     }
-    Ok(row)
+    Ok((row, key))
 }
 
 /// # `GET /_matrix/client/v3/rooms/{roomId}/event/{eventId}`
@@ -520,7 +706,7 @@ pub async fn get_event(mut req: Req) -> Result<Response> {
     let out = app
         .store
         .read(move |c| {
-            let row = visible_event(c, &room_id, &event_id, who.user_id.as_str())?;
+            let (row, _) = visible_event(c, &room_id, &event_id, who.user_id.as_str())?;
             client_event(c, &row, Some(viewer(&who)), now, true)
         })
         .await?;
@@ -541,24 +727,26 @@ pub async fn context(mut req: Req) -> Result<Response> {
     let out = app
         .store
         .read(move |c| {
-            let row = visible_event(c, &room_id, &event_id, who.user_id.as_str())?;
-            let (lo, hi) = visible_range(c, &room_id, who.user_id.as_str())?;
+            let (row, key) = visible_event(c, &room_id, &event_id, who.user_id.as_str())?;
             let before_n = limit / 2;
-            let after_n = limit - before_n;
-            let before: Vec<EventRow> =
-                q::list_room_events(c, &room_id, lo, row.pos - 1, MAX_SCAN, true)?
-                    .into_iter()
-                    .filter(|r| filter.allows(r))
-                    .take(before_n)
-                    .collect();
-            let after: Vec<EventRow> =
-                q::list_room_events(c, &room_id, row.pos, hi, MAX_SCAN, false)?
-                    .into_iter()
-                    .filter(|r| filter.allows(r))
-                    .take(after_n)
-                    .collect();
-            let start = before.last().map(|r| r.pos - 1).unwrap_or(row.pos - 1);
-            let end = after.last().map(|r| r.pos).unwrap_or(row.pos);
+            let page = |backward: bool, n: usize| {
+                let r = PageRequest {
+                    room_id: room_id.clone(),
+                    user_id: who.user_id.to_string(),
+                    backward,
+                    from: Some(Token::Topo(if backward { (key.0, key.1 - 1) } else { key })),
+                    to: None,
+                    filter: filter.clone(),
+                    limit: n,
+                };
+                if n == 0 {
+                    return Ok((Vec::new(), r.from));
+                }
+                let p = scan_page(c, &r)?;
+                Ok::<_, Error>((p.chunk, p.next.or(r.from)))
+            };
+            let (before, start) = page(true, before_n)?;
+            let (after, end) = page(false, limit - before_n)?;
             let state_rows: Vec<EventRow> = if filter.lazy_load_members {
                 let all: Vec<EventRow> = before
                     .iter()
@@ -578,8 +766,8 @@ pub async fn context(mut req: Req) -> Result<Response> {
                 "event": client_event(c, &row, v, now, true)?,
                 "events_before": client_events(c, &before, v, now, true)?,
                 "events_after": client_events(c, &after, v, now, true)?,
-                "start": format!("t{start}"),
-                "end": format!("t{end}"),
+                "start": start.map(|t| t.to_string()),
+                "end": end.map(|t| t.to_string()),
                 "state": client_events(c, &state_rows, v, now, true)?,
             }))
         })

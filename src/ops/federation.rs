@@ -621,3 +621,191 @@ pub async fn leave_remote(
     }
     Err(last_err)
 }
+
+/// Most events asked for in one `/backfill`.
+const BACKFILL_LIMIT: u32 = 100;
+/// Most servers of the room asked in turn by one backfill.
+const BACKFILL_SERVERS: usize = 3;
+/// How long one backfill may take in all, before `/messages` answers with what it has.
+const BACKFILL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Fills the history before `extremities` (backward extremities of `room_id`) from another
+/// server in the room, once for every concurrent `/messages` that needs it: the work runs in
+/// its own task in `app.backfill` (a `ResponseCache` keyed by the room and the extremities),
+/// so a request dropped mid-way never cancels it for the others. The task is bounded by
+/// [`BACKFILL_TIMEOUT`]; its result (the number of events added) is kept a short while, which
+/// also keeps a failing or empty backfill from being retried by every request.
+pub async fn backfill_shared(
+    app: &App,
+    room_id: &ruma::RoomId,
+    extremities: Vec<String>,
+) -> Result<usize> {
+    let key = (room_id.to_string(), extremities.clone());
+    let (app2, room) = (app.clone(), room_id.to_owned());
+    app.backfill
+        .get_or_compute(key, move || async move {
+            let work = backfill(&app2, &room, &extremities);
+            let timeout = async {
+                smol::Timer::after(BACKFILL_TIMEOUT).await;
+                Err(Error::new(504, "M_UNKNOWN", "backfill timed out"))
+            };
+            futures_lite::future::or(work, timeout).await
+        })
+        .await
+}
+
+/// Asks the room's other servers in turn for the events before `extremities` and commits
+/// what the first that answers sends.
+async fn backfill(app: &App, room_id: &ruma::RoomId, extremities: &[String]) -> Result<usize> {
+    let (rid, us) = (room_id.to_string(), app.server_name.to_string());
+    let servers = app
+        .store
+        .read(move |c| q::list_room_servers(c, &rid, &us))
+        .await?;
+    let v: Vec<OwnedEventId> = extremities
+        .iter()
+        .filter_map(|e| OwnedEventId::try_from(e.as_str()).ok())
+        .collect();
+    let mut last_err = Error::not_found("No other server in the room to backfill from");
+    for server in servers.iter().take(BACKFILL_SERVERS) {
+        let Ok(server) = ruma::OwnedServerName::try_from(server.as_str()) else {
+            continue;
+        };
+        match backfill_from(app, &server, room_id, &v).await {
+            Ok(n) => return Ok(n),
+            Err(e) => {
+                log::info!("backfilling {room_id} from {server} failed: {}", e.message);
+                last_err = e;
+            }
+        }
+    }
+    Err(last_err)
+}
+
+/// One `/backfill` from `server`: every PDU checked (signatures, hashes; events of another
+/// room left out), auth events the batch lacks fetched as outliers, then the batch committed
+/// oldest first in one write as history (`room::history`).
+async fn backfill_from(
+    app: &App,
+    server: &ServerName,
+    room_id: &ruma::RoomId,
+    v: &[OwnedEventId],
+) -> Result<usize> {
+    use ruma::api::federation::backfill::get_backfill;
+    let room = room_id.to_owned();
+    let version = app.store.read(move |c| room_version(c, &room)).await?;
+    let req =
+        get_backfill::v1::Request::new(room_id.to_owned(), v.to_vec(), UInt::from(BACKFILL_LIMIT));
+    let res = app.fed.client.send(server, req).await?;
+    let mut batch = Vec::new();
+    for raw in res.pdus.iter().take(BACKFILL_LIMIT as usize) {
+        match verify_pdu(app, raw, &version).await {
+            Ok(inc) if inc.pdu.room_id == room_id => batch.push(inc),
+            Ok(inc) => log::info!("backfill: {} is not in {room_id}", inc.pdu.event_id),
+            Err(e) => log::info!("backfill from {server}: {}", e.message),
+        }
+    }
+    batch.sort_by_key(|i| i.pdu.depth);
+    let ids: std::collections::HashSet<OwnedEventId> =
+        batch.iter().map(|i| i.pdu.event_id.clone()).collect();
+    let mut budget = MAX_FETCH;
+    for inc in &batch {
+        for a in inc.pdu.auth_events.iter().filter(|a| !ids.contains(*a)) {
+            if let Err(e) = fetch_outlier(app, server, &version, a, &mut budget).await {
+                log::info!("backfill: auth event {a}: {}", e.message);
+            }
+        }
+    }
+    // The state before the batch's oldest events, whose prev events we do not hold, from
+    // the same server, so they are checked against it and what builds on them has state.
+    let prevs: Vec<(OwnedEventId, Vec<String>)> = batch
+        .iter()
+        .map(|i| {
+            let missing = i.pdu.prev_events.iter().filter(|p| !ids.contains(*p));
+            (
+                i.pdu.event_id.clone(),
+                missing.map(|p| p.to_string()).collect(),
+            )
+        })
+        .collect();
+    let edge: Vec<OwnedEventId> = app
+        .store
+        .read(move |c| {
+            let mut edge = Vec::new();
+            for (id, prevs) in prevs {
+                let mut held = true;
+                for p in &prevs {
+                    held &= q::get_event(c, p)?.is_some_and(|r| r.state_group.is_some());
+                }
+                if !held {
+                    edge.push(id);
+                }
+            }
+            Ok(edge)
+        })
+        .await?;
+    let mut states = std::collections::HashMap::new();
+    for id in edge.into_iter().take(BACKFILL_STATE_FETCHES) {
+        match state_ids_before(app, server, room_id, &version, &id, &batch, &mut budget).await {
+            Ok(m) => {
+                states.insert(id, m);
+            }
+            Err(e) => log::info!("backfill: the state before {id}: {}", e.message),
+        }
+    }
+    app.store
+        .write(move |tx| crate::room::history::commit_batch(tx, &batch, &states))
+        .await
+}
+
+/// Most `/state_ids` one backfill asks.
+const BACKFILL_STATE_FETCHES: usize = 3;
+
+/// The state before `event_id` as `server` tells it (`/state_ids`): the state events it
+/// names, checked and stored as outliers unless held or in `batch` (bounded by `budget`).
+async fn state_ids_before(
+    app: &App,
+    server: &ServerName,
+    room_id: &ruma::RoomId,
+    version: &RoomVersionId,
+    event_id: &OwnedEventId,
+    batch: &[Incoming],
+    budget: &mut usize,
+) -> Result<crate::room::state::StateMap> {
+    use ruma::api::federation::event::get_room_state_ids;
+    let req = get_room_state_ids::v1::Request::new(event_id.clone(), room_id.to_owned());
+    let res = app.fed.client.send(server, req).await?;
+    let mut map = crate::room::state::StateMap::new();
+    let mut from_store = Vec::new();
+    for id in res.pdu_ids {
+        match batch.iter().find(|i| i.pdu.event_id == id) {
+            Some(i) => {
+                let key = i.pdu.state_key.clone().ok_or_else(|| {
+                    Error::bad_json(format!("{id} in the state is not a state event"))
+                })?;
+                map.insert((i.pdu.kind.to_string().into(), key), id);
+            }
+            None => {
+                fetch_outlier(app, server, version, &id, budget).await?;
+                from_store.push(id);
+            }
+        }
+    }
+    let held = app
+        .store
+        .read(move |c| {
+            let mut out = Vec::new();
+            for id in from_store {
+                let pdu = crate::room::build::load_pdu(c, id.as_str())?
+                    .ok_or_else(|| Error::internal(format_args!("{id} was just stored")))?;
+                let key = pdu.state_key.clone().ok_or_else(|| {
+                    Error::bad_json(format!("{id} in the state is not a state event"))
+                })?;
+                out.push(((pdu.kind.to_string().into(), key), id));
+            }
+            Ok(out)
+        })
+        .await?;
+    map.extend(held);
+    Ok(map)
+}

@@ -578,7 +578,7 @@ pub(super) fn persist(
 
 /// Redacts the stored JSON of `target` in place (ruma's redaction algorithm) if it is in the
 /// same room; a redaction of an unknown event is kept and simply applies to nothing.
-fn apply_redaction(
+pub(super) fn apply_redaction(
     conn: &Connection,
     room_id: &str,
     target: &str,

@@ -4,6 +4,7 @@
 
 pub mod build;
 pub mod format;
+pub mod history;
 pub mod power;
 pub mod receive;
 pub mod state;

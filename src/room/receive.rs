@@ -137,13 +137,8 @@ pub fn commit(tx: &mut Tx<'_>, inc: &Incoming) -> Result<std::result::Result<Out
         auth_events: Vec::new(),
         prev_events: Vec::new(),
     };
-    let mut auth_pdus = Vec::new();
-    for a in &pdu.auth_events {
-        match load_pdu(tx, a.as_str())? {
-            Some(p) => auth_pdus.push(p),
-            None => missing.auth_events.push(a.clone()),
-        }
-    }
+    let (auth_pdus, missing_auth) = load_auth_events(tx, pdu)?;
+    missing.auth_events = missing_auth;
     for p in &pdu.prev_events {
         let held = q::get_event(tx, p.as_str())?.is_some_and(|r| r.state_group.is_some());
         if !held {
@@ -155,25 +150,8 @@ pub fn commit(tx: &mut Tx<'_>, inc: &Incoming) -> Result<std::result::Result<Out
     }
 
     // Check 4: against its own auth events.
-    let by_key: HashMap<(StateEventType, String), Pdu> = auth_pdus
-        .into_iter()
-        .filter_map(|p| {
-            let key = p.state_key.clone()?;
-            Some(((StateEventType::from(p.kind.to_string()), key), p))
-        })
-        .collect();
-    let lookups = Lookups::default();
-    let verdict = check_state_independent_auth_rules(&rules.authorization, pdu, |id| {
-        lookups.get(load_pdu(tx, id.as_str()))
-    });
-    lookups.finish()?;
-    if let Err(e) = verdict {
-        return reject(tx, inc, format!("auth events: {e}"));
-    }
-    if let Err(e) = check_state_dependent_auth_rules(&rules.authorization, pdu, |t, k| {
-        by_key.get(&(t.clone(), k.to_owned())).cloned()
-    }) {
-        return reject(tx, inc, format!("auth events: {e}"));
+    if let Some(reason) = check_auth_events(tx, &rules, pdu, auth_pdus)? {
+        return reject(tx, inc, reason);
     }
 
     // Check 5: against the state before it (its prev events' states, resolved).
@@ -194,14 +172,8 @@ pub fn commit(tx: &mut Tx<'_>, inc: &Incoming) -> Result<std::result::Result<Out
             base,
         }
     };
-    let lookups = Lookups::default();
-    let verdict = check_state_dependent_auth_rules(&rules.authorization, pdu, |t, k| {
-        let id = lookups.get(state_at.get(tx, rid, &t.to_string(), k))?;
-        lookups.get(load_pdu(tx, &id))
-    });
-    lookups.finish()?;
-    if let Err(e) = verdict {
-        return reject(tx, inc, format!("state before: {e}"));
+    if let Some(reason) = check_state_before(tx, &rules, pdu, &state_at)? {
+        return reject(tx, inc, reason);
     }
 
     // Check 6: against the current state (the same check when it follows the tip).
@@ -224,8 +196,67 @@ pub fn commit(tx: &mut Tx<'_>, inc: &Incoming) -> Result<std::result::Result<Out
     }))
 }
 
+/// The auth events of `pdu` that are held (outliers too), and the IDs of those that are not.
+pub(super) fn load_auth_events(tx: &Tx<'_>, pdu: &Pdu) -> Result<(Vec<Pdu>, Vec<OwnedEventId>)> {
+    let (mut held, mut missing) = (Vec::new(), Vec::new());
+    for a in &pdu.auth_events {
+        match load_pdu(tx, a.as_str())? {
+            Some(p) => held.push(p),
+            None => missing.push(a.clone()),
+        }
+    }
+    Ok((held, missing))
+}
+
+/// Check 4: the auth rules against the event's own auth events. `Some(reason)` if it fails.
+pub(super) fn check_auth_events(
+    tx: &Tx<'_>,
+    rules: &RoomVersionRules,
+    pdu: &Pdu,
+    auth_pdus: Vec<Pdu>,
+) -> Result<Option<String>> {
+    let by_key: HashMap<(StateEventType, String), Pdu> = auth_pdus
+        .into_iter()
+        .filter_map(|p| {
+            let key = p.state_key.clone()?;
+            Some(((StateEventType::from(p.kind.to_string()), key), p))
+        })
+        .collect();
+    let lookups = Lookups::default();
+    let verdict = check_state_independent_auth_rules(&rules.authorization, pdu, |id| {
+        lookups.get(load_pdu(tx, id.as_str()))
+    });
+    lookups.finish()?;
+    if let Err(e) = verdict {
+        return Ok(Some(format!("auth events: {e}")));
+    }
+    if let Err(e) = check_state_dependent_auth_rules(&rules.authorization, pdu, |t, k| {
+        by_key.get(&(t.clone(), k.to_owned())).cloned()
+    }) {
+        return Ok(Some(format!("auth events: {e}")));
+    }
+    Ok(None)
+}
+
+/// Check 5: the auth rules against the state before the event. `Some(reason)` if it fails.
+pub(super) fn check_state_before(
+    tx: &Tx<'_>,
+    rules: &RoomVersionRules,
+    pdu: &Pdu,
+    state_at: &StateAt,
+) -> Result<Option<String>> {
+    let rid = pdu.room_id.as_str();
+    let lookups = Lookups::default();
+    let verdict = check_state_dependent_auth_rules(&rules.authorization, pdu, |t, k| {
+        let id = lookups.get(state_at.get(tx, rid, &t.to_string(), k))?;
+        lookups.get(load_pdu(tx, &id))
+    });
+    lookups.finish()?;
+    Ok(verdict.err().map(|e| format!("state before: {e}")))
+}
+
 /// Stores a rejected event (so it is not fetched or checked again), outside the room.
-fn reject(
+pub(super) fn reject(
     tx: &mut Tx<'_>,
     inc: &Incoming,
     reason: String,

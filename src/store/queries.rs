@@ -457,10 +457,10 @@ pub struct EventRow {
     pub state_key: Option<String>,
 }
 
-const EVENT_COLS: &str =
+pub(crate) const EVENT_COLS: &str =
     "pos, event_id, json, state_group, replaces_state, redacted_by, txn_device, txn_id, sender, type, state_key";
 
-fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
+pub(crate) fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
     Ok(EventRow {
         pos: r.get(0)?,
         event_id: r.get(1)?,

@@ -4,11 +4,16 @@ use ruma::api::federation::event::get_event;
 use serde_json::{json, value::RawValue};
 use tide::Response;
 
+use std::collections::HashMap;
+
 use super::origin;
 use crate::{
     error::{Error, Result},
     http::{json, Req},
-    store::queries as q,
+    store::{
+        history::{self as h, TopoKey},
+        queries as q,
+    },
 };
 
 /// # `GET /_matrix/federation/v1/event/{eventId}`
@@ -182,7 +187,11 @@ pub async fn get_missing_events(mut req: Req) -> Result<Response> {
 
 /// # `GET /_matrix/federation/v1/backfill/{roomId}`
 ///
-/// Up to `limit` events reachable backwards from `v` (included), newest first.
+/// Up to `limit` events reachable backwards from `v` (included), newest first by topology
+/// (depth, then stream position). Each event is checked against the history visibility at
+/// that point of the room for the asking server, as Synapse's `filter_events_for_server`
+/// does: under `joined`/`invited` visibility, an event sent while none of its users were
+/// joined (or invited) is served redacted.
 pub async fn backfill(mut req: Req) -> Result<Response> {
     use ruma::api::federation::backfill::get_backfill;
     let o = origin::<get_backfill::v1::Request>(&mut req, &["room_id"]).await?;
@@ -197,22 +206,29 @@ pub async fn backfill(mut req: Req) -> Result<Response> {
             if !q::server_may_see_room(c, &room, &origin)? {
                 return Err(Error::forbidden("Your server is not in this room"));
             }
-            let from: Vec<&str> = r.v.iter().map(|e| e.as_str()).collect();
-            let mut rows: Vec<q::EventRow> = q::get_events(c, &from)?
+            let mut from: Vec<&str> = Vec::new();
+            let mut keyed: Vec<(TopoKey, q::EventRow)> = Vec::new();
+            for e in &r.v {
+                if let Some(key) = h::get_topo_key(c, &room, e.as_str())? {
+                    from.push(e.as_str());
+                    keyed.extend(q::get_event(c, e.as_str())?.map(|row| (key, row)));
+                }
+            }
+            for row in q::list_missing_events(c, &room, &[], &from, limit)? {
+                if let Some(key) = h::get_topo_key(c, &room, &row.event_id)? {
+                    keyed.push((key, row));
+                }
+            }
+            keyed.sort_by_key(|k| std::cmp::Reverse(k.0));
+            keyed.dedup_by(|a, b| a.1.event_id == b.1.event_id);
+            keyed.truncate(limit);
+            let rules = crate::room::build::room_version(c, &r.room_id)?
+                .rules()
+                .ok_or_else(|| Error::internal("room version without rules"))?;
+            let mut views = HashMap::new();
+            keyed
                 .into_iter()
-                .filter(|row| {
-                    q::get_event_room(c, &row.event_id)
-                        .ok()
-                        .flatten()
-                        .as_deref()
-                        == Some(room.as_str())
-                })
-                .collect();
-            let more = q::list_missing_events(c, &room, &[], &from, limit)?;
-            rows.extend(more);
-            rows.truncate(limit);
-            rows.into_iter()
-                .map(|row| RawValue::from_string(row.json).map_err(Error::from))
+                .map(|(_, row)| served_to(c, &room, &origin, row, &rules, &mut views))
                 .collect::<Result<Vec<_>>>()
         })
         .await?;
@@ -221,4 +237,44 @@ pub async fn backfill(mut req: Req) -> Result<Response> {
         "origin_server_ts": app.clock.now_ms(),
         "pdus": pdus,
     }))
+}
+
+/// An event as `server` may see it: whole, or redacted when the history visibility at the
+/// event (the state after it; the room's current state when its state is unknown) is
+/// `joined` or `invited` and none of the server's users was joined (or invited) then.
+fn served_to(
+    c: &crate::store::Connection,
+    room_id: &str,
+    server: &str,
+    row: q::EventRow,
+    rules: &ruma::room_version_rules::RoomVersionRules,
+    views: &mut HashMap<i64, bool>,
+) -> Result<Box<RawValue>> {
+    let group = match row.state_group {
+        Some(g) => Some(g),
+        None => q::get_room_state_group(c, room_id)?,
+    };
+    let visible = match group {
+        None => true,
+        Some(g) => match views.get(&g) {
+            Some(v) => *v,
+            None => {
+                let (hv, memberships) = h::get_server_view_in_group(c, g, server)?;
+                let v = match hv.as_deref() {
+                    Some("joined") => memberships.iter().any(|m| m == "join"),
+                    Some("invited") => memberships.iter().any(|m| m == "join" || m == "invite"),
+                    _ => true,
+                };
+                views.insert(g, v);
+                v
+            }
+        },
+    };
+    if visible {
+        return Ok(RawValue::from_string(row.json)?);
+    }
+    let obj: ruma::CanonicalJsonObject = serde_json::from_str(&row.json)?;
+    let redacted = ruma::canonical_json::redact(obj, &rules.redaction, None)
+        .map_err(|e| Error::internal(format_args!("redacting {}: {e}", row.event_id)))?;
+    Ok(serde_json::value::to_raw_value(&redacted)?)
 }

@@ -610,9 +610,8 @@ fn invites_joins_and_profiles_through_the_client_api_with_synapse() {
 /// without the timeline `/sync` already showed.
 #[test]
 fn a_hearth_user_pages_back_through_a_synapse_rooms_history() {
-    let _finished = Finished;
-    let guard = synapse().lock().unwrap_or_else(|p| p.into_inner());
-    let syn = guard.as_ref().unwrap();
+    let turn = SYNAPSE.turn();
+    let syn: &Synapse = &turn;
     let hearth = Hearth::start();
     let (_, alice_tok) = register(&hearth.url(), "alice");
     let (_, carol_tok) = register(&syn.url(), "carol_history");

@@ -406,3 +406,96 @@ fn a_server_the_room_acl_denies_is_refused_everything_and_sent_nothing() {
     let stored = smol::block_on(a.hs.app().store.read(move |c| q::get_event(c, &e3))).unwrap();
     assert!(stored.is_none(), "a denied server's PDU was stored");
 }
+
+/// Drops `make()`'s future after each of its `Pending`s (driven on this thread; the
+/// Homeserver's own executor goes on meanwhile), running `check` after each drop.
+fn drop_everywhere<T, Fut: std::future::Future<Output = T>>(
+    make: impl FnMut() -> Fut,
+    check: impl FnMut(usize),
+) -> (usize, T) {
+    let ex = async_executor::Executor::new();
+    hearth::cancel::drop_at_every_await(&ex, make, check)
+}
+
+/// Polls `f` for up to 10 s.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !f() {
+        assert!(std::time::Instant::now() < end, "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_dropped_key_fetch_or_alias_lookup_leaves_nothing_half_done() {
+    let a = Hearth::start();
+    let b = Hearth::start();
+    let (app, b_name) = (a.hs.app(), b.server_name());
+    let (b_key, _) = own_key(&b);
+    let tasks = app.spawner.live_tasks();
+    let now = app.clock.now_ms() as i64;
+    // The key fetch: a dropped caller never cancels the shared fetch, which stores b's key
+    // (whole) for the next caller; before the fetch starts, a drop leaves nothing.
+    let ctx = hearth::ops::federation::key_context(app);
+    let (server, ids) = (name(&b_name), [b_key.as_str()]);
+    let mut drops = 0;
+    let (_, res) = drop_everywhere(
+        || app.fed.keys.for_request(&ctx, &server, &ids, now),
+        |n| {
+            drops += 1;
+            eventually(
+                &format!("key fetch: no task left after drop {n} (of {tasks})"),
+                || app.spawner.live_tasks() <= tasks,
+            );
+            let rows = stored_keys(app, &b_name);
+            assert!(
+                rows.is_empty()
+                    || rows
+                        .iter()
+                        .any(|(id, until, _)| *id == b_key && *until > now),
+                "drop {n}: {rows:?}"
+            );
+        },
+    );
+    res.expect("the key, in the end");
+    assert!(drops >= 1, "the caller waits at least once");
+    assert!(!stored_keys(app, &b_name).is_empty());
+
+    // The alias lookup on another server, from a server with no connection to it yet (so
+    // every drop point is explored: connecting, TLS, request, answer; a dropped run's
+    // connection is closed, never pooled): a read, it leaves no task and writes nothing.
+    let c = Hearth::start();
+    let app = c.hs.app();
+    let (_, room, _, _) = lobby(&b, &c);
+    // b checks c's requests with c's key: fetched now, so b's connection to c (a task on c
+    // while it stays open) is there before the count starts.
+    let (c_key, _) = own_key(&c);
+    fetch_keys(b.hs.app(), &c.server_name(), &c_key, now).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let tasks = app.spawner.live_tasks();
+    let alias: ruma::OwnedRoomAliasId = format!("#lobby:{b_name}").try_into().unwrap();
+    let events =
+        |app: &App| {
+            smol::block_on(app.store.read(|c| {
+                Ok(c.query_row("SELECT count(*) FROM events", [], |r| r.get::<_, i64>(0))?)
+            }))
+            .unwrap()
+        };
+    let before = events(app);
+    let mut drops = 0;
+    let (_, res) = drop_everywhere(
+        || hearth::fed::directory::resolve_alias(app, &alias),
+        |n| {
+            drops += 1;
+            eventually(&format!("no task left after drop {n} (of {tasks})"), || {
+                app.spawner.live_tasks() <= tasks
+            });
+            assert_eq!(events(app), before, "drop {n}: a lookup wrote");
+        },
+    );
+    assert_eq!(res.unwrap().0, room);
+    eprintln!("alias lookup dropped at each of {drops} await points");
+    assert!(drops >= 3, "{drops}");
+    let again = smol::block_on(hearth::fed::directory::resolve_alias(app, &alias));
+    assert_eq!(again.unwrap().0, room, "the next lookup answers");
+}

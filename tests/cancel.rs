@@ -159,24 +159,34 @@ fn check_cancellable(
     pendings
 }
 
-#[test]
-fn every_cancellable_endpoint_survives_a_drop_at_every_await() {
-    let h = Harness::new();
-    let a = h.register("alice");
+/// A room created with `create` and one message in it: (room ID, event ID), both
+/// percent-encoded for paths.
+fn room_with_message(h: &Harness, token: &str, create: Value) -> (String, String) {
     let (_, v) = h.call(
         http_types::Method::Post,
         "/_matrix/client/v3/createRoom",
-        Some(&a),
-        Some(&json!({ "name": "c", "preset": "public_chat", "visibility": "public" })),
+        Some(token),
+        Some(&create),
     );
     let room = enc(v["room_id"].as_str().unwrap());
     let (_, v) = h.call(
         http_types::Method::Put,
         &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/1"),
-        Some(&a),
+        Some(token),
         Some(&json!({ "body": "x" })),
     );
-    let ev = enc(v["event_id"].as_str().unwrap());
+    (room, enc(v["event_id"].as_str().unwrap()))
+}
+
+#[test]
+fn every_cancellable_endpoint_survives_a_drop_at_every_await() {
+    let h = Harness::new();
+    let a = h.register("alice");
+    let (room, ev) = room_with_message(
+        &h,
+        &a,
+        json!({ "name": "c", "preset": "public_chat", "visibility": "public" }),
+    );
     let (_, v) = h.call(
         http_types::Method::Get,
         "/_matrix/client/v3/sync",
@@ -250,22 +260,13 @@ fn every_federation_read_survives_a_drop_at_every_await() {
     use ruma::signatures::Ed25519KeyPair;
     let h = Harness::new();
     let a = h.register("alice");
-    let (_, v) = h.call(
-        http_types::Method::Post,
-        "/_matrix/client/v3/createRoom",
-        Some(&a),
-        Some(&json!({ "preset": "public_chat", "visibility": "public", "room_alias_name": "c",
-                      "initial_state": [{ "type": "m.room.history_visibility", "state_key": "",
-                                          "content": { "history_visibility": "world_readable" } }] })),
+    let (room, ev) = room_with_message(
+        &h,
+        &a,
+        json!({ "preset": "public_chat", "visibility": "public", "room_alias_name": "c",
+                "initial_state": [{ "type": "m.room.history_visibility", "state_key": "",
+                                    "content": { "history_visibility": "world_readable" } }] }),
     );
-    let room = enc(v["room_id"].as_str().unwrap());
-    let (_, v) = h.call(
-        http_types::Method::Put,
-        &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/1"),
-        Some(&a),
-        Some(&json!({ "body": "x" })),
-    );
-    let ev = enc(v["event_id"].as_str().unwrap());
     // origin.test's key, known to the harness (no network here).
     let pair = Ed25519KeyPair::from_der(&Ed25519KeyPair::generate(), "k".into()).unwrap();
     let public =
@@ -296,7 +297,8 @@ fn every_federation_read_survives_a_drop_at_every_await() {
         )),
         post(
             &format!("/_matrix/federation/v1/get_missing_events/{room}"),
-            json!({ "earliest_events": [], "latest_events": [v["event_id"]] }),
+            json!({ "earliest_events": [],
+                    "latest_events": [percent_encoding::percent_decode_str(&ev).decode_utf8().unwrap()] }),
         ),
         get(format!(
             "/_matrix/federation/v1/make_join/{room}/{}?ver=10",

@@ -7,112 +7,22 @@
 
 mod common;
 
-use common::fed::{curl, register, Hearth};
-
-use std::{
-    path::PathBuf,
-    process::Command,
-    sync::{Mutex, OnceLock},
-    time::Duration,
+use common::{
+    fed::{curl, register, Hearth},
+    synapse::{synapse, Finished, Synapse},
 };
+
+use std::{process::Command, time::Duration};
 
 use ruma::api::federation::query::get_profile_information::v1 as profile;
 use serde_json::{json, Value};
 
-fn peer_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/synapse-peer")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A Synapse for this test file, stopped (and its directory purged) when the process exits.
-struct Synapse {
-    name: String,
-    port: u16,
-}
-
-impl Synapse {
-    fn start() -> Self {
-        let port = free_port();
-        let name = format!("hearth-fed-{port}");
-        let out = Command::new("bash")
-            .arg(peer_dir().join("start.sh"))
-            .args([&name, &port.to_string()])
-            .env("SYNPEER_RESET", "1")
-            .output()
-            .expect("synapse-peer/start.sh runs");
-        assert!(
-            out.status.success(),
-            "starting Synapse failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Self { name, port }
-    }
-
-    fn server_name(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Synapse {
-    fn drop(&mut self) {
-        if self.name.is_empty() {
-            return; // started by scripts/test.sh, which stops it
-        }
-        let _ = Command::new("bash")
-            .arg(peer_dir().join("stop.sh"))
-            .arg(&self.name)
-            .env("SYNPEER_PURGE", "1")
-            .output();
-    }
-}
-
-/// The Synapse this file's tests share: the one `scripts/test.sh` started (its port in
-/// `HEARTH_TEST_SYNAPSE_PORT`, stopped by the script), or else one started here.
-fn synapse() -> &'static Mutex<Option<Synapse>> {
-    static S: OnceLock<Mutex<Option<Synapse>>> = OnceLock::new();
-    S.get_or_init(|| {
-        let shared = std::env::var("HEARTH_TEST_SYNAPSE_PORT")
-            .ok()
-            .and_then(|p| p.parse().ok())
-            .map(|port: u16| Synapse {
-                name: String::new(),
-                port,
-            });
-        Mutex::new(Some(shared.unwrap_or_else(Synapse::start)))
-    })
-}
-
-/// Tests in this file: the last one to finish stops a Synapse started here (a test binary
-/// has no "after all" hook). Counted on drop, so a failing test counts too.
+/// Tests in this file (see `common::synapse::Finished`).
 const TESTS: usize = 5;
-
-struct Finished;
-
-impl Drop for Finished {
-    fn drop(&mut self) {
-        static DONE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        if DONE.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == TESTS {
-            let taken = synapse().lock().unwrap_or_else(|p| p.into_inner()).take();
-            drop(taken);
-        }
-    }
-}
 
 #[test]
 fn keys_and_x_matrix_work_both_ways_with_synapse() {
-    let _finished = Finished;
+    let _finished = Finished(TESTS);
     let guard = synapse().lock().unwrap_or_else(|p| p.into_inner());
     let syn = guard.as_ref().unwrap();
     let hearth = Hearth::start();
@@ -183,7 +93,7 @@ fn keys_and_x_matrix_work_both_ways_with_synapse() {
 
 #[test]
 fn forged_federation_requests_are_refused() {
-    let _finished = Finished;
+    let _finished = Finished(TESTS);
     let guard = synapse().lock().unwrap_or_else(|p| p.into_inner());
     let syn = guard.as_ref().unwrap();
     let hearth = Hearth::start();
@@ -291,7 +201,7 @@ fn timeline(v: &Value, room: &str) -> Vec<Value> {
 
 #[test]
 fn a_synapse_user_joins_a_hearth_room_and_speaks() {
-    let _finished = Finished;
+    let _finished = Finished(TESTS);
     let guard = synapse().lock().unwrap_or_else(|p| p.into_inner());
     let syn = guard.as_ref().unwrap();
     let hearth = Hearth::start();
@@ -460,7 +370,7 @@ fn a_synapse_user_joins_a_hearth_room_and_speaks() {
 
 #[test]
 fn a_hearth_user_joins_a_synapse_room_and_hears_it() {
-    let _finished = Finished;
+    let _finished = Finished(TESTS);
     let guard = synapse().lock().unwrap_or_else(|p| p.into_inner());
     let syn = guard.as_ref().unwrap();
     let hearth = Hearth::start();
@@ -590,7 +500,7 @@ fn synapse_sees(syn: &Synapse, token: &str, room: &str, body: &str) {
 
 #[test]
 fn invites_joins_and_profiles_through_the_client_api_with_synapse() {
-    let _finished = Finished;
+    let _finished = Finished(TESTS);
     let guard = synapse().lock().unwrap_or_else(|p| p.into_inner());
     let syn = guard.as_ref().unwrap();
     let hearth = Hearth::start();

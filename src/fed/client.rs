@@ -59,9 +59,12 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 type Tls = futures_rustls::client::TlsStream<smol::net::TcpStream>;
 
-/// Idle connections by destination (`host`, `port`), oldest first.
+/// Idle connections to one destination with the time each was last used, oldest first.
+type Idle = Vec<(Instant, Tls)>;
+
+/// Idle connections by destination (`host`, `port`).
 #[derive(Default)]
-struct Pool(Mutex<HashMap<(String, u16), Vec<(Instant, Tls)>>>);
+struct Pool(Mutex<HashMap<(String, u16), Idle>>);
 
 impl Pool {
     /// The most recently used idle connection to `ep` that is not past its idle timeout.

@@ -264,6 +264,10 @@ fn aliases_and_public_rooms_of_another_server_are_asked_of_it() {
             body.as_ref(),
         );
         assert_eq!(s, 200, "{v}");
+        assert!(
+            v.get("next_batch").is_none(),
+            "one page, no next_batch (nor null): {v}"
+        );
         v["chunk"]
             .as_array()
             .unwrap()

@@ -834,22 +834,46 @@ async fn remote_public_rooms(
         get_public_rooms as fed_get, get_public_rooms_filtered as fed_filtered,
     };
     let client = &app.fed.client;
-    Ok(match filter {
+    let (chunk, next, prev, total) = match filter {
         Some(filter) => {
             let mut r = fed_filtered::v1::Request::new();
             (r.limit, r.since, r.filter) = (limit, since, filter);
             let res = client.send(server, r).await?;
-            json!({ "chunk": res.chunk, "next_batch": res.next_batch, "prev_batch": res.prev_batch,
-                    "total_room_count_estimate": res.total_room_count_estimate })
+            (
+                res.chunk,
+                res.next_batch,
+                res.prev_batch,
+                res.total_room_count_estimate,
+            )
         }
         None => {
             let mut r = fed_get::v1::Request::new();
             (r.limit, r.since) = (limit, since);
             let res = client.send(server, r).await?;
-            json!({ "chunk": res.chunk, "next_batch": res.next_batch, "prev_batch": res.prev_batch,
-                    "total_room_count_estimate": res.total_room_count_estimate })
+            (
+                res.chunk,
+                res.next_batch,
+                res.prev_batch,
+                res.total_room_count_estimate,
+            )
         }
-    })
+    };
+    // Absent fields stay absent (not `null`), as in our own pages.
+    let mut out = json!({ "chunk": chunk });
+    let fields = [
+        ("next_batch", next.map(Value::from)),
+        ("prev_batch", prev.map(Value::from)),
+        (
+            "total_room_count_estimate",
+            total.map(|t| u64::from(t).into()),
+        ),
+    ];
+    for (k, v) in fields {
+        if let Some(v) = v {
+            out[k] = v;
+        }
+    }
+    Ok(out)
 }
 
 /// One page of our public room directory, most joined first: the client API's and

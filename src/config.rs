@@ -112,6 +112,25 @@ pub struct FederationConfig {
     /// `/.well-known/matrix/server` when Hearth answers for the server name's host itself
     /// (e.g. `"matrix.example.org:443"`). Unset: that path is 404 and servers use port 8448.
     pub well_known_server: Option<String>,
+    /// Notary servers asked (`POST /_matrix/key/v2/query`) for a server's keys when the server
+    /// itself cannot be reached, e.g. `[{ server_name = "matrix.org" }]`.
+    ///
+    /// Empty by default, unlike Synapse's `matrix.org`: a notary can vouch for any server's
+    /// keys, so trusting one is the operator's choice, and a default pointing at the Internet
+    /// would make an unreachable peer cost a second timeout on isolated deployments. Without
+    /// one, events signed by servers that are gone for good (common in old, large rooms)
+    /// cannot be checked; operators joining such rooms should name a notary.
+    pub trusted_key_servers: Vec<TrustedKeyServer>,
+}
+
+/// One notary: its name and, optionally, its keys (`key ID` → unpadded base64). Without
+/// keys, the notary's own keys are fetched from it directly (trust on first use).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedKeyServer {
+    pub server_name: String,
+    #[serde(default)]
+    pub verify_keys: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for FederationConfig {
@@ -119,6 +138,7 @@ impl Default for FederationConfig {
         Self {
             verify_certificates: true,
             well_known_server: None,
+            trusted_key_servers: Vec::new(),
         }
     }
 }
@@ -169,6 +189,21 @@ impl Config {
             .map_err(|e| format!("default_room_version: {e}"))?;
         if !crate::room::is_supported_version(&v) {
             return Err(format!("default_room_version {v} is not supported"));
+        }
+        for n in &self.federation.trusted_key_servers {
+            ruma::ServerName::parse(&n.server_name)
+                .map_err(|e| format!("trusted_key_servers: {:?}: {e}", n.server_name))?;
+            for (id, key) in &n.verify_keys {
+                if !id.starts_with("ed25519:")
+                    || ruma::serde::Base64::<ruma::serde::base64::Standard, Vec<u8>>::parse(key)
+                        .is_err()
+                {
+                    return Err(format!(
+                        "trusted_key_servers: {}: key {id:?} must be ed25519:… with a base64 key",
+                        n.server_name
+                    ));
+                }
+            }
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err("tls_cert and tls_key must be given together".into());

@@ -130,11 +130,7 @@ impl App {
             );
         }
         Ok(Self(Arc::new(AppInner {
-            fed: fed::Federation::new(
-                local.clone(),
-                config.federation.verify_certificates,
-                &spawner,
-            ),
+            fed: fed::Federation::new(local.clone(), &config.federation, &spawner),
             local,
             server_name,
             store,

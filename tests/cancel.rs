@@ -54,7 +54,11 @@ impl Harness {
             http_types::Url::parse(&format!("http://hearth.test{path}")).unwrap(),
         );
         if let Some(t) = token {
-            r.insert_header("Authorization", format!("Bearer {t}"));
+            // A federation request carries its whole X-Matrix header instead of a token.
+            match t.starts_with("X-Matrix ") {
+                true => r.insert_header("Authorization", t),
+                false => r.insert_header("Authorization", format!("Bearer {t}")),
+            };
         }
         if let Some(b) = body {
             r.set_body(b.to_string());
@@ -112,15 +116,26 @@ impl Harness {
 /// Drops a GET at every await point; after each drop no task is left behind, nothing was
 /// written, and the same request still answers 200 (a fresh one, with the same result shape).
 fn check_cancellable_get(h: &Harness, path: &str, token: &str) -> usize {
+    check_cancellable(h, http_types::Method::Get, path, token, None)
+}
+
+/// [`check_cancellable_get`] for any read, with a body.
+fn check_cancellable(
+    h: &Harness,
+    method: http_types::Method,
+    path: &str,
+    token: &str,
+    body: Option<&Value>,
+) -> usize {
     let events_before = h.count("SELECT count(*) FROM events");
-    let expected = h.call(http_types::Method::Get, path, Some(token), None);
+    let expected = h.call(method, path, Some(token), body);
     assert_eq!(expected.0, 200, "{path}: {}", expected.1);
     let routes = h.routes.clone();
     let (pendings, res) = drop_at_every_await(
         &h.ex,
         || {
             let routes = routes.clone();
-            let req = h.request(http_types::Method::Get, path, Some(token), None);
+            let req = h.request(method, path, Some(token), body);
             async move { routes.respond::<_, http_types::Response>(req).await }
         },
         |n| {
@@ -135,7 +150,7 @@ fn check_cancellable_get(h: &Harness, path: &str, token: &str) -> usize {
                 events_before,
                 "{path}: a read wrote something"
             );
-            let again = h.call(http_types::Method::Get, path, Some(token), None);
+            let again = h.call(method, path, Some(token), body);
             assert_eq!(again.0, 200, "{path}: server still answers after drop {n}");
         },
     );
@@ -144,24 +159,34 @@ fn check_cancellable_get(h: &Harness, path: &str, token: &str) -> usize {
     pendings
 }
 
-#[test]
-fn every_cancellable_endpoint_survives_a_drop_at_every_await() {
-    let h = Harness::new();
-    let a = h.register("alice");
+/// A room created with `create` and one message in it: (room ID, event ID), both
+/// percent-encoded for paths.
+fn room_with_message(h: &Harness, token: &str, create: Value) -> (String, String) {
     let (_, v) = h.call(
         http_types::Method::Post,
         "/_matrix/client/v3/createRoom",
-        Some(&a),
-        Some(&json!({ "name": "c", "preset": "public_chat", "visibility": "public" })),
+        Some(token),
+        Some(&create),
     );
     let room = enc(v["room_id"].as_str().unwrap());
     let (_, v) = h.call(
         http_types::Method::Put,
         &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/1"),
-        Some(&a),
+        Some(token),
         Some(&json!({ "body": "x" })),
     );
-    let ev = enc(v["event_id"].as_str().unwrap());
+    (room, enc(v["event_id"].as_str().unwrap()))
+}
+
+#[test]
+fn every_cancellable_endpoint_survives_a_drop_at_every_await() {
+    let h = Harness::new();
+    let a = h.register("alice");
+    let (room, ev) = room_with_message(
+        &h,
+        &a,
+        json!({ "name": "c", "preset": "public_chat", "visibility": "public" }),
+    );
     let (_, v) = h.call(
         http_types::Method::Get,
         "/_matrix/client/v3/sync",
@@ -203,6 +228,107 @@ fn every_cancellable_endpoint_survives_a_drop_at_every_await() {
         counts.push(check_cancellable_get(&h, p, &a));
     }
     assert!(counts[1] >= 1, "the long-poll parks: {counts:?}");
+}
+
+/// The X-Matrix header of `origin.test` (whose key the harness is told) for one request.
+fn x_matrix(
+    pair: &ruma::signatures::Ed25519KeyPair,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> String {
+    let body = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .body(body)
+        .unwrap();
+    ruma::api::federation::authentication::XMatrix::sign_http_request(
+        &req,
+        ruma::api::federation::authentication::XMatrixSigningInput::new(
+            "origin.test".try_into().unwrap(),
+            "hearth.test".try_into().unwrap(),
+            pair,
+        ),
+    )
+    .unwrap()
+    .to_string()
+}
+
+#[test]
+fn every_federation_read_survives_a_drop_at_every_await() {
+    use ruma::signatures::Ed25519KeyPair;
+    let h = Harness::new();
+    let a = h.register("alice");
+    let (room, ev) = room_with_message(
+        &h,
+        &a,
+        json!({ "preset": "public_chat", "visibility": "public", "room_alias_name": "c",
+                "initial_state": [{ "type": "m.room.history_visibility", "state_key": "",
+                                    "content": { "history_visibility": "world_readable" } }] }),
+    );
+    // origin.test's key, known to the harness (no network here).
+    let pair = Ed25519KeyPair::from_der(&Ed25519KeyPair::generate(), "k".into()).unwrap();
+    let public =
+        ruma::serde::Base64::<ruma::serde::base64::Standard, _>::new(pair.public_key().to_vec())
+            .encode();
+    smol::block_on(h.app.store.write(move |tx| {
+        hearth::store::queries::upsert_server_key(
+            tx,
+            "origin.test",
+            "ed25519:k",
+            &public,
+            i64::MAX,
+            None,
+        )
+    }))
+    .unwrap();
+    let get = |path: String| (http_types::Method::Get, path, None);
+    let post = |path: &str, body: Value| (http_types::Method::Post, path.to_owned(), Some(body));
+    let reads = [
+        get(format!("/_matrix/federation/v1/event/{ev}")),
+        get(format!(
+            "/_matrix/federation/v1/state_ids/{room}?event_id={ev}"
+        )),
+        get(format!("/_matrix/federation/v1/state/{room}?event_id={ev}")),
+        get(format!("/_matrix/federation/v1/event_auth/{room}/{ev}")),
+        get(format!(
+            "/_matrix/federation/v1/backfill/{room}?v={ev}&limit=10"
+        )),
+        post(
+            &format!("/_matrix/federation/v1/get_missing_events/{room}"),
+            json!({ "earliest_events": [],
+                    "latest_events": [percent_encoding::percent_decode_str(&ev).decode_utf8().unwrap()] }),
+        ),
+        get(format!(
+            "/_matrix/federation/v1/make_join/{room}/{}?ver=10",
+            enc("@bob:origin.test")
+        )),
+        get(format!(
+            "/_matrix/federation/v1/query/profile?user_id={}",
+            enc("@alice:hearth.test")
+        )),
+        get(format!(
+            "/_matrix/federation/v1/query/directory?room_alias={}",
+            enc("#c:hearth.test")
+        )),
+        get("/_matrix/federation/v1/publicRooms".to_owned()),
+        post(
+            "/_matrix/federation/v1/publicRooms",
+            json!({ "filter": {} }),
+        ),
+        get("/_matrix/key/v2/server".to_owned()),
+        get("/_matrix/key/v2/query/hearth.test".to_owned()),
+        post(
+            "/_matrix/key/v2/query",
+            json!({ "server_keys": { "hearth.test": {} } }),
+        ),
+        get("/_matrix/federation/v1/version".to_owned()),
+    ];
+    for (method, path, body) in &reads {
+        let auth = x_matrix(&pair, method.as_ref(), path, body.as_ref());
+        check_cancellable(&h, *method, path, &auth, body.as_ref());
+    }
 }
 
 #[test]

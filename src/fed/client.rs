@@ -1,13 +1,27 @@
-//! The outbound federation client: one HTTPS request per call, signed with X-Matrix by ruma,
-//! on our executor (smol sockets, rustls, async-h1's client codec). Dropping the future
-//! cancels the request: nothing is shared between calls, so nothing is left half-done.
+//! The outbound federation client: HTTPS requests signed with X-Matrix by ruma, on our
+//! executor (smol sockets, rustls, async-h1's client codec), bounded by one timeout each.
+//!
+//! Connections are kept per destination (host and port) for reuse: a few idle ones each,
+//! dropped after [`IDLE_TIMEOUT`]. A connection goes back to the pool only after a complete
+//! exchange (the whole body read, framed by `Content-Length` or chunked, no
+//! `Connection: close`); while in use it belongs to the request's future alone, so dropping
+//! that future (cancellation, timeout) closes it instead of returning a half-used connection.
+//! A request that fails on a reused connection before any answer (the peer closed it while
+//! idle) is retried once on a fresh one.
 //!
 //! Certificates are checked against the Web PKI roots unless `federation.verify_certificates`
 //! is off (tests with self-signed peers only; Hearth warns at start).
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    io,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
 
-use futures_lite::{future, AsyncReadExt};
+use futures_lite::{future, AsyncRead, AsyncReadExt, AsyncWrite};
 use futures_rustls::{
     rustls::{
         self,
@@ -35,10 +49,109 @@ use crate::{
 /// Largest response body accepted from a remote server.
 const MAX_RESPONSE_BYTES: u64 = 32 * 1024 * 1024;
 
+/// Idle connections kept per destination, and across all destinations.
+const MAX_IDLE_PER_DEST: usize = 4;
+const MAX_IDLE: usize = 512;
+
+/// How long an idle connection is kept: below the 60 s after which Hearth (and common
+/// servers) close idle keep-alive connections, so a pooled one is rarely already closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+type Tls = futures_rustls::client::TlsStream<smol::net::TcpStream>;
+
+/// Idle connections to one destination with the time each was last used, oldest first.
+type Idle = Vec<(Instant, Tls)>;
+
+/// Idle connections by destination (`host`, `port`).
+#[derive(Default)]
+struct Pool(Mutex<HashMap<(String, u16), Idle>>);
+
+impl Pool {
+    /// The most recently used idle connection to `ep` that is not past its idle timeout.
+    fn take(&self, ep: &Endpoint) -> Option<Tls> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (ep.host.clone(), ep.port);
+        let idle = m.get_mut(&key)?;
+        idle.retain(|(since, _)| since.elapsed() < IDLE_TIMEOUT);
+        let conn = idle.pop().map(|(_, c)| c);
+        if idle.is_empty() {
+            m.remove(&key);
+        }
+        conn
+    }
+
+    fn put(&self, ep: &Endpoint, conn: Tls) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if m.values().map(Vec::len).sum::<usize>() >= MAX_IDLE {
+            m.retain(|_, idle| {
+                idle.retain(|(since, _)| since.elapsed() < IDLE_TIMEOUT);
+                !idle.is_empty()
+            });
+            if m.values().map(Vec::len).sum::<usize>() >= MAX_IDLE {
+                return;
+            }
+        }
+        let idle = m.entry((ep.host.clone(), ep.port)).or_default();
+        if idle.len() >= MAX_IDLE_PER_DEST {
+            idle.remove(0);
+        }
+        idle.push((Instant::now(), conn));
+    }
+}
+
+/// A connection lent to async-h1, which wants to own its stream (and hands a copy to the
+/// response body): each poll locks it briefly (nothing is held across an await). When the
+/// exchange is over and every copy is dropped, the connection can be taken back.
+#[derive(Clone)]
+struct Lent(Arc<Mutex<Tls>>);
+
+impl Lent {
+    fn poll<T>(&self, f: impl FnOnce(Pin<&mut Tls>) -> Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        let mut conn = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        f(Pin::new(&mut *conn))
+    }
+
+    /// The connection, if no copy is left.
+    fn take_back(self) -> Option<Tls> {
+        Arc::try_unwrap(self.0)
+            .ok()
+            .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl AsyncRead for Lent {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll(|c| c.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Lent {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll(|c| c.poll_write(cx, buf))
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll(|c| c.poll_flush(cx))
+    }
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll(|c| c.poll_close(cx))
+    }
+}
+
 pub struct Client {
     local: Arc<Local>,
     tls: TlsConnector,
     timeout: Duration,
+    pool: Pool,
+    /// Connections opened (TLS handshakes done), for metrics and tests.
+    opened: std::sync::atomic::AtomicU64,
 }
 
 impl Client {
@@ -61,6 +174,8 @@ impl Client {
             local,
             tls: TlsConnector::from(Arc::new(config)),
             timeout,
+            pool: Pool::default(),
+            opened: Default::default(),
         }
     }
 
@@ -128,72 +243,171 @@ impl Client {
         Ok(delegated.unwrap_or(fallback))
     }
 
-    /// One request on a fresh TLS connection, bounded by the client's timeout.
+    /// How many connections this client has opened (each a TCP connect and TLS handshake).
+    pub fn connections_opened(&self) -> u64 {
+        self.opened.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A new TLS connection to `ep`.
+    async fn connect(&self, ep: &Endpoint) -> Result<Tls> {
+        let tcp = smol::net::TcpStream::connect((ep.host.as_str(), ep.port))
+            .await
+            .map_err(|e| remote(format_args!("connecting to {}:{}: {e}", ep.host, ep.port)))?;
+        let name = TlsName::try_from(ep.host.clone())
+            .map_err(|e| remote(format_args!("TLS name {}: {e}", ep.host)))?;
+        let tls = self
+            .tls
+            .connect(name, tcp)
+            .await
+            .map_err(|e| remote(format_args!("TLS with {}:{}: {e}", ep.host, ep.port)))?;
+        self.opened
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(tls)
+    }
+
+    /// One request, on an idle connection to `ep` if there is one, bounded by the client's
+    /// timeout.
     async fn execute(
         &self,
         ep: &Endpoint,
         req: http::Request<Vec<u8>>,
     ) -> Result<http::Response<Vec<u8>>> {
         let exchange = async {
-            let tcp = smol::net::TcpStream::connect((ep.host.as_str(), ep.port))
-                .await
-                .map_err(|e| remote(format_args!("connecting to {}:{}: {e}", ep.host, ep.port)))?;
-            let name = TlsName::try_from(ep.host.clone())
-                .map_err(|e| remote(format_args!("TLS name {}: {e}", ep.host)))?;
-            let tls = self
-                .tls
-                .connect(name, tcp)
-                .await
-                .map_err(|e| remote(format_args!("TLS with {}:{}: {e}", ep.host, ep.port)))?;
-            let (parts, body) = req.into_parts();
-            let url = http_types::Url::parse(&format!(
-                "{}{}",
-                ep.base_url(),
-                parts
-                    .uri
-                    .path_and_query()
-                    .map(|p| p.as_str())
-                    .unwrap_or("/")
-            ))
-            .map_err(Error::internal)?;
-            let method: http_types::Method = parts
-                .method
-                .as_str()
-                .parse()
-                .map_err(|_| Error::internal("HTTP method"))?;
-            let mut out = http_types::Request::new(method, url);
-            for (name, value) in parts.headers.iter() {
-                if let Ok(v) = value.to_str() {
-                    out.append_header(name.as_str(), v);
-                }
-            }
-            out.set_body(body);
-            let mut res = async_h1::connect(tls, out)
-                .await
-                .map_err(|e| remote(format_args!("{}:{}: {e}", ep.host, ep.port)))?;
-            let mut bytes = Vec::new();
-            res.take_body()
-                .take(MAX_RESPONSE_BYTES)
-                .read_to_end(&mut bytes)
-                .await
-                .map_err(|e| remote(format_args!("reading from {}: {e}", ep.host)))?;
-            let mut builder = http::Response::builder().status(u16::from(res.status()));
-            for (name, values) in res.iter() {
-                for v in values.iter() {
-                    // async-h1 fills in a missing `Date` as "date: ...\r\n" (not a valid
-                    // value); a header we cannot represent is dropped, not the response.
-                    if http::HeaderValue::from_str(v.as_str()).is_ok() {
-                        builder = builder.header(name.as_str(), v.as_str());
+            let out = Outgoing::new(ep, req)?;
+            if let Some(conn) = self.pool.take(ep) {
+                match self.exchange(ep, conn, out.build()).await {
+                    Err(Failure::BeforeAnswer(e)) => {
+                        log::debug!(
+                            "reused connection to {}:{} failed ({}); reconnecting",
+                            ep.host,
+                            ep.port,
+                            e.message
+                        );
                     }
+                    other => return other.map_err(Failure::into_error),
                 }
             }
-            builder.body(bytes).map_err(Error::internal)
+            let conn = self.connect(ep).await?;
+            self.exchange(ep, conn, out.build())
+                .await
+                .map_err(Failure::into_error)
         };
         let timeout = async {
             smol::Timer::after(self.timeout).await;
             Err(remote(format_args!("{}:{} timed out", ep.host, ep.port)))
         };
         future::or(exchange, timeout).await
+    }
+
+    /// Sends `out` on `conn` and reads the whole answer; the connection goes back to the pool
+    /// when the exchange left it clean.
+    async fn exchange(
+        &self,
+        ep: &Endpoint,
+        conn: Tls,
+        out: http_types::Request,
+    ) -> std::result::Result<http::Response<Vec<u8>>, Failure> {
+        let lent = Lent(Arc::new(Mutex::new(conn)));
+        let mut res = async_h1::connect(lent.clone(), out).await.map_err(|e| {
+            Failure::BeforeAnswer(remote(format_args!("{}:{}: {e}", ep.host, ep.port)))
+        })?;
+        let mut bytes = Vec::new();
+        res.take_body()
+            .take(MAX_RESPONSE_BYTES)
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(|e| Failure::After(remote(format_args!("reading from {}: {e}", ep.host))))?;
+        let framed = res.header("Content-Length").is_some()
+            || res
+                .header("Transfer-Encoding")
+                .is_some_and(|t| t.last().as_str().eq_ignore_ascii_case("chunked"));
+        let close = res
+            .header("Connection")
+            .is_some_and(|c| c.iter().any(|v| v.as_str().eq_ignore_ascii_case("close")));
+        let mut builder = http::Response::builder().status(u16::from(res.status()));
+        for (name, values) in res.iter() {
+            for v in values.iter() {
+                // async-h1 fills in a missing `Date` as "date: ...\r\n" (not a valid
+                // value); a header we cannot represent is dropped, not the response.
+                if http::HeaderValue::from_str(v.as_str()).is_ok() {
+                    builder = builder.header(name.as_str(), v.as_str());
+                }
+            }
+        }
+        drop(res); // its body held a copy of the connection
+        if framed && !close && (bytes.len() as u64) < MAX_RESPONSE_BYTES {
+            if let Some(conn) = lent.take_back() {
+                self.pool.put(ep, conn);
+            }
+        }
+        builder
+            .body(bytes)
+            .map_err(|e| Failure::After(Error::internal(e)))
+    }
+}
+
+/// How an exchange failed: before any answer (a reused connection the peer had closed: safe
+/// to retry on a fresh one), or after.
+enum Failure {
+    BeforeAnswer(Error),
+    After(Error),
+}
+
+impl Failure {
+    fn into_error(self) -> Error {
+        match self {
+            Failure::BeforeAnswer(e) | Failure::After(e) => e,
+        }
+    }
+}
+
+/// A request ready to be sent (again, on a fresh connection, if a reused one was closed).
+struct Outgoing {
+    method: http_types::Method,
+    url: http_types::Url,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Outgoing {
+    fn new(ep: &Endpoint, req: http::Request<Vec<u8>>) -> Result<Self> {
+        let (parts, body) = req.into_parts();
+        let url = http_types::Url::parse(&format!(
+            "{}{}",
+            ep.base_url(),
+            parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/")
+        ))
+        .map_err(Error::internal)?;
+        let method = parts
+            .method
+            .as_str()
+            .parse()
+            .map_err(|_| Error::internal("HTTP method"))?;
+        let headers = parts
+            .headers
+            .iter()
+            .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect();
+        Ok(Self {
+            method,
+            url,
+            headers,
+            body,
+        })
+    }
+
+    /// The request in async-h1's types.
+    fn build(&self) -> http_types::Request {
+        let mut out = http_types::Request::new(self.method, self.url.clone());
+        for (name, value) in &self.headers {
+            out.append_header(name.as_str(), value.as_str());
+        }
+        out.set_body(self.body.clone());
+        out
     }
 }
 

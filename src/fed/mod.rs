@@ -1,7 +1,9 @@
-//! Outbound federation: the HTTPS client (X-Matrix signed by ruma), server discovery and
-//! remote key fetching. Inbound federation handlers live in `http::federation`.
+//! Outbound federation: the HTTPS client (X-Matrix signed by ruma), server discovery,
+//! remote key fetching, alias lookups across servers and server ACL checks. Inbound federation handlers live in `http::federation`.
 
+pub mod acl;
 pub mod client;
+pub mod directory;
 pub mod discovery;
 pub mod keys;
 
@@ -19,16 +21,16 @@ pub struct Federation {
 impl Federation {
     pub fn new(
         local: Arc<crate::room::build::Local>,
-        verify_certificates: bool,
+        config: &crate::config::FederationConfig,
         spawner: &crate::cancel::Spawner,
     ) -> Self {
         Self {
             client: Arc::new(Client::new(
                 local,
-                verify_certificates,
+                config.verify_certificates,
                 Duration::from_secs(30),
             )),
-            keys: Keys::new(spawner),
+            keys: Keys::new(spawner, config.trusted_key_servers.clone()),
         }
     }
 }

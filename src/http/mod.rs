@@ -389,8 +389,18 @@ pub fn routes(app: App) -> tide::Server<App> {
         .get(c(federation::keys::server_keys));
     s.at("/_matrix/federation/v1/version")
         .get(c(federation::keys::version));
+    s.at("/_matrix/key/v2/query")
+        .post(c(federation::keys::query_keys));
+    s.at("/_matrix/key/v2/query/:server_name")
+        .get(c(federation::keys::query_server_keys));
     s.at("/_matrix/federation/v1/query/profile")
         .get(c(federation::query::profile));
+    s.at("/_matrix/federation/v1/query/directory")
+        .get(c(federation::directory::query_directory));
+    s.at("/_matrix/federation/v1/publicRooms")
+        .get(c(federation::directory::public_rooms));
+    s.at("/_matrix/federation/v1/publicRooms")
+        .post(c(federation::directory::public_rooms_filtered));
     s.at("/_matrix/federation/v1/event/:event_id")
         .get(c(federation::events::get_event));
     s.at("/_matrix/federation/v1/state_ids/:room_id")

@@ -15,7 +15,7 @@ use ruma::{
         room::{aliases, create_room, Visibility},
     },
     events::room::power_levels::RoomPowerLevelsEventContent,
-    OwnedRoomAliasId, OwnedRoomId, RoomAliasId, RoomVersionId,
+    OwnedRoomAliasId, OwnedRoomId, RoomVersionId,
 };
 use serde_json::{json, Value};
 use tide::Response;
@@ -150,24 +150,21 @@ fn initial_state_event(v: &Value) -> Result<NewEvent> {
     Ok(NewEvent::state(kind, key, content))
 }
 
-/// Resolves a local alias to its room.
-pub(super) async fn resolve_alias(app: &App, alias: &RoomAliasId) -> Result<OwnedRoomId> {
-    let a = alias.to_string();
-    let found = app.store.read(move |c| q::get_alias(c, &a)).await?;
-    let (rid, _) = found.ok_or_else(|| Error::not_found("Room alias not found"))?;
-    OwnedRoomId::try_from(rid).map_err(Error::internal)
-}
-
 /// # `POST /_matrix/client/v3/join/{roomIdOrAlias}`
 pub async fn join_by_id_or_alias(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     let app = req.state().clone();
     let body: join_room_by_id_or_alias::v3::Request = ruma_req(&mut req, &["room"]).await?;
-    let room_id = match OwnedRoomId::try_from(body.room_id_or_alias) {
-        Ok(r) => r,
-        Err(alias) => resolve_alias(&app, &alias).await?,
+    // An alias of another server is asked of that server; its answer's servers are tried
+    // after those the client named.
+    let (room_id, via) = match OwnedRoomId::try_from(body.room_id_or_alias) {
+        Ok(r) => (r, body.via),
+        Err(alias) => {
+            let (room, servers) = crate::fed::directory::resolve_alias(&app, &alias).await?;
+            (room, body.via.into_iter().chain(servers).collect())
+        }
     };
-    rooms::join(&app, &room_id, &who.user_id, body.reason, body.via).await?;
+    rooms::join(&app, &room_id, &who.user_id, body.reason, via).await?;
     json(&json!({ "room_id": room_id }))
 }
 
@@ -316,8 +313,8 @@ pub async fn joined_rooms(mut req: Req) -> Result<Response> {
 pub async fn get_alias(mut req: Req) -> Result<Response> {
     let body: get_alias::v3::Request = ruma_req(&mut req, &["alias"]).await?;
     let app = req.state().clone();
-    let room_id = resolve_alias(&app, &body.room_alias).await?;
-    json(&json!({ "room_id": room_id, "servers": [app.server_name] }))
+    let (room_id, servers) = crate::fed::directory::resolve_alias(&app, &body.room_alias).await?;
+    json(&json!({ "room_id": room_id, "servers": servers }))
 }
 
 /// # `PUT /_matrix/client/v3/directory/room/{roomAlias}`
@@ -510,18 +507,88 @@ pub(super) fn directory_entry(conn: &crate::store::Connection, room_id: &str) ->
 }
 
 /// # `GET|POST /_matrix/client/v3/publicRooms`
+///
+/// With `server` naming another server, that server's directory, asked over federation.
 pub async fn public_rooms(mut req: Req) -> Result<Response> {
-    let (limit, since, term) = if req.method() == tide::http::Method::Post {
+    let (limit, since, filter, server) = if req.method() == tide::http::Method::Post {
         let body: get_public_rooms_filtered::v3::Request = ruma_req(&mut req, &[]).await?;
-        (
-            body.limit,
-            body.since,
-            body.filter.generic_search_term.map(|t| t.to_lowercase()),
-        )
+        (body.limit, body.since, Some(body.filter), body.server)
     } else {
         let body: get_public_rooms::v3::Request = ruma_req(&mut req, &[]).await?;
-        (body.limit, body.since, None)
+        (body.limit, body.since, None, body.server)
     };
+    let app = req.state().clone();
+    if let Some(server) = server.filter(|s| *s != app.server_name) {
+        return json(&remote_public_rooms(&app, &server, limit, since, filter).await?);
+    }
+    let term = filter.and_then(|f| f.generic_search_term);
+    json(&public_rooms_page(&app, limit, since, term).await?)
+}
+
+/// Another server's public rooms (`/_matrix/federation/v1/publicRooms`, `POST` when there is a
+/// filter), in the client API's shape (the same fields).
+async fn remote_public_rooms(
+    app: &App,
+    server: &ruma::ServerName,
+    limit: Option<ruma::UInt>,
+    since: Option<String>,
+    filter: Option<ruma::directory::Filter>,
+) -> Result<Value> {
+    use ruma::api::federation::directory::{
+        get_public_rooms as fed_get, get_public_rooms_filtered as fed_filtered,
+    };
+    let client = &app.fed.client;
+    let (chunk, next, prev, total) = match filter {
+        Some(filter) => {
+            let mut r = fed_filtered::v1::Request::new();
+            (r.limit, r.since, r.filter) = (limit, since, filter);
+            let res = client.send(server, r).await?;
+            (
+                res.chunk,
+                res.next_batch,
+                res.prev_batch,
+                res.total_room_count_estimate,
+            )
+        }
+        None => {
+            let mut r = fed_get::v1::Request::new();
+            (r.limit, r.since) = (limit, since);
+            let res = client.send(server, r).await?;
+            (
+                res.chunk,
+                res.next_batch,
+                res.prev_batch,
+                res.total_room_count_estimate,
+            )
+        }
+    };
+    // Absent fields stay absent (not `null`), as in our own pages.
+    let mut out = json!({ "chunk": chunk });
+    let fields = [
+        ("next_batch", next.map(Value::from)),
+        ("prev_batch", prev.map(Value::from)),
+        (
+            "total_room_count_estimate",
+            total.map(|t| u64::from(t).into()),
+        ),
+    ];
+    for (k, v) in fields {
+        if let Some(v) = v {
+            out[k] = v;
+        }
+    }
+    Ok(out)
+}
+
+/// One page of our public room directory, most joined first: the client API's and
+/// federation's `/publicRooms` (offset tokens `o<n>`; `term` matches name, topic, alias).
+pub async fn public_rooms_page(
+    app: &App,
+    limit: Option<ruma::UInt>,
+    since: Option<String>,
+    term: Option<String>,
+) -> Result<Value> {
+    let term = term.map(|t| t.to_lowercase());
     let limit = match limit {
         Some(l) => usize::try_from(u64::from(l))
             .unwrap_or(usize::MAX)
@@ -535,8 +602,7 @@ pub async fn public_rooms(mut req: Req) -> Result<Response> {
             .ok_or_else(|| Error::invalid_param("invalid since token"))?,
         None => 0,
     };
-    let (chunk, total) = req
-        .state()
+    let (chunk, total) = app
         .store
         .read(move |c| {
             let mut all = Vec::new();
@@ -572,5 +638,5 @@ pub async fn public_rooms(mut req: Req) -> Result<Response> {
     if offset > 0 {
         out["prev_batch"] = format!("o{}", offset.saturating_sub(limit)).into();
     }
-    json(&out)
+    Ok(out)
 }

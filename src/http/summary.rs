@@ -29,7 +29,7 @@ pub async fn summary(mut req: Req) -> Result<Response> {
     let app = req.state().clone();
     let room_id = match OwnedRoomId::try_from(body.room_id_or_alias) {
         Ok(r) => r,
-        Err(alias) => rooms::resolve_alias(&app, &alias).await?,
+        Err(alias) => crate::fed::directory::resolve_alias(&app, &alias).await?.0,
     };
     let summary = app
         .store

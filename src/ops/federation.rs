@@ -44,6 +44,14 @@ pub async fn verify_pdu(app: &App, raw: &RawValue, version: &RoomVersionId) -> R
     let servers = required_server_signatures_to_verify_event(&obj, &rules.signatures)
         .map_err(|e| Error::bad_json(format!("PDU {event_id}: {e}")))?;
     let ctx = key_context(app);
+    let ts = match obj.get("origin_server_ts") {
+        Some(ruma::CanonicalJsonValue::Integer(t)) => i64::from(*t),
+        _ => {
+            return Err(Error::bad_json(format!(
+                "PDU {event_id}: no origin_server_ts"
+            )))
+        }
+    };
     let mut map = PublicKeyMap::new();
     for server in servers {
         let key_ids: Vec<String> = obj
@@ -67,7 +75,8 @@ pub async fn verify_pdu(app: &App, raw: &RawValue, version: &RoomVersionId) -> R
                 "PDU {event_id} is not signed by {server}"
             )));
         }
-        let set = app.fed.keys.for_request(&ctx, &server, &ids).await?;
+        // Keys are judged at the event's own time, so old keys verify old events.
+        let set = app.fed.keys.for_request(&ctx, &server, &ids, ts).await?;
         map.insert(server.to_string(), set);
     }
     let verified = verify_event(&map, &obj, &rules)
@@ -109,6 +118,11 @@ pub async fn receive_pdu(
         Ok(rv) => rv,
         Err(e) => return (None, Err(e)),
     };
+    // A server the room's ACL denies may send nothing into it.
+    if let Err(e) = crate::fed::acl::check(app, room_id.as_str(), origin).await {
+        let id = receive::parse(raw, &version).ok().map(|(_, id, _)| id);
+        return (id, Err(e));
+    }
     let inc = match verify_pdu(app, raw, &version).await {
         Ok(inc) => inc,
         Err(e) => {

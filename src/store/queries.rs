@@ -1061,7 +1061,9 @@ pub fn insert_outbox_edu(tx: &mut super::Tx<'_>, destinations: &[String], edu: &
     Ok(())
 }
 
-/// Servers other than `us` with a joined member in the room (current state).
+/// Servers other than `us` with a joined member in the room (current state), minus those the
+/// room's server ACL denies: this is the list events are sent to, so a denied server gets
+/// nothing from us.
 pub fn list_room_servers(conn: &Connection, room_id: &str, us: &str) -> Result<Vec<String>> {
     let mut stmt = conn.prepare_cached(
         "SELECT DISTINCT substr(state_key, instr(state_key, ':') + 1) FROM current_state
@@ -1069,7 +1071,13 @@ pub fn list_room_servers(conn: &Connection, room_id: &str, us: &str) -> Result<V
     )?;
     let rows = stmt.query_map([room_id], |r| r.get::<_, String>(0))?;
     let mut out: Vec<String> = rows.collect::<rusqlite::Result<_>>()?;
-    out.retain(|s| s != us);
+    let acl = super::acl::get_server_acl(conn, room_id)?;
+    out.retain(|s| {
+        s != us
+            && acl.as_ref().is_none_or(|a| {
+                <&ruma::ServerName>::try_from(s.as_str()).is_ok_and(|n| a.is_allowed(n))
+            })
+    });
     Ok(out)
 }
 

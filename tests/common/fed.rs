@@ -139,6 +139,12 @@ pub struct Hearth {
 
 impl Hearth {
     pub fn start() -> Self {
+        Self::start_with("127.0.0.1", |_| {})
+    }
+
+    /// A Hearth named `host:PORT` (e.g. `localhost`, which server ACLs can tell apart from
+    /// the IP literals), with `tweak` applied to its config.
+    pub fn start_with(host: &str, tweak: impl FnOnce(&mut hearth::Config)) -> Self {
         let _ = env_logger::builder().is_test(true).try_init();
         let dir = tempfile::tempdir().unwrap();
         let (cert, key) = self_signed_cert(dir.path());
@@ -149,6 +155,8 @@ impl Hearth {
         c.tls_cert = Some(cert);
         c.tls_key = Some(key);
         c.federation.verify_certificates = false;
+        c.server_name = format!("{host}:{port}");
+        tweak(&mut c);
         let hs = hearth::Homeserver::start(c).unwrap();
         Self {
             hs,
@@ -164,7 +172,7 @@ impl Hearth {
 
 impl Hearth {
     pub fn server_name(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        self.hs.server_name().to_owned()
     }
 }
 

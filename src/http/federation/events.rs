@@ -23,7 +23,7 @@ use crate::{
 pub async fn get_event(mut req: Req) -> Result<Response> {
     let o = origin::<get_event::v1::Request>(&mut req, &["event_id"]).await?;
     let app = req.state().clone();
-    let (eid, origin) = (o.req.event_id.to_string(), o.origin.to_string());
+    let (eid, origin, name) = (o.req.event_id.to_string(), o.origin.to_string(), o.origin);
     let pdu = app
         .store
         .read(move |c| {
@@ -31,6 +31,9 @@ pub async fn get_event(mut req: Req) -> Result<Response> {
             let room = q::get_event_room(c, &eid)?.unwrap_or_default();
             if !q::server_may_see_room(c, &room, &origin)? {
                 return Err(Error::forbidden("Your server is not in this room"));
+            }
+            if !crate::store::acl::server_allowed(c, &room, &name)? {
+                return Err(crate::fed::acl::denied(&name));
             }
             Ok(RawValue::from_string(row.json)?)
         })

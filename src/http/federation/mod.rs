@@ -3,6 +3,7 @@
 //!
 //! Reads are registered with `c(..)` (cancellable on disconnect) like the client reads.
 
+pub mod directory;
 pub mod events;
 pub mod keys;
 pub mod membership;
@@ -30,7 +31,8 @@ pub struct Origin<R> {
 
 /// Verifies the request's X-Matrix signature (fetching the origin's key if needed, once for
 /// every waiter) and parses it into ruma's request type. Fails with 401 `M_UNAUTHORIZED` for a
-/// missing, malformed or wrong signature, or a `destination` that is not us.
+/// missing, malformed or wrong signature, or a `destination` that is not us; with 403
+/// `M_FORBIDDEN` when the request names a room (`room_id`) whose server ACL denies the origin.
 pub async fn origin<R: IncomingRequest>(req: &mut Req, params: &[&str]) -> Result<Origin<R>> {
     let app = req.state().clone();
     let header = req
@@ -56,7 +58,12 @@ pub async fn origin<R: IncomingRequest>(req: &mut Req, params: &[&str]) -> Resul
     let keys = app
         .fed
         .keys
-        .for_request(&ctx, &xm.origin, &[xm.key.as_str()])
+        .for_request(
+            &ctx,
+            &xm.origin,
+            &[xm.key.as_str()],
+            app.clock.now_ms() as i64,
+        )
         .await?;
     let mut map = PublicKeyMap::new();
     map.insert(xm.origin.to_string(), keys);
@@ -64,6 +71,11 @@ pub async fn origin<R: IncomingRequest>(req: &mut Req, params: &[&str]) -> Resul
         .map_err(|e| unauthorized(format!("Bad X-Matrix signature: {e}")))?;
     // A destination we back off from is reachable again: send its queue now.
     crate::workers::federation::contacted(&app, &xm.origin).await;
+    // Server ACLs: every request about a room (its `roomId` path parameter) from a server
+    // the room denies is refused, whatever the endpoint.
+    if let Some(i) = params.iter().position(|p| *p == "room_id") {
+        crate::fed::acl::check(&app, &args[i], &xm.origin).await?;
+    }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (parts, body) = http_req.into_parts();
     let parsed = R::try_from_http_request(http::Request::from_parts(parts, &body[..]), &args)

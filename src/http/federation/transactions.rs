@@ -106,11 +106,15 @@ async fn process(
         }
     }
     let (o, t, now) = (origin.to_owned(), txn.to_owned(), app.clock.now_ms());
+    let origin_name = origin_name.clone();
     app.store
         .write(move |tx| {
             for r in &receipts {
-                // Only for members of the room, from the sending server.
-                if q::get_membership(tx, &r.room_id, &r.user_id)?.as_deref() != Some("join") {
+                // Only for members of the room, from the sending server, if the room's ACL
+                // lets that server in.
+                if q::get_membership(tx, &r.room_id, &r.user_id)?.as_deref() != Some("join")
+                    || !crate::store::acl::server_allowed(tx, &r.room_id, &origin_name)?
+                {
                     continue;
                 }
                 let pos = tx.next_pos([Topic::room(r.room_id.as_str())]);
@@ -149,10 +153,17 @@ async fn typing_edu(app: &App, origin: &str, c: &serde_json::Value) -> Result<()
     if uid.server_name().as_str() != origin {
         return Ok(());
     }
-    let (r, u) = (room.to_owned(), user.to_owned());
+    let (r, u, o) = (
+        room.to_owned(),
+        user.to_owned(),
+        uid.server_name().to_owned(),
+    );
     let joined = app
         .store
-        .read(move |c| Ok(q::get_membership(c, &r, &u)?.as_deref() == Some("join")))
+        .read(move |c| {
+            Ok(q::get_membership(c, &r, &u)?.as_deref() == Some("join")
+                && crate::store::acl::server_allowed(c, &r, &o)?)
+        })
         .await?;
     if joined {
         let typing = c.get("typing").and_then(|v| v.as_bool()).unwrap_or(false);

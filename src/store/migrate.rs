@@ -1,6 +1,7 @@
 //! The migration runner. A fresh database gets `schema.sql` whole and is stamped with
-//! `SCHEMA_VERSION`; an older one runs the numbered `STEPS` after its recorded version, each
-//! step and its stamp in one transaction.
+//! `SCHEMA_VERSION`; an older one runs the numbered steps after its recorded version (the
+//! upgrade from `n` to `n + 1` is the `n`-th, listed in [`migrate`]), each step and its stamp
+//! in one transaction.
 
 use rusqlite::{Connection, OptionalExtension};
 
@@ -10,10 +11,7 @@ use crate::error::{Error, Result};
 pub const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// The version `SCHEMA` describes.
-pub const SCHEMA_VERSION: i64 = 2;
-
-/// Upgrades from version `n` to `n + 1` are `STEPS[n - 1]`.
-const STEPS: &[&str] = &[V1_TO_V2];
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Version 2: federation (`server_keys`, `outbox`, `destinations`, `received_txns`,
 /// `invite_state`); events that are not simply appended (outliers with no state group, rejected
@@ -116,8 +114,34 @@ CREATE TABLE invite_state (
 ) STRICT;
 ";
 
+/// Version 3: end-to-end encryption (device and one-time keys, cross-signing keys and
+/// signatures, the device-list stream, to-device messages, key backup). New tables only, so the
+/// step is the `-- e2ee (schema v3)` block of `schema.sql` itself (see [`schema_block`]).
+const V2_TO_V3_E2EE: &str = "-- e2ee (schema v3)";
+
+/// The block of `SCHEMA` that starts with the comment line `marker` and runs to the next
+/// block marked `(schema v…)` or the end: a step that only adds tables is written once.
+fn schema_block(marker: &str) -> Result<&'static str> {
+    let start = SCHEMA
+        .find(marker)
+        .ok_or_else(|| Error::internal(format_args!("schema.sql lacks {marker:?}")))?;
+    let rest = &SCHEMA[start..];
+    let end = rest[marker.len()..]
+        .match_indices("\n-- ")
+        .map(|(i, _)| i + marker.len() + 1)
+        .find(|&i| {
+            rest[i..]
+                .lines()
+                .next()
+                .is_some_and(|l| l.contains("(schema v"))
+        })
+        .unwrap_or(rest.len());
+    Ok(&rest[..end])
+}
+
 pub fn migrate(conn: &mut Connection) -> Result<()> {
-    migrate_with(conn, SCHEMA, SCHEMA_VERSION, STEPS)
+    let steps = [V1_TO_V2, schema_block(V2_TO_V3_E2EE)?];
+    migrate_with(conn, SCHEMA, SCHEMA_VERSION, &steps)
 }
 
 /// The runner, with the schema and steps as parameters so tests can exercise an upgrade.

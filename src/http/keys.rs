@@ -208,11 +208,18 @@ fn check_keys(
     Ok(out)
 }
 
-/// # `POST /_matrix/client/v3/keys/upload`
-pub async fn upload(mut req: Req) -> Result<Response> {
-    let who = auth(&req).await?;
-    let body: upload_keys::v3::Request = ruma_req(&mut req, &[]).await?;
-    let app = req.state().clone();
+/// Checked device keys (canonical JSON without `unsigned`), one-time keys and fallback keys.
+type CheckedUpload = (Option<CanonicalJsonObject>, Vec<NewKey>, Vec<NewKey>);
+
+/// Checks everything a `/keys/upload` carries: device keys that are the caller's device's and
+/// signed by it, one-time and fallback keys signed by it (with the key uploaded now, else the
+/// `stored` one).
+fn check_upload(
+    body: &upload_keys::v3::Request,
+    who: &super::Authed,
+    stored: Option<String>,
+) -> Result<CheckedUpload> {
+    let mut ed = stored;
     let device_keys = match &body.device_keys {
         Some(raw) => {
             let keys: DeviceKeys = raw
@@ -224,37 +231,49 @@ pub async fn upload(mut req: Req) -> Result<Response> {
                 ));
             }
             let key_id = format!("ed25519:{}", who.device_id);
-            let ed = keys
+            let key = keys
                 .keys
                 .iter()
                 .find(|(id, _)| id.as_str() == key_id)
                 .map(|(_, k)| k.clone())
                 .ok_or_else(|| Error::invalid_param(format!("device_keys: no {key_id} key")))?;
             let mut object = canonical(raw.json().get(), "device_keys")?;
-            check_signature(&object, who.user_id.as_str(), &key_id, &ed)
+            check_signature(&object, who.user_id.as_str(), &key_id, &key)
                 .map_err(|err| Error::invalid_param(format!("device_keys: {err}")))?;
             // `unsigned` is the server's to fill (the display name), not the device's.
             object.remove("unsigned");
-            Some((object, ed))
+            ed = Some(key);
+            Some(object)
         }
         None => None,
     };
+    let otks = check_keys(&body.one_time_keys, who, ed.as_deref())?;
+    let fallbacks = check_keys(&body.fallback_keys, who, ed.as_deref())?;
+    Ok((device_keys, otks, fallbacks))
+}
+
+/// # `POST /_matrix/client/v3/keys/upload`
+pub async fn upload(mut req: Req) -> Result<Response> {
+    let who = auth(&req).await?;
+    let body: upload_keys::v3::Request = ruma_req(&mut req, &[]).await?;
+    let app = req.state().clone();
     let (u, d) = (who.user_id.to_string(), who.device_id.to_string());
-    // The device's ed25519 key, to check signed one-time keys: the one uploaded now, or the
-    // stored one.
-    let ed = match &device_keys {
-        Some((_, ed)) => Some(ed.clone()),
+    // The device's stored ed25519 key, to check signed one-time keys uploaded without device
+    // keys.
+    let stored = match body.device_keys {
+        Some(_) => None,
         None => {
             let (u, d) = (u.clone(), d.clone());
             app.store.read(move |c| stored_ed25519(c, &u, &d)).await?
         }
     };
-    let otks = check_keys(&body.one_time_keys, &who, ed.as_deref())?;
-    let fallbacks = check_keys(&body.fallback_keys, &who, ed.as_deref())?;
+    // Up to a hundred ed25519 verifications: on the blocking pool, not the executor thread.
+    let (device_keys, otks, fallbacks) =
+        smol::unblock(move || check_upload(&body, &who, stored)).await?;
     let counts = app
         .store
         .write(move |tx| {
-            if let Some((object, _)) = device_keys {
+            if let Some(object) = device_keys {
                 let stored = e::get_device_keys(tx, &u, &d)?;
                 let same = match &stored {
                     Some(s) => canonical(s, "stored device keys").is_ok_and(|old| old == object),

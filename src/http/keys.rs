@@ -367,7 +367,9 @@ fn query_local_user(
     for row in e::list_device_keys(c, user, Some(devices))? {
         let mut v: Value = serde_json::from_str(&row.keys)?;
         merge_signatures(c, &mut v, user, &row.device_id, viewer)?;
-        v["unsigned"] = json!({ "device_display_name": row.display_name });
+        if let Some(name) = row.display_name {
+            v["unsigned"] = json!({ "device_display_name": name });
+        }
         map.insert(row.device_id, v);
     }
     out["device_keys"][user] = Value::Object(map);

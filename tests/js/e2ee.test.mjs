@@ -1,7 +1,9 @@
 // End-to-end encryption with a real encrypting client: matrix-js-sdk (the SDK inside Element
 // Web) with its Rust crypto (matrix-sdk-crypto compiled to WebAssembly) in Node. The server
-// never decrypts anything; this proves its key, to-device and device-list endpoints are what
-// the client needs: two users in an encrypted room decrypt each other's messages.
+// never decrypts anything; this proves its key, to-device, device-list, cross-signing and
+// key-backup endpoints are what the client needs: two users in an encrypted room decrypt each
+// other's messages; cross-signing is bootstrapped (and reset with the password); a key backup is
+// made, and a new login of the same user decrypts the old message from it.
 //
 // Environment: HEARTH_URL (required; skipped without), HEARTH_JS_TIMEOUT (ms per wait, default
 // 20000), HEARTH_JS_VERBOSE=1 for the SDK's own log.
@@ -53,10 +55,17 @@ async function api(method, path, token, body) {
 
 const clients = [];
 
-/// Registers a user and starts a client with Rust crypto on a new device.
-async function start(name) {
+/// Registers a user (or, with `login`, logs in again on a new device) and starts a client with
+/// Rust crypto on that device.
+async function start(name, login = false) {
     const password = `pw-${name}`;
-    const reg = await api("POST", "/register", null, { username: name, password, auth: { type: "m.login.dummy" } });
+    const reg = login
+        ? await api("POST", "/login", null, {
+              type: "m.login.password",
+              identifier: { type: "m.id.user", user: name },
+              password,
+          })
+        : await api("POST", "/register", null, { username: name, password, auth: { type: "m.login.dummy" } });
     const client = createClient({
         baseUrl: URL_BASE,
         userId: reg.user_id,
@@ -72,18 +81,26 @@ async function start(name) {
     await client.startClient({ initialSyncLimit: 20 });
     await withTimeout(prepared, `${name}'s first sync`);
     clients.push(client);
-    return { client, password, userId: reg.user_id };
+    return { client, password, userId: reg.user_id, name };
 }
 
-/// Waits (bounded) until `of`'s device keys, as `by` queries them, are published.
-async function publishedKeys(by, of) {
+/// Polls `check` every 200 ms until it returns something truthy (returned), for at most TIMEOUT.
+async function poll(what, check) {
     const deadline = Date.now() + TIMEOUT;
     for (;;) {
-        const keys = await api("POST", "/keys/query", by.client.getAccessToken(), { device_keys: { [of.userId]: [] } });
-        if (keys.device_keys[of.userId]?.[of.client.getDeviceId()]) return;
-        if (Date.now() > deadline) assert.fail(`${of.userId}'s device keys were never published`);
+        const v = await check();
+        if (v) return v;
+        if (Date.now() > deadline) assert.fail(`timed out after ${TIMEOUT} ms waiting for ${what}`);
         await new Promise((r) => realSetTimeout(r, 200));
     }
+}
+
+/// Waits until `of`'s device keys, as `by` queries them, are published.
+async function publishedKeys(by, of) {
+    await poll(`${of.userId}'s device keys`, async () => {
+        const keys = await api("POST", "/keys/query", by.client.getAccessToken(), { device_keys: { [of.userId]: [] } });
+        return keys.device_keys[of.userId]?.[of.client.getDeviceId()];
+    });
 }
 
 /// Resolves with the decrypted body of the first event in `roomId` whose clear text satisfies
@@ -165,5 +182,81 @@ describe("E2EE with matrix-js-sdk's Rust crypto", { skip: !URL_BASE && "HEARTH_U
         const aliceSees = decryptedMessage(alice.client, roomId, (b) => b === reply);
         await withTimeout(bob.client.sendMessage(roomId, { msgtype: "m.text", body: reply }), "bob sends");
         assert.equal(await withTimeout(aliceSees, "alice decrypts bob's message"), reply);
+    });
+
+    it("cross-signing is bootstrapped, and reset with the password", async () => {
+        const crypto = alice.client.getCrypto();
+        const attempts = [];
+        const withPassword = async (makeRequest) => {
+            try {
+                attempts.push("none");
+                return await makeRequest(null);
+            } catch (e) {
+                if (e?.httpStatus !== 401) throw e;
+                attempts.push("password");
+                return await makeRequest({
+                    type: "m.login.password",
+                    identifier: { type: "m.id.user", user: alice.userId },
+                    password: alice.password,
+                    session: e.data?.session,
+                });
+            }
+        };
+        await withTimeout(crypto.bootstrapCrossSigning({ authUploadDeviceSigningKeys: withPassword }), "bootstrap");
+        assert.ok(await crypto.isCrossSigningReady(), "cross-signing ready");
+        assert.deepEqual(attempts, ["none"], "the first upload needs no password");
+        const master1 = await crypto.getCrossSigningKeyId();
+        // The upload is a device-list change for alice, so her client re-queries her keys. A
+        // query answered between the reset's new keys and their upload would show the client
+        // the old master key and make it drop its new private keys (a client-side race, wider
+        // here because a debug build's argon2 check takes seconds): let that query finish first.
+        await poll("alice's client re-reads her published keys", async () => {
+            const s = await crypto.getUserVerificationStatus(alice.userId);
+            return s.isCrossSigningVerified();
+        });
+        await new Promise((r) => realSetTimeout(r, 2000));
+        await withTimeout(
+            crypto.bootstrapCrossSigning({ setupNewCrossSigning: true, authUploadDeviceSigningKeys: withPassword }),
+            "reset cross-signing",
+        );
+        assert.deepEqual(attempts, ["none", "none", "password"], "replacing the keys needs the password");
+        // The client knows its new master key once it has re-queried its own keys (which the
+        // server's `device_lists.changed` for the user prompts).
+        const master2 = await poll("the client's new master key", async () => {
+            const id = await crypto.getCrossSigningKeyId();
+            return id && id !== master1 && id;
+        });
+        // What bob's server answers: alice's new master key, and her device signed by her new
+        // self-signing key.
+        await poll("alice's cross-signing as bob's server answers it", async () => {
+            const keys = await api("POST", "/keys/query", bob.client.getAccessToken(), { device_keys: { [alice.userId]: [] } });
+            const master = Object.values(keys.master_keys?.[alice.userId]?.keys ?? {})[0];
+            const ssk = Object.values(keys.self_signing_keys?.[alice.userId]?.keys ?? {})[0];
+            const sigs = keys.device_keys[alice.userId][alice.client.getDeviceId()]?.signatures?.[alice.userId] ?? {};
+            return master === master2 && ssk && sigs[`ed25519:${ssk}`];
+        });
+    });
+
+    it("a new login decrypts the old message from the key backup", async () => {
+        const crypto = alice.client.getCrypto();
+        await withTimeout(crypto.resetKeyBackup(), "create a key backup");
+        const version = await poll("an active backup version", () => crypto.getActiveSessionBackupVersion());
+        // The room key of the first message reaches the server's backup.
+        await poll("a key in the backup", async () => {
+            const info = await api("GET", "/room_keys/version", alice.client.getAccessToken());
+            return info.version === version && info.count >= 1;
+        });
+        const backupKey = await crypto.getSessionBackupPrivateKey();
+        assert.ok(backupKey, "the backup's private key");
+
+        const again = await start(alice.name, true);
+        const hello = `hello bob ${suffix}`;
+        const seen = decryptedMessage(again.client, roomId, (b) => b === hello);
+        const crypto2 = again.client.getCrypto();
+        await crypto2.storeSessionBackupPrivateKey(backupKey, version);
+        await withTimeout(crypto2.checkKeyBackupAndEnable(), "the new device finds the backup");
+        const restored = await withTimeout(crypto2.restoreKeyBackup(), "restore from the backup");
+        assert.ok(restored.imported >= 1, `keys imported: ${JSON.stringify(restored)}`);
+        assert.equal(await withTimeout(seen, "the new login decrypts the old message"), hello);
     });
 });

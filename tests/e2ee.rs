@@ -920,3 +920,80 @@ fn a_version_2_database_gets_the_e2ee_tables() {
         )
     );
 }
+
+/// Bad input on every E2EE route: malformed IDs, wrong JSON types and shapes (keys that are not
+/// objects, signatures that are not strings, floats, unknown versions). Each answer is a Matrix
+/// error or a success, never a 500, and the server keeps serving.
+#[test]
+fn malformed_e2ee_requests_get_matrix_errors_never_500() {
+    let s = TestServer::start();
+    let alice = new_user(&s, "alice", "ADEV");
+    upload(&s, &alice, json!({ "device_keys": device_keys(&alice) }));
+    let bodies = [
+        "",
+        "not json",
+        "[]",
+        "{\"device_keys\": 5, \"one_time_keys\": [], \"fallback_keys\": {\"x\": 1}}",
+        "{\"one_time_keys\": {\"signed_curve25519:A\": {\"key\": 1, \"signatures\": \"x\"}}}",
+        "{\"one_time_keys\": {\"@u:x\": {\"D\": \"signed_curve25519\"}}, \"device_keys\": {\"@u:x\": \"all\"}}",
+        "{\"master_key\": {\"user_id\": 1}, \"self_signing_key\": [], \"auth\": 5}",
+        "{\"@alice:hearth.test\": {\"ADEV\": {\"signatures\": 1.5}, \"x\": 3}}",
+        "{\"messages\": {\"@u:hearth.test\": {\"*\": []}}}",
+        "{\"algorithm\": 5, \"auth_data\": [], \"version\": 3}",
+        "{\"rooms\": {\"!r:x\": {\"sessions\": {\"s\": {\"first_message_index\": -1}}}}}",
+        "{\"first_message_index\": 1.5, \"forwarded_count\": \"0\", \"is_verified\": 1, \"session_data\": 2}",
+    ];
+    let ids = [
+        "",
+        "%00",
+        "not-an-id",
+        "%21x%3Ay",
+        "1",
+        "99999999999999999999",
+        "..",
+        "%ZZ",
+    ];
+    let templates = [
+        ("POST", "/keys/upload"),
+        ("POST", "/keys/query"),
+        ("POST", "/keys/claim"),
+        ("GET", "/keys/changes?from={id}&to={id}"),
+        ("POST", "/keys/device_signing/upload"),
+        ("POST", "/keys/signatures/upload"),
+        ("PUT", "/sendToDevice/{id}/{id}"),
+        ("POST", "/room_keys/version"),
+        ("GET", "/room_keys/version"),
+        ("GET", "/room_keys/version/{id}"),
+        ("PUT", "/room_keys/version/{id}"),
+        ("DELETE", "/room_keys/version/{id}"),
+        ("GET", "/room_keys/keys?version={id}"),
+        ("PUT", "/room_keys/keys?version={id}"),
+        ("DELETE", "/room_keys/keys?version={id}"),
+        ("GET", "/room_keys/keys/{id}?version={id}"),
+        ("PUT", "/room_keys/keys/{id}/{id}?version={id}"),
+        ("DELETE", "/room_keys/keys/{id}/{id}?version={id}"),
+        ("GET", "/sync?since={id}"),
+    ];
+    for (method, t) in templates {
+        for id in ids {
+            let path = format!("{V3}{}", t.replace("{id}", id));
+            for body in bodies {
+                let body = (!(body.is_empty() && method == "GET")).then_some(body);
+                let (status, v) = s.raw(method, &path, Some(&alice.token), body);
+                assert!(status < 500, "{method} {path} {body:?} -> {status} {v}");
+                if status >= 400 && !(status == 401 && v["flows"].is_array()) {
+                    assert!(
+                        v["errcode"].as_str().is_some_and(|c| c.starts_with("M_")),
+                        "{method} {path} {body:?} -> {status} {v}"
+                    );
+                }
+            }
+        }
+    }
+    // Still serving, and alice's keys are as uploaded.
+    let q = query(&s, &alice, &[&alice.user]);
+    assert_eq!(
+        q["device_keys"][&alice.user]["ADEV"]["keys"]["ed25519:ADEV"],
+        alice.ed.as_str()
+    );
+}

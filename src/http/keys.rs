@@ -140,8 +140,9 @@ pub fn device_lists(
                     }
                 }
             }
-            // The user left (or was kicked or banned) in this range.
-            _ if *mpos > since => gone.extend(joined_members()?),
+            // The user left (or was kicked or banned) in this range; an invite or a knock
+            // shares nothing yet.
+            "leave" | "ban" if *mpos > since => gone.extend(joined_members()?),
             _ => {}
         }
     }

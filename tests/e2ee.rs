@@ -997,3 +997,40 @@ fn malformed_e2ee_requests_get_matrix_errors_never_500() {
         alice.ed.as_str()
     );
 }
+
+/// Acknowledged to-device messages are deleted, but their positions are never handed out again:
+/// after a restart, a message sent to a device whose token is at the deleted position's value
+/// still reaches it (a reused position would be skipped as already seen).
+#[test]
+fn positions_of_deleted_to_device_messages_are_not_reused_after_a_restart() {
+    let mut s = TestServer::start();
+    let alice = new_user(&s, "alice", "ADEV");
+    let bob = new_user(&s, "bob", "BDEV");
+    let send = |s: &TestServer, txn: &str, n: u64| {
+        s.ok(
+            "PUT",
+            &format!("{V3}/sendToDevice/m.test/{txn}"),
+            Some(&alice.token),
+            Some(&json!({ "messages": { &bob.user: { "BDEV": { "n": n } } } })),
+        );
+    };
+    let t0 = since(&s.sync(&bob.token, ""));
+    send(&s, "a", 1);
+    let first = s.sync(&bob.token, &format!("since={t0}"));
+    assert_eq!(first["to_device"]["events"][0]["content"]["n"], 1);
+    let t1 = since(&first);
+    // Acknowledges (and deletes) the message: the newest position of all.
+    s.sync(&bob.token, &format!("since={t1}"));
+    if let Some(hs) = s.hs.take() {
+        hs.stop().unwrap();
+    }
+    let hs = hearth::Homeserver::start(common::config_in(s.dir.path())).unwrap();
+    s.base = format!("http://{}", hs.addrs()[0]);
+    s.hs = Some(hs);
+    send(&s, "b", 2);
+    let after = s.sync(&bob.token, &format!("since={t1}"));
+    assert_eq!(
+        after["to_device"]["events"][0]["content"]["n"], 2,
+        "{after}"
+    );
+}

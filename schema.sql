@@ -249,6 +249,112 @@ CREATE TABLE IF NOT EXISTS invite_state (
     PRIMARY KEY (room_id, user_id)
 ) STRICT;
 
+-- e2ee (schema v3)
+-- The device keys a device uploaded (`/keys/upload`), as signed by it (the `signatures`
+-- others add later live in `e2e_signatures`).
+CREATE TABLE IF NOT EXISTS e2e_device_keys (
+    user_id   TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    keys      TEXT NOT NULL,
+    PRIMARY KEY (user_id, device_id)
+) STRICT;
+
+-- One-time keys, each handed out once (`/keys/claim` deletes the row it returns).
+CREATE TABLE IF NOT EXISTS e2e_one_time_keys (
+    user_id   TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    algorithm TEXT NOT NULL,
+    key_id    TEXT NOT NULL,
+    key       TEXT NOT NULL,
+    PRIMARY KEY (user_id, device_id, algorithm, key_id)
+) STRICT;
+
+-- One fallback key per device and algorithm, handed out when the one-time keys run out;
+-- `used` once it was (the device then uploads a new one).
+CREATE TABLE IF NOT EXISTS e2e_fallback_keys (
+    user_id   TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    algorithm TEXT NOT NULL,
+    key_id    TEXT NOT NULL,
+    key       TEXT NOT NULL,
+    used      INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (user_id, device_id, algorithm)
+) STRICT;
+
+-- Cross-signing keys (`master`, `self_signing`, `user_signing`), as uploaded; `public_key` is
+-- the unpadded base64 key, which is also the key's ID when others sign it.
+CREATE TABLE IF NOT EXISTS e2e_cross_signing_keys (
+    user_id    TEXT NOT NULL,
+    key_type   TEXT NOT NULL,
+    public_key TEXT NOT NULL,
+    keys       TEXT NOT NULL,
+    PRIMARY KEY (user_id, key_type)
+) STRICT;
+
+-- Signatures uploaded with `/keys/signatures/upload`, merged into the signed keys by
+-- `/keys/query`. `target_key` is a device ID or a cross-signing public key.
+CREATE TABLE IF NOT EXISTS e2e_signatures (
+    target_user   TEXT NOT NULL,
+    target_key    TEXT NOT NULL,
+    signer_user   TEXT NOT NULL,
+    signer_key_id TEXT NOT NULL,
+    signature     TEXT NOT NULL,
+    PRIMARY KEY (target_user, target_key, signer_user, signer_key_id)
+) STRICT;
+
+-- The device-list stream: a row per change of a user's devices or keys, at a stream position
+-- (the writer's one counter), so `/sync` and `/keys/changes` see it in order with the rest.
+CREATE TABLE IF NOT EXISTS e2e_device_list_changes (
+    pos     INTEGER NOT NULL,
+    user_id TEXT NOT NULL,
+    PRIMARY KEY (user_id, pos)
+) STRICT, WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS e2e_device_list_changes_pos ON e2e_device_list_changes(pos);
+
+-- To-device messages waiting for their device, in stream-position order; deleted once a
+-- `/sync` of that device acknowledges them (a `since` at or past their position).
+CREATE TABLE IF NOT EXISTS e2e_to_device (
+    user_id   TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    pos       INTEGER NOT NULL,
+    sender    TEXT NOT NULL,
+    type      TEXT NOT NULL,
+    content   TEXT NOT NULL,
+    PRIMARY KEY (user_id, device_id, pos)
+) STRICT, WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS e2e_to_device_pos ON e2e_to_device(pos);
+
+-- Transaction IDs of `/sendToDevice`, per sending device, so a retry is not delivered twice.
+CREATE TABLE IF NOT EXISTS e2e_to_device_txns (
+    user_id   TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    txn_id    TEXT NOT NULL,
+    PRIMARY KEY (user_id, device_id, txn_id)
+) STRICT, WITHOUT ROWID;
+
+-- Server-side key backup versions; a deleted version keeps its row (its number is not reused).
+CREATE TABLE IF NOT EXISTS e2e_backup_versions (
+    user_id   TEXT NOT NULL,
+    version   INTEGER NOT NULL,
+    algorithm TEXT NOT NULL,
+    auth_data TEXT NOT NULL,
+    etag      INTEGER NOT NULL DEFAULT 0,
+    deleted   INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (user_id, version)
+) STRICT;
+
+CREATE TABLE IF NOT EXISTS e2e_backup_keys (
+    user_id             TEXT NOT NULL,
+    version             INTEGER NOT NULL,
+    room_id             TEXT NOT NULL,
+    session_id          TEXT NOT NULL,
+    first_message_index INTEGER NOT NULL,
+    forwarded_count     INTEGER NOT NULL,
+    is_verified         INTEGER NOT NULL,
+    session_data        TEXT NOT NULL,
+    PRIMARY KEY (user_id, version, room_id, session_id)
+) STRICT;
+
 -- sticky (schema v3)
 -- Live sticky events (MSC4354): one row per sticky event that is part of the room, from its
 -- commit until it is redacted or expires (`expires_ts` = min(received_ts, origin_server_ts) +

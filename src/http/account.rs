@@ -46,6 +46,7 @@ fn new_session(
 ) -> Result<(String, Vec<String>)> {
     // A login that reuses a device ID replaces that device's old tokens.
     let old = q::delete_sessions(tx, user_id, q::Devices::One(device_id), false)?;
+    super::keys::before_new_device(tx, user_id, device_id)?;
     q::upsert_device(tx, user_id, device_id, display_name, tx.now_ms)?;
     let token = format!("hth_{}", random_string(40));
     q::insert_token(tx, &hash_token(&token), user_id, device_id, tx.now_ms)?;
@@ -72,7 +73,7 @@ fn uia_401(flows: Value, error: Option<Error>) -> Error {
 /// The legacy form of a password auth dict (`"user": "alice"`, from before `identifier`)
 /// that Synapse still accepts and some clients still send; ruma's `AuthData::Password`
 /// requires `identifier`, so the legacy field is moved there before ruma parses the body.
-fn legacy_auth_user(body: &mut Value) {
+pub(crate) fn legacy_auth_user(body: &mut Value) {
     let Some(auth) = body.get_mut("auth").and_then(Value::as_object_mut) else {
         return;
     };
@@ -318,7 +319,7 @@ pub async fn logout(mut req: Req) -> Result<Response> {
     let (u, d) = (who.user_id.to_string(), who.device_id.to_string());
     let hashes = app
         .store
-        .write(move |tx| q::delete_sessions(tx, &u, q::Devices::One(&d), true))
+        .write(move |tx| super::keys::delete_devices(tx, &u, q::Devices::One(&d)))
         .await?;
     app.tokens.remove(&hashes);
     json(&json!({}))
@@ -332,7 +333,7 @@ pub async fn logout_all(mut req: Req) -> Result<Response> {
     let u = who.user_id.to_string();
     let hashes = app
         .store
-        .write(move |tx| q::delete_sessions(tx, &u, q::Devices::All, true))
+        .write(move |tx| super::keys::delete_devices(tx, &u, q::Devices::All))
         .await?;
     app.tokens.remove(&hashes);
     json(&json!({}))
@@ -346,7 +347,7 @@ pub async fn whoami(mut req: Req) -> Result<Response> {
 }
 
 /// Requires a `m.login.password` auth dict for the caller (sensitive operations).
-async fn require_password_uia(
+pub(crate) async fn require_password_uia(
     app: &App,
     who: &super::Authed,
     auth: Option<AuthData>,
@@ -387,7 +388,7 @@ pub async fn change_password(mut req: Req) -> Result<Response> {
         .write(move |tx| {
             q::update_password(tx, &u, &hash)?;
             if logout_devices {
-                return q::delete_sessions(tx, &u, q::Devices::AllBut(&d), true);
+                return super::keys::delete_devices(tx, &u, q::Devices::AllBut(&d));
             }
             Ok(Vec::new())
         })
@@ -463,7 +464,7 @@ async fn delete_devices_inner(
         .write(move |tx| {
             let mut hashes = Vec::new();
             for id in &ids {
-                hashes.extend(q::delete_sessions(tx, &u, q::Devices::One(id), true)?);
+                hashes.extend(super::keys::delete_devices(tx, &u, q::Devices::One(id))?);
             }
             Ok(hashes)
         })

@@ -7,12 +7,15 @@
 //! server shuts down. Writes are never marked `c`.
 
 pub mod account;
+pub mod backup;
 pub mod events;
 pub mod federation;
+pub mod keys;
 pub mod misc;
 pub mod rooms;
 pub mod summary;
 pub mod sync;
+pub mod to_device;
 pub mod user;
 
 use std::{future::Future, sync::atomic::Ordering};
@@ -512,5 +515,28 @@ pub fn routes(app: App) -> tide::Server<App> {
     client!(s, delete "/pushrules/global/:kind/:rule_id" => h(user::delete_push_rule));
     client!(s, get "/pushrules/global/:kind/:rule_id/:attr" => c(user::get_push_rule_attr));
     client!(s, put "/pushrules/global/:kind/:rule_id/:attr" => h(user::put_push_rule_attr));
+
+    // end-to-end encryption: keys, cross-signing, to-device messages, key backup
+    client!(s, post "/keys/upload" => h(keys::upload));
+    client!(s, post "/keys/query" => c(keys::query));
+    client!(s, post "/keys/claim" => h(keys::claim));
+    client!(s, get "/keys/changes" => c(keys::changes));
+    client!(s, post "/keys/device_signing/upload" => h(keys::upload_signing_keys));
+    client!(s, post "/keys/signatures/upload" => h(keys::upload_signatures));
+    client!(s, put "/sendToDevice/:event_type/:txn_id" => h(to_device::send));
+    client!(s, post "/room_keys/version" => h(backup::create_version));
+    client!(s, get "/room_keys/version" => c(backup::get_latest_version));
+    client!(s, get "/room_keys/version/:version" => c(backup::get_version));
+    client!(s, put "/room_keys/version/:version" => h(backup::update_version));
+    client!(s, delete "/room_keys/version/:version" => h(backup::delete_version));
+    client!(s, get "/room_keys/keys" => c(backup::get_all));
+    client!(s, put "/room_keys/keys" => h(backup::put_all));
+    client!(s, delete "/room_keys/keys" => h(backup::delete_all));
+    client!(s, get "/room_keys/keys/:room_id" => c(backup::get_room));
+    client!(s, put "/room_keys/keys/:room_id" => h(backup::put_room));
+    client!(s, delete "/room_keys/keys/:room_id" => h(backup::delete_room));
+    client!(s, get "/room_keys/keys/:room_id/:session_id" => c(backup::get_session));
+    client!(s, put "/room_keys/keys/:room_id/:session_id" => h(backup::put_session));
+    client!(s, delete "/room_keys/keys/:room_id/:session_id" => h(backup::delete_session));
     s
 }

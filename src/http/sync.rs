@@ -1,7 +1,10 @@
 //! `GET /sync`: initial and incremental, long-polling.
 //!
 //! The token is `s<pos>_<eph>`: the stream position covered (events, account data, receipts,
-//! all from the writer's one counter) and the ephemeral serial (typing). A response covers
+//! device-list changes, to-device messages, all from the writer's one counter) and the
+//! ephemeral serial (typing); `s<pos>_<eph>_<td>` when a response held back to-device messages
+//! (at most [`to_device::MAX_PER_SYNC`] per response): `td` is the last one sent, and the next
+//! response starts after it. A response covers
 //! exactly `(since, upto]` where `upto` is read from the notifier *before* the database, so
 //! nothing committed later can slip in unannounced or be skipped.
 //!
@@ -31,7 +34,7 @@ use tide::Response;
 use super::{
     auth,
     events::{lazy_members_of, EventFilter},
-    json, Authed, Req,
+    json, keys, to_device, Authed, Req,
 };
 use crate::{
     error::{Error, Result},
@@ -102,6 +105,9 @@ impl SyncFilter {
 pub struct Since {
     pub pos: i64,
     pub eph: i64,
+    /// To-device messages up to here were delivered (and, once a request carries this token,
+    /// acknowledged); equal to `pos` unless a response held some back.
+    pub td: i64,
 }
 
 impl From<crate::notify::Marks> for Since {
@@ -109,6 +115,7 @@ impl From<crate::notify::Marks> for Since {
         Self {
             pos: m.pos,
             eph: m.eph,
+            td: m.pos,
         }
     }
 }
@@ -126,10 +133,29 @@ pub fn parse_since(t: &str) -> Result<Since> {
     let bad = || Error::invalid_param("Invalid since token");
     let rest = t.strip_prefix('s').ok_or_else(bad)?;
     let (p, e) = rest.split_once('_').ok_or_else(bad)?;
+    let (e, td) = match e.split_once('_') {
+        Some((e, td)) => (e, Some(td)),
+        None => (e, None),
+    };
+    let pos: i64 = p.parse().map_err(|_| bad())?;
+    let td = match td {
+        Some(td) => td.parse().ok().filter(|td| *td <= pos).ok_or_else(bad)?,
+        None => pos,
+    };
     Ok(Since {
-        pos: p.parse().map_err(|_| bad())?,
+        pos,
         eph: e.parse().map_err(|_| bad())?,
+        td,
     })
+}
+
+/// The token for a response covering `upto`, whose to-device messages end at `td`.
+fn format_token(upto: Since, td: i64) -> String {
+    if td == upto.pos {
+        format!("s{}_{}", upto.pos, upto.eph)
+    } else {
+        format!("s{}_{}_{}", upto.pos, upto.eph, td)
+    }
 }
 
 /// # `GET /_matrix/client/v3/sync`
@@ -160,6 +186,7 @@ pub async fn sync(mut req: Req) -> Result<Response> {
     let deadline = std::time::Instant::now() + Duration::from_millis(timeout);
     // The topics this poll watches, kept across wake-ups while the user's rooms stay the same.
     let mut watch: Option<(Vec<String>, Watch)> = None;
+    let mut acked = false;
     loop {
         let upto = Since::from(app.notifier.marks());
         // Identical concurrent requests (a client retrying after a disconnect, two tabs of
@@ -180,6 +207,15 @@ pub async fn sync(mut req: Req) -> Result<Response> {
                 compute(&a, &w, since, upto, &f, full_state).await
             })
             .await?;
+        if let (Some(td), false) = (out.to_device_acked, acked) {
+            // The client has the messages up to `td`: delete them (once per request). Lost
+            // if this request is dropped first, which only delays the deletion.
+            acked = true;
+            let (u, d) = (who.user_id.to_string(), who.device_id.to_string());
+            app.store
+                .write(move |tx| crate::store::e2ee::delete_to_device_upto(tx, &u, &d, td))
+                .await?;
+        }
         let now = std::time::Instant::now();
         if out.has_data || since.is_none() || now >= deadline || app.shutdown.is_set() {
             return json(&out.body);
@@ -261,6 +297,8 @@ pub struct SyncOutput {
     pub has_data: bool,
     /// The rooms the user is joined to (what a long-poll watches besides the user).
     pub joined: Vec<String>,
+    /// The `since` token acknowledged to-device messages up to here that are still stored.
+    pub to_device_acked: Option<i64>,
 }
 
 /// Per device: which member events were sent for lazy loading, and in the response up to
@@ -412,6 +450,7 @@ fn build(
                 upto: Since {
                     pos,
                     eph: ctx.upto.eph,
+                    td: pos,
                 },
                 ..ctx.clone()
             };
@@ -427,6 +466,7 @@ fn build(
     }
     let account_data = q::list_account_data_between(c, user, since_pos, upto.pos)?;
     let forgotten: HashSet<String> = q::list_forgotten_rooms(c, user)?.into_iter().collect();
+    let e2ee = e2ee_sections(c, ctx, &rooms)?;
 
     let (mut join, mut invite, mut leave) = (Map::new(), Map::new(), Map::new());
     for (room, membership, mpos) in rooms {
@@ -542,17 +582,66 @@ fn build(
         || !invite.is_empty()
         || !leave.is_empty()
         || !global_ad.is_empty()
-        || held_back;
-    let body = json!({
-        "next_batch": format!("s{}_{}", upto.pos, upto.eph),
+        || held_back
+        || e2ee.has_data;
+    let mut body = json!({
+        "next_batch": format_token(upto, e2ee.td),
         "rooms": { "join": join, "invite": invite, "leave": leave, "knock": {} },
         "account_data": { "events": global_ad },
         "presence": { "events": [] },
     });
+    if let Some(o) = body.as_object_mut() {
+        o.extend(e2ee.sections);
+    }
     Ok(SyncOutput {
         body,
         has_data,
         joined,
+        to_device_acked: e2ee.acked,
+    })
+}
+
+/// The end-to-end encryption parts of a response.
+struct E2eeSync {
+    /// `to_device`, `device_lists`, `device_one_time_keys_count`,
+    /// `device_unused_fallback_key_types`.
+    sections: Map<String, Value>,
+    has_data: bool,
+    /// The to-device mark of the next token.
+    td: i64,
+    acked: Option<i64>,
+}
+
+/// To-device messages after the token's to-device mark, device-list changes (incremental
+/// syncs only: an initial sync makes the client query every user anyway), and the device's
+/// key counts.
+fn e2ee_sections(c: &Connection, ctx: &Ctx, rooms: &[(String, String, i64)]) -> Result<E2eeSync> {
+    let (user, device) = (ctx.who.user_id.as_str(), ctx.who.device_id.as_str());
+    let after = ctx.since.map(|s| s.td).unwrap_or(0);
+    let (events, td) = to_device::for_sync(c, user, device, after, ctx.upto.pos)?;
+    let acked = match ctx.since {
+        Some(s) if crate::store::e2ee::has_to_device_upto(c, user, device, s.td)? => Some(s.td),
+        _ => None,
+    };
+    let (changed, left) = match ctx.since {
+        Some(s) => keys::device_lists(c, user, rooms, s.pos, ctx.upto.pos)?,
+        None => Default::default(),
+    };
+    let (counts, fallback) = keys::key_counts(c, user, device)?;
+    let has_data = !events.is_empty() || !changed.is_empty() || !left.is_empty();
+    let mut sections = Map::new();
+    sections.insert("to_device".into(), json!({ "events": events }));
+    sections.insert(
+        "device_lists".into(),
+        json!({ "changed": changed, "left": left }),
+    );
+    sections.insert("device_one_time_keys_count".into(), Value::Object(counts));
+    sections.insert("device_unused_fallback_key_types".into(), json!(fallback));
+    Ok(E2eeSync {
+        sections,
+        has_data,
+        td,
+        acked,
     })
 }
 

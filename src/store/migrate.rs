@@ -1,6 +1,7 @@
 //! The migration runner. A fresh database gets `schema.sql` whole and is stamped with
-//! `SCHEMA_VERSION`; an older one runs the numbered `STEPS` after its recorded version, each
-//! step and its stamp in one transaction.
+//! `SCHEMA_VERSION`; an older one runs the numbered steps after its recorded version (the
+//! upgrade from `n` to `n + 1` is the `n`-th, listed in [`migrate`]), each step and its stamp
+//! in one transaction.
 
 use rusqlite::{Connection, OptionalExtension};
 
@@ -11,9 +12,6 @@ pub const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// The version `SCHEMA` describes.
 pub const SCHEMA_VERSION: i64 = 3;
-
-/// Upgrades from version `n` to `n + 1` are `STEPS[n - 1]`.
-const STEPS: &[&str] = &[V1_TO_V2, V2_TO_V3];
 
 /// Version 2: federation (`server_keys`, `outbox`, `destinations`, `received_txns`,
 /// `invite_state`); events that are not simply appended (outliers with no state group, rejected
@@ -116,20 +114,40 @@ CREATE TABLE invite_state (
 ) STRICT;
 ";
 
-/// Version 3: sticky events (`sticky_events`, the live index of MSC4354 sticky events).
-const V2_TO_V3: &str = "
-CREATE TABLE sticky_events (
-    event_id   TEXT PRIMARY KEY,
-    room_id    TEXT NOT NULL,
-    pos        INTEGER NOT NULL,
-    expires_ts INTEGER NOT NULL
-) STRICT;
-CREATE INDEX sticky_events_room ON sticky_events(room_id, pos);
-CREATE INDEX sticky_events_expiry ON sticky_events(expires_ts);
-";
+/// Version 3, new tables only, so the step is these blocks of `schema.sql` itself (see
+/// [`schema_block`]): end-to-end encryption (device and one-time keys, cross-signing keys and
+/// signatures, the device-list stream, to-device messages, key backup) and sticky events (the
+/// live index of MSC4354 sticky events).
+const V2_TO_V3_BLOCKS: &[&str] = &["-- e2ee (schema v3)", "-- sticky (schema v3)"];
+
+/// The block of `SCHEMA` that starts with the comment line `marker` and runs to the next
+/// block marked `(schema v…)` or the end: a step that only adds tables is written once.
+fn schema_block(marker: &str) -> Result<&'static str> {
+    let start = SCHEMA
+        .find(marker)
+        .ok_or_else(|| Error::internal(format_args!("schema.sql lacks {marker:?}")))?;
+    let rest = &SCHEMA[start..];
+    let end = rest[marker.len()..]
+        .match_indices("\n-- ")
+        .map(|(i, _)| i + marker.len() + 1)
+        .find(|&i| {
+            rest[i..]
+                .lines()
+                .next()
+                .is_some_and(|l| l.contains("(schema v"))
+        })
+        .unwrap_or(rest.len());
+    Ok(&rest[..end])
+}
 
 pub fn migrate(conn: &mut Connection) -> Result<()> {
-    migrate_with(conn, SCHEMA, SCHEMA_VERSION, STEPS)
+    let v3 = V2_TO_V3_BLOCKS
+        .iter()
+        .map(|b| schema_block(b))
+        .collect::<Result<Vec<_>>>()?
+        .concat();
+    let steps = [V1_TO_V2, v3.as_str()];
+    migrate_with(conn, SCHEMA, SCHEMA_VERSION, &steps)
 }
 
 /// The runner, with the schema and steps as parameters so tests can exercise an upgrade.

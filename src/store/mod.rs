@@ -13,6 +13,7 @@
 //! handed over, nothing happened.
 
 pub mod acl;
+pub mod e2ee;
 pub mod history;
 pub mod migrate;
 pub mod outbox;

@@ -10,13 +10,14 @@ use crate::error::Result;
 
 /// The largest stream position any table holds (the writer resumes after it).
 pub fn max_stream_pos(conn: &Connection) -> Result<i64> {
-    Ok(conn.query_row(
+    let pos: i64 = conn.query_row(
         "SELECT max(coalesce((SELECT max(pos) FROM events), 0),
                     coalesce((SELECT max(pos) FROM account_data), 0),
                     coalesce((SELECT max(pos) FROM receipts), 0))",
         [],
         |r| r.get(0),
-    )?)
+    )?;
+    Ok(pos.max(super::e2ee::max_stream_pos(conn)?))
 }
 
 // ---------------------------------------------------------------- meta

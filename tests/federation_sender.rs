@@ -22,6 +22,8 @@ enum Mode {
     Fail,
     /// Read the request, never answer (until the test ends).
     Hang,
+    /// Answer 400 `M_BAD_JSON`: a refusal that a retry would get again.
+    Refuse,
 }
 
 /// One request the destination saw: the transaction ID, the status it answered (0: none) and
@@ -173,6 +175,7 @@ async fn serve(
         Mode::Ok => (200, b"{\"pdus\":{}}"),
         Mode::Fail => (500, b"{\"errcode\":\"M_UNKNOWN\",\"error\":\"down\"}"),
         Mode::Hang => (0, b""),
+        Mode::Refuse => (400, b"{\"errcode\":\"M_BAD_JSON\",\"error\":\"no\"}"),
     };
     seen.lock().unwrap().push(Seen {
         txn: txn.to_owned(),
@@ -188,10 +191,10 @@ async fn serve(
         }
         return;
     }
-    let reason = if status == 200 {
-        "OK"
-    } else {
-        "Internal Server Error"
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        _ => "Internal Server Error",
     };
     let head = format!(
         "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -542,4 +545,27 @@ fn shutdown_during_a_send_that_never_answers_leaves_the_rows_in_place() {
         outbox_len(&s) == 0
     });
     assert_eq!(fake.delivered(), vec!["m0".to_owned()]);
+}
+
+/// A transaction the destination refuses for good (a 400: a retry gets the same answer) is
+/// dropped, as Synapse drops it, instead of blocking every later event to that destination
+/// behind it; a 500 keeps the rows and backs off (the test above).
+#[test]
+fn a_transaction_refused_with_a_400_is_dropped_and_the_queue_goes_on() {
+    let fake = FakeDest::start(Mode::Refuse);
+    let s = start();
+    let (_, alice) = s.register("alice");
+    let room = room_with(&s, &alice, &fake.name);
+    s.send(&alice, &room, "t0", "refused");
+    wait_for("the refusal", Duration::from_secs(20), || {
+        fake.seen().iter().any(|t| t.status == 400) && outbox_len(&s) == 0
+    });
+    assert_eq!(dest_state(&s, &fake.name).map_or(0, |d| d.1), 0, "no backoff");
+    *fake.mode.lock().unwrap() = Mode::Ok;
+    s.send(&alice, &room, "t1", "after");
+    wait_for("the next event", Duration::from_secs(20), || {
+        fake.delivered().contains(&"after".to_owned())
+    });
+    let m = metrics(&s);
+    assert!(metric(&m, "hearth_federation_dropped_total").unwrap() >= 1);
 }

@@ -184,6 +184,40 @@ impl Client {
     where
         R: OutgoingRequest<Authentication = ServerSignatures, PathBuilder = SinglePath>,
     {
+        let (dest, res) = self.send_http(dest, req).await?;
+        parse::<R>(dest, res)
+    }
+
+    /// [`send`](Self::send), telling a final refusal apart: `Ok(Err(e))` when the server
+    /// answered with a status a retry would get again (400, 403, 413, 414, 422: the request
+    /// itself is refused), `Err` for everything worth retrying (unreachable, a timeout, 401
+    /// before it has our key, 404, 429, 5xx). The sender drops a refused transaction instead
+    /// of blocking the destination's queue behind it, as Synapse does.
+    pub async fn send_or_refused<R>(
+        &self,
+        dest: &ServerName,
+        req: R,
+    ) -> Result<std::result::Result<R::IncomingResponse, Error>>
+    where
+        R: OutgoingRequest<Authentication = ServerSignatures, PathBuilder = SinglePath>,
+    {
+        let (dest, res) = self.send_http(dest, req).await?;
+        let refused = matches!(res.status().as_u16(), 400 | 403 | 413 | 414 | 422);
+        match parse::<R>(dest, res) {
+            Ok(r) => Ok(Ok(r)),
+            Err(e) if refused => Ok(Err(e)),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn send_http<'d, R>(
+        &self,
+        dest: &'d ServerName,
+        req: R,
+    ) -> Result<(&'d ServerName, http::Response<Vec<u8>>)>
+    where
+        R: OutgoingRequest<Authentication = ServerSignatures, PathBuilder = SinglePath>,
+    {
         let ep = self.resolve(dest).await?;
         let input = XMatrixSigningInput::new(
             self.local.server_name.clone(),
@@ -194,7 +228,7 @@ impl Client {
             .try_into_http_request::<Vec<u8>>(&ep.base_url(), input, ())
             .map_err(|e| Error::internal(format_args!("building a federation request: {e}")))?;
         let res = self.execute(&ep, http_req).await?;
-        parse::<R>(dest, res)
+        Ok((dest, res))
     }
 
     /// Sends a request without authentication (key queries, `/version`).

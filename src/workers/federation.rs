@@ -58,6 +58,8 @@ pub struct SenderState {
     txn_counter: AtomicU64,
     pub transactions_total: AtomicU64,
     pub failures_total: AtomicU64,
+    /// Transactions a destination refused for good (dropped, not retried).
+    pub dropped_total: AtomicU64,
 }
 
 impl Default for SenderState {
@@ -69,6 +71,7 @@ impl Default for SenderState {
             txn_counter: AtomicU64::new(0),
             transactions_total: AtomicU64::new(0),
             failures_total: AtomicU64::new(0),
+            dropped_total: AtomicU64::new(0),
         }
     }
 }
@@ -259,8 +262,8 @@ async fn deliver_queue(app: &App, dest: &str) {
             req.edus = batch.edus.into_iter().map(Raw::from_json).collect();
             let (n_pdus, n_edus) = (req.pdus.len(), req.edus.len());
             let txn = req.transaction_id.clone();
-            match app.fed.client.send(&server, req).await {
-                Ok(res) => {
+            match app.fed.client.send_or_refused(&server, req).await {
+                Ok(Ok(res)) => {
                     for (id, r) in &res.pdus {
                         if let Err(e) = r {
                             log::info!("federation: {dest} rejected {id}: {e}");
@@ -270,6 +273,13 @@ async fn deliver_queue(app: &App, dest: &str) {
                     app.sender
                         .transactions_total
                         .fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(Err(e)) => {
+                    // Refused for good: sending it again would block every later event.
+                    log::warn!(
+                        "federation: {dest} refused txn {txn} ({n_pdus} PDUs, {n_edus} EDUs); dropped: {e}"
+                    );
+                    app.sender.dropped_total.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => {
                     log::info!("federation: txn {txn} to {dest} failed: {e}");
@@ -324,9 +334,11 @@ pub fn render_metrics(app: &App, depths: &[(String, u64)]) -> String {
     }
     out.push_str(&format!(
         "# HELP hearth_federation_transactions_total Transactions a destination answered with 200.\n# TYPE hearth_federation_transactions_total counter\nhearth_federation_transactions_total {}\n\
-         # HELP hearth_federation_failures_total Transactions that failed (the destination backs off).\n# TYPE hearth_federation_failures_total counter\nhearth_federation_failures_total {}\n",
+         # HELP hearth_federation_failures_total Transactions that failed (the destination backs off).\n# TYPE hearth_federation_failures_total counter\nhearth_federation_failures_total {}\n\
+         # HELP hearth_federation_dropped_total Transactions a destination refused for good (4xx), dropped.\n# TYPE hearth_federation_dropped_total counter\nhearth_federation_dropped_total {}\n",
         app.sender.transactions_total.load(Ordering::Relaxed),
         app.sender.failures_total.load(Ordering::Relaxed),
+        app.sender.dropped_total.load(Ordering::Relaxed),
     ));
     out
 }

@@ -602,12 +602,17 @@ def parse_args(argv=None):
     return args
 
 
-if __name__ == "__main__":
-    args = parse_args()
+def run_cli(main_fn, args, prog):
+    """Run a benchmark's async main and print its result as JSON on stdout; a homeserver
+    error ends the process with a one-line message instead of a traceback."""
     try:
-        result = asyncio.run(main(args))
+        result = asyncio.run(main_fn(args))
     except HSError as e:
-        sys.exit(f"wakeups.py: homeserver error: {e}")
+        sys.exit(f"{prog}: homeserver error: {e}")
     json.dump(result, sys.stdout, indent=2)
     print()
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args(), "wakeups.py")
     print(summary(result), file=sys.stderr)

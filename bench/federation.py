@@ -18,7 +18,8 @@ queue per destination), so the difference between them is the receiving
 server's path: /send, the checks on receipt, persisting, waking /sync.
 
 Part 2, inbound /send throughput. For each (origin, receiver) pair, in order
-O->H, O->S2, S1->H, S1->S2 (REPEATS times), on a fresh room of the origin:
+O->H, O->S2 with N messages, the same with SMALL_N, then S1->H, S1->S2 with S1_N
+(REPEATS times), on a fresh room of the origin:
   1. the receiver's user joins the room over federation; one warm-up message
      is sent and seen (keys fetched, connections open);
   2. the receiver's user parks a /sync long-poll (it re-parks whenever it
@@ -36,6 +37,9 @@ O->H, O->S2, S1->H, S1->S2 (REPEATS times), on a fresh room of the origin:
   /proc/PID/stat) over the same window / (N + 1) = CPU per PDU. Afterwards
   (untimed) the receiver's /messages is paged back to check that all N + 1
   messages are there.
+  Synapse drops a room's staged inbound PDUs once 100 or more wait
+  (prune_staged_events_in_room), so only drains of fewer than ~99 PDUs make it
+  process every PDU: SMALL_N and S1_N default to 90; N (1000) shows the pruning.
   Freezing the receiver takes the origin's own send rate out of the
   measurement (Synapse as an origin accepts only ~70 client sends/s, far
   below what a receiver can take), so both origins can be used. The freeze
@@ -269,9 +273,9 @@ async def drain(args, http, origin_u, rcv, n, tag):
         out["origin_failures"] = o_m2["hearth_federation_failures_total"] - o_m0["hearth_federation_failures_total"]
     log(f"drain {tag}: {pdus} PDUs {origin.label} -> {receiver.label} in {wall:.2f} s = "
         f"{out['pdus_per_s']} PDUs/s, receiver CPU {out['receiver_cpu_ms_per_pdu']} ms/PDU, "
-        f"frozen {out['frozen_s']} s, all there: {got}/{pdus}")
-    if got != pdus:
-        raise HSError(f"{tag}: the receiver has {got} of the {pdus} messages")
+        f"frozen {out['frozen_s']} s, in /messages afterwards: {got}/{pdus}")
+    # Not fatal: a receiver that ends up with holes (Synapse from Synapse does, see
+    # BENCHMARKS.md) is a finding to report, and its PDUs/s is then an overstatement.
     return out
 
 
@@ -293,11 +297,11 @@ async def main(args):
 
         runs = []
         for rep in range(args.repeats):
-            for origin_u, n in ((ou, args.pdus), (s1u, args.s1_pdus)):
+            for origin_u, n in ((ou, args.pdus), (ou, args.small_pdus), (s1u, args.s1_pdus)):
                 if n <= 0:
                     continue
                 for rcv in (hu, s2u):
-                    tag = f"{origin_u.srv.label}{rcv.srv.label}{rep}"
+                    tag = f"{origin_u.srv.label}{rcv.srv.label}{n}r{rep}"
                     runs.append(await drain(args, http, origin_u, rcv, n, tag))
         out["throughput"] = runs
         out["ratelimited_429s"] = sum(u.ratelimited for u in users)
@@ -318,7 +322,10 @@ def parse_args(argv=None):
     p.add_argument("--park-ms", type=int, default=int(e("FED_PARK_MS", 100)))
     p.add_argument("--pdus", "-n", type=int, default=int(e("FED_N", 1000)),
                    help="messages per drain with the Hearth origin O (0: skip)")
-    p.add_argument("--s1-pdus", type=int, default=int(e("FED_S1_N", 300)),
+    p.add_argument("--small-pdus", type=int, default=int(e("FED_SMALL_N", 90)),
+                   help="messages per second drain with O, below Synapse's staging prune "
+                        "threshold of 100 (0: skip)")
+    p.add_argument("--s1-pdus", type=int, default=int(e("FED_S1_N", 90)),
                    help="messages per drain with the Synapse origin S1 (0: skip)")
     p.add_argument("--senders", type=int, default=int(e("FED_SENDERS", 8)))
     p.add_argument("--repeats", type=int, default=int(e("FED_REPEATS", 1)))

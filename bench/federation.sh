@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/federation.sh — issue 9: federation, Hearth vs Synapse side by side in one run.
 #
-#   bench/federation.sh                  ~3-4 min on 2 cores with the defaults
+#   bench/federation.sh                  ~3 min on 2 cores with the defaults (busy machine)
 #   FED_REPEATS=2 bench/federation.sh    every throughput pair twice
 #
 # Starts four servers on loopback TLS, IP-literal server names (127.0.0.1:PORT), fresh data:
@@ -12,16 +12,17 @@
 # and runs bench/federation.py against them:
 #   1. send -> remote /sync latency: an S1 user sends into a room joined by an H user and an
 #      S2 user, each with a parked /sync; FED_W rounds; p50/p90 per receiver.
-#   2. inbound /send throughput: per pair O->H, O->S2, S1->H, S1->S2 (fresh room each), the
-#      receiver is frozen (SIGSTOP) while the origin's user sends FED_N (S1: FED_S1_N)
-#      messages + a marker, then resumed; PDUs/s and receiver CPU per PDU until the
-#      receiver's user's /sync returns the marker.
+#   2. inbound /send throughput: per pair O->H, O->S2 (FED_N, then FED_SMALL_N messages),
+#      S1->H, S1->S2 (FED_S1_N), a fresh room each, the receiver is frozen (SIGSTOP) while the
+#      origin's user sends the messages + a marker, then resumed; PDUs/s and receiver CPU per
+#      PDU until the receiver's user's /sync returns the marker. Synapse prunes its staging
+#      queue at 100 waiting PDUs: only the 90-PDU drains make it process every PDU.
 # Results: $FED_OUT/federation.json, summary.txt (printed at the end), env.txt, logs/.
 #
 # Every server started here is stopped here (resumed first if frozen), also on error or
 # Ctrl-C. Every step runs under `timeout`.
 #
-# Knobs (environment): FED_W (30), FED_N (1000), FED_S1_N (300), FED_SENDERS (8),
+# Knobs (environment): FED_W (30), FED_N (1000), FED_SMALL_N (90), FED_S1_N (90), FED_SENDERS (8),
 #   FED_REPEATS (1), FED_PARK_MS (100), FED_SETTLE_S (1.0) -> bench/federation.py;
 #   FED_TIMEOUT (600) seconds allowed for federation.py;
 #   HEARTH_BIN (target/release/hearth; copied into $FED_OUT first), FED_OUT (/tmp/hearth-fed),
@@ -129,7 +130,7 @@ syn_pid() { cat "$SYNPEER_HOME/$1/synapse.pid"; }
     echo "hearth: $("$BIN" --version) sha256 $(sha256sum "$BIN" | cut -c1-16) (binary built $(date -u -r "$SRC_BIN" '+%Y-%m-%d %H:%M UTC'); repo HEAD now $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?'))"
     echo "synapse: $("$SYNPEER_HOME/venv/bin/python" -c 'import synapse; print(synapse.__version__)' 2>/dev/null || echo '? (venv created on first start)')"
     echo "load generator: $("$PY" --version), aiohttp $("$PY" -c 'import aiohttp; print(aiohttp.__version__)')"
-    echo "knobs: FED_W=${FED_W:-30} FED_N=${FED_N:-1000} FED_S1_N=${FED_S1_N:-300} FED_SENDERS=${FED_SENDERS:-8} FED_REPEATS=${FED_REPEATS:-1}"
+    echo "knobs: FED_W=${FED_W:-30} FED_N=${FED_N:-1000} FED_SMALL_N=${FED_SMALL_N:-90} FED_S1_N=${FED_S1_N:-90} FED_SENDERS=${FED_SENDERS:-8} FED_REPEATS=${FED_REPEATS:-1}"
     echo "loadavg at start: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "busiest other processes at start:"
     ps -eo pid,pcpu,etimes,comm --sort=-pcpu | head -8 | sed 's/^/  /'
@@ -160,10 +161,17 @@ echo "loadavg at end: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/env.txt"
 sleep 0.2   # let the tee'd stderr drain
 
 # ------------------------------------------------------------------- summary ----
-timeout 60 "$PY" - "$OUT/federation.json" <<'EOF' | tee "$OUT/summary.txt"
-import json, sys
+timeout 60 "$PY" - "$OUT/federation.json" "$OUT/logs/$S2NAME.homeserver.log" <<'EOF' | tee "$OUT/summary.txt"
+import json, os, re, sys
 
 r = json.load(open(sys.argv[1]))
+# Synapse drops a room's staged inbound PDUs when 100 or more wait (prune_staged_events_in_room,
+# keeping only the forward extremities; the rest come back by backfill when someone paginates):
+# count them per room from S2's log, since they are PDUs S2 did not process in the drain.
+pruned = {}
+if os.path.exists(sys.argv[2]):
+    for m in re.finditer(r"Pruning (\d+) events in room (\S+) from federation queue", open(sys.argv[2]).read()):
+        pruned[m.group(2)] = pruned.get(m.group(2), 0) + int(m.group(1))
 L = r["latency"]
 def ratio(h, s):
     return "-" if not h or not s else (f"{s / h:.2f}x faster" if s >= h else f"{h / s:.2f}x slower")
@@ -177,12 +185,18 @@ for k in ("p50_ms", "p90_ms", "min_ms", "max_ms", "mean_ms"):
 print("\n2. inbound /send: receiver frozen while the origin sends, then resumed; time until the "
       "receiver's user sees the last PDU")
 print(f"{'origin->receiver':<18} {'PDUs':>5} {'drain s':>8} {'PDUs/s':>8} {'CPU ms/PDU':>11} "
-      f"{'frozen s':>9} {'origin CPU s':>12} {'other CPU s':>11} {'sync returns':>12} {'RSS MiB':>8}")
+      f"{'frozen s':>9} {'origin CPU s':>12} {'other CPU s':>11} {'sync returns':>12} {'RSS MiB':>8} {'complete':>9} {'pruned':>7}")
 for t in r["throughput"]:
     print(f"{t['origin'] + '->' + t['receiver']:<18} {t['pdus']:>5} {t['drain_s']:>8} {t['pdus_per_s']:>8} "
           f"{t['receiver_cpu_ms_per_pdu']:>11} {t['frozen_s']:>9} {t['origin_cpu_s']:>12} "
-          f"{t['other_cpu_s']:>11} {t['receiver_sync_returns']:>12} {t['receiver_after']['VmRSS']:>8}")
+          f"{t['other_cpu_s']:>11} {t['receiver_sync_returns']:>12} {t['receiver_after']['VmRSS']:>8} {str(t['receiver_found']) + '/' + str(t['pdus']):>9} {pruned.get(t['room_id'], 0) if t['receiver'] == 'S2' else '-':>7}")
 for t in r["throughput"]:
+    if not t["receiver_has_all"]:
+        print(f"WARNING: {t['origin']}->{t['receiver']}: after the marker, the receiver's /messages has only "
+              f"{t['receiver_found']} of the {t['pdus']} messages (holes): its PDUs/s overstates it")
+    if pruned.get(t["room_id"]) and t["receiver"] == "S2":
+        print(f"NOTE: {t['origin']}->S2: Synapse pruned {pruned[t['room_id']]} of the {t['pdus']} PDUs from its "
+              "staging queue (>= 100 waiting) instead of processing them; they are fetched back by backfill")
     if t["frozen_s"] > 25:
         print(f"WARNING: {t['origin']}->{t['receiver']} was frozen {t['frozen_s']} s, near the origin's "
               "federation request timeout (Hearth 30 s): a retry may be in the figure; lower FED_N/FED_S1_N")
@@ -192,7 +206,7 @@ for t in r["throughput"]:
 for o, d in by.items():
     if "H" in d and "S2" in d:
         for i, (h, s) in enumerate(zip(d["H"], d["S2"])):
-            print(f"origin {o} (#{i + 1}): PDUs/s H/S2 = {h['pdus_per_s'] / s['pdus_per_s']:.1f}x; "
+            print(f"origin {o}, {h['pdus']} PDUs (#{i + 1}): PDUs/s H/S2 = {h['pdus_per_s'] / s['pdus_per_s']:.1f}x; "
                   f"CPU per PDU S2/H = {s['receiver_cpu_ms_per_pdu'] / h['receiver_cpu_ms_per_pdu']:.1f}x")
 print("\nVmRSS / VmHWM at the end (MiB): " + ", ".join(
     f"{k} {v['VmRSS']}/{v['VmHWM']}" for k, v in r["end"].items()))

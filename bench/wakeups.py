@@ -603,16 +603,16 @@ def parse_args(argv=None):
 
 
 def run_cli(main_fn, args, prog):
-    """Run a benchmark's async main and print its result as JSON on stdout; a homeserver
-    error ends the process with a one-line message instead of a traceback."""
+    """Run a benchmark's async main, print its result as JSON on stdout and return it; a
+    homeserver error ends the process with a one-line message instead of a traceback."""
     try:
         result = asyncio.run(main_fn(args))
     except HSError as e:
         sys.exit(f"{prog}: homeserver error: {e}")
     json.dump(result, sys.stdout, indent=2)
     print()
+    return result
 
 
 if __name__ == "__main__":
-    run_cli(main, parse_args(), "wakeups.py")
-    print(summary(result), file=sys.stderr)
+    print(summary(run_cli(main, parse_args(), "wakeups.py")), file=sys.stderr)

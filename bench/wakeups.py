@@ -602,12 +602,17 @@ def parse_args(argv=None):
     return args
 
 
-if __name__ == "__main__":
-    args = parse_args()
+def run_cli(main_fn, args, prog):
+    """Run a benchmark's async main, print its result as JSON on stdout and return it; a
+    homeserver error ends the process with a one-line message instead of a traceback."""
     try:
-        result = asyncio.run(main(args))
+        result = asyncio.run(main_fn(args))
     except HSError as e:
-        sys.exit(f"wakeups.py: homeserver error: {e}")
+        sys.exit(f"{prog}: homeserver error: {e}")
     json.dump(result, sys.stdout, indent=2)
     print()
-    print(summary(result), file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    print(summary(run_cli(main, parse_args(), "wakeups.py")), file=sys.stderr)

@@ -553,22 +553,24 @@ async fn invite_shows_inviter_then_chat_through_the_timeline(url: String) -> Res
     let a_timeline = a_room.timeline().await.context("alice's timeline")?;
     let b_timeline = b_room.timeline().await.context("bob's timeline")?;
 
-    a_timeline
-        .send(RoomMessageEventContent::text_plain("hello bob").into())
+    // Each sends through their Timeline and sees the other's message arrive in theirs.
+    let exchange = [
+        (&a_timeline, &b_timeline, &alice.id, "hello bob"),
+        (&b_timeline, &a_timeline, &bob.id, "hi alice"),
+    ];
+    for (from, to, sender, body) in exchange {
+        from.send(RoomMessageEventContent::text_plain(body).into())
+            .await?;
+        timeline_until(
+            to,
+            &format!("{sender}'s {body:?} in the other timeline"),
+            |evs| {
+                evs.iter()
+                    .any(|e| e["sender"] == sender.as_str() && e["content"]["body"] == body)
+            },
+        )
         .await?;
-    timeline_until(&b_timeline, "alice's message in bob's timeline", |evs| {
-        evs.iter()
-            .any(|e| e["sender"] == alice.id.as_str() && e["content"]["body"] == "hello bob")
-    })
-    .await?;
-    b_timeline
-        .send(RoomMessageEventContent::text_plain("hi alice").into())
-        .await?;
-    timeline_until(&a_timeline, "bob's message in alice's timeline", |evs| {
-        evs.iter()
-            .any(|e| e["sender"] == bob.id.as_str() && e["content"]["body"] == "hi alice")
-    })
-    .await?;
+    }
     // Both see both, in the same order, once each (alice's own one too, once its remote echo
     // replaced the local echo).
     for (who, tl) in [("alice", &a_timeline), ("bob", &b_timeline)] {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: the Rust unit and integration tests, then the client-library interop test
 # (matrix-nio from PyPI, installed into a venv by tests/py/setup.sh; matrix-js-sdk from npm,
-# installed by tests/js/setup.sh) against a freshly built
+# installed by tests/js/setup.sh; the matrix-rust-sdk from crates.io, tests/sdk, which also runs
+# each scenario against a Synapse from ../shared/synapse-peer) against a freshly built
 # server on a free loopback port.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +28,17 @@ PYTHONDONTWRITEBYTECODE=1 HEARTH_URL="http://127.0.0.1:$port" "$VENV/bin/pytest"
 echo "== client library interop (matrix-js-sdk, Element's SDK) =="
 tests/js/setup.sh
 HEARTH_URL="http://127.0.0.1:$port" node --test tests/js/ || {
+    echo "--- server log ---"; tail -n 50 "$work/server.log"; exit 1;
+}
+
+echo "== matrix-rust-sdk (Element X's SDK), against this Hearth and a Synapse it starts =="
+# A separate package (tests/sdk, its own Cargo.lock) so the server's build stays fast; built
+# here from scratch on a clean clone, which takes minutes (timed below).
+sdk_start=$SECONDS
+CARGO_TARGET_DIR=tests/sdk/target cargo test --locked --manifest-path tests/sdk/Cargo.toml --no-run
+echo "matrix-rust-sdk test crate built in $((SECONDS - sdk_start)) s"
+HEARTH_URL="http://127.0.0.1:$port" CARGO_TARGET_DIR=tests/sdk/target \
+    cargo test --locked --manifest-path tests/sdk/Cargo.toml || {
     echo "--- server log ---"; tail -n 50 "$work/server.log"; exit 1;
 }
 # The server must stop cleanly on SIGTERM (exit 0 after checkpointing the WAL).

@@ -323,3 +323,34 @@ fn long_poll_returns_the_leave_at_once() {
     assert!(took < Duration::from_secs(10), "took {took:?}");
     assert!(v["rooms"]["leave"].get(&invited).is_some(), "{v}");
 }
+
+/// The matrix-rust-sdk declines an invite by leaving and at once forgetting the room, then
+/// waits for the leave on its long-poll. Synapse sends a leave that is new since the token
+/// even when the room is forgotten (forgotten rooms are left out of initial syncs only); so
+/// must Hearth, or the poll waits its full timeout and the app shows the invite still there.
+#[test]
+fn a_declined_and_forgotten_invite_still_comes_down_the_long_poll() {
+    let s = TestServer::start();
+    let (_alice, a) = s.register("alice");
+    let (bob, b) = s.register("bob");
+    let room = s.create_room(&a, json!({ "preset": "private_chat" }));
+    invite(&s, &a, &room, &bob);
+    let first = s.sync(&b, "timeout=0");
+    assert!(first["rooms"]["invite"].get(&room).is_some());
+    let since = first["next_batch"].as_str().unwrap().to_owned();
+    let forget = format!("/_matrix/client/v3/rooms/{}/forget", enc(&room));
+    let (v, took) = poll_around(&s, &b, &since, || {
+        leave(&s, &b, &room);
+        s.ok("POST", &forget, Some(&b), Some(&json!({})));
+    });
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert!(v["rooms"]["leave"].get(&room).is_some(), "{v}");
+    // Once sent, the leave is not sent again, and an initial sync leaves the room out even
+    // when asked for left rooms.
+    let next = v["next_batch"].as_str().unwrap();
+    let again = s.sync(&b, &format!("since={next}&timeout=0"));
+    assert!(again["rooms"]["leave"].get(&room).is_none(), "{again}");
+    let filter = enc(&json!({ "room": { "include_leave": true } }).to_string());
+    let initial = s.sync(&b, &format!("timeout=0&filter={filter}"));
+    assert!(initial["rooms"]["leave"].get(&room).is_none(), "{initial}");
+}

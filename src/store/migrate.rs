@@ -10,10 +10,33 @@ use crate::error::{Error, Result};
 pub const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// The version `SCHEMA` describes.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
-/// Upgrades from version `n` to `n + 1` are `STEPS[n - 1]`.
-const STEPS: &[&str] = &[V1_TO_V2];
+/// Upgrades from version `n` to `n + 1` are `steps()[n - 1]`.
+fn steps() -> Vec<&'static str> {
+    vec![V1_TO_V2, schema_block(MEDIA_V3)]
+}
+
+/// Version 3, media: the block of `schema.sql` that starts at this line (its statements are
+/// all `IF NOT EXISTS`, so the step is the schema's own text, not a copy).
+const MEDIA_V3: &str = "-- media (schema v3)";
+
+/// The part of `SCHEMA` from the line `marker` to the next `-- … (schema vN)` block or the end.
+fn schema_block(marker: &str) -> &'static str {
+    let Some(start) = SCHEMA.find(marker) else {
+        return "";
+    };
+    let rest = &SCHEMA[start + marker.len()..];
+    let end = rest
+        .match_indices("\n-- ")
+        .map(|(i, _)| i)
+        .find(|&i| {
+            let line = rest[i + 1..].lines().next().unwrap_or("");
+            line.contains("(schema v")
+        })
+        .unwrap_or(rest.len());
+    &SCHEMA[start..start + marker.len() + end]
+}
 
 /// Version 2: federation (`server_keys`, `outbox`, `destinations`, `received_txns`,
 /// `invite_state`); events that are not simply appended (outliers with no state group, rejected
@@ -117,7 +140,7 @@ CREATE TABLE invite_state (
 ";
 
 pub fn migrate(conn: &mut Connection) -> Result<()> {
-    migrate_with(conn, SCHEMA, SCHEMA_VERSION, STEPS)
+    migrate_with(conn, SCHEMA, SCHEMA_VERSION, &steps())
 }
 
 /// The runner, with the schema and steps as parameters so tests can exercise an upgrade.
@@ -238,6 +261,26 @@ mod tests {
             )
             .unwrap();
         assert_eq!(v, "3");
+    }
+
+    #[test]
+    fn version_2_database_gets_the_media_tables() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        let media = schema_block(MEDIA_V3);
+        assert!(media.contains("CREATE TABLE IF NOT EXISTS media_thumbnails"));
+        let v2 = SCHEMA.replace(media, "");
+        migrate_with(&mut conn, &v2, 2, &[]).unwrap();
+        let tables = |c: &Connection| -> i64 {
+            c.query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name IN ('media', 'media_thumbnails')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+        assert_eq!(tables(&conn), 0);
+        migrate(&mut conn).unwrap();
+        assert_eq!(tables(&conn), 2);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! writer it runs to its commit even if the caller's future is dropped. Dropped before it is
 //! handed over, nothing happened.
 
+pub mod media;
 pub mod migrate;
 pub mod outbox;
 pub mod queries;

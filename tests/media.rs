@@ -603,3 +603,90 @@ fn legacy_downloads_serve_only_media_uploaded_while_allowed() {
         "not an image"
     );
 }
+
+/// curl (the TLS servers have self-signed certificates): status and body bytes.
+fn curl_bytes(method: &str, url: &str, token: &str, upload: Option<&[u8]>) -> (u16, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("body");
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args([
+        "-sk",
+        "--max-time",
+        "60",
+        "-X",
+        method,
+        "-w",
+        "%{http_code}",
+        "-o",
+    ])
+    .arg(&out)
+    .args(["-H", &format!("Authorization: Bearer {token}")]);
+    if let Some(b) = upload {
+        let file = dir.path().join("upload");
+        std::fs::write(&file, b).unwrap();
+        cmd.args(["-H", "Content-Type: image/png", "--data-binary"])
+            .arg(format!("@{}", file.display()));
+    }
+    let res = cmd.arg(url).output().expect("curl runs");
+    let status = String::from_utf8_lossy(&res.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    (status, std::fs::read(&out).unwrap_or_default())
+}
+
+#[test]
+fn remote_media_is_fetched_over_federation_and_cached() {
+    use common::fed::{register, Hearth};
+    let a = Hearth::start();
+    let b = Hearth::start();
+    let (_, alice) = register(&a.url(), "alice");
+    let (_, bob) = register(&b.url(), "bob");
+    let png = encoded(gradient(400, 300), ImageFormat::Png);
+    let (status, body) = curl_bytes(
+        "POST",
+        &format!("{}/_matrix/media/v3/upload?filename=pic.png", a.url()),
+        &alice,
+        Some(&png),
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    let mxc = v["content_uri"].as_str().unwrap();
+    let id = mxc.rsplit('/').next().unwrap();
+    let remote = format!("{}/_matrix/client/v1/media", b.url());
+    let a_name = a.server_name();
+
+    // Bob's server fetches it from Alice's (federation download, multipart) and serves it.
+    let (status, got) = curl_bytes(
+        "GET",
+        &format!("{remote}/download/{a_name}/{id}"),
+        &bob,
+        None,
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&got));
+    assert_eq!(got, png);
+    let thumb = format!("{remote}/thumbnail/{a_name}/{id}?width=96&height=96&method=crop");
+    let (status, got) = curl_bytes("GET", &thumb, &bob, None);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&got));
+    let img = image::load_from_memory(&got).unwrap();
+    assert_eq!((img.width(), img.height()), (96, 96));
+    // Unknown remote media: the remote 404 passes through.
+    let (status, _) = curl_bytes(
+        "GET",
+        &format!("{remote}/download/{a_name}/NoSuchMedia"),
+        &bob,
+        None,
+    );
+    assert_eq!(status, 404);
+
+    // Cached: served with Alice's server gone.
+    a.hs.stop().unwrap();
+    let (status, got) = curl_bytes(
+        "GET",
+        &format!("{remote}/download/{a_name}/{id}/x.png"),
+        &bob,
+        None,
+    );
+    assert_eq!(status, 200);
+    assert_eq!(got, png);
+}

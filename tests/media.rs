@@ -608,19 +608,8 @@ fn legacy_downloads_serve_only_media_uploaded_while_allowed() {
 fn curl_bytes(method: &str, url: &str, token: &str, upload: Option<&[u8]>) -> (u16, Vec<u8>) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("body");
-    let mut cmd = std::process::Command::new("curl");
-    cmd.args([
-        "-sk",
-        "--max-time",
-        "60",
-        "-X",
-        method,
-        "-w",
-        "%{http_code}",
-        "-o",
-    ])
-    .arg(&out)
-    .args(["-H", &format!("Authorization: Bearer {token}")]);
+    let mut cmd = common::fed::curl_command(method, Some(token));
+    cmd.args(["-w", "%{http_code}", "-o"]).arg(&out);
     if let Some(b) = upload {
         let file = dir.path().join("upload");
         std::fs::write(&file, b).unwrap();

@@ -48,21 +48,20 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// One HTTPS request with curl (self-signed peers): (status, JSON body).
-pub fn curl(method: &str, url: &str, token: Option<&str>, body: Option<&Value>) -> (u16, Value) {
+/// curl for one HTTPS request to a self-signed peer, with the method and token set.
+pub fn curl_command(method: &str, token: Option<&str>) -> Command {
     let mut cmd = Command::new("curl");
-    cmd.args([
-        "-sk",
-        "--max-time",
-        "60",
-        "-X",
-        method,
-        "-w",
-        "\n%{http_code}",
-    ]);
+    cmd.args(["-sk", "--max-time", "60", "-X", method]);
     if let Some(t) = token {
         cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
     }
+    cmd
+}
+
+/// One HTTPS request with curl (self-signed peers): (status, JSON body).
+pub fn curl(method: &str, url: &str, token: Option<&str>, body: Option<&Value>) -> (u16, Value) {
+    let mut cmd = curl_command(method, token);
+    cmd.args(["-w", "\n%{http_code}"]);
     if let Some(b) = body {
         cmd.args([
             "-H",

@@ -604,29 +604,9 @@ fn legacy_downloads_serve_only_media_uploaded_while_allowed() {
     );
 }
 
-/// curl (the TLS servers have self-signed certificates): status and body bytes.
-fn curl_bytes(method: &str, url: &str, token: &str, upload: Option<&[u8]>) -> (u16, Vec<u8>) {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("body");
-    let mut cmd = common::fed::curl_command(method, Some(token));
-    cmd.args(["-w", "%{http_code}", "-o"]).arg(&out);
-    if let Some(b) = upload {
-        let file = dir.path().join("upload");
-        std::fs::write(&file, b).unwrap();
-        cmd.args(["-H", "Content-Type: image/png", "--data-binary"])
-            .arg(format!("@{}", file.display()));
-    }
-    let res = cmd.arg(url).output().expect("curl runs");
-    let status = String::from_utf8_lossy(&res.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0);
-    (status, std::fs::read(&out).unwrap_or_default())
-}
-
 #[test]
 fn remote_media_is_fetched_over_federation_and_cached() {
-    use common::fed::{register, Hearth};
+    use common::fed::{curl_bytes, register, Hearth};
     let a = Hearth::start();
     let b = Hearth::start();
     let (_, alice) = register(&a.url(), "alice");

@@ -79,6 +79,27 @@ pub fn curl(method: &str, url: &str, token: Option<&str>, body: Option<&Value>) 
     )
 }
 
+/// One HTTPS request with curl, body as bytes (media): (status, body). `upload` is sent as
+/// an `image/png` body.
+pub fn curl_bytes(method: &str, url: &str, token: &str, upload: Option<&[u8]>) -> (u16, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("body");
+    let mut cmd = curl_command(method, Some(token));
+    cmd.args(["-w", "%{http_code}", "-o"]).arg(&out);
+    if let Some(b) = upload {
+        let file = dir.path().join("upload");
+        std::fs::write(&file, b).unwrap();
+        cmd.args(["-H", "Content-Type: image/png", "--data-binary"])
+            .arg(format!("@{}", file.display()));
+    }
+    let res = cmd.arg(url).output().expect("curl runs");
+    let status = String::from_utf8_lossy(&res.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    (status, std::fs::read(&out).unwrap_or_default())
+}
+
 pub fn register(base: &str, name: &str) -> (String, String) {
     let (s, v) = curl(
         "POST",

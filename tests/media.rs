@@ -596,6 +596,12 @@ fn legacy_downloads_serve_only_media_uploaded_while_allowed() {
     assert_eq!(got.body, b"public");
     assert_eq!(got.header("X-Content-Type-Options"), Some("nosniff"));
     assert_eq!(legacy(&s, &frozen).status, 404, "still frozen");
+    let path = format!("/_matrix/media/v3/download/hearth.test/{open}/named.txt");
+    let got = call(&s.base, "GET", &path, None, None, None);
+    assert_eq!(
+        (got.status, got.header("Content-Disposition")),
+        (200, Some("inline; filename=named.txt"))
+    );
     let path = format!("/_matrix/media/r0/thumbnail/hearth.test/{open}?width=32&height=32");
     assert_eq!(
         call(&s.base, "GET", &path, None, None, None).status,

@@ -20,8 +20,8 @@ use ruma::{
             },
             media::{
                 create_content, create_content_async, create_mxc_uri,
-                get_content as legacy_content, get_content_thumbnail as legacy_thumbnail,
-                get_media_config as legacy_config,
+                get_content as legacy_content, get_content_as_filename as legacy_named,
+                get_content_thumbnail as legacy_thumbnail, get_media_config as legacy_config,
             },
         },
         federation::authenticated_media::{
@@ -275,6 +275,15 @@ pub async fn legacy_download(req: Req) -> Result<Response> {
     let (row, file) = legacy_get(&app, &r.server_name, &r.media_id, r.timeout_ms).await?;
     let name = row.filename.clone();
     serve(&app, &file, row.content_type.as_deref(), name).await
+}
+
+/// # `GET /_matrix/media/v3/download/{serverName}/{mediaId}/{fileName}` (frozen, see
+/// [`legacy_get`])
+pub async fn legacy_download_named(req: Req) -> Result<Response> {
+    let r: legacy_named::v3::Request = ruma_head(&req, &["server_name", "media_id", "file_name"])?;
+    let app = req.state().clone();
+    let (row, file) = legacy_get(&app, &r.server_name, &r.media_id, r.timeout_ms).await?;
+    serve(&app, &file, row.content_type.as_deref(), Some(r.filename)).await
 }
 
 /// # `GET /_matrix/media/v3/thumbnail/{serverName}/{mediaId}` (frozen, see [`legacy_get`])

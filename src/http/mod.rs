@@ -506,7 +506,7 @@ pub fn routes(app: App) -> tide::Server<App> {
         s.at(&at("/download/:server_name/:media_id"))
             .get(c(media::legacy_download));
         s.at(&at("/download/:server_name/:media_id/:file_name"))
-            .get(c(media::legacy_download));
+            .get(c(media::legacy_download_named));
         s.at(&at("/thumbnail/:server_name/:media_id"))
             .get(c(media::legacy_thumbnail));
     }

@@ -222,8 +222,9 @@ impl Files {
                 size,
             }),
             Err(e) => {
-                // Whichever name it has now, it goes.
-                guard.path = Some(if target.exists() { target } else { tmp });
+                // Whichever name it has now, it goes (a missing one is ignored).
+                guard.path = Some(tmp);
+                drop(Guard { path: Some(target) });
                 Err(io_error("storing", e))
             }
         }

@@ -367,3 +367,39 @@ CREATE TABLE IF NOT EXISTS sticky_events (
 ) STRICT;
 CREATE INDEX IF NOT EXISTS sticky_events_room ON sticky_events(room_id, pos);
 CREATE INDEX IF NOT EXISTS sticky_events_expiry ON sticky_events(expires_ts);
+
+-- media (schema v3)
+-- Uploaded media and cached remote media. A row is written only after its file is durable in
+-- media/ (temp file, fsync, rename, directory fsync), so a row always has its file; a file
+-- with no row (a kill between the rename and the commit) is removed by the start-up sweep.
+-- `file` is the file's name in media/, chosen by the server, never taken from a request.
+-- A row reserved by `POST /_matrix/media/v1/create` has no file until its upload.
+-- `authenticated` = 0 only for uploads made while the legacy unauthenticated download
+-- endpoints were enabled (Synapse's `authenticated` column): only those are served there.
+CREATE TABLE IF NOT EXISTS media (
+    origin        TEXT NOT NULL,
+    media_id      TEXT NOT NULL,
+    file          TEXT UNIQUE,
+    size          INTEGER NOT NULL DEFAULT 0,
+    content_type  TEXT,
+    filename      TEXT,
+    uploader      TEXT,
+    created_ts    INTEGER NOT NULL,
+    expires_ts    INTEGER,
+    authenticated INTEGER NOT NULL DEFAULT 1,
+    PRIMARY KEY (origin, media_id)
+) STRICT;
+CREATE INDEX IF NOT EXISTS media_uploader ON media(uploader) WHERE uploader IS NOT NULL;
+
+-- Thumbnails, generated on first request at one of the standard sizes and kept.
+CREATE TABLE IF NOT EXISTS media_thumbnails (
+    origin       TEXT NOT NULL,
+    media_id     TEXT NOT NULL,
+    width        INTEGER NOT NULL,
+    height       INTEGER NOT NULL,
+    method       TEXT NOT NULL,
+    file         TEXT NOT NULL UNIQUE,
+    size         INTEGER NOT NULL,
+    content_type TEXT NOT NULL,
+    PRIMARY KEY (origin, media_id, width, height, method)
+) STRICT;

@@ -100,6 +100,39 @@ pub struct Config {
     pub trusted_proxies: Vec<crate::proxy::IpNet>,
     /// Federation with other servers (`[federation]` in TOML).
     pub federation: FederationConfig,
+    /// The media repository (`[media]` in TOML).
+    pub media: MediaConfig,
+}
+
+/// Uploads and thumbnails. Files live in a `media/` directory beside the database file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MediaConfig {
+    /// Largest accepted upload, in bytes (Synapse's `max_upload_size`, 50 MiB by default);
+    /// larger gets 413 `M_TOO_LARGE`, while the body is still arriving.
+    pub max_upload_bytes: u64,
+    /// Total bytes of media one local user may have uploaded; an upload past it gets 400
+    /// `M_RESOURCE_LIMIT_EXCEEDED` (as Synapse's `media_upload_limits`). 0 means no quota.
+    pub user_quota_bytes: u64,
+    /// Images with more pixels than this are not decoded for thumbnails (memory on a small
+    /// machine: 32 megapixels is 128 MiB as RGBA).
+    pub max_image_pixels: u64,
+    /// Serve media uploaded from now on at the legacy unauthenticated
+    /// `/_matrix/media/v3/download` and `/thumbnail` too (Synapse's
+    /// `enable_authenticated_media = false`). Off by default, as in Synapse: Matrix 1.11 froze
+    /// those endpoints, and media uploaded while this is off is never served there.
+    pub legacy_unauthenticated_downloads: bool,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        Self {
+            max_upload_bytes: 50 * 1024 * 1024,
+            user_quota_bytes: 1024 * 1024 * 1024,
+            max_image_pixels: 32_000_000,
+            legacy_unauthenticated_downloads: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -163,6 +196,7 @@ impl Default for Config {
             public_baseurl: None,
             trusted_proxies: Vec::new(),
             federation: FederationConfig::default(),
+            media: MediaConfig::default(),
         }
     }
 }
@@ -172,6 +206,14 @@ impl Config {
     pub fn from_toml_file(path: &std::path::Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// The directory media files are kept in: `media/` beside the database file.
+    pub fn media_dir(&self) -> PathBuf {
+        self.database
+            .parent()
+            .map(|p| p.join("media"))
+            .unwrap_or_else(|| PathBuf::from("media"))
     }
 
     /// `public_baseurl` without its trailing `/`, if set.

@@ -17,6 +17,7 @@
 //! - `workers`   Long-running tasks woken by deadlines and data-less wake-ups (typing expiry).
 //! - `ephemeral` In-memory typing state, rate limits, token cache, metrics.
 //! - `proxy`     `trusted_proxies` and `X-Forwarded-For`: the client's address.
+//! - `media`     The media repository: files beside the database, thumbnails, remote media.
 //!
 //! ## Invariants
 //! - **Only `store/` speaks SQL** (`tests/layering.rs` checks it): other modules hold a
@@ -32,6 +33,7 @@ pub mod ephemeral;
 pub mod error;
 pub mod fed;
 pub mod http;
+pub mod media;
 pub mod notify;
 pub mod ops;
 pub mod proxy;
@@ -73,6 +75,8 @@ pub struct AppInner {
     pub local: Arc<room::build::Local>,
     /// Outbound federation client and remote keys.
     pub fed: fed::Federation,
+    /// The media repository (files in `media/` beside the database).
+    pub media: media::Media,
     pub notifier: notify::Notifier,
     pub clock: Arc<dyn Clock>,
     pub typing: ephemeral::Typing,
@@ -119,6 +123,8 @@ impl App {
         )
         .map_err(|e| format!("opening {}: {e}", config.database.display()))?;
         let key = load_or_create_identity(&store, &server_name)?;
+        let media = media::Media::open(&store, config.media_dir(), &spawner)
+            .map_err(|e| format!("media: {e}"))?;
         let limits = ephemeral::RateLimiter::new(config.rate_limits.clone(), clock.clone());
         let local = Arc::new(room::build::Local {
             server_name: server_name.clone(),
@@ -132,6 +138,7 @@ impl App {
         Ok(Self(Arc::new(AppInner {
             fed: fed::Federation::new(local.clone(), &config.federation, &spawner),
             local,
+            media,
             server_name,
             store,
             notifier: notifier.clone(),

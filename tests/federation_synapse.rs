@@ -8,7 +8,7 @@
 mod common;
 
 use common::{
-    fed::{curl, register, Hearth},
+    fed::{curl, curl_bytes, register, Hearth},
     synapse::{eventually, timeline, PerFile, Synapse},
 };
 
@@ -28,7 +28,7 @@ static SYNAPSE: PerFile = PerFile::new(TESTS, || {
 });
 
 /// Tests in this file that take a turn with the Synapse: bump it when adding one.
-const TESTS: usize = 6;
+const TESTS: usize = 7;
 
 #[test]
 fn keys_and_x_matrix_work_both_ways_with_synapse() {
@@ -691,4 +691,91 @@ fn a_hearth_user_pages_back_through_a_synapse_rooms_history() {
         );
     }
     hearth.hs.stop().unwrap();
+}
+
+/// A PNG of `w`x`h`.
+fn png(w: u32, h: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 200]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::ImageRgb8(img)
+        .write_to(&mut out, image::ImageFormat::Png)
+        .unwrap();
+    out.into_inner()
+}
+
+/// Uploads `bytes` at `base`; returns the media ID.
+fn upload_png(base: &str, token: &str, bytes: &[u8]) -> String {
+    let url = format!("{base}/_matrix/media/v3/upload?filename=pic.png");
+    let (s, body) = curl_bytes("POST", &url, token, Some(bytes));
+    assert_eq!(
+        s,
+        200,
+        "upload at {base}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    v["content_uri"]
+        .as_str()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// Media both ways over federation: Synapse fetches a Hearth upload (Hearth's multipart
+/// `/_matrix/federation/v1/media/download`) and Hearth fetches a Synapse upload (parsing
+/// Synapse's multipart answer), each serving it to its own user through the authenticated
+/// client endpoints, thumbnails included.
+#[test]
+fn media_crosses_federation_both_ways_with_synapse() {
+    let turn = SYNAPSE.turn();
+    let syn: &Synapse = &turn;
+    let hearth = Hearth::start();
+    let (_, alice) = register(&hearth.url(), "alice");
+    let (_, carol) = register(&syn.url(), "carol_media");
+
+    let from_hearth = png(300, 200);
+    let id = upload_png(&hearth.url(), &alice, &from_hearth);
+    let media = format!("{}/_matrix/client/v1/media", syn.url());
+    let hs = hearth.server_name();
+    let (s, got) = curl_bytes("GET", &format!("{media}/download/{hs}/{id}"), &carol, None);
+    assert_eq!(
+        s,
+        200,
+        "Synapse fetching from Hearth: {}",
+        String::from_utf8_lossy(&got)
+    );
+    assert_eq!(got, from_hearth);
+    let url = format!("{media}/thumbnail/{hs}/{id}?width=96&height=96&method=crop");
+    let (s, got) = curl_bytes("GET", &url, &carol, None);
+    assert_eq!(
+        s,
+        200,
+        "Synapse thumbnailing Hearth media: {}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(image::load_from_memory(&got).is_ok());
+
+    let from_synapse = png(200, 150);
+    let id = upload_png(&syn.url(), &carol, &from_synapse);
+    let media = format!("{}/_matrix/client/v1/media", hearth.url());
+    let sn = syn.server_name();
+    let (s, got) = curl_bytes("GET", &format!("{media}/download/{sn}/{id}"), &alice, None);
+    assert_eq!(
+        s,
+        200,
+        "Hearth fetching from Synapse: {}",
+        String::from_utf8_lossy(&got)
+    );
+    assert_eq!(got, from_synapse);
+    let url = format!("{media}/thumbnail/{sn}/{id}?width=100&height=100&method=scale");
+    let (s, got) = curl_bytes("GET", &url, &alice, None);
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&got));
+    let img = image::load_from_memory(&got).unwrap();
+    assert_eq!(
+        (img.width(), img.height()),
+        (200, 150),
+        "320x240 box, never upscaled"
+    );
 }

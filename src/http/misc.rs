@@ -13,14 +13,14 @@ use crate::{
 
 /// The Client-Server API versions `/versions` claims.
 ///
-/// Only versions whose required endpoints exist here. It stops at v1.10 because v1.11 made
-/// authenticated media (`/_matrix/client/v1/media/*`, MSC3916) required and Hearth has no media
-/// repository yet: a client that sees v1.11 uses those endpoints and would get 404s for every
-/// avatar and image. Add v1.11 and later when media lands (`tests/edge.rs` checks that v1.11+
-/// is claimed exactly when `/_matrix/client/v1/media/config` answers).
+/// Only versions whose required endpoints exist here. v1.11 made authenticated media
+/// (`/_matrix/client/v1/media/*`, MSC3916) required: a client that sees it uses those
+/// endpoints for every avatar and image, so it is claimed since the media repository
+/// (`http::media`) serves them (`tests/edge.rs` checks that v1.11+ is claimed exactly when
+/// `/_matrix/client/v1/media/config` answers).
 pub const CLIENT_VERSIONS: &[&str] = &[
     "r0.5.0", "r0.6.0", "r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8",
-    "v1.9", "v1.10",
+    "v1.9", "v1.10", "v1.11",
 ];
 
 /// # `GET /_matrix/client/versions`

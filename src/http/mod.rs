@@ -11,6 +11,7 @@ pub mod backup;
 pub mod events;
 pub mod federation;
 pub mod keys;
+pub mod media;
 pub mod misc;
 pub mod rooms;
 pub mod summary;
@@ -538,5 +539,34 @@ pub fn routes(app: App) -> tide::Server<App> {
     client!(s, get "/room_keys/keys/:room_id/:session_id" => c(backup::get_session));
     client!(s, put "/room_keys/keys/:room_id/:session_id" => h(backup::put_session));
     client!(s, delete "/room_keys/keys/:room_id/:session_id" => h(backup::delete_session));
+
+    // media: uploads run to completion; downloads and thumbnails are cancellable (a
+    // thumbnail or remote fetch runs in its own shared task, see `crate::media`)
+    for v in ["v3", "r0"] {
+        let at = |p: &str| format!("/_matrix/media/{v}{p}");
+        s.at(&at("/upload")).post(h(media::upload));
+        s.at(&at("/config")).get(c(media::legacy_config));
+        s.at(&at("/download/:server_name/:media_id"))
+            .get(c(media::legacy_download));
+        s.at(&at("/download/:server_name/:media_id/:file_name"))
+            .get(c(media::legacy_download_named));
+        s.at(&at("/thumbnail/:server_name/:media_id"))
+            .get(c(media::legacy_thumbnail));
+    }
+    s.at("/_matrix/media/v1/create").post(h(media::create));
+    s.at("/_matrix/media/v3/upload/:server_name/:media_id")
+        .put(h(media::upload_reserved));
+    s.at("/_matrix/client/v1/media/config")
+        .get(c(media::config));
+    s.at("/_matrix/client/v1/media/download/:server_name/:media_id")
+        .get(c(media::download));
+    s.at("/_matrix/client/v1/media/download/:server_name/:media_id/:file_name")
+        .get(c(media::download_named));
+    s.at("/_matrix/client/v1/media/thumbnail/:server_name/:media_id")
+        .get(c(media::thumbnail));
+    s.at("/_matrix/federation/v1/media/download/:media_id")
+        .get(c(media::federation_download));
+    s.at("/_matrix/federation/v1/media/thumbnail/:media_id")
+        .get(c(media::federation_thumbnail));
     s
 }

@@ -116,9 +116,13 @@ CREATE TABLE invite_state (
 
 /// Version 3, new tables only, so the step is these blocks of `schema.sql` itself (see
 /// [`schema_block`]): end-to-end encryption (device and one-time keys, cross-signing keys and
-/// signatures, the device-list stream, to-device messages, key backup) and sticky events (the
-/// live index of MSC4354 sticky events).
-const V2_TO_V3_BLOCKS: &[&str] = &["-- e2ee (schema v3)", "-- sticky (schema v3)"];
+/// signatures, the device-list stream, to-device messages, key backup), sticky events (the
+/// live index of MSC4354 sticky events) and media (metadata of stored files and thumbnails).
+const V2_TO_V3_BLOCKS: &[&str] = &[
+    "-- e2ee (schema v3)",
+    "-- sticky (schema v3)",
+    "-- media (schema v3)",
+];
 
 /// The block of `SCHEMA` that starts with the comment line `marker` and runs to the next
 /// block marked `(schema v…)` or the end: a step that only adds tables is written once.
@@ -268,6 +272,29 @@ mod tests {
             )
             .unwrap();
         assert_eq!(v, "3");
+    }
+
+    #[test]
+    fn version_2_database_gets_the_media_and_sticky_tables() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        let media = schema_block("-- media (schema v3)").unwrap();
+        assert!(media.contains("CREATE TABLE IF NOT EXISTS media_thumbnails"));
+        let mut v2 = SCHEMA.to_owned();
+        for b in V2_TO_V3_BLOCKS {
+            v2 = v2.replace(schema_block(b).unwrap(), "");
+        }
+        migrate_with(&mut conn, &v2, 2, &[]).unwrap();
+        let tables = |c: &Connection| -> i64 {
+            c.query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name IN ('media', 'media_thumbnails', 'sticky_events')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+        assert_eq!(tables(&conn), 0);
+        migrate(&mut conn).unwrap();
+        assert_eq!(tables(&conn), 3);
     }
 
     #[test]

@@ -15,6 +15,7 @@
 pub mod acl;
 pub mod e2ee;
 pub mod history;
+pub mod media;
 pub mod migrate;
 pub mod outbox;
 pub mod queries;

@@ -48,21 +48,20 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// One HTTPS request with curl (self-signed peers): (status, JSON body).
-pub fn curl(method: &str, url: &str, token: Option<&str>, body: Option<&Value>) -> (u16, Value) {
+/// curl for one HTTPS request to a self-signed peer, with the method and token set.
+pub fn curl_command(method: &str, token: Option<&str>) -> Command {
     let mut cmd = Command::new("curl");
-    cmd.args([
-        "-sk",
-        "--max-time",
-        "60",
-        "-X",
-        method,
-        "-w",
-        "\n%{http_code}",
-    ]);
+    cmd.args(["-sk", "--max-time", "60", "-X", method]);
     if let Some(t) = token {
         cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
     }
+    cmd
+}
+
+/// One HTTPS request with curl (self-signed peers): (status, JSON body).
+pub fn curl(method: &str, url: &str, token: Option<&str>, body: Option<&Value>) -> (u16, Value) {
+    let mut cmd = curl_command(method, token);
+    cmd.args(["-w", "\n%{http_code}"]);
     if let Some(b) = body {
         cmd.args([
             "-H",
@@ -112,6 +111,27 @@ pub fn curl_raw(method: &str, url: &str, headers: &[String], body: &[u8]) -> (u1
     child.stdin.take().unwrap().write_all(body).unwrap();
     let out = child.wait_with_output().expect("curl runs");
     status_and_json(&out.stdout)
+}
+
+/// One HTTPS request with curl, body as bytes (media): (status, body). `upload` is sent as
+/// an `image/png` body.
+pub fn curl_bytes(method: &str, url: &str, token: &str, upload: Option<&[u8]>) -> (u16, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("body");
+    let mut cmd = curl_command(method, Some(token));
+    cmd.args(["-w", "%{http_code}", "-o"]).arg(&out);
+    if let Some(b) = upload {
+        let file = dir.path().join("upload");
+        std::fs::write(&file, b).unwrap();
+        cmd.args(["-H", "Content-Type: image/png", "--data-binary"])
+            .arg(format!("@{}", file.display()));
+    }
+    let res = cmd.arg(url).output().expect("curl runs");
+    let status = String::from_utf8_lossy(&res.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    (status, std::fs::read(&out).unwrap_or_default())
 }
 
 pub fn register(base: &str, name: &str) -> (String, String) {

@@ -560,7 +560,11 @@ fn a_transaction_refused_with_a_400_is_dropped_and_the_queue_goes_on() {
     wait_for("the refusal", Duration::from_secs(20), || {
         fake.seen().iter().any(|t| t.status == 400) && outbox_len(&s) == 0
     });
-    assert_eq!(dest_state(&s, &fake.name).map_or(0, |d| d.1), 0, "no backoff");
+    assert_eq!(
+        dest_state(&s, &fake.name).map_or(0, |d| d.1),
+        0,
+        "no backoff"
+    );
     *fake.mode.lock().unwrap() = Mode::Ok;
     s.send(&alice, &room, "t1", "after");
     wait_for("the next event", Duration::from_secs(20), || {

@@ -324,6 +324,14 @@ fn every_federation_read_survives_a_drop_at_every_await() {
             json!({ "server_keys": { "hearth.test": {} } }),
         ),
         get("/_matrix/federation/v1/version".to_owned()),
+        get(format!(
+            "/_matrix/federation/v1/user/devices/{}",
+            enc("@alice:hearth.test")
+        )),
+        post(
+            "/_matrix/federation/v1/user/keys/query",
+            json!({ "device_keys": { "@alice:hearth.test": [] } }),
+        ),
     ];
     for (method, path, body) in &reads {
         let auth = x_matrix(&pair, method.as_ref(), path, body.as_ref());

@@ -342,7 +342,7 @@ fn merge_signatures(
 }
 
 /// A user's cross-signing key of `key_type`, with its signatures, as `viewer` sees it.
-fn cross_signing_key(
+pub(crate) fn cross_signing_key(
     c: &Connection,
     user: &str,
     key_type: &str,
@@ -356,8 +356,9 @@ fn cross_signing_key(
     Ok(Some(v))
 }
 
-/// What `/keys/query` says about one local user.
-fn query_local_user(
+/// What `/keys/query` (and federation's `/user/keys/query`, with no viewer) says about one
+/// local user.
+pub(crate) fn query_local_user(
     c: &Connection,
     user: &str,
     devices: &[String],
@@ -391,13 +392,6 @@ fn query_local_user(
     Ok(())
 }
 
-/// Federation seam: the keys of users on another server. Until the federation half fetches
-/// them (`/user/keys/query`), the server is reported in `failures`, as Synapse does for a
-/// server it cannot reach.
-fn remote_failure(server: &str) -> Value {
-    json!({ "status": 503, "message": format!("Keys of users on {server} cannot be fetched yet") })
-}
-
 /// # `POST /_matrix/client/v3/keys/query`
 pub async fn query(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
@@ -405,7 +399,8 @@ pub async fn query(mut req: Req) -> Result<Response> {
     let app = req.state().clone();
     let ours = app.server_name.clone();
     let viewer = who.user_id.to_string();
-    let out = app
+    let remote = by_remote_server(&body.device_keys, &ours);
+    let mut out = app
         .store
         .read(move |c| {
             let mut out = json!({
@@ -414,8 +409,6 @@ pub async fn query(mut req: Req) -> Result<Response> {
             });
             for (user, devices) in &body.device_keys {
                 if user.server_name() != ours {
-                    out["failures"][user.server_name().as_str()] =
-                        remote_failure(user.server_name().as_str());
                     continue;
                 }
                 let devices: Vec<String> = devices.iter().map(|d| d.to_string()).collect();
@@ -424,7 +417,54 @@ pub async fn query(mut req: Req) -> Result<Response> {
             Ok(out)
         })
         .await?;
+    // Users of other servers: asked of their servers (`/user/keys/query`), one after the other;
+    // a server that fails is named in `failures` and the rest of the answer stands.
+    for (server, users) in remote {
+        let req = ruma::api::federation::keys::get_keys::v1::Request::new(users);
+        match app.fed.client.send(&server, req).await {
+            Ok(res) => {
+                for (field, map) in [
+                    ("device_keys", serde_json::to_value(&res.device_keys)?),
+                    ("master_keys", serde_json::to_value(&res.master_keys)?),
+                    (
+                        "self_signing_keys",
+                        serde_json::to_value(&res.self_signing_keys)?,
+                    ),
+                ] {
+                    if let Value::Object(m) = map {
+                        for (user, v) in m {
+                            // Only what the server may speak for: its own users.
+                            if UserId::parse(user.as_str()).is_ok_and(|u| u.server_name() == server)
+                            {
+                                out[field][user] = v;
+                            }
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                out["failures"][server.as_str()] =
+                    json!({ "status": e.status, "message": e.message });
+            }
+        }
+    }
     json(&out)
+}
+
+/// The requested users of other servers, grouped by server.
+fn by_remote_server<V: Clone>(
+    wanted: &BTreeMap<ruma::OwnedUserId, V>,
+    ours: &ruma::ServerName,
+) -> BTreeMap<ruma::OwnedServerName, BTreeMap<ruma::OwnedUserId, V>> {
+    let mut out: BTreeMap<ruma::OwnedServerName, BTreeMap<ruma::OwnedUserId, V>> = BTreeMap::new();
+    for (user, v) in wanted {
+        if user.server_name() != ours {
+            out.entry(user.server_name().to_owned())
+                .or_default()
+                .insert(user.clone(), v.clone());
+        }
+    }
+    out
 }
 
 /// # `POST /_matrix/client/v3/keys/claim`
@@ -439,38 +479,63 @@ pub async fn claim(mut req: Req) -> Result<Response> {
     let body: claim_keys::v3::Request = ruma_req(&mut req, &[]).await?;
     let app = req.state().clone();
     let ours = app.server_name.clone();
-    let out = app
-        .store
-        .write(move |tx| {
-            let mut keys = Map::new();
-            let mut failures = Map::new();
-            for (user, devices) in &body.one_time_keys {
-                if user.server_name() != ours {
-                    // Federation seam: `/user/keys/claim` on the user's server.
-                    let server = user.server_name().as_str();
-                    failures.insert(server.into(), remote_failure(server));
-                    continue;
-                }
-                let mut user_keys = Map::new();
-                for (device, algorithm) in devices {
-                    let (u, d, alg) = (user.as_str(), device.as_str(), algorithm.as_str());
-                    let found = match e::claim_one_time_key(tx, u, d, alg)? {
-                        Some(k) => Some(k),
-                        None => e::claim_fallback_key(tx, u, d, alg)?,
-                    };
-                    if let Some((key_id, key)) = found {
-                        let key: Value = serde_json::from_str(&key)?;
-                        user_keys.insert(d.into(), json!({ format!("{alg}:{key_id}"): key }));
+    let remote = by_remote_server(&body.one_time_keys, &ours);
+    let local: BTreeMap<_, _> = body
+        .one_time_keys
+        .into_iter()
+        .filter(|(u, _)| u.server_name() == ours)
+        .collect();
+    let keys = app.store.write(move |tx| claim_local(tx, &local)).await?;
+    let mut out = json!({ "one_time_keys": keys, "failures": {} });
+    // Users of other servers: claimed from their servers (`/user/keys/claim`).
+    for (server, wanted) in remote {
+        let req = ruma::api::federation::keys::claim_keys::v1::Request::new(wanted);
+        match app.fed.client.send(&server, req).await {
+            Ok(res) => {
+                if let Value::Object(m) = serde_json::to_value(&res.one_time_keys)? {
+                    for (user, v) in m {
+                        if UserId::parse(user.as_str()).is_ok_and(|u| u.server_name() == server) {
+                            out["one_time_keys"][user] = v;
+                        }
                     }
                 }
-                if !user_keys.is_empty() {
-                    keys.insert(user.to_string(), Value::Object(user_keys));
-                }
             }
-            Ok(json!({ "one_time_keys": keys, "failures": failures }))
-        })
-        .await?;
+            Err(e) => {
+                out["failures"][server.as_str()] =
+                    json!({ "status": e.status, "message": e.message });
+            }
+        }
+    }
     json(&out)
+}
+
+/// Claims keys of local users, in one write: each requested device gets one of its one-time
+/// keys (deleted as it is handed out) or, when none is left, its fallback key (marked used).
+/// Unknown users and devices are left out. Shared by `/keys/claim` and federation's
+/// `/user/keys/claim`.
+pub(crate) fn claim_local(
+    tx: &mut Tx<'_>,
+    wanted: &BTreeMap<ruma::OwnedUserId, BTreeMap<ruma::OwnedDeviceId, ruma::OneTimeKeyAlgorithm>>,
+) -> Result<Map<String, Value>> {
+    let mut keys = Map::new();
+    for (user, devices) in wanted {
+        let mut user_keys = Map::new();
+        for (device, algorithm) in devices {
+            let (u, d, alg) = (user.as_str(), device.as_str(), algorithm.as_str());
+            let found = match e::claim_one_time_key(tx, u, d, alg)? {
+                Some(k) => Some(k),
+                None => e::claim_fallback_key(tx, u, d, alg)?,
+            };
+            if let Some((key_id, key)) = found {
+                let key: Value = serde_json::from_str(&key)?;
+                user_keys.insert(d.into(), json!({ format!("{alg}:{key_id}"): key }));
+            }
+        }
+        if !user_keys.is_empty() {
+            keys.insert(user.to_string(), Value::Object(user_keys));
+        }
+    }
+    Ok(keys)
 }
 
 /// # `GET /_matrix/client/v3/keys/changes`

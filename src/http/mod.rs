@@ -399,6 +399,12 @@ pub fn routes(app: App) -> tide::Server<App> {
         .get(c(federation::keys::query_server_keys));
     s.at("/_matrix/federation/v1/query/profile")
         .get(c(federation::query::profile));
+    s.at("/_matrix/federation/v1/user/keys/query")
+        .post(c(federation::user::keys_query));
+    s.at("/_matrix/federation/v1/user/keys/claim")
+        .post(h(federation::user::keys_claim));
+    s.at("/_matrix/federation/v1/user/devices/:user_id")
+        .get(c(federation::user::devices));
     s.at("/_matrix/federation/v1/query/directory")
         .get(c(federation::directory::query_directory));
     s.at("/_matrix/federation/v1/publicRooms")

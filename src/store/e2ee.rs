@@ -683,3 +683,10 @@ pub fn count_backup_keys(conn: &Connection, user_id: &str, version: i64) -> Resu
         |r| r.get(0),
     )?)
 }
+
+/// The position of a user's latest device-list change, if any.
+pub fn latest_device_list_change(conn: &Connection, user_id: &str) -> Result<Option<i64>> {
+    Ok(conn
+        .prepare_cached("SELECT max(pos) FROM e2e_device_list_changes WHERE user_id = ?1")?
+        .query_row([user_id], |r| r.get::<_, Option<i64>>(0))?)
+}

@@ -9,6 +9,7 @@ pub mod keys;
 pub mod membership;
 pub mod query;
 pub mod transactions;
+pub mod user;
 
 use ruma::{
     api::{federation::authentication::XMatrix, IncomingRequest, IncomingRequestExt},

@@ -122,3 +122,78 @@ fn device_and_one_time_keys_cross_servers() {
     let err = smol::block_on(app.fed.client.send(&dest, devices::Request::new(other)));
     assert!(err.is_err());
 }
+
+fn to_device_events(base: &str, tok: &str, since: Option<&str>) -> (Vec<Value>, String) {
+    let q = match since {
+        Some(s) => format!("?since={s}&timeout=0"),
+        None => "?timeout=0".to_owned(),
+    };
+    let (s, v) = curl(
+        "GET",
+        &format!("{base}/_matrix/client/v3/sync{q}"),
+        Some(tok),
+        None,
+    );
+    assert_eq!(s, 200, "{v}");
+    (
+        v["to_device"]["events"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default(),
+        v["next_batch"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[test]
+fn to_device_messages_cross_servers_once() {
+    let a = Hearth::start();
+    let b = Hearth::start();
+    let (alice, alice_tok) = register(&a.url(), "alice");
+    let (bob, bob_tok) = register(&b.url(), "bob");
+    let (_, since) = to_device_events(&b.url(), &bob_tok, None);
+    let (_, who) = curl(
+        "GET",
+        &format!("{}/_matrix/client/v3/account/whoami", b.url()),
+        Some(&bob_tok),
+        None,
+    );
+    let bob_device = who["device_id"].as_str().unwrap().to_owned();
+    let send = |txn: &str, device: &str, n: u32| {
+        let (s, v) = curl(
+            "PUT",
+            &format!(
+                "{}/_matrix/client/v3/sendToDevice/m.room_key_request/{txn}",
+                a.url()
+            ),
+            Some(&alice_tok),
+            Some(&json!({ "messages": { bob.clone(): { device: { "n": n } } } })),
+        );
+        assert_eq!(s, 200, "{v}");
+    };
+    send("t1", &bob_device, 1);
+    send("t1", &bob_device, 1); // a retry: delivered once
+    send("t2", "*", 2);
+    let mut got = Vec::new();
+    let mut since = since;
+    for _ in 0..100 {
+        let (events, next) = to_device_events(&b.url(), &bob_tok, Some(&since));
+        since = next;
+        got.extend(events);
+        if got.len() >= 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let (late, _) = to_device_events(&b.url(), &bob_tok, Some(&since));
+    got.extend(late);
+    let ns: Vec<u64> = got
+        .iter()
+        .map(|e| e["content"]["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ns, vec![1, 2], "each message once, in order: {got:?}");
+    for e in &got {
+        assert_eq!(e["sender"], alice);
+        assert_eq!(e["type"], "m.room_key_request");
+    }
+}

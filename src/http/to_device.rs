@@ -6,8 +6,9 @@
 //! [`MAX_PER_SYNC`] at a time; the messages stay stored until a later `since` acknowledges them
 //! (a retry with the old `since` gets them again), then they are deleted.
 //!
-//! Federation seam: messages for users of other servers are not queued yet; the federation
-//! half sends them as `m.direct_to_device` EDUs from [`send`], in the same write.
+//! Users of other servers get theirs as one `m.direct_to_device` EDU per server, queued in the
+//! same write as the local deliveries; received EDUs are delivered by [`deliver_remote`],
+//! once per `(sender, message_id)`.
 
 use ruma::{api::client::to_device::send_event_to_device, to_device::DeviceIdOrAllDevices};
 use serde_json::{json, Value};
@@ -17,7 +18,8 @@ use super::{auth, json, ruma_req, Req};
 use crate::{
     error::{Error, Result},
     notify::Topic,
-    store::{e2ee as e, Connection},
+    store::{e2ee as e, queries as q, Connection, Tx},
+    util::random_string,
 };
 
 /// Most to-device messages in one `/sync` response (Synapse sends 100); the rest wait for the
@@ -62,9 +64,21 @@ pub async fn send(mut req: Req) -> Result<Response> {
                 // A retry: the first request delivered them.
                 return Ok(());
             }
+            // Other servers' users: `{server: {user: {device: content}}}`, one EDU each.
+            let mut remote: std::collections::BTreeMap<String, serde_json::Map<String, Value>> =
+                Default::default();
             for (user, device, content) in &messages {
                 if user.server_name() != ours {
-                    // Federation seam: an `m.direct_to_device` EDU to the user's server.
+                    let d = match device {
+                        DeviceIdOrAllDevices::AllDevices => "*".to_owned(),
+                        DeviceIdOrAllDevices::DeviceId(d) => d.to_string(),
+                    };
+                    let per_user = remote
+                        .entry(user.server_name().to_string())
+                        .or_default()
+                        .entry(user.to_string())
+                        .or_insert_with(|| json!({}));
+                    per_user[d] = serde_json::from_str(content)?;
                     continue;
                 }
                 let devices = match device {
@@ -82,10 +96,68 @@ pub async fn send(mut req: Req) -> Result<Response> {
                     e::insert_to_device(tx, user.as_str(), &d, pos, &sender, &kind, content)?;
                 }
             }
+            for (server, messages) in remote {
+                let edu = json!({
+                    "edu_type": "m.direct_to_device",
+                    "content": {
+                        "sender": sender, "type": kind,
+                        "message_id": random_string(24), "messages": messages,
+                    },
+                });
+                q::insert_outbox_edu(tx, &[server], &edu.to_string())?;
+            }
             Ok(())
         })
         .await?;
     json(&json!({}))
+}
+
+/// Delivers an `m.direct_to_device` EDU from `origin` to our users' devices (`*`: all of a
+/// user's devices), in the transaction's write. A `message_id` already delivered for that
+/// sender is skipped (a server may send an EDU again in a retried transaction), and a sender
+/// that is not of `origin` is ignored.
+pub fn deliver_remote(tx: &mut Tx<'_>, origin: &str, ours: &str, content: &Value) -> Result<()> {
+    let (Some(sender), Some(kind), Some(id), Some(messages)) = (
+        content["sender"].as_str(),
+        content["type"].as_str(),
+        content["message_id"].as_str(),
+        content["messages"].as_object(),
+    ) else {
+        return Ok(());
+    };
+    let from_origin = ruma::UserId::parse(sender).is_ok_and(|u| u.server_name().as_str() == origin);
+    if !from_origin || !e::insert_to_device_txn(tx, sender, "", &format!("federation:{id}"))? {
+        return Ok(());
+    }
+    for (user, devices) in messages {
+        let Ok(uid) = ruma::UserId::parse(user.as_str()) else {
+            continue;
+        };
+        if uid.server_name().as_str() != ours {
+            continue;
+        }
+        let Some(devices) = devices.as_object() else {
+            continue;
+        };
+        for (device, msg) in devices {
+            if !msg.is_object() {
+                continue;
+            }
+            let targets = if device == "*" {
+                e::list_device_ids(tx, user)?
+            } else if e::device_exists(tx, user, device)? {
+                vec![device.clone()]
+            } else {
+                continue;
+            };
+            let content = msg.to_string();
+            for d in targets {
+                let pos = tx.next_pos([Topic::user(user.as_str())]);
+                e::insert_to_device(tx, user, &d, pos, sender, kind, &content)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The to-device part of a `/sync` response: a device's messages with `after < pos <= upto`

@@ -98,13 +98,16 @@ async fn process(
     }
     // Typing is in memory; receipts and the transaction's record are one write.
     let mut receipts = Vec::new();
+    let mut to_device = Vec::new();
     for edu in &edus {
         match edu.get("edu_type").and_then(|t| t.as_str()) {
             Some("m.typing") => typing_edu(app, origin, &edu["content"]).await?,
             Some("m.receipt") => receipts.extend(receipt_rows(origin, &edu["content"])),
-            _ => {} // presence, device lists, to-device: later issues
+            Some("m.direct_to_device") => to_device.push(edu["content"].clone()),
+            _ => {} // presence, device lists: later issues
         }
     }
+    let ours = app.server_name.to_string();
     let (o, t, now) = (origin.to_owned(), txn.to_owned(), app.clock.now_ms());
     let origin_name = origin_name.clone();
     app.store
@@ -128,6 +131,9 @@ async fn process(
                     r.ts,
                     pos,
                 )?;
+            }
+            for content in &to_device {
+                crate::http::to_device::deliver_remote(tx, &o, &ours, content)?;
             }
             q::insert_received_txn(tx, &o, &t, now as i64)
         })

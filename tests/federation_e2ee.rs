@@ -197,3 +197,79 @@ fn to_device_messages_cross_servers_once() {
         assert_eq!(e["type"], "m.room_key_request");
     }
 }
+
+#[test]
+fn a_device_list_change_reaches_users_of_other_servers_sharing_a_room() {
+    let a = Hearth::start();
+    let b = Hearth::start();
+    let (alice, alice_tok) = register(&a.url(), "alice");
+    let (_bob, bob_tok) = register(&b.url(), "bob");
+    let (s, v) = curl(
+        "POST",
+        &format!("{}/_matrix/client/v3/createRoom", a.url()),
+        Some(&alice_tok),
+        Some(&json!({ "preset": "public_chat" })),
+    );
+    assert_eq!(s, 200, "{v}");
+    let room = v["room_id"].as_str().unwrap().to_owned();
+    let (s, v) = curl(
+        "POST",
+        &format!("{}/_matrix/client/v3/join/{}", b.url(), common::enc(&room)),
+        Some(&bob_tok),
+        Some(&json!({})),
+    );
+    assert_eq!(s, 200, "{v}");
+    let sync = |since: &str| {
+        let (s, v) = curl(
+            "GET",
+            &format!("{}/_matrix/client/v3/sync?since={since}&timeout=0", b.url()),
+            Some(&bob_tok),
+            None,
+        );
+        assert_eq!(s, 200, "{v}");
+        v
+    };
+    let (_, first) = to_device_events(&b.url(), &bob_tok, None);
+    // Let the join settle, then start from a fresh token.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let since = sync(&first)["next_batch"].as_str().unwrap().to_owned();
+
+    // Alice uploads device keys on her server.
+    let (_, who) = curl(
+        "GET",
+        &format!("{}/_matrix/client/v3/account/whoami", a.url()),
+        Some(&alice_tok),
+        None,
+    );
+    let device = who["device_id"].as_str().unwrap().to_owned();
+    let doc = Ed25519KeyPair::generate();
+    let key = Ed25519KeyPair::from_der(&doc, device.clone()).unwrap();
+    let ed = Base64::<Standard, _>::new(key.public_key().to_vec()).encode();
+    let keys = sign(
+        json!({ "user_id": alice, "device_id": device, "algorithms": ["m.megolm.v1.aes-sha2"],
+                "keys": { format!("ed25519:{device}"): ed } }),
+        &alice,
+        &key,
+    );
+    let (s, v) = curl(
+        "POST",
+        &format!("{}/_matrix/client/v3/keys/upload", a.url()),
+        Some(&alice_tok),
+        Some(&json!({ "device_keys": keys })),
+    );
+    assert_eq!(s, 200, "{v}");
+    let mut seen = false;
+    for _ in 0..100 {
+        let v = sync(&since);
+        let changed = v["device_lists"]["changed"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if changed.iter().any(|u| u == &json!(alice)) {
+            seen = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(seen, "bob's sync names alice in device_lists.changed");
+}

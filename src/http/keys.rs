@@ -84,23 +84,100 @@ fn to_string(o: &CanonicalJsonObject) -> Result<String> {
 
 /// Records that `user`'s devices or keys changed, at a stream position that wakes the user
 /// and everyone joined to a room with them: their next `/sync` lists the user in
-/// `device_lists.changed`, in order with the rest of the stream.
-pub fn device_list_changed(tx: &mut Tx<'_>, user: &str) -> Result<()> {
+/// `device_lists.changed`, in order with the rest of the stream. Other servers sharing a room
+/// with the user are told in the same write: an `m.device_list_update` EDU for `device` (its
+/// keys, or `deleted`), or an `m.signing_key_update` with the user's cross-signing keys when no
+/// device is named. `stream_id` is this change's position and `prev_id` the user's previous
+/// one, so a server that missed an update resyncs through `/user/devices`.
+pub fn device_list_changed(tx: &mut Tx<'_>, user: &str, change: Change<'_>) -> Result<()> {
     let rooms: Vec<String> = q::list_user_rooms(tx, user)?
         .into_iter()
         .filter(|(_, m, _)| m == "join")
         .map(|(r, _, _)| r)
         .collect();
+    let mut servers = BTreeSet::new();
+    let own = UserId::parse(user)
+        .map(|u| u.server_name().to_string())
+        .unwrap_or_default();
+    for r in &rooms {
+        servers.extend(q::list_room_servers(tx, r, &own)?);
+    }
+    servers.remove(&own);
     let topics: Vec<Topic> = rooms
         .into_iter()
         .map(Topic::room)
         .chain([Topic::user(user)])
         .collect();
+    let prev = e::latest_device_list_change(tx, user)?;
     let pos = tx.next_pos(topics);
     e::insert_device_list_change(tx, pos, user)?;
-    // Federation seam: an `m.device_list_update` EDU to every server sharing a room with
-    // `user` is queued here, in the same write.
-    Ok(())
+    if servers.is_empty() {
+        return Ok(());
+    }
+    let edu = match change {
+        Change::Device(d) | Change::Deleted(d) => {
+            let mut content = json!({
+                "user_id": user, "device_id": d, "stream_id": pos,
+                "prev_id": prev.into_iter().collect::<Vec<_>>(),
+            });
+            if matches!(change, Change::Deleted(_)) {
+                content["deleted"] = true.into();
+            } else if let Some(row) = e::list_device_keys(tx, user, Some(&[d.to_owned()]))?.pop() {
+                content["keys"] = serde_json::from_str(&row.keys)?;
+                if let Some(name) = row.display_name {
+                    content["device_display_name"] = name.into();
+                }
+            }
+            json!({ "edu_type": "m.device_list_update", "content": content })
+        }
+        Change::CrossSigning => {
+            let mut content = json!({ "user_id": user });
+            for (key_type, field) in [
+                ("master", "master_key"),
+                ("self_signing", "self_signing_key"),
+            ] {
+                if let Some(v) = cross_signing_key(tx, user, key_type, "")? {
+                    content[field] = v;
+                }
+            }
+            json!({ "edu_type": "m.signing_key_update", "content": content })
+        }
+    };
+    let servers: Vec<String> = servers.into_iter().collect();
+    q::insert_outbox_edu(tx, &servers, &edu.to_string())
+}
+
+/// What changed in a user's device list (what the EDU to other servers says).
+#[derive(Clone, Copy)]
+pub enum Change<'a> {
+    /// A device was added or its keys changed.
+    Device(&'a str),
+    Deleted(&'a str),
+    /// Cross-signing keys or signatures.
+    CrossSigning,
+}
+
+/// A remote user's device list changed (an `m.device_list_update` or `m.signing_key_update`
+/// EDU from their server): recorded like a local change, so local users sharing a room with
+/// them see them in `device_lists.changed` and query their keys again (Hearth does not cache
+/// remote keys: a query always asks the user's server). Only for users of `origin`.
+pub fn remote_device_list_changed(tx: &mut Tx<'_>, origin: &str, content: &Value) -> Result<()> {
+    let Some(user) = content["user_id"].as_str() else {
+        return Ok(());
+    };
+    if !UserId::parse(user).is_ok_and(|u| u.server_name().as_str() == origin) {
+        return Ok(());
+    }
+    let rooms: Vec<String> = q::list_user_rooms(tx, user)?
+        .into_iter()
+        .filter(|(_, m, _)| m == "join")
+        .map(|(r, _, _)| r)
+        .collect();
+    if rooms.is_empty() {
+        return Ok(()); // nobody here shares a room with them
+    }
+    let pos = tx.next_pos(rooms.into_iter().map(Topic::room));
+    e::insert_device_list_change(tx, pos, user)
 }
 
 /// `device_lists` for `user` between two stream positions: who to re-query (a key or device
@@ -282,7 +359,7 @@ pub async fn upload(mut req: Req) -> Result<Response> {
                 };
                 if !same {
                     e::upsert_device_keys(tx, &u, &d, &to_string(&object)?)?;
-                    device_list_changed(tx, &u)?;
+                    device_list_changed(tx, &u, Change::Device(&d))?;
                 }
             }
             for k in &otks {
@@ -674,7 +751,7 @@ pub async fn upload_signing_keys(mut req: Req) -> Result<Response> {
                 }
                 e::upsert_cross_signing_key(tx, &u, t, &k.public, &to_string(&k.object)?)?;
             }
-            device_list_changed(tx, &u)
+            device_list_changed(tx, &u, Change::CrossSigning)
         })
         .await?;
     json(&json!({}))
@@ -831,7 +908,7 @@ pub async fn upload_signatures(mut req: Req) -> Result<Response> {
                 }
             }
             for user in changed {
-                device_list_changed(tx, &user)?;
+                device_list_changed(tx, &user, Change::CrossSigning)?;
             }
             Ok(failures)
         })
@@ -855,8 +932,8 @@ pub fn delete_devices(tx: &mut Tx<'_>, user: &str, which: q::Devices<'_>) -> Res
     for d in &devices {
         e::delete_device_e2e(tx, user, d)?;
     }
-    if !devices.is_empty() {
-        device_list_changed(tx, user)?;
+    for d in &devices {
+        device_list_changed(tx, user, Change::Deleted(d))?;
     }
     Ok(hashes)
 }
@@ -865,7 +942,7 @@ pub fn delete_devices(tx: &mut Tx<'_>, user: &str, which: q::Devices<'_>) -> Res
 /// for everyone sharing a room with the user.
 pub fn before_new_device(tx: &mut Tx<'_>, user: &str, device: &str) -> Result<()> {
     if !e::device_exists(tx, user, device)? {
-        device_list_changed(tx, user)?;
+        device_list_changed(tx, user, Change::Device(device))?;
     }
     Ok(())
 }

@@ -99,12 +99,16 @@ async fn process(
     // Typing is in memory; receipts and the transaction's record are one write.
     let mut receipts = Vec::new();
     let mut to_device = Vec::new();
+    let mut device_lists = Vec::new();
     for edu in &edus {
         match edu.get("edu_type").and_then(|t| t.as_str()) {
             Some("m.typing") => typing_edu(app, origin, &edu["content"]).await?,
             Some("m.receipt") => receipts.extend(receipt_rows(origin, &edu["content"])),
             Some("m.direct_to_device") => to_device.push(edu["content"].clone()),
-            _ => {} // presence, device lists: later issues
+            Some("m.device_list_update" | "m.signing_key_update") => {
+                device_lists.push(edu["content"].clone())
+            }
+            _ => {} // presence: a later issue
         }
     }
     let ours = app.server_name.to_string();
@@ -134,6 +138,9 @@ async fn process(
             }
             for content in &to_device {
                 crate::http::to_device::deliver_remote(tx, &o, &ours, content)?;
+            }
+            for content in &device_lists {
+                crate::http::keys::remote_device_list_changed(tx, &o, content)?;
             }
             q::insert_received_txn(tx, &o, &t, now as i64)
         })

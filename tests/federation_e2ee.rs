@@ -20,22 +20,33 @@ fn sign(v: Value, signer: &str, key: &Ed25519KeyPair) -> Value {
     serde_json::to_value(o).unwrap()
 }
 
+/// The device ID of a token's device.
+fn device_of(base: &str, tok: &str) -> String {
+    let (_, who) = curl(
+        "GET",
+        &format!("{base}/_matrix/client/v3/account/whoami"),
+        Some(tok),
+        None,
+    );
+    who["device_id"].as_str().unwrap().to_owned()
+}
+
+/// A signing key for `device` (key ID `ed25519:<device>`) and its public half.
+fn device_key(device: &str) -> (Ed25519KeyPair, String) {
+    let doc = Ed25519KeyPair::generate();
+    let key = Ed25519KeyPair::from_der(&doc, device.to_owned()).unwrap();
+    let ed = Base64::<Standard, _>::new(key.public_key().to_vec()).encode();
+    (key, ed)
+}
+
 #[test]
 fn device_and_one_time_keys_cross_servers() {
     let a = Hearth::start();
     let b = Hearth::start();
     let (alice, alice_tok) = register(&a.url(), "alice");
     let (_bob, bob_tok) = register(&b.url(), "bob");
-    let (_, who) = curl(
-        "GET",
-        &format!("{}/_matrix/client/v3/account/whoami", a.url()),
-        Some(&alice_tok),
-        None,
-    );
-    let device = who["device_id"].as_str().unwrap().to_owned();
-    let doc = Ed25519KeyPair::generate();
-    let key = Ed25519KeyPair::from_der(&doc, device.clone()).unwrap();
-    let ed = Base64::<Standard, _>::new(key.public_key().to_vec()).encode();
+    let device = device_of(&a.url(), &alice_tok);
+    let (key, ed) = device_key(&device);
     let device_keys = sign(
         json!({
             "user_id": alice, "device_id": device,
@@ -151,13 +162,7 @@ fn to_device_messages_cross_servers_once() {
     let (alice, alice_tok) = register(&a.url(), "alice");
     let (bob, bob_tok) = register(&b.url(), "bob");
     let (_, since) = to_device_events(&b.url(), &bob_tok, None);
-    let (_, who) = curl(
-        "GET",
-        &format!("{}/_matrix/client/v3/account/whoami", b.url()),
-        Some(&bob_tok),
-        None,
-    );
-    let bob_device = who["device_id"].as_str().unwrap().to_owned();
+    let bob_device = device_of(&b.url(), &bob_tok);
     let send = |txn: &str, device: &str, n: u32| {
         let (s, v) = curl(
             "PUT",
@@ -235,16 +240,8 @@ fn a_device_list_change_reaches_users_of_other_servers_sharing_a_room() {
     let since = sync(&first)["next_batch"].as_str().unwrap().to_owned();
 
     // Alice uploads device keys on her server.
-    let (_, who) = curl(
-        "GET",
-        &format!("{}/_matrix/client/v3/account/whoami", a.url()),
-        Some(&alice_tok),
-        None,
-    );
-    let device = who["device_id"].as_str().unwrap().to_owned();
-    let doc = Ed25519KeyPair::generate();
-    let key = Ed25519KeyPair::from_der(&doc, device.clone()).unwrap();
-    let ed = Base64::<Standard, _>::new(key.public_key().to_vec()).encode();
+    let device = device_of(&a.url(), &alice_tok);
+    let (key, ed) = device_key(&device);
     let keys = sign(
         json!({ "user_id": alice, "device_id": device, "algorithms": ["m.megolm.v1.aes-sha2"],
                 "keys": { format!("ed25519:{device}"): ed } }),

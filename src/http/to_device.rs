@@ -7,7 +7,8 @@
 //! (a retry with the old `since` gets them again), then they are deleted.
 //!
 //! Users of other servers get theirs as one `m.direct_to_device` EDU per server, queued in the
-//! same write as the local deliveries; received EDUs are delivered by [`deliver_remote`],
+//! same write as the local deliveries; received EDUs are delivered by
+//! [`crate::ops::e2ee::deliver_remote`],
 //! once per `(sender, message_id)`.
 
 use ruma::{api::client::to_device::send_event_to_device, to_device::DeviceIdOrAllDevices};
@@ -18,7 +19,7 @@ use super::{auth, json, ruma_req, Req};
 use crate::{
     error::{Error, Result},
     notify::Topic,
-    store::{e2ee as e, queries as q, Connection, Tx},
+    store::{e2ee as e, queries as q, Connection},
     util::random_string,
 };
 
@@ -110,54 +111,6 @@ pub async fn send(mut req: Req) -> Result<Response> {
         })
         .await?;
     json(&json!({}))
-}
-
-/// Delivers an `m.direct_to_device` EDU from `origin` to our users' devices (`*`: all of a
-/// user's devices), in the transaction's write. A `message_id` already delivered for that
-/// sender is skipped (a server may send an EDU again in a retried transaction), and a sender
-/// that is not of `origin` is ignored.
-pub fn deliver_remote(tx: &mut Tx<'_>, origin: &str, ours: &str, content: &Value) -> Result<()> {
-    let (Some(sender), Some(kind), Some(id), Some(messages)) = (
-        content["sender"].as_str(),
-        content["type"].as_str(),
-        content["message_id"].as_str(),
-        content["messages"].as_object(),
-    ) else {
-        return Ok(());
-    };
-    let from_origin = ruma::UserId::parse(sender).is_ok_and(|u| u.server_name().as_str() == origin);
-    if !from_origin || !e::insert_to_device_txn(tx, sender, "", &format!("federation:{id}"))? {
-        return Ok(());
-    }
-    for (user, devices) in messages {
-        let Ok(uid) = ruma::UserId::parse(user.as_str()) else {
-            continue;
-        };
-        if uid.server_name().as_str() != ours {
-            continue;
-        }
-        let Some(devices) = devices.as_object() else {
-            continue;
-        };
-        for (device, msg) in devices {
-            if !msg.is_object() {
-                continue;
-            }
-            let targets = if device == "*" {
-                e::list_device_ids(tx, user)?
-            } else if e::device_exists(tx, user, device)? {
-                vec![device.clone()]
-            } else {
-                continue;
-            };
-            let content = msg.to_string();
-            for d in targets {
-                let pos = tx.next_pos([Topic::user(user.as_str())]);
-                e::insert_to_device(tx, user, &d, pos, sender, kind, &content)?;
-            }
-        }
-    }
-    Ok(())
 }
 
 /// The to-device part of a `/sync` response: a device's messages with `after < pos <= upto`

@@ -3,6 +3,7 @@
 //! call these; handlers only parse the request (ruma's types) and shape the answer.
 
 pub mod account;
+pub mod e2ee;
 pub mod events;
 pub mod federation;
 pub mod profile;

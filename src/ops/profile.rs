@@ -3,7 +3,6 @@
 //! the same commit's outbox rows).
 
 use ruma::{OwnedRoomId, UserId};
-use serde_json::json;
 
 use crate::{
     error::{Error, Result},
@@ -33,13 +32,8 @@ pub async fn set_profile(
                 if membership != "join" {
                     continue;
                 }
-                let mut content = json!({ "membership": "join" });
-                if let Some(d) = &d {
-                    content["displayname"] = d.clone().into();
-                }
-                if let Some(a) = &a {
-                    content["avatar_url"] = a.clone().into();
-                }
+                // The profile row was just updated: the member content reads it back.
+                let content = super::rooms::join_content(tx, &uid)?;
                 let rid = OwnedRoomId::try_from(room).map_err(Error::internal)?;
                 build::send(
                     tx,

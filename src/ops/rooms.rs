@@ -211,7 +211,7 @@ impl NewEvent {
 }
 
 /// `{membership: join}` with the user's profile, as clients expect on member events.
-fn join_content(conn: &crate::store::Connection, user_id: &UserId) -> Result<Value> {
+pub(super) fn join_content(conn: &crate::store::Connection, user_id: &UserId) -> Result<Value> {
     let mut c = json!({ "membership": "join" });
     if let Some(u) = q::get_user(conn, user_id.as_str())? {
         if let Some(d) = u.displayname {

@@ -34,7 +34,7 @@ pub fn delete_sticky(conn: &Connection, event_id: &str) -> Result<()> {
     Ok(())
 }
 
-/// The rooms among `rooms` with a sticky event live at `now`.
+/// The rooms with a sticky event live at `now`.
 pub fn rooms_with_live_sticky(conn: &Connection, now: i64) -> Result<Vec<String>> {
     let mut stmt =
         conn.prepare_cached("SELECT DISTINCT room_id FROM sticky_events WHERE expires_ts > ?1")?;

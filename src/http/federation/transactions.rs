@@ -137,10 +137,10 @@ async fn process(
                 )?;
             }
             for content in &to_device {
-                crate::http::to_device::deliver_remote(tx, &o, &ours, content)?;
+                crate::ops::e2ee::deliver_remote(tx, &o, &ours, content)?;
             }
             for content in &device_lists {
-                crate::http::keys::remote_device_list_changed(tx, &o, content)?;
+                crate::ops::e2ee::remote_device_list_changed(tx, &o, content)?;
             }
             q::insert_received_txn(tx, &o, &t, now as i64)
         })

@@ -11,7 +11,8 @@ use tide::Response;
 use super::origin;
 use crate::{
     error::{Error, Result},
-    http::{json, keys, Req},
+    http::{json, Req},
+    ops::e2ee,
     store::e2ee as e,
 };
 
@@ -32,7 +33,7 @@ pub async fn keys_query(mut req: Req) -> Result<Response> {
                     continue;
                 }
                 let devices: Vec<String> = devices.iter().map(|d| d.to_string()).collect();
-                keys::query_local_user(c, user.as_str(), &devices, "", &mut out)?;
+                e2ee::query_local_user(c, user.as_str(), &devices, "", &mut out)?;
             }
             if let Some(o) = out.as_object_mut() {
                 o.remove("user_signing_keys");
@@ -55,7 +56,7 @@ pub async fn keys_claim(mut req: Req) -> Result<Response> {
         .collect();
     let keys = app
         .store
-        .write(move |tx| keys::claim_local(tx, &local))
+        .write(move |tx| e2ee::claim_local(tx, &local))
         .await?;
     json(&json!({ "one_time_keys": keys }))
 }
@@ -95,7 +96,7 @@ pub async fn devices(mut req: Req) -> Result<Response> {
                 ("master", "master_key"),
                 ("self_signing", "self_signing_key"),
             ] {
-                if let Some(v) = keys::cross_signing_key(c, &user, key_type, "")? {
+                if let Some(v) = e2ee::cross_signing_key(c, &user, key_type, "")? {
                     out[field] = v;
                 }
             }

@@ -37,8 +37,12 @@ use matrix_sdk::{
             uiaa::{AuthData, Dummy},
         },
         directory::Filter as DirectoryFilter,
-        events::room::{
-            join_rules::JoinRule, member::MembershipState, message::RoomMessageEventContent,
+        events::{
+            room::{
+                encryption::RoomEncryptionEventContent, join_rules::JoinRule,
+                member::MembershipState, message::RoomMessageEventContent,
+            },
+            InitialStateEvent,
         },
         serde::Raw,
         uint, OwnedEventId, OwnedRoomAliasId, OwnedRoomId, OwnedUserId, RoomAliasId, RoomId,
@@ -126,6 +130,14 @@ fn start_hearth() -> Server {
             synapse_name: None,
         };
     }
+    spawn_hearth(false)
+}
+
+/// Starts a Hearth from `HEARTH_BIN` (default `target/debug/hearth`) on a free loopback port.
+/// With `tls`, it serves the client and federation APIs over TLS with a self-signed
+/// certificate made by the machine's openssl, and accepts self-signed peers
+/// (`--insecure-federation-tls`): what it takes to federate with the Synapse started here.
+fn spawn_hearth(tls: bool) -> Server {
     let bin = std::env::var("HEARTH_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|_| repo_dir().join("target/debug/hearth"));
@@ -133,19 +145,48 @@ fn start_hearth() -> Server {
     let dir = std::env::temp_dir().join(format!("hearth-sdk-{port}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("a temp dir for Hearth");
-    let child = Command::new(&bin)
-        .arg("--database")
+    let mut cmd = Command::new(&bin);
+    cmd.arg("--database")
         .arg(dir.join("hearth.db"))
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--server-name", &format!("127.0.0.1:{port}")])
-        .arg("--no-rate-limit")
+        .arg("--no-rate-limit");
+    if tls {
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let out = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+            .args([
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl is installed");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cmd.arg("--tls-cert")
+            .arg(cert)
+            .arg("--tls-key")
+            .arg(key)
+            .arg("--insecure-federation-tls");
+    }
+    let child = cmd
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("server.log")).expect("a log file"))
         .spawn()
         .unwrap_or_else(|e| panic!("starting {} (build it first): {e}", bin.display()));
-    let url = format!("http://127.0.0.1:{port}");
+    let scheme = if tls { "https" } else { "http" };
     let server = Server {
-        url,
+        url: format!("{scheme}://127.0.0.1:{port}"),
         child: Some(child),
         synapse_name: None,
     };
@@ -210,8 +251,9 @@ fn server_url(kind: Kind) -> String {
         .clone()
 }
 
-/// Scenarios times two servers: the last test to finish stops the servers started here.
-const TESTS: usize = 2 * 6;
+/// Scenarios times two servers, plus the federated ones: the last test to finish stops the
+/// servers started here.
+const TESTS: usize = 2 * 6 + 1;
 
 struct Finished;
 
@@ -266,6 +308,34 @@ scenario!(alias_publish_and_removal_update_the_room);
 scenario!(room_summary_of_a_public_room);
 scenario!(decline_then_accept_an_invite);
 scenario!(joining_a_room_everyone_left_is_not_found);
+
+/// A Hearth user and a Synapse user chat in an encrypted room over federation (issue 10). The
+/// Hearth here is one started for this test with TLS, so the Synapse can reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_chat_between_a_hearth_user_and_a_synapse_user() {
+    let _finished = Finished;
+    let synapse = tokio::task::spawn_blocking(|| server_url(Kind::Synapse))
+        .await
+        .expect("server start");
+    let hearth = tokio::task::spawn_blocking(|| spawn_hearth(true))
+        .await
+        .expect("hearth start");
+    if let Err(e) = encrypted_chat_across_federation(&hearth.url, &synapse).await {
+        let log = hearth
+            .url
+            .rsplit(':')
+            .next()
+            .map(|port| std::env::temp_dir().join(format!("hearth-sdk-{port}/server.log")))
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        panic!(
+            "Hearth {} with Synapse {synapse}: {e:#}\n--- Hearth log (last lines, newest first) ---\n{}",
+            hearth.url,
+            tail.join("\n")
+        );
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -503,6 +573,86 @@ async fn timeline_until(
 
 // ---------------------------------------------------------------------------------------------
 // Scenarios
+
+/// Alice (on Hearth) creates an encrypted room and invites Bob (on Synapse); both send a
+/// message, and each one's SDK decrypts the other's: device keys asked of the other server
+/// (`/user/keys/query`), a one-time key claimed across (`/user/keys/claim`), the room key
+/// delivered as an `m.direct_to_device` EDU.
+async fn encrypted_chat_across_federation(hearth: &str, synapse: &str) -> Result<()> {
+    let alice = register_user(hearth, "alice").await?;
+    let bob = register_user(synapse, "bob").await?;
+    let room = create_room(&alice.client, |r| {
+        r.name = Some("Secret den".to_owned());
+        r.invite = vec![bob.id.clone()];
+        r.initial_state = vec![InitialStateEvent::with_empty_state_key(
+            RoomEncryptionEventContent::with_recommended_defaults(),
+        )
+        .to_raw_any()];
+    })
+    .await?;
+    ensure!(
+        room.latest_encryption_state().await?.is_encrypted(),
+        "the room is not encrypted for its creator"
+    );
+    let invited = room_in_state(&bob.client, room.room_id(), RoomState::Invited).await?;
+    invited.join().await.context("bob joins over federation")?;
+    let bob_room = room_in_state(&bob.client, room.room_id(), RoomState::Joined).await?;
+    sync_until_member(&alice.client, &room, &bob.id, MembershipState::Join).await?;
+
+    let alice_sync = sync_in_background(&alice.client)?;
+    let bob_sync = sync_in_background(&bob.client)?;
+    let alice_timeline = room.timeline().await.context("alice's timeline")?;
+    let bob_timeline = bob_room.timeline().await.context("bob's timeline")?;
+
+    room.send(RoomMessageEventContent::text_plain(
+        "from hearth, encrypted",
+    ))
+    .await
+    .context("alice sends")?;
+    decrypted_until(&bob_timeline, "from hearth, encrypted").await?;
+    bob_room
+        .send(RoomMessageEventContent::text_plain(
+            "from synapse, encrypted",
+        ))
+        .await
+        .context("bob sends")?;
+    decrypted_until(&alice_timeline, "from synapse, encrypted").await?;
+    alice_sync.abort();
+    bob_sync.abort();
+    Ok(())
+}
+
+/// Waits until the timeline holds a message with `body` that arrived encrypted and was
+/// decrypted by the SDK.
+async fn decrypted_until(timeline: &Timeline, body: &str) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let items = timeline.items().await;
+        let found = items.iter().filter_map(|i| i.as_event()).any(|ev| {
+            ev.encryption_info().is_some()
+                && ev.content().as_message().is_some_and(|m| m.body() == body)
+        });
+        if found {
+            return Ok(());
+        }
+        if start.elapsed() > WAIT {
+            let seen: Vec<String> = items
+                .iter()
+                .filter_map(|i| i.as_event())
+                .map(|ev| {
+                    format!(
+                        "{:?} encrypted={} utd={}",
+                        ev.content().as_message().map(|m| m.body().to_owned()),
+                        ev.encryption_info().is_some(),
+                        ev.content().is_unable_to_decrypt()
+                    )
+                })
+                .collect();
+            bail!("waited {WAIT:?} for {body:?} decrypted; the timeline has {seen:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
 
 /// Register two users, create a room, invite; the invitee's SDK names the inviter (from the
 /// inviter's member event in the invite's stripped state); the invitee accepts, and both send

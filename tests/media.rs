@@ -665,3 +665,180 @@ fn remote_media_is_fetched_over_federation_and_cached() {
     assert_eq!(status, 200);
     assert_eq!(got, png);
 }
+
+/// Remote media larger than the 32 MiB that bounds other federation answers, but within the
+/// upload limit (50 MiB by default), is fetched whole. It used to be cut at 32 MiB and fail.
+#[test]
+fn remote_media_over_32_mib_is_fetched() {
+    use common::fed::{curl_bytes, register, Hearth};
+    let a = Hearth::start();
+    let b = Hearth::start();
+    let (_, alice) = register(&a.url(), "alice");
+    let (_, bob) = register(&b.url(), "bob");
+    let big: Vec<u8> = (0..40u32 * 1024 * 1024)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let (status, body) = curl_bytes(
+        "POST",
+        &format!("{}/_matrix/media/v3/upload?filename=big.bin", a.url()),
+        &alice,
+        Some(&big),
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    let id = v["content_uri"]
+        .as_str()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let (status, got) = curl_bytes(
+        "GET",
+        &format!(
+            "{}/_matrix/client/v1/media/download/{}/{id}",
+            b.url(),
+            a.server_name()
+        ),
+        &bob,
+        None,
+    );
+    assert_eq!(
+        status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&got[..got.len().min(300)])
+    );
+    assert!(
+        got == big,
+        "got {} bytes, not the {} uploaded",
+        got.len(),
+        big.len()
+    );
+}
+
+/// A remote server may answer a federation download with a `Location` (its files live
+/// elsewhere); Hearth follows it once and caches the file. A location that redirects again
+/// is refused.
+#[test]
+fn a_remote_download_that_redirects_is_followed_once() {
+    use common::fed::{curl_bytes, register, Hearth};
+    let png = encoded(gradient(64, 48), ImageFormat::Png);
+    let remote = RedirectingRemote::start(png.clone());
+    let b = Hearth::start();
+    let (_, bob) = register(&b.url(), "bob");
+    let url = |id: &str| {
+        format!(
+            "{}/_matrix/client/v1/media/download/{}/{id}",
+            b.url(),
+            remote.name
+        )
+    };
+    let (status, got) = curl_bytes("GET", &url("pic"), &bob, None);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&got));
+    assert_eq!(got, png);
+    let (status, got) = curl_bytes("GET", &url("loop"), &bob, None);
+    assert_eq!(status, 502, "{}", String::from_utf8_lossy(&got));
+    assert_eq!(
+        *remote.hits.lock().unwrap(),
+        vec![
+            "/_matrix/federation/v1/media/download/pic".to_owned(),
+            "/files/pic".to_owned(),
+            "/_matrix/federation/v1/media/download/loop".to_owned(),
+            "/files/loop".to_owned(),
+        ],
+        "each hop once, and no second redirect followed"
+    );
+    // Cached: asked again, the remote is not contacted.
+    let (status, got) = curl_bytes("GET", &url("pic"), &bob, None);
+    assert_eq!((status, got), (200, png));
+    assert_eq!(remote.hits.lock().unwrap().len(), 4);
+}
+
+/// A TLS "server" that answers federation downloads with a `Location` to its own `/files/`
+/// path, serves `/files/pic`, and answers `/files/loop` with yet another redirect.
+struct RedirectingRemote {
+    name: String,
+    hits: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedirectingRemote {
+    fn start(file: Vec<u8>) -> Self {
+        use futures_lite::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = common::fed::self_signed_cert(dir.path());
+        let mut c = config_in(dir.path());
+        c.tls_cert = Some(cert);
+        c.tls_key = Some(key);
+        let tls = hearth::server::load_tls(&c).unwrap().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let name = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
+        let hits = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (h, me) = (hits.clone(), name.clone());
+        std::thread::spawn(move || {
+            // Bounded: the test makes four requests that reach this server.
+            for conn in listener.incoming().take(16) {
+                let Ok(conn) = conn else { continue };
+                let (tls, h, me, file) = (tls.clone(), h.clone(), me.clone(), file.clone());
+                std::thread::spawn(move || {
+                    smol::block_on(async move {
+                        let Ok(conn) = smol::Async::new(conn) else {
+                            return;
+                        };
+                        let Ok(mut s) = tls.accept(conn).await else {
+                            return;
+                        };
+                        let mut buf = Vec::new();
+                        let mut chunk = [0u8; 4096];
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let head = String::from_utf8_lossy(&buf).to_string();
+                        let path = head.split(' ').nth(1).unwrap_or("").to_owned();
+                        h.lock().unwrap().push(path.clone());
+                        let fed = "/_matrix/federation/v1/media/download/";
+                        let (status, headers, body): (&str, String, Vec<u8>) = if let Some(id) =
+                            path.strip_prefix(fed)
+                        {
+                            let body = format!(
+                                    "--b\r\nContent-Type: application/json\r\n\r\n{{}}\r\n--b\r\nLocation: https://{me}/files/{id}\r\n\r\n\r\n--b--\r\n"
+                                );
+                            (
+                                "200 OK",
+                                "Content-Type: multipart/mixed; boundary=b\r\n".into(),
+                                body.into_bytes(),
+                            )
+                        } else if path == "/files/pic" {
+                            ("200 OK", "Content-Type: image/png\r\n".into(), file)
+                        } else if path == "/files/loop" {
+                            (
+                                "302 Found",
+                                format!("Location: https://{me}/files/pic\r\n"),
+                                Vec::new(),
+                            )
+                        } else {
+                            ("404 Not Found", String::new(), Vec::new())
+                        };
+                        let head = format!(
+                            "HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
+                            body.len()
+                        );
+                        let _ = s.write_all(head.as_bytes()).await;
+                        let _ = s.write_all(&body).await;
+                        let _ = s.flush().await;
+                        let _ = s.close().await;
+                    });
+                });
+            }
+        });
+        Self {
+            name,
+            hits,
+            _dir: dir,
+        }
+    }
+}

@@ -46,7 +46,8 @@ use crate::{
     room::build::Local,
 };
 
-/// Largest response body accepted from a remote server.
+/// Largest response body accepted from a remote server, except where a caller sets its own
+/// limit (a media download: the configured upload limit, see [`Client::send_limited`]).
 const MAX_RESPONSE_BYTES: u64 = 32 * 1024 * 1024;
 
 /// Idle connections kept per destination, and across all destinations.
@@ -184,8 +185,55 @@ impl Client {
     where
         R: OutgoingRequest<Authentication = ServerSignatures, PathBuilder = SinglePath>,
     {
-        let (dest, res) = self.send_http(dest, req).await?;
+        let (dest, res) = self.send_http(dest, req, MAX_RESPONSE_BYTES).await?;
         parse::<R>(dest, res)
+    }
+
+    /// [`send`](Self::send) with its own limit on the answer's size: a media download may be
+    /// as large as an upload may (Synapse's default `max_upload_size` is 50 MiB, above the
+    /// 32 MiB that bounds every other answer). An answer over `max_bytes` is refused, never
+    /// taken truncated.
+    pub async fn send_limited<R>(
+        &self,
+        dest: &ServerName,
+        req: R,
+        max_bytes: u64,
+    ) -> Result<R::IncomingResponse>
+    where
+        R: OutgoingRequest<Authentication = ServerSignatures, PathBuilder = SinglePath>,
+    {
+        let (dest, res) = self.send_http(dest, req, max_bytes).await?;
+        parse::<R>(dest, res)
+    }
+
+    /// An unauthenticated `GET` of an `https` URL, for the `Location` a remote server may
+    /// answer a media download with (the spec lets it redirect to where the file is). Only
+    /// `https`: the same TLS (and certificate checks) as federation. Answers of any status
+    /// are returned; the body is refused over `max_bytes`.
+    pub async fn get_url(&self, url: &str, max_bytes: u64) -> Result<http::Response<Vec<u8>>> {
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| remote(format_args!("bad redirect location {url:?}: {e}")))?;
+        if uri.scheme_str() != Some("https") {
+            return Err(remote(format_args!(
+                "redirect location {url:?} is not https"
+            )));
+        }
+        let host = uri
+            .host()
+            .ok_or_else(|| remote(format_args!("redirect location {url:?} has no host")))?;
+        let ep = Endpoint {
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+            port: uri.port_u16().unwrap_or(443),
+        };
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let req = http::Request::get(path)
+            .body(Vec::new())
+            .map_err(Error::internal)?;
+        self.execute(&ep, req, max_bytes).await
     }
 
     /// [`send`](Self::send), telling a final refusal apart: `Ok(Err(e))` when the server
@@ -201,7 +249,7 @@ impl Client {
     where
         R: OutgoingRequest<Authentication = ServerSignatures, PathBuilder = SinglePath>,
     {
-        let (dest, res) = self.send_http(dest, req).await?;
+        let (dest, res) = self.send_http(dest, req, MAX_RESPONSE_BYTES).await?;
         let refused = matches!(res.status().as_u16(), 400 | 403 | 413 | 414 | 422);
         match parse::<R>(dest, res) {
             Ok(r) => Ok(Ok(r)),
@@ -214,6 +262,7 @@ impl Client {
         &self,
         dest: &'d ServerName,
         req: R,
+        max_bytes: u64,
     ) -> Result<(&'d ServerName, http::Response<Vec<u8>>)>
     where
         R: OutgoingRequest<Authentication = ServerSignatures, PathBuilder = SinglePath>,
@@ -227,7 +276,7 @@ impl Client {
         let http_req = req
             .try_into_http_request::<Vec<u8>>(&ep.base_url(), input, ())
             .map_err(|e| Error::internal(format_args!("building a federation request: {e}")))?;
-        let res = self.execute(&ep, http_req).await?;
+        let res = self.execute(&ep, http_req, max_bytes).await?;
         Ok((dest, res))
     }
 
@@ -244,7 +293,7 @@ impl Client {
         let http_req = req
             .try_into_http_request::<Vec<u8>>(&ep.base_url(), (), ())
             .map_err(|e| Error::internal(format_args!("building a federation request: {e}")))?;
-        let res = self.execute(&ep, http_req).await?;
+        let res = self.execute(&ep, http_req, MAX_RESPONSE_BYTES).await?;
         parse::<R>(dest, res)
     }
 
@@ -265,7 +314,7 @@ impl Client {
         ))
         .body(Vec::new())
         .map_err(Error::internal)?;
-        let delegated = match self.execute(&well_known, req).await {
+        let delegated = match self.execute(&well_known, req, MAX_RESPONSE_BYTES).await {
             Ok(res) if res.status().is_success() => {
                 serde_json::from_slice::<serde_json::Value>(res.body())
                     .ok()
@@ -300,16 +349,17 @@ impl Client {
     }
 
     /// One request, on an idle connection to `ep` if there is one, bounded by the client's
-    /// timeout.
+    /// timeout; an answer over `max_bytes` is an error.
     async fn execute(
         &self,
         ep: &Endpoint,
         req: http::Request<Vec<u8>>,
+        max_bytes: u64,
     ) -> Result<http::Response<Vec<u8>>> {
         let exchange = async {
             let out = Outgoing::new(ep, req)?;
             if let Some(conn) = self.pool.take(ep) {
-                match self.exchange(ep, conn, out.build()).await {
+                match self.exchange(ep, conn, out.build(), max_bytes).await {
                     Err(Failure::BeforeAnswer(e)) => {
                         log::debug!(
                             "reused connection to {}:{} failed ({}); reconnecting",
@@ -322,7 +372,7 @@ impl Client {
                 }
             }
             let conn = self.connect(ep).await?;
-            self.exchange(ep, conn, out.build())
+            self.exchange(ep, conn, out.build(), max_bytes)
                 .await
                 .map_err(Failure::into_error)
         };
@@ -333,24 +383,37 @@ impl Client {
         future::or(exchange, timeout).await
     }
 
-    /// Sends `out` on `conn` and reads the whole answer; the connection goes back to the pool
-    /// when the exchange left it clean.
+    /// Sends `out` on `conn` and reads the whole answer (at most `max_bytes`: a longer one is
+    /// an error, never a truncated body); the connection goes back to the pool when the
+    /// exchange left it clean.
     async fn exchange(
         &self,
         ep: &Endpoint,
         conn: Tls,
         out: http_types::Request,
+        max_bytes: u64,
     ) -> std::result::Result<http::Response<Vec<u8>>, Failure> {
         let lent = Lent(Arc::new(Mutex::new(conn)));
         let mut res = async_h1::connect(lent.clone(), out).await.map_err(|e| {
             Failure::BeforeAnswer(remote(format_args!("{}:{}: {e}", ep.host, ep.port)))
         })?;
         let mut bytes = Vec::new();
+        // One byte past the limit tells "exactly at the limit" from "over it".
         res.take_body()
-            .take(MAX_RESPONSE_BYTES)
+            .take(max_bytes.saturating_add(1))
             .read_to_end(&mut bytes)
             .await
             .map_err(|e| Failure::After(remote(format_args!("reading from {}: {e}", ep.host))))?;
+        if bytes.len() as u64 > max_bytes {
+            return Err(Failure::After(Error::new(
+                502,
+                "M_TOO_LARGE",
+                format!(
+                    "Remote server: {} answered more than {max_bytes} bytes",
+                    ep.host
+                ),
+            )));
+        }
         let framed = res.header("Content-Length").is_some()
             || res
                 .header("Transfer-Encoding")
@@ -369,7 +432,7 @@ impl Client {
             }
         }
         drop(res); // its body held a copy of the connection
-        if framed && !close && (bytes.len() as u64) < MAX_RESPONSE_BYTES {
+        if framed && !close {
             if let Some(conn) = lent.take_back() {
                 self.pool.put(ep, conn);
             }

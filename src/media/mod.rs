@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use ruma::{
     api::federation::authenticated_media::{get_content, FileOrLocation},
+    http_headers::ContentDisposition,
     OwnedServerName, ServerName,
 };
 
@@ -340,6 +341,43 @@ async fn read_row(app: &App, origin: &ServerName, media_id: &str) -> Result<Opti
     app.store.read(move |c| q::get_media(c, &o, &id)).await
 }
 
+/// Room for the JSON part and part headers of a federation download's `multipart/mixed`
+/// answer, above the file itself.
+const MULTIPART_OVERHEAD: u64 = 64 * 1024;
+
+/// Follows the `Location` a remote server answered a download with (the spec allows it:
+/// servers that keep media elsewhere, behind a CDN or in object storage, redirect there). One
+/// hop: an answer that redirects again is refused, so a loop cannot keep us busy.
+async fn follow_location(
+    app: &App,
+    location: &str,
+    max: u64,
+) -> Result<(Vec<u8>, Option<String>, Option<ContentDisposition>)> {
+    let res = app.fed.client.get_url(location, max).await?;
+    if !res.status().is_success() {
+        let status = res.status().as_u16();
+        return Err(if status == 404 {
+            Error::not_found("Unknown media")
+        } else {
+            Error::new(
+                502,
+                "M_UNKNOWN",
+                format!("The remote media's location answered {status}"),
+            )
+        });
+    }
+    let header = |name: http::header::HeaderName| {
+        res.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let content_type = header(http::header::CONTENT_TYPE);
+    let disposition = header(http::header::CONTENT_DISPOSITION)
+        .and_then(|d| d.parse::<ContentDisposition>().ok());
+    Ok((res.into_body(), content_type, disposition))
+}
+
 /// Fetches a remote item over federation and caches it (file durable, then its row).
 async fn fetch(
     app: App,
@@ -349,17 +387,16 @@ async fn fetch(
 ) -> Result<MediaRow> {
     let mut req = get_content::v1::Request::new(media_id.clone());
     req.timeout_ms = timeout.min(MAX_WAIT);
-    let res = app.fed.client.send(&origin, req).await?;
-    let content = match res.content {
-        FileOrLocation::File(c) => c,
-        // Following a redirect to an arbitrary URL is not supported (Synapse serves files).
-        FileOrLocation::Location(_) => {
-            return Err(Error::new(
-                502,
-                "M_UNKNOWN",
-                "The remote server redirected the download, which Hearth does not follow",
-            ))
-        }
+    let max = app.config.media.max_upload_bytes;
+    // The multipart answer carries a JSON part and headers besides the file.
+    let res = app
+        .fed
+        .client
+        .send_limited(&origin, req, max.saturating_add(MULTIPART_OVERHEAD))
+        .await?;
+    let (file, content_type, disposition) = match res.content {
+        FileOrLocation::File(c) => (c.file, c.content_type, c.content_disposition),
+        FileOrLocation::Location(location) => follow_location(&app, &location, max).await?,
         _ => {
             return Err(Error::new(
                 502,
@@ -368,8 +405,7 @@ async fn fetch(
             ))
         }
     };
-    let max = app.config.media.max_upload_bytes;
-    if content.file.len() as u64 > max {
+    if file.len() as u64 > max {
         // The spec's answer for remote content too large to serve.
         return Err(Error::new(
             502,
@@ -377,9 +413,9 @@ async fn fetch(
             "The remote content is too large",
         ));
     }
-    let content_type = content.content_type.filter(|c| header_safe(c));
-    let filename = content.content_disposition.and_then(|d| d.filename);
-    let received = app.media.files.receive_bytes(content.file).await?;
+    let content_type = content_type.filter(|c| header_safe(c));
+    let filename = disposition.and_then(|d| d.filename);
+    let received = app.media.files.receive_bytes(file).await?;
     let stored = app.media.files.store(received).await?;
     let row = MediaRow {
         file: Some(stored.name.clone()),

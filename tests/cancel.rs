@@ -127,9 +127,21 @@ fn check_cancellable(
     token: &str,
     body: Option<&Value>,
 ) -> usize {
+    check_cancellable_answer(h, method, path, token, body, 200)
+}
+
+/// [`check_cancellable`] for a read whose answer is `status`.
+fn check_cancellable_answer(
+    h: &Harness,
+    method: http_types::Method,
+    path: &str,
+    token: &str,
+    body: Option<&Value>,
+    status: u16,
+) -> usize {
     let events_before = h.count("SELECT count(*) FROM events");
     let expected = h.call(method, path, Some(token), body);
-    assert_eq!(expected.0, 200, "{path}: {}", expected.1);
+    assert_eq!(expected.0, status, "{path}: {}", expected.1);
     let routes = h.routes.clone();
     let (pendings, res) = drop_at_every_await(
         &h.ex,
@@ -151,10 +163,13 @@ fn check_cancellable(
                 "{path}: a read wrote something"
             );
             let again = h.call(method, path, Some(token), body);
-            assert_eq!(again.0, 200, "{path}: server still answers after drop {n}");
+            assert_eq!(
+                again.0, status,
+                "{path}: server still answers after drop {n}"
+            );
         },
     );
-    assert_eq!(res.unwrap().status(), 200);
+    assert_eq!(res.unwrap().status(), status);
     eprintln!("{path}: dropped at each of {pendings} await points");
     pendings
 }
@@ -217,6 +232,7 @@ fn every_cancellable_endpoint_survives_a_drop_at_every_await() {
             enc("@alice:hearth.test")
         ),
         "/_matrix/client/v3/pushrules/".to_owned(),
+        format!("/_matrix/client/v1/room_summary/{room}"),
         "/_matrix/client/v3/login".to_owned(),
         "/_matrix/client/versions".to_owned(),
         "/_hearth/metrics".to_owned(),
@@ -228,6 +244,14 @@ fn every_cancellable_endpoint_survives_a_drop_at_every_await() {
         counts.push(check_cancellable_get(&h, p, &a));
     }
     assert!(counts[1] >= 1, "the long-poll parks: {counts:?}");
+    // A room held elsewhere is asked of its `via` server over federation (here one refusing
+    // connections, so the answer is 404 after the attempt).
+    let remote = format!(
+        "/_matrix/client/v1/room_summary/{}?via=127.0.0.1:1",
+        enc("!elsewhere:127.0.0.1:1")
+    );
+    let n = check_cancellable_answer(&h, http_types::Method::Get, &remote, &a, None, 404);
+    assert!(n >= 1, "the federation request is awaited");
 }
 
 /// The X-Matrix header of `origin.test` (whose key the harness is told) for one request.
@@ -313,6 +337,7 @@ fn every_federation_read_survives_a_drop_at_every_await() {
             enc("#c:hearth.test")
         )),
         get("/_matrix/federation/v1/publicRooms".to_owned()),
+        get(format!("/_matrix/federation/v1/hierarchy/{room}")),
         post(
             "/_matrix/federation/v1/publicRooms",
             json!({ "filter": {} }),

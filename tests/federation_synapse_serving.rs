@@ -14,7 +14,7 @@ use hearth::config::TrustedKeyServer;
 use serde_json::json;
 
 /// Tests in this file that take a turn with the Synapse: bump it when adding one.
-const TESTS: usize = 2;
+const TESTS: usize = 3;
 
 /// This file's Synapse, stopped after the last of its tests.
 static SYNAPSE: PerFile = PerFile::new(TESTS, Synapse::start);
@@ -184,4 +184,132 @@ fn keys_are_notarised_both_ways_with_synapse() {
             .for_request(&ctx, &gone_name, &[gone_key.as_str()], now),
     )
     .expect("the gone server's key, through Synapse");
+}
+
+/// Room summaries of rooms on the other server, both ways, over federation `/hierarchy`: a
+/// Hearth user previews a public Synapse room (by ID with `via`, and by alias), Synapse users
+/// preview a Hearth room and browse a Hearth space with a child room; a Hearth invite-only room
+/// stays hidden from Synapse.
+#[test]
+fn room_summaries_and_space_hierarchy_with_synapse_both_ways() {
+    let turn = SYNAPSE.turn();
+    let syn: &Synapse = &turn;
+    let hearth = Hearth::start();
+    let (_, alice) = register(&hearth.url(), "alice");
+    let (_, carol) = register(&syn.url(), "carol_sum");
+    let create = |base: &str, tok: &str, body: serde_json::Value| {
+        let (s, v) = curl(
+            "POST",
+            &format!("{base}/_matrix/client/v3/createRoom"),
+            Some(tok),
+            Some(&body),
+        );
+        assert_eq!(s, 200, "{v}");
+        v["room_id"].as_str().unwrap().to_owned()
+    };
+    let summary = |base: &str, tok: &str, room: &str, via: &str| {
+        curl(
+            "GET",
+            &format!(
+                "{base}/_matrix/client/v1/room_summary/{}{}",
+                common::enc(room),
+                if via.is_empty() {
+                    String::new()
+                } else {
+                    format!("?via={via}")
+                }
+            ),
+            Some(tok),
+            None,
+        )
+    };
+    let syn_room = create(
+        &syn.url(),
+        &carol,
+        json!({ "preset": "public_chat", "name": "Synapse lounge", "topic": "tea",
+                "room_alias_name": "lounge", "room_version": "10" }),
+    );
+    let (s, v) = summary(&hearth.url(), &alice, &syn_room, &syn.server_name());
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["room_id"], syn_room.as_str(), "{v}");
+    assert_eq!(v["name"], "Synapse lounge", "{v}");
+    assert_eq!(v["topic"], "tea", "{v}");
+    assert_eq!(v["num_joined_members"], 1, "{v}");
+    assert_eq!(v["join_rule"], "public", "{v}");
+    assert!(v.get("membership").is_none(), "{v}");
+    let (s, v) = summary(
+        &hearth.url(),
+        &alice,
+        &format!("#lounge:{}", syn.server_name()),
+        "",
+    );
+    assert_eq!(
+        (s, v["room_id"].as_str()),
+        (200, Some(syn_room.as_str())),
+        "{v}"
+    );
+
+    let child = create(
+        &hearth.url(),
+        &alice,
+        json!({ "preset": "public_chat", "name": "Hearth kitchen", "room_version": "10" }),
+    );
+    let space = create(
+        &hearth.url(),
+        &alice,
+        json!({ "preset": "public_chat", "name": "Hearth space", "room_version": "10",
+                "creation_content": { "type": "m.space" },
+                "initial_state": [{ "type": "m.space.child", "state_key": child,
+                                    "content": { "via": [hearth.server_name()] } }] }),
+    );
+    let hidden = create(
+        &hearth.url(),
+        &alice,
+        json!({ "preset": "private_chat", "name": "Hearth attic", "room_version": "10" }),
+    );
+    let (s, v) = summary(&syn.url(), &carol, &child, &hearth.server_name());
+    assert_eq!(s, 200, "Synapse's summary of a Hearth room: {v}");
+    assert_eq!(v["name"], "Hearth kitchen", "{v}");
+    assert_eq!(v["num_joined_members"], 1, "{v}");
+    let (s, v) = summary(&syn.url(), &carol, &hidden, &hearth.server_name());
+    assert_eq!(s, 404, "an invite-only Hearth room is hidden: {v}");
+    // Synapse browses only spaces it is in (else "room previews are disabled"): Carol joins
+    // the space; its child, which Synapse does not hold, comes from our `/hierarchy`.
+    let (s, v) = curl(
+        "POST",
+        &format!(
+            "{}/_matrix/client/v3/join/{}?server_name={}",
+            syn.url(),
+            common::enc(&space),
+            hearth.server_name()
+        ),
+        Some(&carol),
+        Some(&json!({})),
+    );
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = curl(
+        "GET",
+        &format!(
+            "{}/_matrix/client/v1/rooms/{}/hierarchy?via={}",
+            syn.url(),
+            common::enc(&space),
+            hearth.server_name()
+        ),
+        Some(&carol),
+        None,
+    );
+    assert_eq!(s, 200, "Synapse browsing a Hearth space: {v}");
+    let names: Vec<&str> = v["rooms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["name"].as_str())
+        .collect();
+    assert_eq!(names, ["Hearth space", "Hearth kitchen"], "{v}");
+    assert_eq!(v["rooms"][0]["room_type"], "m.space", "{v}");
+    assert_eq!(
+        v["rooms"][0]["children_state"][0]["state_key"],
+        child.as_str(),
+        "{v}"
+    );
 }

@@ -411,6 +411,8 @@ pub fn routes(app: App) -> tide::Server<App> {
         .get(c(federation::directory::public_rooms));
     s.at("/_matrix/federation/v1/publicRooms")
         .post(c(federation::directory::public_rooms_filtered));
+    s.at("/_matrix/federation/v1/hierarchy/:room_id")
+        .get(c(federation::hierarchy::hierarchy));
     s.at("/_matrix/federation/v1/event/:event_id")
         .get(c(federation::events::get_event));
     s.at("/_matrix/federation/v1/state_ids/:room_id")

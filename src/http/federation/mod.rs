@@ -5,6 +5,7 @@
 
 pub mod directory;
 pub mod events;
+pub mod hierarchy;
 pub mod keys;
 pub mod membership;
 pub mod query;

@@ -29,7 +29,7 @@
 //! `/sync` carries no presence (Synapse's `presence.enabled: false`).
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::{Arc, Mutex, MutexGuard},
 };
 
@@ -39,6 +39,7 @@ use serde_json::{json, Value};
 
 use crate::{
     error::Result,
+    http::sync::Since,
     notify::{Notifier, Topic},
     store::presence::PresenceRow,
     App, Clock,
@@ -576,45 +577,68 @@ pub async fn sync_started(
     Ok(guard)
 }
 
-/// The `m.presence` events of a sync covering ephemeral serials `(since, upto]`: the user's
-/// own and those of users sharing a room with them, through the sync filter's `presence`
-/// part.
+/// The `m.presence` events of a sync covering `(since, upto]`: the user's own and those of users
+/// sharing a room with them whose change was announced in `(since.eph, upto.eph]`, and, for a
+/// room joined in `(since.pos, upto.pos]`, its members' current presence (Synapse sends a new
+/// member everyone's presence, not only what changes later); through the sync filter's
+/// `presence` part. `rooms` are the user's rooms (room, membership, position).
 pub async fn for_sync(
     app: &App,
     user: &str,
-    since: Option<i64>,
-    upto: i64,
+    since: Option<Since>,
+    upto: Since,
     filter: &crate::http::events::EventFilter,
+    rooms: &[(String, String, i64)],
 ) -> Result<Vec<Value>> {
     if !app.presence.enabled() {
         return Ok(Vec::new());
     }
-    let mut changed: Vec<(String, Status)> = app
-        .presence
-        .changed_between(since, upto)
-        .into_iter()
-        .filter(|(u, _)| filter.allows_parts("m.presence", u))
+    let new_rooms: Vec<String> = rooms
+        .iter()
+        .filter(|(_, m, pos)| {
+            m == "join" && since.is_some_and(|s| *pos > s.pos && *pos <= upto.pos)
+        })
+        .map(|(r, _, _)| r.clone())
         .collect();
-    if changed.is_empty() {
+    let changed = app.presence.changed_between(since.map(|s| s.eph), upto.eph);
+    if changed.is_empty() && new_rooms.is_empty() {
         return Ok(Vec::new());
     }
-    changed.sort_by(|a, b| a.0.cmp(&b.0));
     let me = user.to_owned();
-    let visible = app
+    let (visible, members) = app
         .store
         .read(move |c| {
-            let mut out = Vec::new();
+            let mut visible = Vec::new();
             for (u, s) in changed {
                 if u == me || crate::store::presence::share_a_room(c, &me, &u)? {
-                    out.push((u, s));
+                    visible.push((u, s));
                 }
             }
-            Ok(out)
+            let mut members = Vec::new();
+            for room in &new_rooms {
+                members.extend(
+                    crate::store::queries::list_members(c, room)?
+                        .into_iter()
+                        .filter(|(_, m, _)| m == "join")
+                        .map(|(u, _, _)| u),
+                );
+            }
+            Ok((visible, members))
         })
         .await?;
+    let mut out: BTreeMap<String, Status> = visible.into_iter().collect();
+    for m in members {
+        if !out.contains_key(&m) {
+            let s = app.presence.get(&m);
+            if s.state != PresenceState::Offline {
+                out.insert(m, s);
+            }
+        }
+    }
     let now = app.clock.now_ms();
-    Ok(visible
+    Ok(out
         .into_iter()
+        .filter(|(u, _)| filter.allows_parts("m.presence", u))
         .take(filter.limit.unwrap_or(usize::MAX))
         .map(|(u, s)| json!({ "type": "m.presence", "sender": u, "content": s.content(now) }))
         .collect())

@@ -332,3 +332,30 @@ fn expect_err((status, body): (u16, Value), want: u16, errcode: &str) {
         "{body}"
     );
 }
+
+#[test]
+fn a_user_joining_a_room_gets_its_members_presence() {
+    let t = two_in_a_room();
+    let (s, a) = (&t.s, t.a.as_str());
+    let (_carol, c) = s.register("carol");
+    let tc = next(&s.sync(&c, "timeout=0"));
+    assert_eq!(
+        put(&t, a, json!({ "presence": "online", "status_msg": "hi" })).0,
+        200
+    );
+    let v = s.sync(&c, &format!("since={tc}&timeout=0"));
+    assert_eq!(
+        presence_of(&v, &t.alice),
+        None,
+        "carol shares no room yet: {v}"
+    );
+    let tc = next(&v);
+    // carol joins a room with alice: alice's presence comes with the room, unchanged as it is.
+    s.join(&c, &s.create_room(a, json!({ "preset": "public_chat" })));
+    let v = s.sync(&c, &format!("since={tc}&timeout=10000"));
+    assert_eq!(
+        presence_of(&v, &t.alice).unwrap()["status_msg"],
+        "hi",
+        "{v}"
+    );
+}

@@ -415,18 +415,13 @@ pub async fn compute(
         now,
         lazy: app.lazy_members.clone(),
     };
+    let uid = who.user_id.as_str();
+    let presence =
+        crate::presence::for_sync(app, uid, since, upto, &filter.presence, &rooms).await?;
     let mut out = app
         .store
         .read(move |c| build(c, &ctx, rooms, typing))
         .await?;
-    let presence = crate::presence::for_sync(
-        app,
-        who.user_id.as_str(),
-        since.map(|s| s.eph),
-        upto.eph,
-        &filter.presence,
-    )
-    .await?;
     out.has_data |= !presence.is_empty();
     out.body["presence"] = json!({ "events": presence });
     Ok(out)

@@ -628,10 +628,10 @@ pub async fn for_sync(
         .await?;
     let mut out: BTreeMap<String, Status> = visible.into_iter().collect();
     for m in members {
-        if !out.contains_key(&m) {
-            let s = app.presence.get(&m);
+        if let std::collections::btree_map::Entry::Vacant(v) = out.entry(m) {
+            let s = app.presence.get(v.key());
             if s.state != PresenceState::Offline {
-                out.insert(m, s);
+                v.insert(s);
             }
         }
     }

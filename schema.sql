@@ -403,3 +403,15 @@ CREATE TABLE IF NOT EXISTS media_thumbnails (
     content_type TEXT NOT NULL,
     PRIMARY KEY (origin, media_id, width, height, method)
 ) STRICT;
+
+-- presence (schema v4)
+-- The persisted copy of the in-memory presence map (`crate::presence`): written in batches by
+-- the presence worker (once a minute and at shutdown), read once at start, so a restart keeps
+-- status messages while a sync never costs a write.
+CREATE TABLE IF NOT EXISTS presence (
+    user_id        TEXT PRIMARY KEY,
+    state          TEXT NOT NULL,
+    status_msg     TEXT,
+    last_active_ts INTEGER NOT NULL,
+    last_sync_ts   INTEGER NOT NULL
+) STRICT;

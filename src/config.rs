@@ -102,6 +102,25 @@ pub struct Config {
     pub federation: FederationConfig,
     /// The media repository (`[media]` in TOML).
     pub media: MediaConfig,
+    /// Presence (`[presence]` in TOML).
+    pub presence: PresenceConfig,
+}
+
+/// Presence: online/idle/offline and status messages.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PresenceConfig {
+    /// Track presence and share it with clients and other servers. Off (Synapse's
+    /// `presence.enabled: false`, which small servers often choose to save work): updates are
+    /// accepted and dropped, `/sync` carries none, `m.presence` EDUs are ignored and
+    /// `GET /presence/{userId}/status` says offline.
+    pub enabled: bool,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
 }
 
 /// Uploads and thumbnails. Files live in a `media/` directory beside the database file.
@@ -197,6 +216,7 @@ impl Default for Config {
             trusted_proxies: Vec::new(),
             federation: FederationConfig::default(),
             media: MediaConfig::default(),
+            presence: PresenceConfig::default(),
         }
     }
 }

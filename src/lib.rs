@@ -15,6 +15,7 @@
 //! - `notify`    Data-less wake-ups for long-polling `/sync`.
 //! - `cancel`    Shield, response cache, linearizer, and the drop-at-every-await test helper.
 //! - `workers`   Long-running tasks woken by deadlines and data-less wake-ups (typing expiry).
+//! - `presence`  In-memory presence (online/idle/offline, status messages), persisted in batches.
 //! - `ephemeral` In-memory typing state, rate limits, token cache, metrics.
 //! - `proxy`     `trusted_proxies` and `X-Forwarded-For`: the client's address.
 //! - `media`     The media repository: files beside the database, thumbnails, remote media.
@@ -36,6 +37,7 @@ pub mod http;
 pub mod media;
 pub mod notify;
 pub mod ops;
+pub mod presence;
 pub mod proxy;
 pub mod room;
 pub mod server;
@@ -80,6 +82,8 @@ pub struct AppInner {
     pub notifier: notify::Notifier,
     pub clock: Arc<dyn Clock>,
     pub typing: ephemeral::Typing,
+    /// Presence, in memory (see `presence`).
+    pub presence: presence::Presence,
     pub limits: ephemeral::RateLimiter,
     pub tokens: ephemeral::TokenCache,
     pub metrics: ephemeral::Metrics,
@@ -125,6 +129,17 @@ impl App {
         let key = load_or_create_identity(&store, &server_name)?;
         let media = media::Media::open(&store, config.media_dir(), &spawner)
             .map_err(|e| format!("media: {e}"))?;
+        let presence = presence::Presence::new(
+            config.presence.enabled,
+            server_name.as_str(),
+            clock.clone(),
+            notifier.clone(),
+        );
+        if config.presence.enabled {
+            let rows = smol::block_on(store.read(store::presence::list_presence))
+                .map_err(|e| format!("presence: {e}"))?;
+            presence.load(rows);
+        }
         let limits = ephemeral::RateLimiter::new(config.rate_limits.clone(), clock.clone());
         let local = Arc::new(room::build::Local {
             server_name: server_name.clone(),
@@ -143,6 +158,7 @@ impl App {
             store,
             notifier: notifier.clone(),
             typing: ephemeral::Typing::new(notifier),
+            presence,
             limits,
             tokens: ephemeral::TokenCache::default(),
             metrics: ephemeral::Metrics::default(),

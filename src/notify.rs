@@ -123,12 +123,20 @@ impl Notifier {
     /// Called when in-memory (ephemeral) data such as typing changes in a room. Returns the
     /// new serial, which the change records so a sync can tell whether it saw it.
     pub fn bump_ephemeral(&self, topic: &Topic) -> i64 {
+        self.bump_ephemeral_many(std::slice::from_ref(topic))
+    }
+
+    /// One ephemeral change that concerns several topics (a presence change: every room of
+    /// its user), under one serial.
+    pub fn bump_ephemeral_many(&self, topics: &[Topic]) -> i64 {
         let slots = lock(&self.inner.slots);
-        // Under the lock, so the serial and the slot's mark move together for watchers.
+        // Under the lock, so the serial and the slots' marks move together for watchers.
         let v = self.inner.eph.fetch_add(1, Ordering::SeqCst) + 1;
-        if let Some(slot) = slots.map.get(topic).and_then(Weak::upgrade) {
-            slot.eph.fetch_max(v, Ordering::SeqCst);
-            slot.event.notify(usize::MAX);
+        for topic in topics {
+            if let Some(slot) = slots.map.get(topic).and_then(Weak::upgrade) {
+                slot.eph.fetch_max(v, Ordering::SeqCst);
+                slot.event.notify(usize::MAX);
+            }
         }
         v
     }

@@ -202,6 +202,14 @@ fn every_cancellable_endpoint_survives_a_drop_at_every_await() {
         &a,
         json!({ "name": "c", "preset": "public_chat", "visibility": "public" }),
     );
+    // bob in the room: reading his presence asks the database whether they share one.
+    let b = h.register("bob");
+    h.call(
+        http_types::Method::Post,
+        &format!("/_matrix/client/v3/join/{room}"),
+        Some(&b),
+        Some(&json!({})),
+    );
     let (_, v) = h.call(
         http_types::Method::Get,
         "/_matrix/client/v3/sync",
@@ -233,6 +241,10 @@ fn every_cancellable_endpoint_survives_a_drop_at_every_await() {
         ),
         "/_matrix/client/v3/pushrules/".to_owned(),
         format!("/_matrix/client/v1/room_summary/{room}"),
+        format!(
+            "/_matrix/client/v3/presence/{}/status",
+            enc("@bob:hearth.test")
+        ),
         "/_matrix/client/v3/login".to_owned(),
         "/_matrix/client/versions".to_owned(),
         "/_hearth/metrics".to_owned(),

@@ -615,14 +615,7 @@ fn a_hearth_user_pages_back_through_a_synapse_rooms_history() {
     let hearth = Hearth::start();
     let (_, alice_tok) = register(&hearth.url(), "alice");
     let (_, carol_tok) = register(&syn.url(), "carol_history");
-    let (s, v) = curl(
-        "POST",
-        &format!("{}/_matrix/client/v3/createRoom", syn.url()),
-        Some(&carol_tok),
-        Some(&json!({ "preset": "public_chat", "room_version": "10" })),
-    );
-    assert_eq!(s, 200, "{v}");
-    let room = v["room_id"].as_str().unwrap().to_owned();
+    let room = syn.create_public_room(&carol_tok);
     for i in 0..30 {
         let (s, v) = curl(
             "PUT",

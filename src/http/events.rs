@@ -373,18 +373,24 @@ impl EventFilter {
     }
 
     pub fn allows(&self, row: &EventRow) -> bool {
-        if self.not_types.iter().any(|p| type_matches(p, &row.kind))
-            || self.not_senders.contains(&row.sender)
+        self.allows_parts(&row.kind, &row.sender)
+    }
+
+    /// The filter on an event's type and sender (also for events that are not rows, such as
+    /// presence).
+    pub fn allows_parts(&self, kind: &str, sender: &str) -> bool {
+        if self.not_types.iter().any(|p| type_matches(p, kind))
+            || self.not_senders.iter().any(|s| s == sender)
         {
             return false;
         }
         self.types
             .as_ref()
-            .is_none_or(|t| t.iter().any(|p| type_matches(p, &row.kind)))
+            .is_none_or(|t| t.iter().any(|p| type_matches(p, kind)))
             && self
                 .senders
                 .as_ref()
-                .is_none_or(|s| s.contains(&row.sender))
+                .is_none_or(|s| s.iter().any(|x| x == sender))
     }
 }
 

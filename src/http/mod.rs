@@ -13,6 +13,7 @@ pub mod federation;
 pub mod keys;
 pub mod media;
 pub mod misc;
+pub mod presence;
 pub mod rooms;
 pub mod summary;
 pub mod sync;
@@ -524,6 +525,10 @@ pub fn routes(app: App) -> tide::Server<App> {
     client!(s, delete "/pushrules/global/:kind/:rule_id" => h(user::delete_push_rule));
     client!(s, get "/pushrules/global/:kind/:rule_id/:attr" => c(user::get_push_rule_attr));
     client!(s, put "/pushrules/global/:kind/:rule_id/:attr" => h(user::put_push_rule_attr));
+
+    // presence
+    client!(s, put "/presence/:user_id/status" => h(presence::put_status));
+    client!(s, get "/presence/:user_id/status" => c(presence::get_status));
 
     // end-to-end encryption: keys, cross-signing, to-device messages, key backup
     client!(s, post "/keys/upload" => h(keys::upload));

@@ -2,7 +2,7 @@
 //!
 //! The token is `s<pos>_<eph>`: the stream position covered (events, account data, receipts,
 //! device-list changes, to-device messages, all from the writer's one counter) and the
-//! ephemeral serial (typing); `s<pos>_<eph>_<td>` when a response held back to-device messages
+//! ephemeral serial (typing and presence, both in memory); `s<pos>_<eph>_<td>` when a response held back to-device messages
 //! (at most [`to_device::MAX_PER_SYNC`] per response): `td` is the last one sent, and the next
 //! response starts after it. A response covers
 //! exactly `(since, upto]` where `upto` is read from the notifier *before* the database, so
@@ -59,6 +59,8 @@ pub struct SyncFilter {
     pub include_leave: bool,
     pub rooms: Option<Vec<String>>,
     pub not_rooms: Vec<String>,
+    /// The filter's `presence` part (types, senders, limit).
+    pub presence: EventFilter,
 }
 
 impl SyncFilter {
@@ -88,6 +90,7 @@ impl SyncFilter {
                 .unwrap_or(false),
             rooms: list(room.get("rooms")),
             not_rooms: list(room.get("not_rooms")).unwrap_or_default(),
+            presence: EventFilter::from_json(v.get("presence").unwrap_or(&json!({})))?,
         })
     }
 
@@ -170,7 +173,15 @@ pub async fn sync(mut req: Req) -> Result<Response> {
         parsed.set_presence.as_str(),
         &["online", "offline", "unavailable"],
     )?;
-    let since = parsed.since.as_deref().map(parse_since).transpose()?;
+    let mut since = parsed.since.as_deref().map(parse_since).transpose()?;
+    if let Some(s) = since.as_mut().filter(|s| s.eph > app.notifier.ephemeral()) {
+        // A token from before a restart (the ephemeral serial starts again at 0): everything
+        // in memory (typing, presence) is new to this client.
+        s.eph = 0;
+    }
+    // Counts this sync for presence until the request ends, however it ends.
+    let _presence =
+        crate::presence::sync_started(&app, who.user_id.as_str(), &parsed.set_presence).await?;
     let timeout = parsed
         .timeout
         .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX))
@@ -404,7 +415,16 @@ pub async fn compute(
         now,
         lazy: app.lazy_members.clone(),
     };
-    app.store.read(move |c| build(c, &ctx, rooms, typing)).await
+    let uid = who.user_id.as_str();
+    let presence =
+        crate::presence::for_sync(app, uid, since, upto, &filter.presence, &rooms).await?;
+    let mut out = app
+        .store
+        .read(move |c| build(c, &ctx, rooms, typing))
+        .await?;
+    out.has_data |= !presence.is_empty();
+    out.body["presence"] = json!({ "events": presence });
+    Ok(out)
 }
 
 /// Everything one sync computation needs besides the database.

@@ -146,6 +146,12 @@ impl TestServer {
             .to_owned()
     }
 
+    /// `token`'s user joins `room`.
+    pub fn join(&self, token: &str, room: &str) {
+        let path = format!("/_matrix/client/v3/join/{}", enc(room));
+        self.ok("POST", &path, Some(token), Some(&json!({})));
+    }
+
     pub fn send(&self, token: &str, room: &str, txn: &str, body: &str) -> String {
         let path = format!(
             "/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}",

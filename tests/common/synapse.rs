@@ -98,6 +98,19 @@ impl Synapse {
         self.run_start(false);
     }
 
+    /// A public room created on this Synapse by `token`'s user, in room version 10 (Synapse
+    /// defaults to 12, which Hearth does not support); its ID.
+    pub fn create_public_room(&self, token: &str) -> String {
+        let (s, v) = curl(
+            "POST",
+            &format!("{}/_matrix/client/v3/createRoom", self.url()),
+            Some(token),
+            Some(&serde_json::json!({ "preset": "public_chat", "room_version": "10" })),
+        );
+        assert_eq!(s, 200, "{v}");
+        v["room_id"].as_str().unwrap().to_owned()
+    }
+
     pub fn server_name(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }

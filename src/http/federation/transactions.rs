@@ -96,7 +96,7 @@ async fn process(
             out.push((id, result));
         }
     }
-    // Typing is in memory; receipts and the transaction's record are one write.
+    // Typing and presence are in memory; receipts and the transaction's record are one write.
     let mut receipts = Vec::new();
     let mut to_device = Vec::new();
     let mut device_lists = Vec::new();
@@ -108,7 +108,10 @@ async fn process(
             Some("m.device_list_update" | "m.signing_key_update") => {
                 device_lists.push(edu["content"].clone())
             }
-            _ => {} // presence: a later issue
+            Some("m.presence") => {
+                crate::presence::receive_edu(app, origin, &edu["content"]).await?
+            }
+            _ => {}
         }
     }
     let ours = app.server_name.to_string();

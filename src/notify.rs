@@ -345,6 +345,20 @@ mod tests {
     }
 
     #[test]
+    fn one_ephemeral_change_on_several_topics_takes_one_serial() {
+        let n = Notifier::default();
+        let a = n.watch([Topic::room("!a:x")]);
+        let b = n.watch([Topic::user("@b:x")]);
+        let c = n.watch([Topic::room("!c:x")]);
+        let seen = n.marks();
+        let serial = n.bump_ephemeral_many(&[Topic::room("!a:x"), Topic::user("@b:x")]);
+        assert_eq!(serial, 1);
+        assert_eq!(n.ephemeral(), 1);
+        assert!(a.changed(seen) && b.changed(seen));
+        assert!(!c.changed(seen));
+    }
+
+    #[test]
     fn dropped_watches_release_their_slots() {
         let n = Notifier::default();
         {

@@ -699,3 +699,86 @@ pub async fn receive_edu(app: &App, origin: &str, content: &Value) -> Result<()>
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+
+    use super::*;
+
+    struct TestClock(AtomicU64);
+
+    impl Clock for TestClock {
+        fn now_ms(&self) -> u64 {
+            self.0.load(SeqCst)
+        }
+    }
+
+    fn presence() -> (Presence, Arc<TestClock>) {
+        let clock = Arc::new(TestClock(AtomicU64::new(1_000_000)));
+        let p = Presence::new(true, "x", clock.clone(), Notifier::default());
+        (p, clock)
+    }
+
+    #[test]
+    fn federation_updates_are_coalesced_to_one_per_window_with_the_latest_state() {
+        let (p, clock) = presence();
+        let t0 = clock.now_ms();
+        p.set("@a:x", PresenceState::Online, None);
+        let (due, later) = p.take_federation_due(t0);
+        assert_eq!(due.len(), 1);
+        assert_eq!(later, None);
+        // Two more changes inside the window: held back, then sent once, as they ended.
+        clock.0.store(t0 + 1_000, SeqCst);
+        p.set("@a:x", PresenceState::Unavailable, Some("brb".into()));
+        clock.0.store(t0 + 2_000, SeqCst);
+        p.set("@a:x", PresenceState::Unavailable, Some("back soon".into()));
+        let (due, later) = p.take_federation_due(t0 + 2_000);
+        assert!(due.is_empty());
+        assert_eq!(later, Some(t0 + FEDERATION_MIN_INTERVAL_MS));
+        let (due, _) = p.take_federation_due(t0 + FEDERATION_MIN_INTERVAL_MS);
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].1.status_msg.as_deref(), Some("back soon"));
+        assert!(p.take_federation_due(t0 + 60_000).0.is_empty(), "sent once");
+        // Remote users are never sent back out.
+        p.set_remote("@r:y", Status::offline());
+        assert!(p.take_federation_due(t0 + 120_000).0.is_empty());
+    }
+
+    #[test]
+    fn activity_while_online_and_active_is_not_news() {
+        let (p, clock) = presence();
+        p.set("@a:x", PresenceState::Online, None);
+        assert_eq!(p.pending_announcements(), vec!["@a:x".to_owned()]);
+        p.announce("@a:x", &[]);
+        assert!(p.pending_announcements().is_empty());
+        // Active again 5 s later: still online and currently active, nothing to announce,
+        // nothing to persist beyond the first change.
+        clock.0.store(clock.now_ms() + 5_000, SeqCst);
+        p.set("@a:x", PresenceState::Online, None);
+        assert!(p.pending_announcements().is_empty());
+        assert_eq!(p.take_dirty().len(), 1);
+        assert!(p.take_dirty().is_empty());
+        // A minute with no sync and no activity: offline, no longer active. That is news.
+        let later = clock.now_ms() + ACTIVE_MS + 1;
+        clock.0.store(later, SeqCst);
+        p.tick(later);
+        assert_eq!(p.pending_announcements(), vec!["@a:x".to_owned()]);
+        let s = p.get("@a:x");
+        assert_eq!(
+            (s.state, s.currently_active),
+            (PresenceState::Offline, false)
+        );
+    }
+
+    #[test]
+    fn disabled_presence_keeps_nothing() {
+        let clock = Arc::new(TestClock(AtomicU64::new(5)));
+        let p = Presence::new(false, "x", clock, Notifier::default());
+        p.set("@a:x", PresenceState::Online, Some("hi".into()));
+        p.set_remote("@r:y", Status::offline());
+        assert_eq!(p.get("@a:x"), Status::offline());
+        assert!(p.changed_between(None, i64::MAX).is_empty());
+        assert!(p.take_dirty().is_empty());
+    }
+}

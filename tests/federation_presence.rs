@@ -5,7 +5,7 @@
 mod common;
 
 use common::{
-    fed::{curl, register, Hearth},
+    fed::{create_public_room, curl, register, Hearth},
     synapse::{eventually, PerFile, Synapse},
 };
 use serde_json::{json, Value};
@@ -156,4 +156,99 @@ fn presence_flows_both_ways_with_synapse() {
     );
     assert_eq!((s, got["status_msg"].as_str()), (200, Some("from Synapse")));
     hearth.hs.stop().unwrap();
+}
+
+/// Rows still queued in `hearth`'s outbox for `dest`.
+fn queued_for(hearth: &Hearth, dest: &str) -> i64 {
+    let dest = dest.to_owned();
+    smol::block_on(hearth.hs.app().store.read(move |c| {
+        Ok(c.query_row(
+            "SELECT count(*) FROM outbox WHERE destination = ?1",
+            [dest],
+            |r| r.get::<_, i64>(0),
+        )?)
+    }))
+    .unwrap()
+}
+
+/// Three Hearths in one room, the second with `[presence] enabled = false`: alice's presence
+/// reaches carol on the third, while the second, which received the same EDU, shows bob
+/// nothing, says alice is offline, and sends nothing about bob.
+#[test]
+fn a_server_with_presence_disabled_ignores_presence_edus_and_sends_none() {
+    let a = Hearth::start();
+    let b = Hearth::start_with("127.0.0.1", |c| c.presence.enabled = false);
+    let c = Hearth::start();
+    let (alice, alice_tok) = register(&a.url(), "alice");
+    let (bob, bob_tok) = register(&b.url(), "bob");
+    let (carol, carol_tok) = register(&c.url(), "carol");
+    let room = create_public_room(&a.url(), &alice_tok, None);
+    let room: ruma::OwnedRoomId = room.as_str().try_into().unwrap();
+    let via: ruma::OwnedServerName = a.server_name().as_str().try_into().unwrap();
+    for (h, user) in [(&b, &bob), (&c, &carol)] {
+        let user: ruma::OwnedUserId = user.as_str().try_into().unwrap();
+        smol::block_on(hearth::ops::federation::join_remote(
+            h.hs.app(),
+            &user,
+            &room,
+            std::slice::from_ref(&via),
+        ))
+        .expect("joined through alice's server");
+    }
+    let mut carol_since = None;
+    put_status(
+        &a.url(),
+        &alice,
+        &alice_tok,
+        json!({ "presence": "online", "status_msg": "from a" }),
+    );
+    wait_for_presence(
+        &c.url(),
+        &carol_tok,
+        &mut carol_since,
+        &alice,
+        "alice's presence reaches carol",
+        |p| p["status_msg"] == "from a",
+    );
+    // The same EDU reached b (its outbox rows are gone only after b's 200)...
+    eventually(30, "a's outbox to b drains", || {
+        (queued_for(&a, &b.server_name()) == 0).then_some(())
+    });
+    // ...which kept nothing.
+    let (_, v) = curl(
+        "GET",
+        &format!("{}/_matrix/client/v3/sync?timeout=0", b.url()),
+        Some(&bob_tok),
+        None,
+    );
+    assert_eq!(v["presence"]["events"], json!([]), "{v}");
+    let (s, got) = curl(
+        "GET",
+        &format!(
+            "{}/_matrix/client/v3/presence/{}/status",
+            b.url(),
+            common::enc(&alice)
+        ),
+        Some(&bob_tok),
+        None,
+    );
+    assert_eq!((s, got), (200, json!({ "presence": "offline" })));
+    // bob sets a status on b: nothing is queued for a or c (an enabled server queues it
+    // within milliseconds), and alice never hears of it.
+    put_status(
+        &b.url(),
+        &bob,
+        &bob_tok,
+        json!({ "presence": "online", "status_msg": "from b" }),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(queued_for(&b, &a.server_name()), 0);
+    assert_eq!(queued_for(&b, &c.server_name()), 0);
+    let (_, v) = curl(
+        "GET",
+        &format!("{}/_matrix/client/v3/sync?timeout=0", a.url()),
+        Some(&alice_tok),
+        None,
+    );
+    assert!(presence_of(&v, &bob).is_none(), "{v}");
 }

@@ -150,6 +150,23 @@ pub fn register(base: &str, name: &str) -> (String, String) {
     )
 }
 
+/// A public room created on the server at `base` by `token`'s user, in room `version` if
+/// given; its ID.
+pub fn create_public_room(base: &str, token: &str, version: Option<&str>) -> String {
+    let mut body = json!({ "preset": "public_chat" });
+    if let Some(v) = version {
+        body["room_version"] = v.into();
+    }
+    let (s, v) = curl(
+        "POST",
+        &format!("{base}/_matrix/client/v3/createRoom"),
+        Some(token),
+        Some(&body),
+    );
+    assert_eq!(s, 200, "{v}");
+    v["room_id"].as_str().unwrap().to_owned()
+}
+
 /// A Hearth serving TLS on a fixed port, with `127.0.0.1:PORT` as its server name.
 pub struct Hearth {
     pub hs: hearth::Homeserver,

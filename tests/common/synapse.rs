@@ -101,14 +101,7 @@ impl Synapse {
     /// A public room created on this Synapse by `token`'s user, in room version 10 (Synapse
     /// defaults to 12, which Hearth does not support); its ID.
     pub fn create_public_room(&self, token: &str) -> String {
-        let (s, v) = curl(
-            "POST",
-            &format!("{}/_matrix/client/v3/createRoom", self.url()),
-            Some(token),
-            Some(&serde_json::json!({ "preset": "public_chat", "room_version": "10" })),
-        );
-        assert_eq!(s, 200, "{v}");
-        v["room_id"].as_str().unwrap().to_owned()
+        super::fed::create_public_room(&self.url(), token, Some("10"))
     }
 
     pub fn server_name(&self) -> String {

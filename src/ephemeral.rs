@@ -267,6 +267,8 @@ pub struct Metrics {
     pub connections: AtomicU64,
     /// Parked `/sync` long-polls woken by a change on a topic they watch.
     pub sync_wakeups_total: AtomicU64,
+    /// `/send_join` answers with partial state (`omit_members=true`, MSC3706).
+    pub partial_send_joins_total: AtomicU64,
 }
 
 impl Metrics {
@@ -292,9 +294,10 @@ impl Metrics {
              # HELP hearth_tasks_live Tasks alive on the executor.\n# TYPE hearth_tasks_live gauge\nhearth_tasks_live {}\n\
              # HELP hearth_stream_position Latest committed stream position.\n# TYPE hearth_stream_position gauge\nhearth_stream_position {}\n\
              # HELP hearth_sync_wakeups_total Parked /sync long-polls woken by a change they watch.\n# TYPE hearth_sync_wakeups_total counter\nhearth_sync_wakeups_total {}\n\
-             # HELP hearth_notify_watched_topics Rooms and users with a parked long-poll watching them.\n# TYPE hearth_notify_watched_topics gauge\nhearth_notify_watched_topics {}\n",
+             # HELP hearth_notify_watched_topics Rooms and users with a parked long-poll watching them.\n# TYPE hearth_notify_watched_topics gauge\nhearth_notify_watched_topics {}\n\
+             # HELP hearth_federation_partial_send_joins_total /send_join answers with partial state (omit_members).\n# TYPE hearth_federation_partial_send_joins_total counter\nhearth_federation_partial_send_joins_total {}\n",
             g(&self.requests_total), g(&self.in_flight), g(&self.cancelled_total), g(&self.connections), live_tasks, notifier.pos(),
-            g(&self.sync_wakeups_total), notifier.watched_topics()
+            g(&self.sync_wakeups_total), notifier.watched_topics(), g(&self.partial_send_joins_total)
         )
     }
 }

@@ -403,3 +403,21 @@ CREATE TABLE IF NOT EXISTS media_thumbnails (
     content_type TEXT NOT NULL,
     PRIMARY KEY (origin, media_id, width, height, method)
 ) STRICT;
+
+-- partial-state (schema v4)
+-- Rooms joined with partial state (MSC3706): the join event, the server joined through, and
+-- when. The row goes in the write that un-partial-states the room after its resync, so a
+-- restart finds every room still to resync here.
+CREATE TABLE IF NOT EXISTS partial_state_rooms (
+    room_id       TEXT PRIMARY KEY,
+    join_event_id TEXT NOT NULL,
+    joined_via    TEXT NOT NULL,
+    joined_ts     INTEGER NOT NULL
+) STRICT;
+-- The servers in the room according to the join answer (`servers_in_room`): while the room
+-- is partial, events go to these as well as to the servers of the members we know of.
+CREATE TABLE IF NOT EXISTS partial_state_room_servers (
+    room_id TEXT NOT NULL,
+    server  TEXT NOT NULL,
+    PRIMARY KEY (room_id, server)
+) STRICT, WITHOUT ROWID;

@@ -269,6 +269,8 @@ pub struct Metrics {
     pub sync_wakeups_total: AtomicU64,
     /// `/send_join` answers with partial state (`omit_members=true`, MSC3706).
     pub partial_send_joins_total: AtomicU64,
+    /// Our joins answered with partial state (the resync then completes them).
+    pub partial_joins_total: AtomicU64,
 }
 
 impl Metrics {
@@ -295,9 +297,10 @@ impl Metrics {
              # HELP hearth_stream_position Latest committed stream position.\n# TYPE hearth_stream_position gauge\nhearth_stream_position {}\n\
              # HELP hearth_sync_wakeups_total Parked /sync long-polls woken by a change they watch.\n# TYPE hearth_sync_wakeups_total counter\nhearth_sync_wakeups_total {}\n\
              # HELP hearth_notify_watched_topics Rooms and users with a parked long-poll watching them.\n# TYPE hearth_notify_watched_topics gauge\nhearth_notify_watched_topics {}\n\
-             # HELP hearth_federation_partial_send_joins_total /send_join answers with partial state (omit_members).\n# TYPE hearth_federation_partial_send_joins_total counter\nhearth_federation_partial_send_joins_total {}\n",
+             # HELP hearth_federation_partial_send_joins_total /send_join answers with partial state (omit_members).\n# TYPE hearth_federation_partial_send_joins_total counter\nhearth_federation_partial_send_joins_total {}\n\
+             # HELP hearth_federation_partial_joins_total Our joins answered with partial state.\n# TYPE hearth_federation_partial_joins_total counter\nhearth_federation_partial_joins_total {}\n",
             g(&self.requests_total), g(&self.in_flight), g(&self.cancelled_total), g(&self.connections), live_tasks, notifier.pos(),
-            g(&self.sync_wakeups_total), notifier.watched_topics(), g(&self.partial_send_joins_total)
+            g(&self.sync_wakeups_total), notifier.watched_topics(), g(&self.partial_send_joins_total), g(&self.partial_joins_total)
         )
     }
 }

@@ -95,6 +95,10 @@ pub async fn run(app: App, listeners: Vec<std::net::TcpListener>, tls: Option<Tl
     let sticky = app
         .spawner
         .spawn("sticky-expiry", crate::workers::sticky::expiry(app.clone()));
+    let resync = app.spawner.spawn(
+        "partial-resync",
+        crate::workers::resync::resync(app.clone()),
+    );
     let mut loops = Vec::new();
     for l in listeners {
         let listener = match TcpListener::try_from(l) {
@@ -113,6 +117,7 @@ pub async fn run(app: App, listeners: Vec<std::net::TcpListener>, tls: Option<Tl
     typing.await;
     sender.await;
     sticky.await;
+    resync.await;
     let deadline = Instant::now() + SHUTDOWN_GRACE;
     while app.metrics.connections.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
         smol::Timer::after(Duration::from_millis(10)).await;

@@ -1,6 +1,8 @@
-//! Partial-state joins against a real Synapse 1.163, which joins with `omit_members=true` by
-//! default: Synapse joins a Hearth room, takes Hearth's partial answer, resyncs the full state
-//! from Hearth (`/state_ids`, `/state`, `/event`) and ends with Hearth's member list.
+//! Partial-state joins against a real Synapse 1.163, both ways. Synapse joins with
+//! `omit_members=true` by default: it joins a Hearth room, takes Hearth's partial answer,
+//! resyncs the full state from Hearth (`/state_ids`, `/state`, `/event`) and ends with
+//! Hearth's member list. Hearth joins a Synapse room with partial state, sends and receives
+//! at once, and its resync ends with Synapse's member list.
 
 mod common;
 
@@ -21,7 +23,7 @@ static SYNAPSE: PerFile = PerFile::new(TESTS, || {
 });
 
 /// Tests in this file that take a turn with the Synapse: bump it when adding one.
-const TESTS: usize = 1;
+const TESTS: usize = 2;
 
 fn metric(hearth: &Hearth, name: &str) -> String {
     let out = curl_command("GET", None)
@@ -88,6 +90,42 @@ fn post(base: &str, path: &str, token: &str, body: Value) -> Value {
     v
 }
 
+/// A room on `base` created by `owner_tok` with `create`, and `n` members (`{prefix}{i}`, each
+/// with a display name) joined, the last of whom left again: (room, the members' tokens).
+fn populated_room(
+    base: &str,
+    owner_tok: &str,
+    create: Value,
+    prefix: &str,
+    n: usize,
+) -> (String, Vec<String>) {
+    let room = post(base, "/_matrix/client/v3/createRoom", owner_tok, create)["room_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let join_path = format!("/_matrix/client/v3/join/{}", common::enc(&room));
+    let mut tokens = Vec::new();
+    for i in 0..n {
+        let (u, tok) = register(base, &format!("{prefix}{i:02}"));
+        let (s, v) = curl(
+            "PUT",
+            &format!("{base}/_matrix/client/v3/profile/{u}/displayname"),
+            Some(&tok),
+            Some(&json!({ "displayname": format!("{prefix} {i}") })),
+        );
+        assert_eq!(s, 200, "{v}");
+        post(base, &join_path, &tok, json!({}));
+        tokens.push(tok);
+    }
+    post(
+        base,
+        &format!("/_matrix/client/v3/rooms/{}/leave", common::enc(&room)),
+        &tokens[n - 1],
+        json!({}),
+    );
+    (room, tokens)
+}
+
 #[test]
 fn synapse_joins_a_hearth_room_with_partial_state_and_resyncs_the_members() {
     let turn = SYNAPSE.turn();
@@ -95,37 +133,16 @@ fn synapse_joins_a_hearth_room_with_partial_state_and_resyncs_the_members() {
     let hearth = Hearth::start();
     let h = hearth.url();
     let (_, alice_tok) = register(&h, "alice");
-    let room = post(
-        &h,
-        "/_matrix/client/v3/createRoom",
-        &alice_tok,
-        json!({ "preset": "public_chat", "name": "Partial room" }),
-    )["room_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let join_path = format!("/_matrix/client/v3/join/{}", common::enc(&room));
     // A dozen members with display names, one who left, one invited: none of them is in the
     // partial answer (the room has a name), so Synapse can only learn them by its resync.
-    let mut tokens = Vec::new();
-    for i in 0..12 {
-        let (u, tok) = register(&h, &format!("member{i:02}"));
-        let (s, v) = curl(
-            "PUT",
-            &format!("{h}/_matrix/client/v3/profile/{u}/displayname"),
-            Some(&tok),
-            Some(&json!({ "displayname": format!("Member {i}") })),
-        );
-        assert_eq!(s, 200, "{v}");
-        post(&h, &join_path, &tok, json!({}));
-        tokens.push(tok);
-    }
-    post(
+    let (room, _) = populated_room(
         &h,
-        &format!("/_matrix/client/v3/rooms/{}/leave", common::enc(&room)),
-        &tokens[11],
-        json!({}),
+        &alice_tok,
+        json!({ "preset": "public_chat", "name": "Partial room" }),
+        "member",
+        12,
     );
+    let join_path = format!("/_matrix/client/v3/join/{}", common::enc(&room));
     let (invited, _) = register(&h, "invited");
     post(
         &h,
@@ -168,5 +185,85 @@ fn synapse_joins_a_hearth_room_with_partial_state_and_resyncs_the_members() {
     assert_eq!(ours.values().filter(|m| *m == "invite").count(), 1);
     eventually(30, "Synapse's memberships equal Hearth's", || {
         memberships(&syn.url(), &bob_tok, &room).filter(|m| *m == ours)
+    });
+}
+
+#[test]
+fn hearth_joins_a_synapse_room_with_partial_state_talks_at_once_and_resyncs() {
+    let turn = SYNAPSE.turn();
+    let syn: &Synapse = &turn;
+    let s = syn.url();
+    let hearth = Hearth::start();
+    let h = hearth.url();
+    let (_, owner_tok) = register(&s, "owner_p");
+    let (room, tokens) = populated_room(
+        &s,
+        &owner_tok,
+        json!({ "preset": "public_chat", "name": "Synapse room", "room_version": "10" }),
+        "pmember",
+        6,
+    );
+    let join_path = format!("/_matrix/client/v3/join/{}", common::enc(&room));
+
+    let (_, carol_tok) = register(&h, "carol");
+    let (st, v) = curl(
+        "POST",
+        &format!(
+            "{h}{join_path}?server_name={}",
+            common::enc(&syn.server_name())
+        ),
+        Some(&carol_tok),
+        Some(&json!({})),
+    );
+    assert_eq!(st, 200, "Hearth could not join the Synapse room: {v}");
+    assert_eq!(
+        metric(&hearth, "hearth_federation_partial_joins_total"),
+        "hearth_federation_partial_joins_total 1",
+        "Synapse answered with partial state"
+    );
+
+    // At once: carol speaks and Synapse's members see it; a Synapse member speaks and
+    // carol sees it (its sender's membership is not in our partial state).
+    let (st, v) = curl(
+        "PUT",
+        &format!(
+            "{h}/_matrix/client/v3/rooms/{}/send/m.room.message/p1",
+            common::enc(&room)
+        ),
+        Some(&carol_tok),
+        Some(&json!({ "msgtype": "m.text", "body": "hello from a partial join" })),
+    );
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = curl(
+        "PUT",
+        &format!(
+            "{s}/_matrix/client/v3/rooms/{}/send/m.room.message/p2",
+            common::enc(&room)
+        ),
+        Some(&tokens[0]),
+        Some(&json!({ "msgtype": "m.text", "body": "hello from Synapse" })),
+    );
+    assert_eq!(st, 200, "{v}");
+    eventually(30, "Synapse sees carol's message", || {
+        syn.bodies(&owner_tok, &room, 50)
+            .contains(&"hello from a partial join".to_owned())
+            .then_some(())
+    });
+    eventually(30, "carol sees the Synapse member's message", || {
+        common::synapse::room_bodies(&h, &carol_tok, &room, 50)
+            .contains(&"hello from Synapse".to_owned())
+            .then_some(())
+    });
+
+    // After the resync, Hearth's member list is Synapse's (display names included).
+    let theirs = eventually(30, "Synapse lists carol", || {
+        joined_members(&s, &owner_tok, &room).filter(|m| m.len() == 7)
+    });
+    eventually(90, "Hearth's member list equals Synapse's", || {
+        joined_members(&h, &carol_tok, &room).filter(|m| *m == theirs)
+    });
+    let theirs = memberships(&s, &owner_tok, &room).unwrap();
+    eventually(30, "Hearth's memberships equal Synapse's", || {
+        memberships(&h, &carol_tok, &room).filter(|m| *m == theirs)
     });
 }

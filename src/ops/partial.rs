@@ -82,3 +82,41 @@ pub fn join_answer(
     }
     Ok((state, chain, servers))
 }
+
+// ------------------------------------------------------------ joiner side
+
+/// MSC3895: while we are only partially joined to a room we cannot answer a join (or knock)
+/// through us correctly (we do not know the room's members), so we refuse it with Synapse's
+/// answer to the same case, 404 `M_NOT_FOUND`, and the joining server tries another.
+pub fn refuse_while_partial(c: &Connection, room_id: &str, what: &str) -> Result<()> {
+    if p::is_partial_state_room(c, room_id)? {
+        return Err(Error::not_found(format!(
+            "Unable to handle {what} right now; this server is not fully joined"
+        )));
+    }
+    Ok(())
+}
+
+/// Waits until the room is fully stated (its resync done), for the reads that need every
+/// member (`/members`, `/joined_members`). Each waiter watches the room with its own
+/// receiver and rechecks the database when woken (the resync's completion is a write on the
+/// room's topic): dropping the caller (a client that hung up) drops only its own watch.
+pub async fn wait_fully_stated(app: &crate::App, room_id: &str) -> Result<()> {
+    use crate::notify::Topic;
+    let watch = app
+        .notifier
+        .watch([Topic::room(room_id), Topic::PartialStateResync]);
+    loop {
+        // Listen first, then look: a completion between the two is in the marks.
+        let seen = app.notifier.marks();
+        let r = room_id.to_owned();
+        if !app
+            .store
+            .read(move |c| p::is_partial_state_room(c, &r))
+            .await?
+        {
+            return Ok(());
+        }
+        watch.changed_since(seen).await;
+    }
+}

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 pub const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// The version `SCHEMA` describes.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Version 2: federation (`server_keys`, `outbox`, `destinations`, `received_txns`,
 /// `invite_state`); events that are not simply appended (outliers with no state group, rejected
@@ -144,13 +144,20 @@ fn schema_block(marker: &str) -> Result<&'static str> {
     Ok(&rest[..end])
 }
 
+/// Version 4, new tables only: partial-state joins (the rooms joined with partial state and
+/// the servers their join answer named).
+const V3_TO_V4_BLOCKS: &[&str] = &["-- partial-state (schema v4)"];
+
 pub fn migrate(conn: &mut Connection) -> Result<()> {
-    let v3 = V2_TO_V3_BLOCKS
-        .iter()
-        .map(|b| schema_block(b))
-        .collect::<Result<Vec<_>>>()?
-        .concat();
-    let steps = [V1_TO_V2, v3.as_str()];
+    let blocks = |names: &[&str]| -> Result<String> {
+        Ok(names
+            .iter()
+            .map(|b| schema_block(b))
+            .collect::<Result<Vec<_>>>()?
+            .concat())
+    };
+    let (v3, v4) = (blocks(V2_TO_V3_BLOCKS)?, blocks(V3_TO_V4_BLOCKS)?);
+    let steps = [V1_TO_V2, v3.as_str(), v4.as_str()];
     migrate_with(conn, SCHEMA, SCHEMA_VERSION, &steps)
 }
 

@@ -63,6 +63,9 @@ async fn template(
             {
                 return Err(Error::not_found("This server is not in that room"));
             }
+            if membership == "join" {
+                crate::ops::partial::refuse_while_partial(c, room_id.as_str(), "/make_join")?;
+            }
             let version = build::room_version(c, &room_id)?;
             if versions.is_some_and(|v| !v.contains(&version)) {
                 let mut e = Error::new(
@@ -99,6 +102,10 @@ pub async fn send_join_v2(mut req: Req) -> Result<Response> {
     let o = origin::<create_join_event::v2::Request>(&mut req, &["room_id", "event_id"]).await?;
     let app = req.state().clone();
     let r = o.req;
+    let rid = r.room_id.to_string();
+    app.store
+        .read(move |c| crate::ops::partial::refuse_while_partial(c, &rid, "/send_join"))
+        .await?;
     let (inc, version) =
         own_membership(&app, &o.origin, &r.room_id, &r.event_id, &r.pdu, "join").await?;
     let room_id = r.room_id.clone();

@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::{
-    fed::{curl, curl_command, register, Hearth},
+    fed::{curl, curl_command, register, Hearth, HearthProcess},
     synapse::{eventually, PerFile, Synapse},
 };
 use serde_json::{json, Value};
@@ -23,7 +23,7 @@ static SYNAPSE: PerFile = PerFile::new(TESTS, || {
 });
 
 /// Tests in this file that take a turn with the Synapse: bump it when adding one.
-const TESTS: usize = 2;
+const TESTS: usize = 3;
 
 fn metric(hearth: &Hearth, name: &str) -> String {
     let out = curl_command("GET", None)
@@ -266,4 +266,66 @@ fn hearth_joins_a_synapse_room_with_partial_state_talks_at_once_and_resyncs() {
     eventually(30, "Hearth's memberships equal Synapse's", || {
         memberships(&h, &carol_tok, &room).filter(|m| *m == theirs)
     });
+}
+
+#[test]
+fn a_resync_cut_off_by_kill_9_resumes_after_the_restart() {
+    let turn = SYNAPSE.turn();
+    let syn: &Synapse = &turn;
+    let s = syn.url();
+    let (_, owner_tok) = register(&s, "owner_k");
+    let (room, _) = populated_room(
+        &s,
+        &owner_tok,
+        json!({ "preset": "public_chat", "name": "Killed resync", "room_version": "10" }),
+        "kmember",
+        8,
+    );
+    let mut hearth = HearthProcess::start();
+    let h = hearth.url();
+    let (_, dave_tok) = register(&h, "dave");
+    let (st, v) = curl(
+        "POST",
+        &format!(
+            "{h}/_matrix/client/v3/join/{}?server_name={}",
+            common::enc(&room),
+            common::enc(&syn.server_name())
+        ),
+        Some(&dave_tok),
+        Some(&json!({})),
+    );
+    assert_eq!(st, 200, "{v}");
+    // Killed as soon as the join answered: the resync has started, at most.
+    hearth.kill9();
+    let partial_at_kill: i64 = rusqlite::Connection::open(hearth.db_path())
+        .unwrap()
+        .query_row("SELECT COUNT(*) FROM partial_state_rooms", [], |r| r.get(0))
+        .unwrap();
+    eprintln!("partial-state rooms when killed: {partial_at_kill}");
+    hearth.restart();
+    let theirs = eventually(30, "Synapse lists dave", || {
+        joined_members(&s, &owner_tok, &room).filter(|m| m.len() == 9)
+    });
+    eventually(
+        90,
+        "Hearth's member list equals Synapse's after the restart",
+        || joined_members(&h, &dave_tok, &room).filter(|m| *m == theirs),
+    );
+    if partial_at_kill == 1 {
+        // The first run never completed the room (its row goes in the completing write), so
+        // the completion in the log is the restarted run's: the resync resumed.
+        assert!(
+            hearth.log().contains(&format!("{room} is fully stated")),
+            "{}",
+            hearth.log_tail()
+        );
+    }
+    let rows: i64 = {
+        hearth.kill9();
+        rusqlite::Connection::open(hearth.db_path())
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM partial_state_rooms", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(rows, 0, "the room is fully stated for good");
 }

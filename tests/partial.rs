@@ -171,16 +171,21 @@ fn room_with_members(a: &Hearth, extra: Value, n: usize) -> (String, String, Vec
     (room, alice_tok, users)
 }
 
-fn partial_joins_served(a: &Hearth) -> String {
+/// The line of metric `name` in `/_hearth/metrics` of the server at `base`.
+fn metric(base: &str, name: &str) -> String {
     let out = common::fed::curl_command("GET", None)
-        .arg(format!("{}/_hearth/metrics", a.url()))
+        .arg(format!("{base}/_hearth/metrics"))
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .find(|l| l.starts_with("hearth_federation_partial_send_joins_total "))
+        .find(|l| l.starts_with(&format!("{name} ")))
         .unwrap_or_default()
         .to_owned()
+}
+
+fn partial_joins_served(a: &Hearth) -> String {
+    metric(&a.url(), "hearth_federation_partial_send_joins_total")
 }
 
 #[test]
@@ -263,4 +268,153 @@ fn a_nameless_room_carries_its_heroes_and_the_joiners_own_invite() {
         .unwrap();
     assert_eq!(invite["content"]["membership"], "invite");
     assert_closed_and_deduplicated(state, &r.chain, &join_auth_events(&a, &r.join), &r.version);
+}
+
+/// `/joined_members` on `base`, given up after `secs` seconds: None if it did not answer.
+fn joined_members_within(base: &str, token: &str, room: &str, secs: u64) -> Option<Vec<String>> {
+    let out = common::fed::curl_command("GET", Some(token))
+        .args(["--max-time", &secs.to_string(), "-w", "\n%{http_code}"])
+        .arg(format!(
+            "{base}/_matrix/client/v3/rooms/{}/joined_members",
+            common::enc(room)
+        ))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n')?;
+    if code != "200" {
+        return None;
+    }
+    let v: Value = serde_json::from_str(body).ok()?;
+    let mut m: Vec<String> = v["joined"].as_object()?.keys().cloned().collect();
+    m.sort();
+    Some(m)
+}
+
+#[test]
+fn while_partial_the_room_is_usable_joins_through_it_are_refused_and_members_wait() {
+    use common::fed::HearthProcess;
+    // The resident `a` and the joiner `b`, both killable; `c` only asks `b` to join through it.
+    let mut a = HearthProcess::start();
+    let mut b = HearthProcess::start();
+    let c = Hearth::start();
+    let (_, alice_tok) = register(&a.url(), "alice");
+    let (s, v) = curl(
+        "POST",
+        &format!("{}/_matrix/client/v3/createRoom", a.url()),
+        Some(&alice_tok),
+        Some(&json!({ "preset": "public_chat", "name": "Resident" })),
+    );
+    assert_eq!(s, 200, "{v}");
+    let room = v["room_id"].as_str().unwrap().to_owned();
+    let join_path = format!("/_matrix/client/v3/join/{}", common::enc(&room));
+    for i in 0..5 {
+        let (_, tok) = register(&a.url(), &format!("m{i}"));
+        let (s, v) = curl(
+            "POST",
+            &format!("{}{join_path}", a.url()),
+            Some(&tok),
+            Some(&json!({})),
+        );
+        assert_eq!(s, 200, "{v}");
+    }
+    let (bob, bob_tok) = register(&b.url(), "bob");
+    let (s, v) = curl(
+        "POST",
+        &format!(
+            "{}{join_path}?server_name={}",
+            b.url(),
+            common::enc(&a.server_name())
+        ),
+        Some(&bob_tok),
+        Some(&json!({})),
+    );
+    assert_eq!(s, 200, "{v}");
+    // Both killed at once: b restarts with its resync unable to reach anyone, so the room
+    // stays partial for as long as a is down.
+    a.kill9();
+    b.kill9();
+    let partial = || -> i64 {
+        rusqlite::Connection::open(b.db_path())
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM partial_state_rooms", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(
+        partial(),
+        1,
+        "the resync had not finished when b was killed"
+    );
+    b.restart();
+
+    // Usable at once: bob sends, and a second local user joins.
+    let (s, v) = curl(
+        "PUT",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/send/m.room.message/w1",
+            b.url(),
+            common::enc(&room)
+        ),
+        Some(&bob_tok),
+        Some(&json!({ "msgtype": "m.text", "body": "while partial" })),
+    );
+    assert_eq!(s, 200, "{v}");
+    let (eve, eve_tok) = register(&b.url(), "eve");
+    let (s, v) = curl(
+        "POST",
+        &format!("{}{join_path}", b.url()),
+        Some(&eve_tok),
+        Some(&json!({})),
+    );
+    assert_eq!(s, 200, "{v}");
+    // The member list waits for the resync (the client gives up; nothing is answered).
+    assert_eq!(joined_members_within(&b.url(), &bob_tok, &room, 2), None);
+    assert_eq!(
+        metric(&b.url(), "hearth_partial_state_rooms"),
+        "hearth_partial_state_rooms 1"
+    );
+    // MSC3895: b refuses to be joined through while partial, as Synapse does.
+    let capp = c.hs.app();
+    let dest: OwnedServerName = b.server_name().try_into().unwrap();
+    let mj = prepare_join_event::v1::Request::new(
+        room.as_str().try_into().unwrap(),
+        format!("@carol:{}", c.server_name()).try_into().unwrap(),
+    );
+    let err = smol::block_on(capp.fed.client.send(&dest, mj)).unwrap_err();
+    assert_eq!(
+        (err.status, err.errcode),
+        (404, "M_NOT_FOUND"),
+        "{}",
+        err.message
+    );
+
+    // The resident comes back: the resync completes and b lists every member.
+    a.restart();
+    let members = common::synapse::eventually(90, "b's member list is complete", || {
+        joined_members_within(&b.url(), &bob_tok, &room, 5).filter(|m| m.len() == 8)
+    });
+    assert!(
+        members.contains(&bob) && members.contains(&eve),
+        "{members:?}"
+    );
+    common::synapse::eventually(10, "the gauge follows", || {
+        (metric(&b.url(), "hearth_partial_state_rooms") == "hearth_partial_state_rooms 0")
+            .then_some(())
+    });
+    assert_eq!(
+        metric(&b.url(), "hearth_resync_events_left"),
+        "hearth_resync_events_left 0"
+    );
+    let on_a = joined_members_within(&a.url(), &alice_tok, &room, 5).unwrap();
+    assert_eq!(members, on_a);
+    assert_eq!(
+        common::synapse::eventually(30, "a gets bob's message", || {
+            let bodies = common::synapse::room_bodies(&a.url(), &alice_tok, &room, 50);
+            bodies
+                .contains(&"while partial".to_owned())
+                .then_some(bodies)
+        })
+        .len(),
+        1
+    );
 }

@@ -14,7 +14,10 @@
 
 use std::{
     collections::HashSet,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -50,6 +53,9 @@ pub async fn resync(app: App) {
         let _ = future::poll_once(woken.as_mut()).await;
         match app.store.read(p::list_partial_state_rooms).await {
             Ok(rooms) => {
+                app.metrics
+                    .partial_state_rooms
+                    .store(rooms.len() as u64, Ordering::Relaxed);
                 for room in rooms {
                     let fresh = running
                         .lock()
@@ -91,6 +97,25 @@ impl Drop for Running {
     }
 }
 
+/// Counts a resync's events in `hearth_resync_events_left` for as long as it lives (until
+/// they are stored, or the attempt fails or is dropped).
+struct EventsLeft<'a>(&'a AtomicU64, u64);
+
+impl<'a> EventsLeft<'a> {
+    fn new(app: &'a App, n: usize) -> Self {
+        app.metrics
+            .resync_events_left
+            .fetch_add(n as u64, Ordering::Relaxed);
+        Self(&app.metrics.resync_events_left, n as u64)
+    }
+}
+
+impl Drop for EventsLeft<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::Relaxed);
+    }
+}
+
 /// One room's loop: every server in turn until one resync succeeds, then backoff and again.
 async fn resync_room(app: &App, room: PartialRoom) {
     let mut backoff = FIRST_BACKOFF;
@@ -122,6 +147,9 @@ async fn resync_room(app: &App, room: PartialRoom) {
             };
             match attempt.or(stop).await {
                 Ok(()) => {
+                    app.metrics
+                        .resync_last_duration_ms
+                        .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
                     log::info!(
                         "resync of {} from {server} done in {:?}",
                         room.room_id,
@@ -186,6 +214,7 @@ async fn resync_from(app: &App, room: &PartialRoom, server: &OwnedServerName) ->
         state_ids.len(),
         missing.len()
     );
+    let _left = EventsLeft::new(app, missing.len());
     let mut fetched: Vec<Incoming> = Vec::new();
     if missing.len() >= FETCH_ONE_BY_ONE {
         let res = app

@@ -421,3 +421,10 @@ CREATE TABLE IF NOT EXISTS partial_state_room_servers (
     server  TEXT NOT NULL,
     PRIMARY KEY (room_id, server)
 ) STRICT, WITHOUT ROWID;
+-- When a room joined with partial state became fully stated (its stream position): a
+-- `/sync` that is not lazy-loading members leaves the room out until then, and sends it
+-- whole at that position.
+CREATE TABLE IF NOT EXISTS partial_state_completed (
+    room_id TEXT PRIMARY KEY,
+    pos     INTEGER NOT NULL
+) STRICT;

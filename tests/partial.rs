@@ -388,14 +388,63 @@ fn while_partial_the_room_is_usable_joins_through_it_are_refused_and_members_wai
         err.message
     );
 
+    // /sync: without lazy-loading members the room is left out (its member list would be
+    // wrong); lazy-loading shows it at once.
+    let sync = |query: &str| -> Value {
+        let (s, v) = curl(
+            "GET",
+            &format!("{}/_matrix/client/v3/sync?{query}", b.url()),
+            Some(&bob_tok),
+            None,
+        );
+        assert_eq!(s, 200, "{v}");
+        v
+    };
+    let plain = sync("timeout=0");
+    assert!(plain["rooms"]["join"].get(&room).is_none(), "{plain}");
+    let mut since = plain["next_batch"].as_str().unwrap().to_owned();
+    let lazy = common::enc(r#"{"room":{"state":{"lazy_load_members":true}}}"#);
+    let v = sync(&format!("timeout=0&filter={lazy}"));
+    assert!(v["rooms"]["join"].get(&room).is_some(), "{v}");
+    // Leaving works while partial (eve; bob stays).
+    let (s, v) = curl(
+        "POST",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/leave",
+            b.url(),
+            common::enc(&room)
+        ),
+        Some(&eve_tok),
+        Some(&json!({})),
+    );
+    assert_eq!(s, 200, "{v}");
+
     // The resident comes back: the resync completes and b lists every member.
     a.restart();
     let members = common::synapse::eventually(90, "b's member list is complete", || {
-        joined_members_within(&b.url(), &bob_tok, &room, 5).filter(|m| m.len() == 8)
+        joined_members_within(&b.url(), &bob_tok, &room, 5).filter(|m| m.len() == 7)
     });
     assert!(
-        members.contains(&bob) && members.contains(&eve),
+        members.contains(&bob) && !members.contains(&eve),
         "{members:?}"
+    );
+    // The non-lazy /sync now sends the room whole, as newly joined.
+    let state = common::synapse::eventually(30, "the room reaches the non-lazy /sync", || {
+        let v = sync(&format!("since={since}&timeout=5000"));
+        since = v["next_batch"].as_str().unwrap().to_owned();
+        v["rooms"]["join"]
+            .get(&room)
+            .map(|r| r["state"]["events"].clone())
+    });
+    let types: BTreeSet<&str> = state
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["type"].as_str())
+        .collect();
+    assert!(
+        types.contains("m.room.create") && types.contains("m.room.name"),
+        "{state}"
     );
     common::synapse::eventually(10, "the gauge follows", || {
         (metric(&b.url(), "hearth_partial_state_rooms") == "hearth_partial_state_rooms 0")

@@ -120,3 +120,36 @@ pub async fn wait_fully_stated(app: &crate::App, room_id: &str) -> Result<()> {
         watch.changed_since(seen).await;
     }
 }
+
+/// How `/sync` shows a joined room that is or was partial-state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncView {
+    /// As any room.
+    Normal,
+    /// Left out: still partial, and the client is not lazy-loading members (it would take
+    /// the few members it is given for the whole list). Synapse does the same.
+    Hidden,
+    /// Whole, as newly joined: it became fully stated in this response's range, and a
+    /// client not lazy-loading members has not been sent it before.
+    Fresh,
+}
+
+/// The [`SyncView`] of `room` for a response covering `(since, upto]`.
+pub fn sync_view(
+    c: &Connection,
+    room: &str,
+    lazy_members: bool,
+    since: Option<i64>,
+    upto: i64,
+) -> Result<SyncView> {
+    if lazy_members {
+        return Ok(SyncView::Normal);
+    }
+    if p::is_partial_state_room(c, room)? {
+        return Ok(SyncView::Hidden);
+    }
+    Ok(match (since, p::get_partial_state_completed(c, room)?) {
+        (Some(s), Some(done)) if s < done && done <= upto => SyncView::Fresh,
+        _ => SyncView::Normal,
+    })
+}

@@ -99,6 +99,7 @@ pub fn complete(
         }
     }
     p::delete_partial_state_room(tx, room_id)?;
+    p::upsert_partial_state_completed(tx, room_id, pos)?;
     tx.wake(Topic::PartialStateResync);
     log::info!("{room_id} is fully stated: {added} state entries added by the resync");
     Ok(true)

@@ -1,7 +1,7 @@
 //! SQL for partial-state joins (MSC3706): the reduced `/send_join` answer the resident server
 //! serves, read by index instead of loading a whole room state.
 
-use rusqlite::params;
+use rusqlite::{params, OptionalExtension};
 
 use super::Connection;
 use crate::error::Result;
@@ -242,4 +242,22 @@ pub fn list_held(conn: &Connection, ids: &[String]) -> Result<Vec<String>> {
     )?;
     let rows = stmt.query_map([ids], |r| r.get(0))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Records the position at which a room became fully stated.
+pub fn upsert_partial_state_completed(conn: &Connection, room_id: &str, pos: i64) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO partial_state_completed (room_id, pos) VALUES (?1, ?2)
+         ON CONFLICT (room_id) DO UPDATE SET pos = excluded.pos",
+    )?
+    .execute(params![room_id, pos])?;
+    Ok(())
+}
+
+/// The position at which a room joined with partial state became fully stated, if it did.
+pub fn get_partial_state_completed(conn: &Connection, room_id: &str) -> Result<Option<i64>> {
+    Ok(conn
+        .prepare_cached("SELECT pos FROM partial_state_completed WHERE room_id = ?1")?
+        .query_row([room_id], |r| r.get(0))
+        .optional()?)
 }

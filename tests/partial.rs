@@ -467,3 +467,43 @@ fn while_partial_the_room_is_usable_joins_through_it_are_refused_and_members_wai
         1
     );
 }
+
+#[test]
+fn with_partial_joins_off_a_join_downloads_the_full_state() {
+    let a = Hearth::start();
+    let b = Hearth::start_with("127.0.0.1", |c| c.federation.partial_joins = false);
+    let (room, alice_tok, users) = room_with_members(&a, json!({ "name": "Full" }), 4);
+    let (bob, bob_tok) = register(&b.url(), "bob");
+    let (s, v) = curl(
+        "POST",
+        &format!(
+            "{}/_matrix/client/v3/join/{}?server_name={}",
+            b.url(),
+            common::enc(&room),
+            common::enc(&a.server_name())
+        ),
+        Some(&bob_tok),
+        Some(&json!({})),
+    );
+    assert_eq!(s, 200, "{v}");
+    // Asked without omit_members: answered in full, and b knows every member at once.
+    assert_eq!(
+        partial_joins_served(&a),
+        "hearth_federation_partial_send_joins_total 0"
+    );
+    assert_eq!(
+        metric(&b.url(), "hearth_federation_partial_joins_total"),
+        "hearth_federation_partial_joins_total 0"
+    );
+    let mut expect: Vec<String> = users.clone();
+    expect.push(bob);
+    expect.sort();
+    assert_eq!(
+        joined_members_within(&b.url(), &bob_tok, &room, 5),
+        Some(expect.clone())
+    );
+    assert_eq!(
+        joined_members_within(&a.url(), &alice_tok, &room, 5),
+        Some(expect)
+    );
+}

@@ -415,3 +415,28 @@ CREATE TABLE IF NOT EXISTS presence (
     last_active_ts INTEGER NOT NULL,
     last_sync_ts   INTEGER NOT NULL
 ) STRICT;
+
+-- partial-state (schema v4)
+-- Rooms joined with partial state (MSC3706): the join event, the server joined through, and
+-- when. The row goes in the write that un-partial-states the room after its resync, so a
+-- restart finds every room still to resync here.
+CREATE TABLE IF NOT EXISTS partial_state_rooms (
+    room_id       TEXT PRIMARY KEY,
+    join_event_id TEXT NOT NULL,
+    joined_via    TEXT NOT NULL,
+    joined_ts     INTEGER NOT NULL
+) STRICT;
+-- The servers in the room according to the join answer (`servers_in_room`): while the room
+-- is partial, events go to these as well as to the servers of the members we know of.
+CREATE TABLE IF NOT EXISTS partial_state_room_servers (
+    room_id TEXT NOT NULL,
+    server  TEXT NOT NULL,
+    PRIMARY KEY (room_id, server)
+) STRICT, WITHOUT ROWID;
+-- When a room joined with partial state became fully stated (its stream position): a
+-- `/sync` that is not lazy-loading members leaves the room out until then, and sends it
+-- whole at that position.
+CREATE TABLE IF NOT EXISTS partial_state_completed (
+    room_id TEXT PRIMARY KEY,
+    pos     INTEGER NOT NULL
+) STRICT;

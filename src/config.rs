@@ -173,6 +173,10 @@ pub struct FederationConfig {
     /// one, events signed by servers that are gone for good (common in old, large rooms)
     /// cannot be checked; operators joining such rooms should name a notary.
     pub trusted_key_servers: Vec<TrustedKeyServer>,
+    /// Join rooms on other servers with partial state (`omit_members=true`, MSC3706): the
+    /// join answers with the state minus most memberships, and the rest is fetched in the
+    /// background (the resync). Off: the full state is downloaded before the join returns.
+    pub partial_joins: bool,
 }
 
 /// One notary: its name and, optionally, its keys (`key ID` → unpadded base64). Without
@@ -191,6 +195,7 @@ impl Default for FederationConfig {
             verify_certificates: true,
             well_known_server: None,
             trusted_key_servers: Vec::new(),
+            partial_joins: true,
         }
     }
 }

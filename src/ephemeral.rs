@@ -267,6 +267,16 @@ pub struct Metrics {
     pub connections: AtomicU64,
     /// Parked `/sync` long-polls woken by a change on a topic they watch.
     pub sync_wakeups_total: AtomicU64,
+    /// `/send_join` answers with partial state (`omit_members=true`, MSC3706).
+    pub partial_send_joins_total: AtomicU64,
+    /// Our joins answered with partial state (the resync then completes them).
+    pub partial_joins_total: AtomicU64,
+    /// Rooms joined with partial state and not yet resynced (as the resync worker last saw).
+    pub partial_state_rooms: AtomicU64,
+    /// Events the running resyncs are fetching and storing.
+    pub resync_events_left: AtomicU64,
+    /// How long the last completed resync took, from its start, in milliseconds.
+    pub resync_last_duration_ms: AtomicU64,
 }
 
 impl Metrics {
@@ -292,9 +302,15 @@ impl Metrics {
              # HELP hearth_tasks_live Tasks alive on the executor.\n# TYPE hearth_tasks_live gauge\nhearth_tasks_live {}\n\
              # HELP hearth_stream_position Latest committed stream position.\n# TYPE hearth_stream_position gauge\nhearth_stream_position {}\n\
              # HELP hearth_sync_wakeups_total Parked /sync long-polls woken by a change they watch.\n# TYPE hearth_sync_wakeups_total counter\nhearth_sync_wakeups_total {}\n\
-             # HELP hearth_notify_watched_topics Rooms and users with a parked long-poll watching them.\n# TYPE hearth_notify_watched_topics gauge\nhearth_notify_watched_topics {}\n",
+             # HELP hearth_notify_watched_topics Rooms and users with a parked long-poll watching them.\n# TYPE hearth_notify_watched_topics gauge\nhearth_notify_watched_topics {}\n\
+             # HELP hearth_federation_partial_send_joins_total /send_join answers with partial state (omit_members).\n# TYPE hearth_federation_partial_send_joins_total counter\nhearth_federation_partial_send_joins_total {}\n\
+             # HELP hearth_federation_partial_joins_total Our joins answered with partial state.\n# TYPE hearth_federation_partial_joins_total counter\nhearth_federation_partial_joins_total {}\n\
+             # HELP hearth_partial_state_rooms Rooms joined with partial state, resync not finished.\n# TYPE hearth_partial_state_rooms gauge\nhearth_partial_state_rooms {}\n\
+             # HELP hearth_resync_events_left Events the running resyncs still fetch and store.\n# TYPE hearth_resync_events_left gauge\nhearth_resync_events_left {}\n\
+             # HELP hearth_resync_last_duration_ms Duration of the last completed resync.\n# TYPE hearth_resync_last_duration_ms gauge\nhearth_resync_last_duration_ms {}\n",
             g(&self.requests_total), g(&self.in_flight), g(&self.cancelled_total), g(&self.connections), live_tasks, notifier.pos(),
-            g(&self.sync_wakeups_total), notifier.watched_topics()
+            g(&self.sync_wakeups_total), notifier.watched_topics(), g(&self.partial_send_joins_total), g(&self.partial_joins_total),
+            g(&self.partial_state_rooms), g(&self.resync_events_left), g(&self.resync_last_duration_ms)
         )
     }
 }

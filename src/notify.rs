@@ -42,6 +42,9 @@ pub enum Topic {
     FederationOutbox,
     /// A sticky event with an earlier expiry than any before it (the expiry worker).
     StickyExpiry,
+    /// A room was joined with partial state, or a resync finished (the resync worker; and
+    /// `/members` waiting for a room to be fully stated, through its room topic).
+    PartialStateResync,
 }
 
 impl Topic {

@@ -98,6 +98,10 @@ pub async fn run(app: App, listeners: Vec<std::net::TcpListener>, tls: Option<Tl
     let presence = app
         .spawner
         .spawn("presence", crate::workers::presence::worker(app.clone()));
+    let resync = app.spawner.spawn(
+        "partial-resync",
+        crate::workers::resync::resync(app.clone()),
+    );
     let mut loops = Vec::new();
     for l in listeners {
         let listener = match TcpListener::try_from(l) {
@@ -117,6 +121,7 @@ pub async fn run(app: App, listeners: Vec<std::net::TcpListener>, tls: Option<Tl
     sender.await;
     sticky.await;
     presence.await;
+    resync.await;
     let deadline = Instant::now() + SHUTDOWN_GRACE;
     while app.metrics.connections.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
         smol::Timer::after(Duration::from_millis(10)).await;

@@ -355,6 +355,20 @@ fn a_synapse_user_joins_a_hearth_room_and_speaks() {
     hearth.hs.stop().unwrap();
 }
 
+/// An initial `/sync` of `token`'s user that has `room` in it: a room joined with partial
+/// state shows in a sync not lazy-loading members once its resync is done.
+fn initial_sync_with_room(base: &str, token: &str, room: &str) -> Value {
+    eventually(30, "the joined room is in the initial sync", || {
+        let (s, v) = curl(
+            "GET",
+            &format!("{base}/_matrix/client/v3/sync?timeout=0"),
+            Some(token),
+            None,
+        );
+        (s == 200 && v["rooms"]["join"].get(room).is_some()).then_some(v)
+    })
+}
+
 #[test]
 fn a_hearth_user_joins_a_synapse_room_and_hears_it() {
     let turn = SYNAPSE.turn();
@@ -383,13 +397,9 @@ fn a_hearth_user_joins_a_synapse_room_and_hears_it() {
     ))
     .expect("joined through Synapse");
 
-    // The room, with its name from the state Synapse sent, is in alice's sync.
-    let (_, v) = curl(
-        "GET",
-        &format!("{}/_matrix/client/v3/sync?timeout=0", hearth.url()),
-        Some(&alice_tok),
-        None,
-    );
+    // The room, with its name from the state Synapse sent, is in alice's sync (once its
+    // partial-state resync is done: a sync not lazy-loading members waits for it).
+    let v = initial_sync_with_room(&hearth.url(), &alice_tok, &room);
     let r = &v["rooms"]["join"][&room];
     let names: Vec<String> = r["state"]["events"]
         .as_array()
@@ -641,12 +651,7 @@ fn a_hearth_user_pages_back_through_a_synapse_rooms_history() {
         Some(&json!({})),
     );
     assert_eq!(s, 200, "{v}");
-    let (_, v) = curl(
-        "GET",
-        &format!("{}/_matrix/client/v3/sync?timeout=0", hearth.url()),
-        Some(&alice_tok),
-        None,
-    );
+    let v = initial_sync_with_room(&hearth.url(), &alice_tok, &room);
     let tl = &v["rooms"]["join"][&room]["timeline"];
     let seen: Vec<Value> = timeline(&v, &room);
     let mut from = tl["prev_batch"].as_str().expect("a prev_batch").to_owned();

@@ -621,6 +621,8 @@ pub async fn members(mut req: Req) -> Result<Response> {
     }
     let [only, not] = filters;
     let at = b.at.as_deref().map(parse_pos_token).transpose()?;
+    // A partial-state room's member list is incomplete until its resync.
+    crate::ops::partial::wait_fully_stated(&app, &room_id).await?;
     let now = app.clock.now_ms();
     let out = app
         .store
@@ -658,6 +660,7 @@ pub async fn joined_members(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
     let b: joined_members::v3::Request = ruma_req(&mut req, &["room_id"]).await?;
     let room_id = b.room_id.to_string();
+    crate::ops::partial::wait_fully_stated(req.state(), &room_id).await?;
     let out = req
         .state()
         .store

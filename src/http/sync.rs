@@ -500,8 +500,19 @@ fn build(
             .collect();
         match membership.as_str() {
             "join" => {
+                use crate::ops::partial::{sync_view, SyncView};
+                let view = sync_view(
+                    c,
+                    &room,
+                    filter.lazy_load_members,
+                    since.map(|s| s.pos),
+                    upto.pos,
+                )?;
+                if view == SyncView::Hidden {
+                    continue;
+                }
                 // New to this client: the whole room, timeline unbounded below.
-                let fresh = since.is_none() || mpos > since_pos;
+                let fresh = since.is_none() || mpos > since_pos || view == SyncView::Fresh;
                 let typing_ev = typing.get(&room).cloned();
                 let room_sticky = sticky.remove(&room).unwrap_or_default();
                 if !fresh

@@ -396,9 +396,21 @@ async fn join_via(
         .rules()
         .ok_or_else(|| Error::internal("room version without rules"))?;
     let (join_id, join_raw) = sign_template(app, &res.event, user, room_id, "join", &rules)?;
-    let sj =
+    let mut sj =
         create_join_event::v2::Request::new(room_id.to_owned(), join_id.clone(), join_raw.clone());
+    sj.omit_members = app.config.federation.partial_joins;
     let state = app.fed.client.send(server, sj).await?.room_state;
+    // A partial answer (MSC3706): the room is recorded as partial-state in the join's own
+    // write, and the resync worker fetches the rest.
+    let partial = state
+        .members_omitted
+        .then(|| crate::store::partial::PartialRoom {
+            room_id: room_id.to_string(),
+            join_event_id: join_id.to_string(),
+            joined_via: server.to_string(),
+        });
+    let servers = state.servers_in_room.clone().unwrap_or_default();
+    let is_partial = partial.is_some();
 
     // Check what came back before storing any of it.
     let mut state_events = Vec::new();
@@ -419,9 +431,20 @@ async fn join_via(
     let rid = room_id.to_owned();
     app.store
         .write(move |tx| {
-            crate::room::receive::commit_join(tx, &rid, &version, state_events, chain, join)
+            crate::room::receive::commit_join(tx, &rid, &version, state_events, chain, join)?;
+            if let Some(room) = &partial {
+                let now = tx.now_ms as i64;
+                crate::store::partial::insert_partial_state_room(tx, room, now, &servers)?;
+                tx.wake(crate::notify::Topic::PartialStateResync);
+            }
+            Ok(())
         })
         .await?;
+    if is_partial {
+        app.metrics
+            .partial_joins_total
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     Ok(join_id)
 }
 

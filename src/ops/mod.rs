@@ -6,5 +6,6 @@ pub mod account;
 pub mod e2ee;
 pub mod events;
 pub mod federation;
+pub mod partial;
 pub mod profile;
 pub mod rooms;

@@ -5,6 +5,7 @@
 pub mod build;
 pub mod format;
 pub mod history;
+pub mod partial;
 pub mod power;
 pub mod receive;
 pub mod state;

@@ -149,6 +149,12 @@ pub fn commit(tx: &mut Tx<'_>, inc: &Incoming) -> Result<std::result::Result<Out
         return Ok(Err(missing));
     }
 
+    let partial = crate::store::partial::is_partial_state_room(tx, rid)?;
+    let auth_kept = if partial {
+        auth_pdus.clone()
+    } else {
+        Vec::new()
+    };
     // Check 4: against its own auth events.
     if let Some(reason) = check_auth_events(tx, &rules, pdu, auth_pdus)? {
         return reject(tx, inc, reason);
@@ -172,12 +178,19 @@ pub fn commit(tx: &mut Tx<'_>, inc: &Incoming) -> Result<std::result::Result<Out
             base,
         }
     };
-    if let Some(reason) = check_state_before(tx, &rules, pdu, &state_at)? {
+    let verdict = if partial {
+        super::partial::check_partial_state_before(tx, &rules, pdu, &state_at, &auth_kept)?
+    } else {
+        check_state_before(tx, &rules, pdu, &state_at)?
+    };
+    if let Some(reason) = verdict {
         return reject(tx, inc, reason);
     }
 
-    // Check 6: against the current state (the same check when it follows the tip).
-    let soft_failed = if on_tip {
+    // Check 6: against the current state (the same check when it follows the tip). Skipped
+    // while the room is partial-state: the current state lacks most members, so it would
+    // soft-fail events of members we do not know yet (Synapse's faster-joins notes).
+    let soft_failed = if on_tip || partial {
         false
     } else {
         let lookups = Lookups::default();

@@ -19,6 +19,7 @@ pub mod media;
 pub mod migrate;
 pub mod outbox;
 pub mod presence;
+pub mod partial;
 pub mod queries;
 pub mod sticky;
 pub mod writer;

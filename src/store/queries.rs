@@ -1062,13 +1062,15 @@ pub fn insert_outbox_edu(tx: &mut super::Tx<'_>, destinations: &[String], edu: &
     Ok(())
 }
 
-/// Servers other than `us` with a joined member in the room (current state), minus those the
+/// Servers other than `us` with a joined member in the room (current state; while the room
+/// is partial-state, also the servers its join answer named), minus those the
 /// room's server ACL denies: this is the list events are sent to, so a denied server gets
 /// nothing from us.
 pub fn list_room_servers(conn: &Connection, room_id: &str, us: &str) -> Result<Vec<String>> {
     let mut stmt = conn.prepare_cached(
         "SELECT DISTINCT substr(state_key, instr(state_key, ':') + 1) FROM current_state
-         WHERE room_id = ?1 AND type = 'm.room.member' AND membership = 'join'",
+         WHERE room_id = ?1 AND type = 'm.room.member' AND membership = 'join'
+         UNION SELECT server FROM partial_state_room_servers WHERE room_id = ?1",
     )?;
     let rows = stmt.query_map([room_id], |r| r.get::<_, String>(0))?;
     let mut out: Vec<String> = rows.collect::<rusqlite::Result<_>>()?;

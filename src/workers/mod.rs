@@ -1,11 +1,11 @@
 //! Long-running tasks, spawned by `server::run` through the tracked spawner. Each one sleeps
 //! until its next deadline or a wake-up, then rescans its state, so a lost wake-up only delays
-//! it. `federation` is the durable federation sender, `sticky` the sticky-event expiry, `presence` presence's timers, federation and
-//! persistence; the
-//! partial-state resync will live here too.
+//! it. `federation` is the durable federation sender, `sticky` the sticky-event expiry,
+//! `presence` presence's timers, federation and persistence, `resync` the partial-state resync.
 
 pub mod federation;
 pub mod presence;
+pub mod resync;
 pub mod sticky;
 
 use std::time::Duration;

@@ -305,6 +305,16 @@ impl HearthProcess {
             .unwrap()
     }
 
+    /// Its database file (to read while it is down).
+    pub fn db_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("hearth.db")
+    }
+
+    /// Its whole log so far, every run.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("hearth.log")).unwrap_or_default()
+    }
+
     /// The end of its log (for failure messages).
     pub fn log_tail(&self) -> String {
         let log = std::fs::read_to_string(self.dir.path().join("hearth.log")).unwrap_or_default();

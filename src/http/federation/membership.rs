@@ -63,6 +63,9 @@ async fn template(
             {
                 return Err(Error::not_found("This server is not in that room"));
             }
+            if membership == "join" {
+                crate::ops::partial::refuse_while_partial(c, room_id.as_str(), "/make_join")?;
+            }
             let version = build::room_version(c, &room_id)?;
             if versions.is_some_and(|v| !v.contains(&version)) {
                 let mut e = Error::new(
@@ -92,18 +95,25 @@ async fn template(
 
 /// # `PUT /_matrix/federation/v2/send_join/{roomId}/{eventId}`
 ///
-/// Answers with the full state before the join and its auth chain (`members_omitted: false`,
-/// which the spec allows for a request with `omit_members=true`).
+/// Answers with the state before the join and its auth chain: in full, or, when the joining
+/// server asks with `omit_members=true`, the partial state of MSC3706 (`members_omitted:
+/// true`, see `ops::partial::join_answer`).
 pub async fn send_join_v2(mut req: Req) -> Result<Response> {
     let o = origin::<create_join_event::v2::Request>(&mut req, &["room_id", "event_id"]).await?;
     let app = req.state().clone();
     let r = o.req;
+    let rid = r.room_id.to_string();
+    app.store
+        .read(move |c| crate::ops::partial::refuse_while_partial(c, &rid, "/send_join"))
+        .await?;
     let (inc, version) =
         own_membership(&app, &o.origin, &r.room_id, &r.event_id, &r.pdu, "join").await?;
     let room_id = r.room_id.clone();
     let pdu = &inc.pdu;
     let prevs: Vec<OwnedEventId> = pdu.prev_events.clone();
     let join_id = pdu.event_id.to_string();
+    let join_auth: Vec<String> = pdu.auth_events.iter().map(|e| e.to_string()).collect();
+    let omit_members = r.omit_members;
     // The joining server knows only us: the join goes to the room's other servers from here,
     // queued in the same write that accepts it.
     let (us, joiner) = (app.server_name.to_string(), o.origin.to_string());
@@ -132,6 +142,22 @@ pub async fn send_join_v2(mut req: Req) -> Result<Response> {
     let (state_events, auth_chain, servers) = app
         .store
         .read(move |c| {
+            let load = |ids: &[String]| -> Result<Vec<Box<RawValue>>> {
+                q::get_events(c, ids)?
+                    .into_iter()
+                    .map(|row| RawValue::from_string(row.json).map_err(Error::from))
+                    .collect()
+            };
+            if omit_members {
+                let (state, chain, servers) = crate::ops::partial::join_answer(
+                    c,
+                    room_id.as_str(),
+                    &join_id,
+                    &join_auth,
+                    &us,
+                )?;
+                return Ok((load(&state)?, load(&chain)?, servers));
+            }
             let rules = version
                 .rules()
                 .ok_or_else(|| Error::internal("room version without rules"))?;
@@ -145,12 +171,6 @@ pub async fn send_join_v2(mut req: Req) -> Result<Response> {
                 .into_iter()
                 .filter(|e| !state_set.contains(e))
                 .collect();
-            let load = |ids: &[String]| -> Result<Vec<Box<RawValue>>> {
-                q::get_events(c, ids)?
-                    .into_iter()
-                    .map(|row| RawValue::from_string(row.json).map_err(Error::from))
-                    .collect()
-            };
             let mut servers = q::list_room_servers(c, room_id.as_str(), "")?;
             if !servers.contains(&us) {
                 servers.push(us);
@@ -158,10 +178,15 @@ pub async fn send_join_v2(mut req: Req) -> Result<Response> {
             Ok((load(&state_ids)?, load(&chain)?, servers))
         })
         .await?;
+    if omit_members {
+        app.metrics
+            .partial_send_joins_total
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     json(&json!({
         "state": state_events,
         "auth_chain": auth_chain,
-        "members_omitted": false,
+        "members_omitted": omit_members,
         "servers_in_room": servers,
     }))
 }

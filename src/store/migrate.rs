@@ -127,10 +127,7 @@ const V2_TO_V3_BLOCKS: &[&str] = &[
 /// Version 4, new tables only, like version 3: presence (the persisted presence map) and
 /// partial-state joins (the rooms joined with partial state and the servers their join answer
 /// named).
-const V3_TO_V4_BLOCKS: &[&str] = &[
-    "-- presence (schema v4)",
-    "-- partial-state (schema v4)",
-];
+const V3_TO_V4_BLOCKS: &[&str] = &["-- presence (schema v4)", "-- partial-state (schema v4)"];
 
 /// The block of `SCHEMA` that starts with the comment line `marker` and runs to the next
 /// block marked `(schema v…)` or the end: a step that only adds tables is written once.

@@ -19,6 +19,7 @@ pub mod media;
 pub mod migrate;
 pub mod outbox;
 pub mod queries;
+pub mod search;
 pub mod sticky;
 pub mod writer;
 

@@ -4,7 +4,7 @@
 //! room's history they may see, so visibility, filters, order and pagination are one
 //! statement.
 
-use rusqlite::params;
+use rusqlite::{params, OptionalExtension};
 use serde_json::json;
 
 use super::{queries::IN_ROOM, Connection};
@@ -81,39 +81,50 @@ pub struct SearchHit {
     pub marked: String,
 }
 
-/// The shared FROM/WHERE of a search and its count: `?1` the FTS query, `?2` the rooms as a
-/// JSON array of `[room_id, lo_depth, lo_pos, hi_depth, hi_pos]`, `?3` the keys, `?4` the
-/// senders (NULL: any), `?5` the senders left out.
+/// The shared FROM/WHERE of a search and its count: `?1` the FTS query, `?2` the rooms whose
+/// whole history the user may see (a JSON array of IDs: an IN list, built once and probed per
+/// match), `?10` the others as `[room_id, lo_depth, lo_pos, hi_depth, hi_pos]` (few: rooms left,
+/// `joined`/`invited` visibility), `?3` the keys, `?4` the senders (NULL: any), `?5` the senders
+/// left out.
 fn body() -> String {
     format!(
         "FROM event_search s
          JOIN events e ON e.pos = s.rowid
-         JOIN (SELECT value ->> 0 AS room_id, value ->> 1 AS lo_d, value ->> 2 AS lo_p,
-                      value ->> 3 AS hi_d, value ->> 4 AS hi_p
-               FROM json_each(?2)) r ON r.room_id = e.room_id
          WHERE event_search MATCH ?1
+           AND (e.room_id IN (SELECT value FROM json_each(?2))
+                OR EXISTS (SELECT 1 FROM json_each(?10) b
+                           WHERE b.value ->> 0 = e.room_id
+                             AND (e.depth, e.pos) > (b.value ->> 1, b.value ->> 2)
+                             AND (e.depth, e.pos) <= (b.value ->> 3, b.value ->> 4)))
            AND s.key IN (SELECT value FROM json_each(?3))
            AND (?4 IS NULL OR e.sender IN (SELECT value FROM json_each(?4)))
            AND e.sender NOT IN (SELECT value FROM json_each(?5))
-           AND (e.depth, e.pos) > (r.lo_d, r.lo_p) AND (e.depth, e.pos) <= (r.hi_d, r.hi_p)
            AND {IN_ROOM}"
     )
 }
 
-fn room_param(rooms: &[SearchRoom]) -> String {
-    // The open ends (i64::MIN/MAX) are brought inside what every JSON reader keeps exact.
+/// `?2` and `?10` of [`body`].
+fn room_params(rooms: &[SearchRoom]) -> (String, String) {
+    let open = (i64::MIN, i64::MIN);
+    let end = (i64::MAX, i64::MAX);
+    let (whole, bounded): (Vec<&SearchRoom>, Vec<&SearchRoom>) =
+        rooms.iter().partition(|r| r.lo == open && r.hi == end);
+    // The open ends are brought inside what every JSON reader keeps exact.
     let c = |v: i64| v.clamp(-(1 << 62), 1 << 62);
-    json!(rooms
-        .iter()
-        .map(|r| json!([r.room_id, c(r.lo.0), c(r.lo.1), c(r.hi.0), c(r.hi.1)]))
-        .collect::<Vec<_>>())
-    .to_string()
+    (
+        json!(whole.iter().map(|r| &r.room_id).collect::<Vec<_>>()).to_string(),
+        json!(bounded
+            .iter()
+            .map(|r| json!([r.room_id, c(r.lo.0), c(r.lo.1), c(r.hi.0), c(r.hi.1)]))
+            .collect::<Vec<_>>())
+        .to_string(),
+    )
 }
 
 /// One page of results (at most `limit + 1`, so the caller knows whether more follow) and
 /// the number of results in all (from the start, whatever page this is).
 pub fn search_events(conn: &Connection, q: &SearchQuery<'_>) -> Result<(Vec<SearchHit>, u64)> {
-    let rooms = room_param(q.rooms);
+    let (rooms, bounded) = room_params(q.rooms);
     let keys = json!(q.keys).to_string();
     let senders = q.senders.map(|s| json!(s).to_string());
     let not_senders = json!(q.not_senders).to_string();
@@ -141,8 +152,7 @@ pub fn search_events(conn: &Connection, q: &SearchQuery<'_>) -> Result<(Vec<Sear
     // `rank` is FTS5's bm25: smaller is better (it is negative), so it is negated for the
     // answer, where higher ranks are better.
     let sql = format!(
-        "SELECT e.pos, e.event_id, s.rank, e.origin_server_ts,
-                highlight(event_search, 0, char(1), char(2)), e.depth
+        "SELECT e.pos, e.event_id, s.rank, e.origin_server_ts, e.depth
          {body} {page}
          ORDER BY {order} LIMIT ?6 OFFSET ?9"
     );
@@ -157,7 +167,8 @@ pub fn search_events(conn: &Connection, q: &SearchQuery<'_>) -> Result<(Vec<Sear
             (q.limit + 1) as i64,
             ts,
             pos,
-            offset
+            offset,
+            bounded
         ],
         |r| {
             Ok(SearchHit {
@@ -165,16 +176,40 @@ pub fn search_events(conn: &Connection, q: &SearchQuery<'_>) -> Result<(Vec<Sear
                 event_id: r.get(1)?,
                 rank: -r.get::<_, f64>(2)?,
                 origin_server_ts: r.get(3)?,
-                marked: r.get(4)?,
-                depth: r.get(5)?,
+                depth: r.get(4)?,
+                marked: String::new(),
             })
         },
     )?;
-    let hits = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut hits = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+    // Marked only for the rows returned: highlight() tokenizes the text again, and in the
+    // query above SQLite would compute it for every match before sorting.
+    let mut mark = conn.prepare_cached(
+        "SELECT highlight(event_search, 0, char(1), char(2)) FROM event_search
+         WHERE event_search MATCH ?1 AND rowid = ?2",
+    )?;
+    for h in &mut hits {
+        h.marked = mark
+            .query_row(params![q.fts, h.pos], |r| r.get(0))
+            .optional()?
+            .unwrap_or_default();
+    }
     let count: i64 = conn
         .prepare_cached(&format!("SELECT count(*) {body}"))?
-        .query_row(params![q.fts, rooms, keys, senders, not_senders], |r| {
-            r.get(0)
-        })?;
+        .query_row(
+            params![
+                q.fts,
+                rooms,
+                keys,
+                senders,
+                not_senders,
+                0,
+                0,
+                0,
+                0,
+                bounded
+            ],
+            |r| r.get(0),
+        )?;
     Ok((hits, count as u64))
 }

@@ -493,6 +493,94 @@ fn bad_requests_get_matrix_errors() {
     assert_eq!(st, 400);
 }
 
+#[test]
+fn received_and_backfilled_events_are_searchable() {
+    use common::fed;
+    let a = fed::Hearth::start();
+    let b = fed::Hearth::start();
+    let (_, alice) = fed::register(&a.url(), "alice");
+    let (_, bob) = fed::register(&b.url(), "bob");
+    let post = |base: &str, tok: &str, path: &str, body: Value| {
+        let (st, v) = fed::curl("POST", &format!("{base}{path}"), Some(tok), Some(&body));
+        assert_eq!(st, 200, "{path}: {v}");
+        v
+    };
+    let room = post(
+        &a.url(),
+        &alice,
+        "/_matrix/client/v3/createRoom",
+        json!({ "preset": "public_chat" }),
+    )["room_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let send = |txn: &str, text: &str| {
+        let (st, v) = fed::curl(
+            "PUT",
+            &format!(
+                "{}/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}",
+                a.url(),
+                enc(&room)
+            ),
+            Some(&alice),
+            Some(&json!({ "msgtype": "m.text", "body": text })),
+        );
+        assert_eq!(st, 200, "{v}");
+    };
+    for i in 0..30 {
+        send(&format!("h{i}"), &format!("ancient scroll {i}"));
+    }
+    post(
+        &b.url(),
+        &bob,
+        &format!(
+            "/_matrix/client/v3/join/{}?server_name={}",
+            enc(&room),
+            enc(&a.server_name())
+        ),
+        json!({}),
+    );
+    let count = |term: &str| {
+        post(
+            &b.url(),
+            &bob,
+            "/_matrix/client/v3/search",
+            json!({ "search_categories": { "room_events": { "search_term": term } } }),
+        )["search_categories"]["room_events"]["count"]
+            .as_u64()
+            .unwrap()
+    };
+    // A PDU received over federation is indexed in its own commit.
+    send("live", "fresh parchment");
+    let mut found = 0;
+    for _ in 0..100 {
+        found = count("parchment");
+        if found == 1 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(found, 1, "the received message is found");
+    // History from before bob's server joined is found once backfilled (/messages fetches it).
+    for _ in 0..10 {
+        let (st, v) = fed::curl(
+            "GET",
+            &format!(
+                "{}/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50",
+                b.url(),
+                enc(&room)
+            ),
+            Some(&bob),
+            None,
+        );
+        assert_eq!(st, 200, "{v}");
+        if count("scroll") == 30 {
+            break;
+        }
+    }
+    assert_eq!(count("scroll"), 30, "every backfilled message is found");
+}
+
 // ------------------------------------------------------------------------------ TURN
 
 const TURN: &str = "/_matrix/client/v3/voip/turnServer";

@@ -152,11 +152,14 @@ pub fn search_events(conn: &Connection, q: &SearchQuery<'_>) -> Result<(Vec<Sear
     // `rank` is FTS5's bm25: smaller is better (it is negative), so it is negated for the
     // answer, where higher ranks are better.
     let sql = format!(
-        "SELECT e.pos, e.event_id, s.rank, e.origin_server_ts, e.depth
+        "SELECT e.pos, e.event_id, s.rank, e.origin_server_ts, e.depth, count(*) OVER ()
          {body} {page}
          ORDER BY {order} LIMIT ?6 OFFSET ?9"
     );
     let mut stmt = conn.prepare_cached(&sql)?;
+    // The window count is of every row the WHERE keeps: all results, unless a `recent` page
+    // starts after a cursor.
+    let mut total = None;
     let rows = stmt.query_map(
         params![
             q.fts,
@@ -171,6 +174,7 @@ pub fn search_events(conn: &Connection, q: &SearchQuery<'_>) -> Result<(Vec<Sear
             bounded
         ],
         |r| {
+            total = Some(r.get::<_, i64>(5)?);
             Ok(SearchHit {
                 pos: r.get(0)?,
                 event_id: r.get(1)?,
@@ -194,22 +198,27 @@ pub fn search_events(conn: &Connection, q: &SearchQuery<'_>) -> Result<(Vec<Sear
             .optional()?
             .unwrap_or_default();
     }
-    let count: i64 = conn
-        .prepare_cached(&format!("SELECT count(*) {body}"))?
-        .query_row(
-            params![
-                q.fts,
-                rooms,
-                keys,
-                senders,
-                not_senders,
-                0,
-                0,
-                0,
-                0,
-                bounded
-            ],
-            |r| r.get(0),
-        )?;
+    // One pass over the matches when the page query counted them all (every first page, and
+    // every `rank` page that has rows); otherwise a count of its own.
+    let count: i64 = match total {
+        Some(n) if page.is_empty() => n,
+        _ => conn
+            .prepare_cached(&format!("SELECT count(*) {body}"))?
+            .query_row(
+                params![
+                    q.fts,
+                    rooms,
+                    keys,
+                    senders,
+                    not_senders,
+                    0,
+                    0,
+                    0,
+                    0,
+                    bounded
+                ],
+                |r| r.get(0),
+            )?,
+    };
     Ok((hits, count as u64))
 }

@@ -440,3 +440,26 @@ CREATE TABLE IF NOT EXISTS partial_state_completed (
     room_id TEXT PRIMARY KEY,
     pos     INTEGER NOT NULL
 ) STRICT;
+
+-- search (schema v4)
+-- Full-text index of what `/search` looks in (SQLite FTS5; the bundled SQLite is built with
+-- it): one row per event that is part of its room and has text under one of the keys the spec
+-- names: `content.body` of `m.room.message`, `content.name` of `m.room.name`, `content.topic`
+-- of `m.room.topic`. The rowid is the event's stream position (`events.pos`). A row is written
+-- in the event's own transaction (`room::search`) and deleted with its redaction; encrypted
+-- events have nothing to index. Porter stemming over unicode61, diacritics folded.
+CREATE VIRTUAL TABLE IF NOT EXISTS event_search USING fts5(
+    value,
+    key UNINDEXED,
+    tokenize = 'porter unicode61 remove_diacritics 2'
+);
+-- Events stored before the index existed (an upgraded database; nothing on a fresh one).
+INSERT INTO event_search (rowid, value, key)
+    SELECT e.pos, json_extract(e.json, '$.content.' || k.field), 'content.' || k.field
+    FROM events e
+    JOIN (SELECT 'm.room.message' AS type, 'body' AS field
+          UNION ALL SELECT 'm.room.name', 'name'
+          UNION ALL SELECT 'm.room.topic', 'topic') k ON k.type = e.type
+    WHERE e.outlier = 0 AND e.rejected_reason IS NULL AND e.soft_failed = 0
+      AND e.redacted_by IS NULL
+      AND json_type(e.json, '$.content.' || k.field) = 'text';

@@ -104,6 +104,8 @@ pub struct Config {
     pub media: MediaConfig,
     /// Presence (`[presence]` in TOML).
     pub presence: PresenceConfig,
+    /// TURN servers handed to clients for VoIP (`[turn]` in TOML).
+    pub turn: TurnConfig,
 }
 
 /// Presence: online/idle/offline and status messages.
@@ -120,6 +122,69 @@ pub struct PresenceConfig {
 impl Default for PresenceConfig {
     fn default() -> Self {
         Self { enabled: true }
+    }
+}
+
+/// The TURN servers `GET /voip/turnServer` hands out, with Synapse's option names. With a
+/// `turn_shared_secret` each answer carries time-limited credentials in the coturn REST scheme
+/// (coturn's `use-auth-secret` / `static-auth-secret`); otherwise the static
+/// `turn_username` / `turn_password`. No `turn_uris`: the answer is `{}` (no TURN server).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct TurnConfig {
+    /// e.g. `["turn:turn.example.org:3478?transport=udp", "turns:turn.example.org:5349"]`.
+    pub turn_uris: Vec<String>,
+    pub turn_shared_secret: Option<String>,
+    pub turn_username: Option<String>,
+    pub turn_password: Option<String>,
+    /// How long credentials made from the shared secret stay valid (the answer's `ttl`):
+    /// milliseconds, or a string with a unit (`"90s"`, `"30m"`, `"1h"`, `"1d"`), as Synapse's
+    /// `turn_user_lifetime`. One hour by default.
+    pub turn_user_lifetime: Option<Lifetime>,
+}
+
+/// A duration in Synapse's config syntax: an integer is milliseconds; a string is a number
+/// with a unit (`ms`, `s`, `m`, `h`, `d`, `w`, `y`) or bare milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "toml::Value")]
+pub struct Lifetime(pub std::time::Duration);
+
+impl TryFrom<toml::Value> for Lifetime {
+    type Error = String;
+
+    fn try_from(v: toml::Value) -> Result<Self, String> {
+        let ms = match &v {
+            toml::Value::Integer(i) if *i >= 0 => *i as u64,
+            toml::Value::String(s) => {
+                let s = s.trim();
+                let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+                let (n, unit) = s.split_at(split);
+                let n: u64 = n.parse().map_err(|_| format!("bad duration {s:?}"))?;
+                let per: u64 = match unit {
+                    "" | "ms" => 1,
+                    "s" => 1_000,
+                    "m" => 60_000,
+                    "h" => 3_600_000,
+                    "d" => 86_400_000,
+                    "w" => 7 * 86_400_000,
+                    "y" => 365 * 86_400_000,
+                    _ => return Err(format!("bad duration unit in {s:?}")),
+                };
+                n.checked_mul(per)
+                    .ok_or_else(|| format!("duration {s:?} is too long"))?
+            }
+            _ => return Err(format!("bad duration {v}")),
+        };
+        Ok(Self(std::time::Duration::from_millis(ms)))
+    }
+}
+
+impl TurnConfig {
+    /// The `ttl` of shared-secret credentials.
+    pub fn lifetime(&self) -> std::time::Duration {
+        self.turn_user_lifetime
+            .map(|l| l.0)
+            .unwrap_or(std::time::Duration::from_secs(3600))
     }
 }
 
@@ -222,6 +287,7 @@ impl Default for Config {
             federation: FederationConfig::default(),
             media: MediaConfig::default(),
             presence: PresenceConfig::default(),
+            turn: TurnConfig::default(),
         }
     }
 }
@@ -256,6 +322,16 @@ impl Config {
             .map_err(|e| format!("default_room_version: {e}"))?;
         if !crate::room::is_supported_version(&v) {
             return Err(format!("default_room_version {v} is not supported"));
+        }
+        let t = &self.turn;
+        let static_creds = t.turn_username.is_some() && t.turn_password.is_some();
+        if !t.turn_uris.is_empty() && t.turn_shared_secret.is_none() && !static_creds {
+            // Synapse would answer `{}` here, hiding a half-done setup; refuse to start instead.
+            return Err(
+                "[turn] turn_uris needs turn_shared_secret or both turn_username and \
+                        turn_password"
+                    .into(),
+            );
         }
         for n in &self.federation.trusted_key_servers {
             ruma::ServerName::parse(&n.server_name)
@@ -394,5 +470,37 @@ mod tests {
             };
             assert!(c.validate().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn turn_lifetime_syntax_and_credentials_required() {
+        let parse = |t: &str| toml::from_str::<Config>(t).map(|c| c.turn.lifetime());
+        let secs = std::time::Duration::from_secs;
+        assert_eq!(parse("").unwrap(), secs(3600), "an hour by default");
+        assert_eq!(
+            parse("[turn]\nturn_user_lifetime = 90000").unwrap(),
+            secs(90),
+            "ms"
+        );
+        assert_eq!(
+            parse("[turn]\nturn_user_lifetime = \"2h\"").unwrap(),
+            secs(7200)
+        );
+        assert_eq!(
+            parse("[turn]\nturn_user_lifetime = \"30m\"").unwrap(),
+            secs(1800)
+        );
+        assert!(parse("[turn]\nturn_user_lifetime = \"2 fortnights\"").is_err());
+        assert!(parse("[turn]\nturn_user_lifetime = -1").is_err());
+        let mut c = Config::default();
+        c.turn.turn_uris = vec!["turn:x".into()];
+        assert!(c.validate().is_err(), "URIs without credentials");
+        c.turn.turn_username = Some("u".into());
+        assert!(c.validate().is_err(), "half of the static pair");
+        c.turn.turn_password = Some("p".into());
+        assert!(c.validate().is_ok());
+        c.turn.turn_username = None;
+        c.turn.turn_shared_secret = Some("s".into());
+        assert!(c.validate().is_ok());
     }
 }

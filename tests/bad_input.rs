@@ -121,6 +121,8 @@ fn malformed_requests_get_matrix_errors_never_500() {
             "/_matrix/client/v3/publicRooms?limit={id}&since={id}",
         ),
         ("POST", "/_matrix/client/v3/user_directory/search"),
+        ("POST", "/_matrix/client/v3/search?next_batch={id}"),
+        ("GET", "/_matrix/client/v3/voip/turnServer"),
         ("GET", "/_matrix/client/v1/room_summary/{id}?via={id}"),
         ("PUT", "/_matrix/client/v3/devices/{id}"),
         ("DELETE", "/_matrix/client/v3/devices/{id}"),

@@ -152,7 +152,7 @@ pub async fn put_state(mut req: Req) -> Result<Response> {
 }
 
 /// The state a user may see: current state when joined, else the state when they left.
-fn visible_state(conn: &Connection, room_id: &str, user_id: &str) -> Result<Vec<EventRow>> {
+pub fn visible_state(conn: &Connection, room_id: &str, user_id: &str) -> Result<Vec<EventRow>> {
     let (_, hi) = visible_range(conn, room_id, user_id)?;
     let ids: Vec<String> = if hi == i64::MAX {
         q::list_current_state(conn, room_id)?
@@ -308,7 +308,7 @@ pub fn parse_pos_token(t: &str) -> Result<i64> {
 
 /// [`visible_range`] as bounds in the topological order, so history backfilled after the
 /// user's join (which has later stream positions) is judged by where it sits in the room.
-fn visible_bounds(conn: &Connection, room_id: &str, user_id: &str) -> Result<Bounds> {
+pub fn visible_bounds(conn: &Connection, room_id: &str, user_id: &str) -> Result<Bounds> {
     let (lo, hi) = visible_range(conn, room_id, user_id)?;
     let mut b = Bounds::default();
     if lo != 0 {
@@ -372,6 +372,15 @@ impl EventFilter {
         })
     }
 
+    /// Whether events of this type pass the filter's `types` and `not_types`.
+    pub fn allows_type(&self, kind: &str) -> bool {
+        !self.not_types.iter().any(|p| type_matches(p, kind))
+            && self
+                .types
+                .as_ref()
+                .is_none_or(|t| t.iter().any(|p| type_matches(p, kind)))
+    }
+
     pub fn allows(&self, row: &EventRow) -> bool {
         self.allows_parts(&row.kind, &row.sender)
     }
@@ -379,14 +388,10 @@ impl EventFilter {
     /// The filter on an event's type and sender (also for events that are not rows, such as
     /// presence).
     pub fn allows_parts(&self, kind: &str, sender: &str) -> bool {
-        if self.not_types.iter().any(|p| type_matches(p, kind))
-            || self.not_senders.iter().any(|s| s == sender)
-        {
+        if self.not_senders.iter().any(|s| s == sender) {
             return false;
         }
-        self.types
-            .as_ref()
-            .is_none_or(|t| t.iter().any(|p| type_matches(p, kind)))
+        self.allows_type(kind)
             && self
                 .senders
                 .as_ref()
@@ -722,6 +727,50 @@ pub async fn get_event(mut req: Req) -> Result<Response> {
     json(&out)
 }
 
+/// The events around the one at `key` that the user may see: `n.0` before it (newest first)
+/// and `n.1` after it, with the tokens where paging on from either side starts.
+pub struct Around {
+    pub before: Vec<EventRow>,
+    pub start: Option<Token>,
+    pub after: Vec<EventRow>,
+    pub end: Option<Token>,
+}
+
+/// [`Around`] for `/context` and `/search`'s `event_context`.
+pub fn around(
+    c: &Connection,
+    room_id: &str,
+    user_id: &str,
+    key: TopoKey,
+    filter: &EventFilter,
+    n: (usize, usize),
+) -> Result<Around> {
+    let page = |backward: bool, n: usize| {
+        let r = PageRequest {
+            room_id: room_id.to_owned(),
+            user_id: user_id.to_owned(),
+            backward,
+            from: Some(Token::Topo(if backward { (key.0, key.1 - 1) } else { key })),
+            to: None,
+            filter: filter.clone(),
+            limit: n,
+        };
+        if n == 0 {
+            return Ok((Vec::new(), r.from));
+        }
+        let p = scan_page(c, &r)?;
+        Ok::<_, Error>((p.chunk, p.next.or(r.from)))
+    };
+    let (before, start) = page(true, n.0)?;
+    let (after, end) = page(false, n.1)?;
+    Ok(Around {
+        before,
+        start,
+        after,
+        end,
+    })
+}
+
 /// # `GET /_matrix/client/v3/rooms/{roomId}/context/{eventId}`
 pub async fn context(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
@@ -738,24 +787,19 @@ pub async fn context(mut req: Req) -> Result<Response> {
         .read(move |c| {
             let (row, key) = visible_event(c, &room_id, &event_id, who.user_id.as_str())?;
             let before_n = limit / 2;
-            let page = |backward: bool, n: usize| {
-                let r = PageRequest {
-                    room_id: room_id.clone(),
-                    user_id: who.user_id.to_string(),
-                    backward,
-                    from: Some(Token::Topo(if backward { (key.0, key.1 - 1) } else { key })),
-                    to: None,
-                    filter: filter.clone(),
-                    limit: n,
-                };
-                if n == 0 {
-                    return Ok((Vec::new(), r.from));
-                }
-                let p = scan_page(c, &r)?;
-                Ok::<_, Error>((p.chunk, p.next.or(r.from)))
-            };
-            let (before, start) = page(true, before_n)?;
-            let (after, end) = page(false, limit - before_n)?;
+            let Around {
+                before,
+                start,
+                after,
+                end,
+            } = around(
+                c,
+                &room_id,
+                who.user_id.as_str(),
+                key,
+                &filter,
+                (before_n, limit - before_n),
+            )?;
             let state_rows: Vec<EventRow> = if filter.lazy_load_members {
                 let all: Vec<EventRow> = before
                     .iter()

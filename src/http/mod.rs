@@ -15,10 +15,12 @@ pub mod media;
 pub mod misc;
 pub mod presence;
 pub mod rooms;
+pub mod search;
 pub mod summary;
 pub mod sync;
 pub mod to_device;
 pub mod user;
+pub mod voip;
 
 use std::{future::Future, sync::atomic::Ordering};
 
@@ -498,6 +500,10 @@ pub fn routes(app: App) -> tide::Server<App> {
     client!(s, get "/rooms/:room_id/context/:event_id" => c(events::context));
 
     client!(s, post "/user_directory/search" => c(user::search_users));
+
+    // search and TURN (issue 13)
+    client!(s, post "/search" => c(search::search));
+    client!(s, get "/voip/turnServer" => c(voip::turn_server));
 
     // sync
     client!(s, get "/sync" => c(sync::sync));

@@ -557,6 +557,7 @@ pub(super) fn persist(
         u64::from(pdu.origin_server_ts.get()) as i64,
         tx.now_ms as i64,
     )?;
+    super::search::index(tx, pos, &kind, json)?;
     q::advance_forward_extremities(tx, rid, eid, &prevs)?;
     if let Some(t) = &txn {
         q::insert_txn_id(tx, pdu.sender.as_str(), t.device_id, t.txn_id, eid)?;
@@ -594,6 +595,7 @@ pub(super) fn apply_redaction(
     let obj: CanonicalJsonObject = serde_json::from_str(&row.json)?;
     let redacted = redact(obj, &rules.redaction, None).map_err(Error::internal)?;
     crate::store::sticky::delete_sticky(conn, target)?;
+    crate::store::search::delete_search(conn, target)?;
     q::set_event_redacted(conn, target, &serde_json::to_string(&redacted)?, by)
 }
 

@@ -159,6 +159,11 @@ fn commit_historical(
             },
         )?;
     }
+    // Searchable from now on, as the room shows it (a promoted outlier may have been redacted
+    // while it was one).
+    if let Some(row) = q::get_event(tx, eid)?.filter(|r| r.redacted_by.is_none()) {
+        super::search::index(tx, pos, &row.kind, &row.json)?;
+    }
     if let Some(target) = &pdu.redacts {
         super::build::apply_redaction(tx, pdu.room_id.as_str(), target.as_str(), eid, &rules)?;
     }

@@ -124,10 +124,15 @@ const V2_TO_V3_BLOCKS: &[&str] = &[
     "-- media (schema v3)",
 ];
 
-/// Version 4, new tables only, like version 3: presence (the persisted presence map) and
+/// Version 4, blocks of `schema.sql` like version 3: presence (the persisted presence map),
 /// partial-state joins (the rooms joined with partial state and the servers their join answer
-/// named).
-const V3_TO_V4_BLOCKS: &[&str] = &["-- presence (schema v4)", "-- partial-state (schema v4)"];
+/// named) and full-text search (the FTS5 index, and the statement that fills it from the
+/// events already stored).
+const V3_TO_V4_BLOCKS: &[&str] = &[
+    "-- presence (schema v4)",
+    "-- partial-state (schema v4)",
+    "-- search (schema v4)",
+];
 
 /// The block of `SCHEMA` that starts with the comment line `marker` and runs to the next
 /// block marked `(schema v…)` or the end: a step that only adds tables is written once.
@@ -303,6 +308,54 @@ mod tests {
         assert_eq!(tables(&conn), 0);
         migrate(&mut conn).unwrap();
         assert_eq!(tables(&conn), 3);
+    }
+
+    #[test]
+    fn version_3_database_gets_a_search_index_of_its_events() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        let v3 = SCHEMA.replace(schema_block(V3_TO_V4_BLOCKS[0]).unwrap(), "");
+        migrate_with(&mut conn, &v3, 3, &[]).unwrap();
+        let ev = |pos: i64, kind: &str, content: &str, outlier: i64, rejected: Option<&str>| {
+            conn.execute(
+                "INSERT INTO events (pos, event_id, room_id, type, sender, origin_server_ts,
+                     received_ts, depth, json, outlier, rejected_reason)
+                 VALUES (?1, ?2, '!r:x', ?3, '@a:x', 0, 0, ?1, ?4, ?5, ?6)",
+                rusqlite::params![
+                    pos,
+                    format!("$e{pos}"),
+                    kind,
+                    format!("{{\"content\":{content}}}"),
+                    outlier,
+                    rejected
+                ],
+            )
+            .unwrap();
+        };
+        ev(1, "m.room.message", r#"{"body":"hello there"}"#, 0, None);
+        ev(2, "m.room.topic", r#"{"topic":"hello topic"}"#, 0, None);
+        ev(3, "m.room.encrypted", r#"{"ciphertext":"hello"}"#, 0, None);
+        ev(4, "m.room.message", r#"{"body":"hello outlier"}"#, 1, None);
+        ev(
+            5,
+            "m.room.message",
+            r#"{"body":"hello rejected"}"#,
+            0,
+            Some("no"),
+        );
+        ev(6, "m.room.message", r#"{"body":["hello"]}"#, 0, None);
+        migrate(&mut conn).unwrap();
+        let mut stmt = conn
+            .prepare("SELECT rowid, key FROM event_search WHERE event_search MATCH 'hello' ORDER BY rowid")
+            .unwrap();
+        let hits: Vec<(i64, String)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(
+            hits,
+            vec![(1, "content.body".into()), (2, "content.topic".into())]
+        );
     }
 
     #[test]

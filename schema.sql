@@ -403,3 +403,9 @@ CREATE TABLE IF NOT EXISTS media_thumbnails (
     content_type TEXT NOT NULL,
     PRIMARY KEY (origin, media_id, width, height, method)
 ) STRICT;
+
+-- sticky federation (schema v4)
+-- Soft-failed events by room and arrival (MSC4354): a state change re-evaluates the room's
+-- soft-failed sticky events received within the last hour (none can be sticky longer), and
+-- this partial index keeps that to one probe in a room without any.
+CREATE INDEX IF NOT EXISTS events_soft_failed ON events(room_id, received_ts) WHERE soft_failed = 1;

@@ -72,6 +72,11 @@ pub async fn send(mut req: Req) -> Result<Response> {
     json(&json!({ "pdus": pdus }))
 }
 
+/// Whether a PDU asks to be sticky (MSC4354).
+fn is_sticky(raw: &serde_json::value::RawValue) -> bool {
+    crate::room::sticky::json_duration_ms(raw.get()).is_some()
+}
+
 type PduResults = Vec<(OwnedEventId, std::result::Result<(), String>)>;
 
 async fn process(
@@ -85,8 +90,17 @@ async fn process(
         .try_into()
         .map_err(|_| Error::bad_json("bad origin"))?;
     let mut out = Vec::new();
+    let mut retry_sticky = None;
     for raw in pdus {
         let (id, outcome) = receive_pdu(app, &origin_name, &raw).await;
+        // A sticky event is never dropped silently (MSC4354): one we could not take for a
+        // reason of ours (a fetch failed, the store erred; not a verdict on the event) makes
+        // the whole transaction fail below, so the origin sends it again after its backoff.
+        if let Err(e) = &outcome {
+            if e.status >= 500 && is_sticky(&raw) {
+                retry_sticky.get_or_insert_with(|| e.message.clone());
+            }
+        }
         let result = match outcome {
             Ok(Outcome::Accepted(_)) | Ok(Outcome::Duplicate) | Ok(Outcome::SoftFailed) => Ok(()),
             Ok(Outcome::Rejected(reason)) => Err(reason),
@@ -95,6 +109,15 @@ async fn process(
         if let Some(id) = id {
             out.push((id, result));
         }
+    }
+    if let Some(why) = retry_sticky {
+        // Nothing of the transaction is recorded: the retry is processed in full (the PDUs
+        // taken this time are duplicates then; no EDU was applied).
+        return Err(Error::new(
+            503,
+            "M_UNKNOWN",
+            format!("A sticky event could not be processed now, retry later: {why}"),
+        ));
     }
     // Typing is in memory; receipts and the transaction's record are one write.
     let mut receipts = Vec::new();

@@ -726,7 +726,9 @@ fn visible_event(
     let row = q::get_event(conn, event_id)?.ok_or_else(not_found)?;
     let depth = q::get_event_depth(conn, event_id)?.ok_or_else(not_found)?;
     let key = (depth, row.pos);
-    if q::get_event_room(conn, event_id)?.as_deref() != Some(room_id) {
+    if q::get_event_room(conn, event_id)?.as_deref() != Some(room_id)
+        || !crate::store::sticky::is_in_room(conn, event_id)?
+    {
         return Err(not_found());
     }
     let hidden = key <= vis.topo_lo || key > vis.topo_hi;

@@ -181,11 +181,7 @@ async fn commit_fetching(
 
 /// Whether a received PDU is a sticky event still sticky now (MSC4354).
 fn live_sticky(app: &App, inc: &Incoming) -> bool {
-    let now = app.clock.now_ms() as i64;
-    crate::room::sticky::json_duration_ms(&inc.json).is_some_and(|d| {
-        let ts = u64::from(inc.pdu.origin_server_ts.get()) as i64;
-        crate::room::sticky::expires_ts(ts, now, d) > now
-    })
+    crate::room::sticky::is_live_on_receipt(&inc.json, app.clock.now_ms() as i64)
 }
 
 /// A live sticky event whose prev events do not connect to what we hold: typically one sent

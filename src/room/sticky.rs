@@ -42,6 +42,18 @@ pub fn json_duration_ms(json: &str) -> Option<u64> {
     duration_ms(&serde_json::from_str(json).ok()?)
 }
 
+/// Whether a PDU (JSON text) received at `now` is a sticky event still sticky then.
+pub fn is_live_on_receipt(json: &str, now: i64) -> bool {
+    let Some(d) = json_duration_ms(json) else {
+        return false;
+    };
+    let ts = serde_json::from_str::<Value>(json)
+        .ok()
+        .and_then(|v| v.get("origin_server_ts").and_then(Value::as_i64))
+        .unwrap_or(now);
+    expires_ts(ts, now, d) > now
+}
+
 /// When a sticky event stops being sticky.
 pub fn expires_ts(origin_server_ts: i64, received_ts: i64, duration_ms: u64) -> i64 {
     origin_server_ts

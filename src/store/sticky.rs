@@ -238,3 +238,17 @@ pub fn list_live_sticky_topo_desc(
     )?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
+
+/// Whether an event is part of its room as clients see it (not an outlier, rejected or
+/// soft-failed): `/event` and `/context` serve nothing else, so a soft-failed sticky event
+/// stays out of sight until it is re-evaluated.
+pub fn is_in_room(conn: &Connection, event_id: &str) -> Result<bool> {
+    Ok(conn
+        .prepare_cached(&format!(
+            "SELECT 1 FROM events WHERE event_id = ?1 AND {}",
+            super::queries::IN_ROOM
+        ))?
+        .query_row([event_id], |_| Ok(()))
+        .optional()?
+        .is_some())
+}

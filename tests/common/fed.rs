@@ -288,6 +288,17 @@ impl HearthProcess {
             .unwrap()
     }
 
+    /// Its database, opened while it is down.
+    pub fn db(&self) -> rusqlite::Connection {
+        assert!(self.child.is_none(), "stop it first");
+        rusqlite::Connection::open(self.dir.path().join("hearth.db")).unwrap()
+    }
+
+    /// Its whole log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("hearth.log")).unwrap_or_default()
+    }
+
     /// The end of its log (for failure messages).
     pub fn log_tail(&self) -> String {
         let log = std::fs::read_to_string(self.dir.path().join("hearth.log")).unwrap_or_default();

@@ -72,11 +72,6 @@ pub async fn send(mut req: Req) -> Result<Response> {
     json(&json!({ "pdus": pdus }))
 }
 
-/// Whether a PDU asks to be sticky (MSC4354).
-fn is_sticky(raw: &serde_json::value::RawValue) -> bool {
-    crate::room::sticky::json_duration_ms(raw.get()).is_some()
-}
-
 type PduResults = Vec<(OwnedEventId, std::result::Result<(), String>)>;
 
 async fn process(
@@ -93,11 +88,16 @@ async fn process(
     let mut retry_sticky = None;
     for raw in pdus {
         let (id, outcome) = receive_pdu(app, &origin_name, &raw).await;
-        // A sticky event is never dropped silently (MSC4354): one we could not take for a
-        // reason of ours (a fetch failed, the store erred; not a verdict on the event) makes
-        // the whole transaction fail below, so the origin sends it again after its backoff.
+        // A sticky event is never dropped silently (MSC4354): a live one we could not take
+        // for a reason of ours, not a verdict on the event (a fetch failed, the store erred,
+        // or the room is not known yet: our join is still being committed while the server
+        // that let us in already pushes us its sticky events), makes the whole transaction
+        // fail below, so the origin sends it again after its backoff. Bounded: once the
+        // event is no longer sticky (an hour at most) it is answered like any other.
         if let Err(e) = &outcome {
-            if e.status >= 500 && is_sticky(&raw) {
+            let ours = e.status >= 500 || e.errcode == "M_NOT_FOUND";
+            if ours && crate::room::sticky::is_live_on_receipt(raw.get(), app.clock.now_ms() as i64)
+            {
                 retry_sticky.get_or_insert_with(|| e.message.clone());
             }
         }

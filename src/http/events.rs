@@ -499,10 +499,11 @@ fn scan_page(c: &Connection, r: &PageRequest) -> Result<Page> {
         }
     }
     let hidden_below = vis.topo_lo != Bounds::default().topo_lo;
-    if r.backward && exhausted && hidden_below && chunk.len() < r.limit {
+    if r.backward && exhausted && hidden_below {
         // Below what history visibility lets this user see: the room's live sticky events,
         // which it does not hide from a joined member (MSC4354). Paged like the rest: a full
-        // page ends where it stopped, and the next page from there finds only these.
+        // page with one of them left ends where it stopped (with an `end`), and the next page
+        // from there finds only these.
         if q::get_membership(c, &r.room_id, &r.user_id)?.as_deref() == Some("join") {
             let mut hb = Bounds::default();
             if let Some(to) = r.to {

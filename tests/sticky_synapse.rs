@@ -19,7 +19,7 @@ static SYNAPSE: PerFile = PerFile::new(TESTS, || {
 });
 
 /// Tests in this file that take a turn with the Synapse: bump it when adding one.
-const TESTS: usize = 1;
+const TESTS: usize = 2;
 
 const PARAM: &str = "org.matrix.msc4354.sticky_duration_ms";
 const DURATION: u64 = 600_000;
@@ -209,4 +209,61 @@ fn sticky_events_flow_both_ways_and_show_the_same_in_both_sync_sections() {
     );
     let on_synapse = sticky_in_sync(&syn.url(), &bob_tok, &room, &mut bob_since, &id, &last);
     assert_same_sticky(&on_hearth, &on_synapse);
+}
+
+#[test]
+fn hearth_pushes_its_earlier_sticky_events_to_synapse_when_it_joins() {
+    let turn = SYNAPSE.turn();
+    let syn: &Synapse = &turn;
+    let hearth = Hearth::start();
+    let (_, alice_tok) = register(&hearth.url(), "alice");
+    let (_, bob_tok) = register(&syn.url(), "bob");
+    let (s, v) = curl(
+        "POST",
+        &format!("{}/_matrix/client/v3/createRoom", hearth.url()),
+        Some(&alice_tok),
+        Some(&json!({ "preset": "public_chat", "room_version": "10" })),
+    );
+    assert_eq!(s, 200, "{v}");
+    let room = v["room_id"].as_str().unwrap().to_owned();
+    // Before Synapse is in the room: a sticky event, and more messages than a timeline of
+    // five after it, so nothing Synapse gets with its join leads to it.
+    let (early, _) = sticky_then_messages(&hearth.url(), &alice_tok, &room, "early", 8);
+    let mut bob_since = sync(&syn.url(), &bob_tok, None)["next_batch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (s, v) = curl(
+        "POST",
+        &format!(
+            "{}/_matrix/client/v3/join/{}?server_name={}",
+            syn.url(),
+            common::enc(&room),
+            common::enc(&hearth.server_name())
+        ),
+        Some(&bob_tok),
+        Some(&json!({})),
+    );
+    assert_eq!(s, 200, "bob joins through Hearth: {v}");
+    // Bob's syncs from before his join until the early sticky event shows up, in the sticky
+    // section or the timeline (bounded).
+    let ev = eventually(
+        90,
+        "Synapse delivers Hearth's earlier sticky event to bob",
+        || {
+            let v = sync(&syn.url(), &bob_tok, Some(&bob_since));
+            bob_since = v["next_batch"].as_str().unwrap().to_owned();
+            let r = &v["rooms"]["join"][room.as_str()];
+            let found = [&r["msc4354_sticky"]["events"], &r["timeline"]["events"]]
+                .into_iter()
+                .flat_map(|a| a.as_array().cloned().unwrap_or_default())
+                .find(|e| e["event_id"] == early.as_str());
+            found
+        },
+    );
+    assert_eq!(ev["content"]["sticky_key"], "early", "{ev}");
+    assert!(
+        ev["unsigned"]["msc4354_sticky_duration_ttl_ms"].is_u64(),
+        "{ev}"
+    );
 }

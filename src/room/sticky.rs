@@ -297,4 +297,24 @@ mod tests {
         assert_eq!(ttl_ms(1_000, 400), Some(600));
         assert_eq!(ttl_ms(1_000, 1_000), None);
     }
+
+    #[test]
+    fn live_on_receipt_counts_from_the_earlier_clock() {
+        let pdu = |ts: i64, d: i64| {
+            json!({ "origin_server_ts": ts, "msc4354_sticky": { "duration_ms": d } }).to_string()
+        };
+        assert!(is_live_on_receipt(&pdu(10_000, 5_000), 12_000));
+        assert!(
+            !is_live_on_receipt(&pdu(1_000, 5_000), 12_000),
+            "sent long ago"
+        );
+        // A clock ahead of ours buys nothing: counted from our receipt.
+        assert!(is_live_on_receipt(&pdu(99_000, 5_000), 17_000));
+        assert!(
+            !is_live_on_receipt(r#"{"origin_server_ts": 1}"#, 0),
+            "not sticky"
+        );
+        assert_eq!(json_duration_ms(&pdu(0, 7)), Some(7));
+        assert_eq!(json_duration_ms("not json msc4354_sticky"), None);
+    }
 }

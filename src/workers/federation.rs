@@ -385,3 +385,22 @@ pub fn render_metrics(app: &App, depths: &[(String, u64)]) -> String {
     ));
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::narrow;
+
+    #[test]
+    fn a_refusal_narrows_to_one_row_in_a_few_steps() {
+        let mut limits = (50, 100);
+        let mut steps = 0;
+        while limits.0 + limits.1 > 1 {
+            limits = narrow(limits);
+            steps += 1;
+        }
+        assert_eq!(limits.0 + limits.1, 1);
+        assert!(steps <= 7, "{steps}");
+        assert_eq!(narrow((0, 3)), (0, 1));
+        assert_eq!(narrow((1, 1)), (1, 0));
+    }
+}

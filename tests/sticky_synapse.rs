@@ -217,7 +217,8 @@ fn hearth_pushes_its_earlier_sticky_events_to_synapse_when_it_joins() {
     let syn: &Synapse = &turn;
     let hearth = Hearth::start();
     let (_, alice_tok) = register(&hearth.url(), "alice");
-    let (_, bob_tok) = register(&syn.url(), "bob");
+    // The file shares one Synapse: a user name of its own.
+    let (_, bob_tok) = register(&syn.url(), "bob-joins-later");
     let (s, v) = curl(
         "POST",
         &format!("{}/_matrix/client/v3/createRoom", hearth.url()),

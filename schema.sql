@@ -463,3 +463,9 @@ INSERT INTO event_search (rowid, value, key)
     WHERE e.outlier = 0 AND e.rejected_reason IS NULL AND e.soft_failed = 0
       AND e.redacted_by IS NULL
       AND json_type(e.json, '$.content.' || k.field) = 'text';
+
+-- sticky federation (schema v4)
+-- Soft-failed events by room and arrival (MSC4354): a state change re-evaluates the room's
+-- soft-failed sticky events received within the last hour (none can be sticky longer), and
+-- this partial index keeps that to one probe in a room without any.
+CREATE INDEX IF NOT EXISTS events_soft_failed ON events(room_id, received_ts) WHERE soft_failed = 1;

@@ -24,6 +24,8 @@ enum Mode {
     Hang,
     /// Answer 400 `M_BAD_JSON`: a refusal that a retry would get again.
     Refuse,
+    /// Refuse (400) a transaction carrying a message with this body; take the others.
+    RefuseBody(&'static str),
 }
 
 /// One request the destination saw: the transaction ID, the status it answered (0: none) and
@@ -170,12 +172,21 @@ async fn serve(
             .await;
         return;
     };
-    let m = *mode.lock().unwrap();
+    let mut m = *mode.lock().unwrap();
+    if let Mode::RefuseBody(bad) = m {
+        m = if bodies(&body).iter().any(|b| b == bad) {
+            Mode::Refuse
+        } else {
+            Mode::Ok
+        };
+    }
     let (status, answer): (u16, &[u8]) = match m {
         Mode::Ok => (200, b"{\"pdus\":{}}"),
         Mode::Fail => (500, b"{\"errcode\":\"M_UNKNOWN\",\"error\":\"down\"}"),
         Mode::Hang => (0, b""),
-        Mode::Refuse => (400, b"{\"errcode\":\"M_BAD_JSON\",\"error\":\"no\"}"),
+        Mode::Refuse | Mode::RefuseBody(_) => {
+            (400, b"{\"errcode\":\"M_BAD_JSON\",\"error\":\"no\"}")
+        }
     };
     seen.lock().unwrap().push(Seen {
         txn: txn.to_owned(),
@@ -572,4 +583,42 @@ fn a_transaction_refused_with_a_400_is_dropped_and_the_queue_goes_on() {
     });
     let m = metrics(&s);
     assert!(metric(&m, "hearth_federation_dropped_total").unwrap() >= 1);
+}
+
+#[test]
+fn a_refusal_is_narrowed_to_its_one_row_and_a_queued_sticky_event_is_never_dropped_with_it() {
+    let fake = FakeDest::start(Mode::Fail);
+    let s = start();
+    let (_, alice) = s.register("alice");
+    let room = room_with(&s, &alice, &fake.name);
+    // Queued while the destination is down: a sticky event, a message it will refuse, and
+    // more after them: one transaction once it is back.
+    s.ok(
+        "PUT",
+        &format!(
+            "/_matrix/client/v3/rooms/{}/send/m.room.message/st?org.matrix.msc4354.sticky_duration_ms=600000",
+            common::enc(&room)
+        ),
+        Some(&alice),
+        Some(&json!({ "msgtype": "m.text", "body": "sticky" })),
+    );
+    wait_for("a failed attempt", Duration::from_secs(20), || {
+        fake.seen().iter().any(|t| t.status == 500)
+    });
+    s.send(&alice, &room, "t0", "bad");
+    for i in 1..=3 {
+        s.send(&alice, &room, &format!("t{i}"), &format!("m{i}"));
+    }
+    fake.set(Mode::RefuseBody("bad"));
+    contact(&s, &fake);
+    wait_for("the queue to empty", Duration::from_secs(30), || {
+        outbox_len(&s) == 0
+    });
+    assert_eq!(
+        fake.delivered(),
+        ["sticky", "m1", "m2", "m3"],
+        "everything but the refused row, once, in order"
+    );
+    let m = metrics(&s);
+    assert_eq!(metric(&m, "hearth_federation_dropped_total"), Some(1));
 }

@@ -281,3 +281,89 @@ fn many_sticky_events_arrive_across_syncs_none_lost_or_repeated() {
         "250 events take three responses: {responses}"
     );
 }
+
+#[test]
+fn history_visibility_hides_no_live_sticky_event_from_event_context_or_messages() {
+    let clock = ManualClock::new(now_ms());
+    let s = TestServer::start_with_clock(|_| {}, clock.clone());
+    let (_alice, a) = s.register("alice");
+    let (_bob, b) = s.register("bob");
+    let room = s.create_room(&a, json!({ "preset": "public_chat" }));
+    s.ok(
+        "PUT",
+        &format!(
+            "/_matrix/client/v3/rooms/{}/state/m.room.history_visibility/",
+            enc(&room)
+        ),
+        Some(&a),
+        Some(&json!({ "history_visibility": "joined" })),
+    );
+    let hidden = s.send(&a, &room, "plain", "before bob");
+    let sticky = send_sticky(&s, &a, &room, "early", 600_000);
+    let short = send_sticky(&s, &a, &room, "short", 1_000);
+    s.send(&a, &room, "after", "also before bob");
+    s.ok(
+        "POST",
+        &format!("/_matrix/client/v3/join/{}", enc(&room)),
+        Some(&b),
+        Some(&json!({})),
+    );
+    clock.advance(2_000);
+    let event = |id: &str| {
+        s.req(
+            "GET",
+            &format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(id)),
+            Some(&b),
+            None,
+        )
+    };
+    assert_eq!(event(&hidden).0, 404, "plain history stays hidden");
+    assert_eq!(
+        event(&short).0,
+        404,
+        "an expired sticky event is history again"
+    );
+    let (status, ev) = event(&sticky);
+    assert_eq!(status, 200, "{ev}");
+    assert!(
+        ev["unsigned"]["msc4354_sticky_duration_ttl_ms"].is_u64(),
+        "{ev}"
+    );
+    let ctx = s.ok(
+        "GET",
+        &format!(
+            "/_matrix/client/v3/rooms/{}/context/{}?limit=10",
+            enc(&room),
+            enc(&sticky)
+        ),
+        Some(&b),
+        None,
+    );
+    assert_eq!(ctx["event"]["event_id"], sticky.as_str(), "{ctx}");
+    // /messages backwards: the visible history (bob's join onwards), then the live sticky
+    // event below it, paged one event at a time so the page boundary falls among them.
+    let mut seen = Vec::new();
+    let mut from = String::new();
+    for _ in 0..20 {
+        let page = s.ok(
+            "GET",
+            &format!(
+                "/_matrix/client/v3/rooms/{}/messages?dir=b&limit=1{from}",
+                enc(&room)
+            ),
+            Some(&b),
+            None,
+        );
+        seen.extend(ids(page["chunk"].as_array().unwrap()));
+        match page["end"].as_str() {
+            Some(end) => from = format!("&from={end}"),
+            None => break,
+        }
+    }
+    assert!(seen.contains(&sticky), "{seen:?}");
+    assert!(
+        !seen.contains(&hidden) && !seen.contains(&short),
+        "{seen:?}"
+    );
+    assert_eq!(seen.iter().filter(|e| **e == sticky).count(), 1, "{seen:?}");
+}

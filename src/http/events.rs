@@ -441,6 +441,8 @@ struct PageRequest {
     to: Option<Token>,
     filter: EventFilter,
     limit: usize,
+    /// The server's clock: which sticky events are live.
+    now: i64,
 }
 
 /// One scan of a room's history in topological order.
@@ -507,7 +509,41 @@ fn scan_page(c: &Connection, r: &PageRequest) -> Result<Page> {
             break;
         }
     }
-    let open_below = r.backward && r.to.is_none() && vis.topo_lo == Bounds::default().topo_lo;
+    let hidden_below = vis.topo_lo != Bounds::default().topo_lo;
+    if r.backward && exhausted && hidden_below {
+        // Below what history visibility lets this user see: the room's live sticky events,
+        // which it does not hide from a joined member (MSC4354). Paged like the rest: a full
+        // page with one of them left ends where it stopped (with an `end`), and the next page
+        // from there finds only these.
+        if q::get_membership(c, &r.room_id, &r.user_id)?.as_deref() == Some("join") {
+            let mut hb = Bounds::default();
+            if let Some(to) = r.to {
+                to.after(&mut hb);
+            }
+            hb.topo_hi = b.topo_hi.min(vis.topo_lo);
+            (hb.pos_lo, hb.pos_hi) = (b.pos_lo, b.pos_hi);
+            let want = r.limit - chunk.len();
+            let rows = crate::store::sticky::list_live_sticky_topo_desc(
+                c,
+                &r.room_id,
+                &hb,
+                want + 1,
+                r.now,
+            )?;
+            for (i, (depth, row)) in rows.into_iter().enumerate() {
+                if i == want {
+                    exhausted = false;
+                    break;
+                }
+                b.topo_hi = (depth, row.pos - 1);
+                next = Some(Token::Topo(b.topo_hi));
+                if r.filter.allows(&row) {
+                    chunk.push(row);
+                }
+            }
+        }
+    }
+    let open_below = r.backward && r.to.is_none() && !hidden_below;
     let extremities = if exhausted && open_below {
         h::list_backward_extremities(c, &r.room_id, MAX_EXTREMITIES)?
     } else {
@@ -554,6 +590,7 @@ pub async fn messages(mut req: Req) -> Result<Response> {
         to: b.to.as_deref().map(Token::parse).transpose()?,
         filter,
         limit,
+        now: app.clock.now_ms() as i64,
     });
     let start = r.from.unwrap_or(if backward {
         Token::Stream(app.notifier.pos())
@@ -690,11 +727,14 @@ pub async fn joined_members(mut req: Req) -> Result<Response> {
 
 /// Loads an event of `room_id` that the user may see, or `M_NOT_FOUND`; with its place in
 /// the topological order.
+///
+/// History visibility does not hide a live sticky event from a joined member (MSC4354).
 fn visible_event(
     conn: &Connection,
     room_id: &str,
     event_id: &str,
     user_id: &str,
+    now: u64,
 ) -> Result<(EventRow, TopoKey)> {
     let vis = visible_bounds(conn, room_id, user_id)?;
     let not_found = || Error::not_found("Event not found");
@@ -702,12 +742,28 @@ fn visible_event(
     let depth = q::get_event_depth(conn, event_id)?.ok_or_else(not_found)?;
     let key = (depth, row.pos);
     if q::get_event_room(conn, event_id)?.as_deref() != Some(room_id)
-        || key <= vis.topo_lo
-        || key > vis.topo_hi
+        || !crate::store::sticky::is_in_room(conn, event_id)?
     {
         return Err(not_found());
     }
+    let hidden = key <= vis.topo_lo || key > vis.topo_hi;
+    if hidden && !live_sticky_for_member(conn, room_id, event_id, user_id, now)? {
+        return Err(not_found());
+    }
     Ok((row, key))
+}
+
+/// Whether `event_id` is a live sticky event and `user_id` a joined member of its room.
+fn live_sticky_for_member(
+    conn: &Connection,
+    room_id: &str,
+    event_id: &str,
+    user_id: &str,
+    now: u64,
+) -> Result<bool> {
+    let live = crate::store::sticky::get_sticky_expiry(conn, event_id)?
+        .is_some_and(|exp| exp > now as i64);
+    Ok(live && q::get_membership(conn, room_id, user_id)?.as_deref() == Some("join"))
 }
 
 /// # `GET /_matrix/client/v3/rooms/{roomId}/event/{eventId}`
@@ -720,7 +776,7 @@ pub async fn get_event(mut req: Req) -> Result<Response> {
     let out = app
         .store
         .read(move |c| {
-            let (row, _) = visible_event(c, &room_id, &event_id, who.user_id.as_str())?;
+            let (row, _) = visible_event(c, &room_id, &event_id, who.user_id.as_str(), now)?;
             client_event(c, &row, Some(viewer(&who)), now, true)
         })
         .await?;
@@ -744,6 +800,7 @@ pub fn around(
     key: TopoKey,
     filter: &EventFilter,
     n: (usize, usize),
+    now: i64,
 ) -> Result<Around> {
     let page = |backward: bool, n: usize| {
         let r = PageRequest {
@@ -754,6 +811,7 @@ pub fn around(
             to: None,
             filter: filter.clone(),
             limit: n,
+            now,
         };
         if n == 0 {
             return Ok((Vec::new(), r.from));
@@ -785,7 +843,7 @@ pub async fn context(mut req: Req) -> Result<Response> {
     let out = app
         .store
         .read(move |c| {
-            let (row, key) = visible_event(c, &room_id, &event_id, who.user_id.as_str())?;
+            let (row, key) = visible_event(c, &room_id, &event_id, who.user_id.as_str(), now)?;
             let before_n = limit / 2;
             let Around {
                 before,
@@ -799,6 +857,7 @@ pub async fn context(mut req: Req) -> Result<Response> {
                 key,
                 &filter,
                 (before_n, limit - before_n),
+                now as i64,
             )?;
             let state_rows: Vec<EventRow> = if filter.lazy_load_members {
                 let all: Vec<EventRow> = before

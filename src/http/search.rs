@@ -262,6 +262,7 @@ fn answer(conn: &Connection, plan: &Plan, now: u64) -> Result<Value> {
                 (hit.depth, hit.pos),
                 &EventFilter::default(),
                 (before, after),
+                now as i64,
             )?;
             let mut ctx = json!({
                 "events_before": client_events(conn, &a.before, viewer, now, true)?,

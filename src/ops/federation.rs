@@ -162,6 +162,9 @@ async fn commit_fetching(
                 fetched_once = true;
                 fetch_missing(app, origin, room_id, version, &inc, &missing, &mut budget).await?;
             }
+            Err(missing) if missing.auth_events.is_empty() && live_sticky(app, &inc) => {
+                return commit_unconnected_sticky(app, origin, room_id, version, inc).await;
+            }
             Err(missing) => {
                 return Err(Error::new(
                     400,
@@ -174,6 +177,41 @@ async fn commit_fetching(
             }
         }
     }
+}
+
+/// Whether a received PDU is a sticky event still sticky now (MSC4354).
+fn live_sticky(app: &App, inc: &Incoming) -> bool {
+    crate::room::sticky::is_live_on_receipt(&inc.json, app.clock.now_ms() as i64)
+}
+
+/// A live sticky event whose prev events do not connect to what we hold: typically one sent
+/// before we joined and pushed to us after (MSC4354: a server pushes its unexpired sticky
+/// events to a server that joins), whose history our join never included. Rather than refuse
+/// it (its sender would not send it again: the transaction succeeded), the state before it is
+/// asked of `origin` (`/state_ids`, as backfill does) and the event is committed as history,
+/// then delivered as a sticky event (`room::sticky::commit_unconnected`).
+async fn commit_unconnected_sticky(
+    app: &App,
+    origin: &ServerName,
+    room_id: &OwnedRoomId,
+    version: &RoomVersionId,
+    inc: Incoming,
+) -> Result<Outcome> {
+    // A budget of its own: the walk that failed to connect it may have used the first.
+    let mut budget = MAX_FETCH;
+    let state = state_ids_before(
+        app,
+        origin,
+        room_id,
+        version,
+        &inc.pdu.event_id,
+        &[],
+        &mut budget,
+    )
+    .await?;
+    app.store
+        .write(move |tx| crate::room::sticky::commit_unconnected(tx, &inc, state))
+        .await
 }
 
 /// Fetches what a PDU needs: auth events one by one (`/event`, stored as outliers), prev

@@ -558,6 +558,7 @@ pub(super) fn persist(
         tx.now_ms as i64,
     )?;
     super::search::index(tx, pos, &kind, json)?;
+    let joining = super::sticky::server_joining(tx, pdu)?;
     q::advance_forward_extremities(tx, rid, eid, &prevs)?;
     if let Some(t) = &txn {
         q::insert_txn_id(tx, pdu.sender.as_str(), t.device_id, t.txn_id, eid)?;
@@ -571,6 +572,7 @@ pub(super) fn persist(
         q::upsert_current_state(tx, rid, &kind, key, eid, pos)?;
         q::set_room_state_group(tx, rid, group)?;
     }
+    super::sticky::after_persist(tx, rules, rid, joining, forked || pdu.state_key.is_some())?;
     Ok(Persisted {
         event_id: pdu.event_id.clone(),
         pos,

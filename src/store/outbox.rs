@@ -19,6 +19,9 @@ pub struct Batch {
     pub ids: Vec<i64>,
     /// The stored PDU JSON (as signed) of each PDU row whose event exists.
     pub pdus: Vec<Box<RawValue>>,
+    /// The event ID of each PDU in `pdus`, in the same order (PDUs of room versions 3 and
+    /// later do not carry their ID).
+    pub pdu_ids: Vec<String>,
     /// The EDU JSON of each EDU row.
     pub edus: Vec<Box<RawValue>>,
 }
@@ -56,17 +59,24 @@ pub fn next_batch(
 ) -> Result<Batch> {
     let mut batch = Batch::default();
     let mut stmt = conn.prepare_cached(
-        "SELECT o.id, e.json FROM outbox o LEFT JOIN events e ON e.event_id = o.event_id
+        "SELECT o.id, e.json, o.event_id FROM outbox o LEFT JOIN events e ON e.event_id = o.event_id
          WHERE o.destination = ?1 AND o.kind = 'pdu' ORDER BY o.id LIMIT ?2",
     )?;
     let rows = stmt.query_map(params![dest, max_pdus as i64], |r| {
-        Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?))
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, Option<String>>(1)?,
+            r.get::<_, Option<String>>(2)?,
+        ))
     })?;
     for row in rows {
-        let (id, json) = row?;
+        let (id, json, event_id) = row?;
         batch.ids.push(id);
         match json {
-            Some(j) => batch.pdus.push(RawValue::from_string(j)?),
+            Some(j) => {
+                batch.pdus.push(RawValue::from_string(j)?);
+                batch.pdu_ids.push(event_id.unwrap_or_default());
+            }
             None => log::warn!("outbox row {id} for {dest}: its event no longer exists; dropped"),
         }
     }

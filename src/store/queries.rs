@@ -8,12 +8,18 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::error::Result;
 
-/// The largest stream position any table holds (the writer resumes after it).
+/// The largest stream position any table holds (the writer resumes after it). A state reset
+/// takes a position of its own kept only in `current_state`, and a sticky event delivered
+/// apart from its place in the room (`room::sticky::commit_unconnected`) one kept only in
+/// `sticky_events`: a restart that handed those out again would put new events at or below a
+/// client's `since`, and `/sync` would never send them.
 pub fn max_stream_pos(conn: &Connection) -> Result<i64> {
     let pos: i64 = conn.query_row(
         "SELECT max(coalesce((SELECT max(pos) FROM events), 0),
                     coalesce((SELECT max(pos) FROM account_data), 0),
-                    coalesce((SELECT max(pos) FROM receipts), 0))",
+                    coalesce((SELECT max(pos) FROM receipts), 0),
+                    coalesce((SELECT max(pos) FROM current_state), 0),
+                    coalesce((SELECT max(pos) FROM sticky_events), 0))",
         [],
         |r| r.get(0),
     )?;

@@ -107,3 +107,148 @@ pub fn get_sticky_expiry(conn: &Connection, event_id: &str) -> Result<Option<i64
         .query_row([event_id], |r| r.get(0))
         .optional()?)
 }
+
+// The federation half: pushing our own sticky events to a server that joins, and giving
+// soft-failed sticky events a second chance when the room's state changes.
+
+/// How many members of `server` are joined to the room in its current state.
+pub fn count_joined_from(conn: &Connection, room_id: &str, server: &str) -> Result<i64> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT count(*) FROM current_state
+             WHERE room_id = ?1 AND type = 'm.room.member' AND membership = 'join'
+               AND substr(state_key, instr(state_key, ':') + 1) = ?2",
+        )?
+        .query_row([room_id, server], |r| r.get(0))?)
+}
+
+/// The room's sticky events live at `now` sent by users of `ours`, that are not already
+/// queued for `dest`, in stream order: what a server joining the room must be pushed.
+pub fn list_own_live_sticky_unqueued(
+    conn: &Connection,
+    room_id: &str,
+    ours: &str,
+    now: i64,
+    dest: &str,
+) -> Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT s.event_id FROM sticky_events s JOIN events e ON e.event_id = s.event_id
+         WHERE s.room_id = ?1 AND s.expires_ts > ?3
+           AND substr(e.sender, instr(e.sender, ':') + 1) = ?2
+           AND NOT EXISTS (SELECT 1 FROM outbox o
+                           WHERE o.destination = ?4 AND o.kind = 'pdu' AND o.event_id = s.event_id)
+         ORDER BY s.pos",
+    )?;
+    let rows = stmt.query_map(params![room_id, ours, now, dest], |r| r.get(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// A soft-failed message event that may be sticky: its ID, JSON and both timestamps.
+pub struct SoftFailed {
+    pub event_id: String,
+    pub json: String,
+    pub origin_server_ts: i64,
+    pub received_ts: i64,
+}
+
+/// The room's soft-failed message events received after `since_ts` whose JSON names the
+/// sticky key (the caller parses it): by the partial index `events_soft_failed`, so a state
+/// change in a room without recent soft-failed events costs one index probe.
+pub fn list_recent_soft_failed_sticky(
+    conn: &Connection,
+    room_id: &str,
+    since_ts: i64,
+) -> Result<Vec<SoftFailed>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT event_id, json, origin_server_ts, received_ts FROM events
+         WHERE room_id = ?1 AND soft_failed = 1 AND received_ts > ?2
+           AND state_key IS NULL AND outlier = 0 AND rejected_reason IS NULL
+           AND instr(json, 'msc4354_sticky') > 0
+         ORDER BY pos",
+    )?;
+    let rows = stmt.query_map(params![room_id, since_ts], |r| {
+        Ok(SoftFailed {
+            event_id: r.get(0)?,
+            json: r.get(1)?,
+            origin_server_ts: r.get(2)?,
+            received_ts: r.get(3)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// A soft-failed event passes the current state now: it joins the room at a new stream
+/// position (so `/sync` sends it as new).
+pub fn un_soft_fail(conn: &Connection, event_id: &str, pos: i64) -> Result<()> {
+    conn.prepare_cached(
+        "UPDATE events SET soft_failed = 0, pos = ?2 WHERE event_id = ?1 AND soft_failed = 1",
+    )?
+    .execute(params![event_id, pos])?;
+    Ok(())
+}
+
+/// A sticky event committed as history that fails the room's current state: soft-failed, so
+/// a later state change re-evaluates it (see `un_soft_fail`).
+pub fn set_soft_failed(conn: &Connection, event_id: &str) -> Result<()> {
+    conn.prepare_cached("UPDATE events SET soft_failed = 1 WHERE event_id = ?1")?
+        .execute([event_id])?;
+    Ok(())
+}
+
+/// An event's rejection reason and arrival time, if it is held.
+pub fn event_status(conn: &Connection, event_id: &str) -> Result<Option<(Option<String>, i64)>> {
+    Ok(conn
+        .prepare_cached("SELECT rejected_reason, received_ts FROM events WHERE event_id = ?1")?
+        .query_row([event_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?)
+}
+
+/// Up to `limit` of a room's sticky events live at `now` within `b`, newest first in the
+/// topological order, with their depth: what `/messages` adds, going backwards, below the
+/// history a joined user may see (history visibility does not apply to sticky events).
+pub fn list_live_sticky_topo_desc(
+    conn: &Connection,
+    room_id: &str,
+    b: &super::history::Bounds,
+    limit: usize,
+    now: i64,
+) -> Result<Vec<(i64, super::queries::EventRow)>> {
+    use super::queries::{event_row, EVENT_COLS, IN_ROOM};
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {EVENT_COLS}, depth FROM events
+         WHERE event_id IN (SELECT event_id FROM sticky_events
+                            WHERE room_id = ?1 AND expires_ts > ?9)
+           AND (depth, pos) > (?2, ?3) AND (depth, pos) <= (?4, ?5)
+           AND pos > ?6 AND pos <= ?7 AND {IN_ROOM}
+         ORDER BY depth DESC, pos DESC LIMIT ?8"
+    ))?;
+    let rows = stmt.query_map(
+        params![
+            room_id,
+            b.topo_lo.0,
+            b.topo_lo.1,
+            b.topo_hi.0,
+            b.topo_hi.1,
+            b.pos_lo,
+            b.pos_hi,
+            limit as i64,
+            now
+        ],
+        |r| Ok((r.get(EVENT_COLS.split(',').count())?, event_row(r)?)),
+    )?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Whether an event is part of its room as clients see it (not an outlier, rejected or
+/// soft-failed): `/event` and `/context` serve nothing else, so a soft-failed sticky event
+/// stays out of sight until it is re-evaluated.
+pub fn is_in_room(conn: &Connection, event_id: &str) -> Result<bool> {
+    Ok(conn
+        .prepare_cached(&format!(
+            "SELECT 1 FROM events WHERE event_id = ?1 AND {}",
+            super::queries::IN_ROOM
+        ))?
+        .query_row([event_id], |_| Ok(()))
+        .optional()?
+        .is_some())
+}

@@ -230,6 +230,9 @@ async fn deliver_queue(app: &App, dest: &str) {
             return;
         }
     };
+    // How many PDU and EDU rows the next transaction may carry: the spec's limits, smaller
+    // while narrowing down a refusal (see `narrow`).
+    let mut limits = (MAX_PDUS, MAX_EDUS);
     loop {
         if app.shutdown.is_set() {
             return;
@@ -237,7 +240,7 @@ async fn deliver_queue(app: &App, dest: &str) {
         let d = dest.to_owned();
         let batch = match app
             .store
-            .read(move |c| outbox::next_batch(c, &d, MAX_PDUS, MAX_EDUS))
+            .read(move |c| outbox::next_batch(c, &d, limits.0, limits.1))
             .await
         {
             Ok(b) => b,
@@ -251,6 +254,7 @@ async fn deliver_queue(app: &App, dest: &str) {
             return;
         };
         let ids = batch.ids;
+        let carried = (batch.pdus.len(), batch.edus.len());
         if !batch.pdus.is_empty() || !batch.edus.is_empty() {
             let ts = UInt::new(app.clock.now_ms()).unwrap_or_default();
             let mut req = send_txn::Request::new(
@@ -258,6 +262,7 @@ async fn deliver_queue(app: &App, dest: &str) {
                 app.server_name.clone(),
                 MilliSecondsSinceUnixEpoch(ts),
             );
+            let refused_desc = describe(&batch.pdu_ids, &batch.pdus);
             req.pdus = batch.pdus;
             req.edus = batch.edus.into_iter().map(Raw::from_json).collect();
             let (n_pdus, n_edus) = (req.pdus.len(), req.edus.len());
@@ -274,10 +279,24 @@ async fn deliver_queue(app: &App, dest: &str) {
                         .transactions_total
                         .fetch_add(1, Ordering::Relaxed);
                 }
+                Ok(Err(e)) if ids.len() > 1 => {
+                    // One bad row (or the whole being too large) must not cost its
+                    // neighbours, sticky events among them: nothing is dropped, and the
+                    // same rows go again in smaller transactions until the refused one is
+                    // alone.
+                    log::info!(
+                        "federation: {dest} refused txn {txn} ({n_pdus} PDUs, {n_edus} EDUs): {e}; narrowing it down"
+                    );
+                    limits = narrow(carried);
+                    continue;
+                }
                 Ok(Err(e)) => {
-                    // Refused for good: sending it again would block every later event.
+                    // Refused for good, alone: sending it again would block every later
+                    // event. Logged with what it was (a sticky event is named as such), and
+                    // counted in `hearth_federation_dropped_total`.
                     log::warn!(
-                        "federation: {dest} refused txn {txn} ({n_pdus} PDUs, {n_edus} EDUs); dropped: {e}"
+                        "federation: {dest} refused txn {txn} ({n_pdus} PDUs, {n_edus} EDUs: {}); dropped: {e}",
+                        refused_desc
                     );
                     app.sender.dropped_total.fetch_add(1, Ordering::Relaxed);
                 }
@@ -299,7 +318,31 @@ async fn deliver_queue(app: &App, dest: &str) {
             return;
         }
         app.sender.mark(dest, false);
+        limits = (MAX_PDUS, MAX_EDUS);
     }
+}
+
+/// The limits of the next transaction after a refused one that carried `carried` (PDUs,
+/// EDUs) rows: half of each, and at least one row, so a refusal is narrowed to its one row in
+/// a few transactions (50 PDUs: 6 halvings) and only that row is ever dropped.
+fn narrow(carried: (usize, usize)) -> (usize, usize) {
+    match (carried.0 / 2, carried.1 / 2) {
+        (0, 0) if carried.0 > 0 => (1, 0),
+        (0, 0) => (0, 1),
+        halves => halves,
+    }
+}
+
+/// The event IDs of PDUs, sticky ones marked, for the log line of a drop.
+fn describe(ids: &[String], pdus: &[Box<serde_json::value::RawValue>]) -> String {
+    ids.iter()
+        .zip(pdus)
+        .map(|(id, p)| {
+            let sticky = crate::room::sticky::json_duration_ms(p.get()).is_some();
+            format!("{id}{}", if sticky { " (sticky)" } else { "" })
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Records a failure: the backoff grows, and the supervisor retries at `retry_at`.
@@ -341,4 +384,23 @@ pub fn render_metrics(app: &App, depths: &[(String, u64)]) -> String {
         app.sender.dropped_total.load(Ordering::Relaxed),
     ));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::narrow;
+
+    #[test]
+    fn a_refusal_narrows_to_one_row_in_a_few_steps() {
+        let mut limits = (50, 100);
+        let mut steps = 0;
+        while limits.0 + limits.1 > 1 {
+            limits = narrow(limits);
+            steps += 1;
+        }
+        assert_eq!(limits.0 + limits.1, 1);
+        assert!(steps <= 7, "{steps}");
+        assert_eq!(narrow((0, 3)), (0, 1));
+        assert_eq!(narrow((1, 1)), (1, 0));
+    }
 }

@@ -1,8 +1,9 @@
 //! The sticky-event expiry worker: keeps `sticky_events` down to the live sticky events by
 //! sleeping until the earliest expiry and deleting what has expired. Readers compare expiries
 //! with the clock themselves, so this is housekeeping, never correctness: a late worker only
-//! leaves rows that nobody serves. (The federation half will also stop pushing an event once
-//! its row is gone.)
+//! leaves rows that nobody serves. Federation does not depend on it either: an expired event
+//! already queued for a destination is still sent (it is an ordinary PDU), and a server that
+//! joins is queued only the events live at its join.
 
 use std::time::Duration;
 

@@ -310,7 +310,13 @@ impl HearthProcess {
         self.dir.path().join("hearth.db")
     }
 
-    /// Its whole log so far, every run.
+    /// Its database, opened while it is down.
+    pub fn db(&self) -> rusqlite::Connection {
+        assert!(self.child.is_none(), "stop it first");
+        rusqlite::Connection::open(self.dir.path().join("hearth.db")).unwrap()
+    }
+
+    /// Its whole log.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("hearth.log")).unwrap_or_default()
     }

@@ -85,8 +85,22 @@ async fn process(
         .try_into()
         .map_err(|_| Error::bad_json("bad origin"))?;
     let mut out = Vec::new();
+    let mut retry_sticky = None;
     for raw in pdus {
         let (id, outcome) = receive_pdu(app, &origin_name, &raw).await;
+        // A sticky event is never dropped silently (MSC4354): a live one we could not take
+        // for a reason of ours, not a verdict on the event (a fetch failed, the store erred,
+        // or the room is not known yet: our join is still being committed while the server
+        // that let us in already pushes us its sticky events), makes the whole transaction
+        // fail below, so the origin sends it again after its backoff. Bounded: once the
+        // event is no longer sticky (an hour at most) it is answered like any other.
+        if let Err(e) = &outcome {
+            let ours = e.status >= 500 || e.errcode == "M_NOT_FOUND";
+            if ours && crate::room::sticky::is_live_on_receipt(raw.get(), app.clock.now_ms() as i64)
+            {
+                retry_sticky.get_or_insert_with(|| e.message.clone());
+            }
+        }
         let result = match outcome {
             Ok(Outcome::Accepted(_)) | Ok(Outcome::Duplicate) | Ok(Outcome::SoftFailed) => Ok(()),
             Ok(Outcome::Rejected(reason)) => Err(reason),
@@ -95,6 +109,15 @@ async fn process(
         if let Some(id) = id {
             out.push((id, result));
         }
+    }
+    if let Some(why) = retry_sticky {
+        // Nothing of the transaction is recorded: the retry is processed in full (the PDUs
+        // taken this time are duplicates then; no EDU was applied).
+        return Err(Error::new(
+            503,
+            "M_UNKNOWN",
+            format!("A sticky event could not be processed now, retry later: {why}"),
+        ));
     }
     // Typing and presence are in memory; receipts and the transaction's record are one write.
     let mut receipts = Vec::new();

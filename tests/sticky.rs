@@ -366,4 +366,46 @@ fn history_visibility_hides_no_live_sticky_event_from_event_context_or_messages(
         "{seen:?}"
     );
     assert_eq!(seen.iter().filter(|e| **e == sticky).count(), 1, "{seen:?}");
+    // /messages forwards from the room's beginning (a topological token below everything):
+    // the live sticky event below the visible history first, then the visible history, one
+    // event per page.
+    let mut forward = Vec::new();
+    let mut from = "t0-0".to_owned();
+    for _ in 0..20 {
+        let page = s.ok(
+            "GET",
+            &format!(
+                "/_matrix/client/v3/rooms/{}/messages?dir=f&limit=1&from={from}",
+                enc(&room)
+            ),
+            Some(&b),
+            None,
+        );
+        let chunk = ids(page["chunk"].as_array().unwrap());
+        if chunk.is_empty() {
+            break;
+        }
+        forward.extend(chunk);
+        match page["end"].as_str() {
+            Some(end) => from = end.to_owned(),
+            None => break,
+        }
+    }
+    assert_eq!(forward.first(), Some(&sticky), "{forward:?}");
+    assert_eq!(
+        forward.iter().filter(|e| **e == sticky).count(),
+        1,
+        "{forward:?}"
+    );
+    assert!(
+        !forward.contains(&hidden) && !forward.contains(&short),
+        "{forward:?}"
+    );
+    let mut backward_visible: Vec<&String> = seen.iter().filter(|e| **e != sticky).collect();
+    backward_visible.reverse();
+    assert_eq!(
+        forward[1..].iter().collect::<Vec<_>>(),
+        backward_visible,
+        "forwards shows the visible history backwards showed"
+    );
 }

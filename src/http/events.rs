@@ -283,6 +283,12 @@ impl Token {
         }
     }
 
+    /// Whether this token stands below the topological key `k` (a stream token is taken as
+    /// not: it names no place in the topology).
+    fn below(self, k: TopoKey) -> bool {
+        matches!(self, Self::Topo(t) if t < k)
+    }
+
     /// Narrows `b` to the events after this token.
     fn after(self, b: &mut Bounds) {
         match self {
@@ -479,6 +485,32 @@ fn scan_page(c: &Connection, r: &PageRequest) -> Result<Page> {
     }
     let (mut chunk, mut next) = (Vec::new(), None);
     let (mut scanned, mut exhausted) = (0, false);
+    let hidden_below = vis.topo_lo != Bounds::default().topo_lo;
+    if !r.backward && hidden_below {
+        // Forwards from below what history visibility lets this user see: first the room's
+        // live sticky events down there (MSC4354: not hidden from a joined member), paged like
+        // the rest; the scan below then goes on from the visible history.
+        if let Some(from) = r.from.filter(|f| f.below(vis.topo_lo)) {
+            if q::get_membership(c, &r.room_id, &r.user_id)?.as_deref() == Some("join") {
+                let mut hb = Bounds::default();
+                from.after(&mut hb);
+                if let Some(to) = r.to {
+                    to.at_or_before(&mut hb);
+                }
+                hb.topo_hi = hb.topo_hi.min(vis.topo_lo);
+                (hb.pos_lo, hb.pos_hi) = (b.pos_lo, b.pos_hi);
+                let rows = crate::store::sticky::list_live_sticky_topo(
+                    c, &r.room_id, &hb, r.limit, r.now, false,
+                )?;
+                for (depth, row) in rows {
+                    next = Some(Token::Topo((depth, row.pos)));
+                    if r.filter.allows(&row) {
+                        chunk.push(row);
+                    }
+                }
+            }
+        }
+    }
     while chunk.len() < r.limit && scanned < MAX_SCAN {
         // One row more than needed: when it comes back, more follows (this response did not
         // reach the end); when it does not and every row was used, the end was reached.
@@ -509,7 +541,6 @@ fn scan_page(c: &Connection, r: &PageRequest) -> Result<Page> {
             break;
         }
     }
-    let hidden_below = vis.topo_lo != Bounds::default().topo_lo;
     if r.backward && exhausted && hidden_below {
         // Below what history visibility lets this user see: the room's live sticky events,
         // which it does not hide from a joined member (MSC4354). Paged like the rest: a full
@@ -523,12 +554,13 @@ fn scan_page(c: &Connection, r: &PageRequest) -> Result<Page> {
             hb.topo_hi = b.topo_hi.min(vis.topo_lo);
             (hb.pos_lo, hb.pos_hi) = (b.pos_lo, b.pos_hi);
             let want = r.limit - chunk.len();
-            let rows = crate::store::sticky::list_live_sticky_topo_desc(
+            let rows = crate::store::sticky::list_live_sticky_topo(
                 c,
                 &r.room_id,
                 &hb,
                 want + 1,
                 r.now,
+                true,
             )?;
             for (i, (depth, row)) in rows.into_iter().enumerate() {
                 if i == want {

@@ -203,24 +203,30 @@ pub fn event_status(conn: &Connection, event_id: &str) -> Result<Option<(Option<
         .optional()?)
 }
 
-/// Up to `limit` of a room's sticky events live at `now` within `b`, newest first in the
-/// topological order, with their depth: what `/messages` adds, going backwards, below the
-/// history a joined user may see (history visibility does not apply to sticky events).
-pub fn list_live_sticky_topo_desc(
+/// Up to `limit` of a room's sticky events live at `now` within `b`, with their depth, in the
+/// topological order (newest first when `backward`): what `/messages` adds below the history a
+/// joined user may see (history visibility does not apply to sticky events).
+pub fn list_live_sticky_topo(
     conn: &Connection,
     room_id: &str,
     b: &super::history::Bounds,
     limit: usize,
     now: i64,
+    backward: bool,
 ) -> Result<Vec<(i64, super::queries::EventRow)>> {
     use super::queries::{event_row, EVENT_COLS, IN_ROOM};
+    let order = if backward {
+        "depth DESC, pos DESC"
+    } else {
+        "depth, pos"
+    };
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {EVENT_COLS}, depth FROM events
          WHERE event_id IN (SELECT event_id FROM sticky_events
                             WHERE room_id = ?1 AND expires_ts > ?9)
            AND (depth, pos) > (?2, ?3) AND (depth, pos) <= (?4, ?5)
            AND pos > ?6 AND pos <= ?7 AND {IN_ROOM}
-         ORDER BY depth DESC, pos DESC LIMIT ?8"
+         ORDER BY {order} LIMIT ?8"
     ))?;
     let rows = stmt.query_map(
         params![

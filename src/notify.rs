@@ -42,6 +42,10 @@ pub enum Topic {
     FederationOutbox,
     /// A sticky event with an earlier expiry than any before it (the expiry worker).
     StickyExpiry,
+    /// A new event in a room's timeline (the push-rule evaluator, `workers::push`).
+    PushEvaluator,
+    /// New rows in the push queue, or a new pusher (the push sender).
+    PushQueue,
 }
 
 impl Topic {

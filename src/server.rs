@@ -95,6 +95,14 @@ pub async fn run(app: App, listeners: Vec<std::net::TcpListener>, tls: Option<Tl
     let sticky = app
         .spawner
         .spawn("sticky-expiry", crate::workers::sticky::expiry(app.clone()));
+    let push = [
+        app.spawner.spawn(
+            "push-evaluator",
+            crate::workers::push::evaluator(app.clone()),
+        ),
+        app.spawner
+            .spawn("push-sender", crate::workers::push::sender(app.clone())),
+    ];
     let mut loops = Vec::new();
     for l in listeners {
         let listener = match TcpListener::try_from(l) {
@@ -113,6 +121,9 @@ pub async fn run(app: App, listeners: Vec<std::net::TcpListener>, tls: Option<Tl
     typing.await;
     sender.await;
     sticky.await;
+    for t in push {
+        t.await;
+    }
     let deadline = Instant::now() + SHUTDOWN_GRACE;
     while app.metrics.connections.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
         smol::Timer::after(Duration::from_millis(10)).await;

@@ -13,6 +13,7 @@ pub mod federation;
 pub mod keys;
 pub mod media;
 pub mod misc;
+pub mod push;
 pub mod rooms;
 pub mod summary;
 pub mod sync;
@@ -512,7 +513,6 @@ pub fn routes(app: App) -> tide::Server<App> {
     client!(s, put "/rooms/:room_id/typing/:user_id" => h(user::typing));
     client!(s, post "/rooms/:room_id/receipt/:receipt_type/:event_id" => h(user::receipt));
     client!(s, post "/rooms/:room_id/read_markers" => h(user::read_markers));
-    client!(s, get "/pushers" => c(user::pushers));
     client!(s, get "/pushrules/" => c(user::get_push_rules));
     client!(s, get "/pushrules" => c(user::get_push_rules));
     client!(s, get "/pushrules/global/" => c(user::get_push_rules_global));
@@ -522,6 +522,11 @@ pub fn routes(app: App) -> tide::Server<App> {
     client!(s, delete "/pushrules/global/:kind/:rule_id" => h(user::delete_push_rule));
     client!(s, get "/pushrules/global/:kind/:rule_id/:attr" => c(user::get_push_rule_attr));
     client!(s, put "/pushrules/global/:kind/:rule_id/:attr" => h(user::put_push_rule_attr));
+
+    // push: notifications and pushers
+    client!(s, get "/notifications" => c(push::notifications));
+    client!(s, get "/pushers" => c(push::pushers));
+    client!(s, post "/pushers/set" => h(push::set_pusher));
 
     // end-to-end encryption: keys, cross-signing, to-device messages, key backup
     client!(s, post "/keys/upload" => h(keys::upload));

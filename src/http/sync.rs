@@ -39,6 +39,7 @@ use super::{
 use crate::{
     error::{Error, Result},
     notify::{Topic, Watch},
+    ops::push,
     room::{
         build::stripped_state,
         format::{client_events, Viewer},
@@ -59,6 +60,8 @@ pub struct SyncFilter {
     pub include_leave: bool,
     pub rooms: Option<Vec<String>>,
     pub not_rooms: Vec<String>,
+    /// `room.timeline.unread_thread_notifications`: counts by thread (see `ops::push`).
+    pub unread_thread_notifications: bool,
 }
 
 impl SyncFilter {
@@ -88,6 +91,10 @@ impl SyncFilter {
                 .unwrap_or(false),
             rooms: list(room.get("rooms")),
             not_rooms: list(room.get("not_rooms")).unwrap_or_default(),
+            unread_thread_notifications: timeline_json
+                .get("unread_thread_notifications")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
         })
     }
 
@@ -484,8 +491,16 @@ fn build(
                 let fresh = since.is_none() || mpos > since_pos;
                 let typing_ev = typing.get(&room).cloned();
                 let room_sticky = sticky.remove(&room).unwrap_or_default();
+                let counts = push::sync_counts(
+                    c,
+                    user,
+                    &room,
+                    filter.unread_thread_notifications,
+                    (!fresh).then_some((since_pos, upto.pos)),
+                )?;
                 if !fresh
                     && !ctx.full_state
+                    && !counts.changed
                     && room_ad.is_empty()
                     && typing_ev.is_none()
                     && room_sticky.is_empty()
@@ -528,8 +543,10 @@ fn build(
                         json!({ "events": client_events(c, &rows, Some(viewer), ctx.now, false)? });
                 }
                 r["account_data"] = json!({ "events": room_ad });
+                counts.apply(&mut r);
                 let empty = !fresh
                     && !ctx.full_state
+                    && !counts.changed
                     && r["timeline"]["events"].as_array().is_none_or(Vec::is_empty)
                     && ephemeral.is_empty()
                     && room_ad.is_empty()

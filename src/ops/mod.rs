@@ -7,4 +7,5 @@ pub mod e2ee;
 pub mod events;
 pub mod federation;
 pub mod profile;
+pub mod push;
 pub mod rooms;

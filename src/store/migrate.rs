@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 pub const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// The version `SCHEMA` describes.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Version 2: federation (`server_keys`, `outbox`, `destinations`, `received_txns`,
 /// `invite_state`); events that are not simply appended (outliers with no state group, rejected
@@ -124,6 +124,10 @@ const V2_TO_V3_BLOCKS: &[&str] = &[
     "-- media (schema v3)",
 ];
 
+/// Version 4, new tables only, like version 3: push rules that run (`push_actions`,
+/// `push_counts_changed`, `pushers`, `push_queue` and the evaluator's position).
+const V3_TO_V4_BLOCKS: &[&str] = &["-- push (schema v4)"];
+
 /// The block of `SCHEMA` that starts with the comment line `marker` and runs to the next
 /// block marked `(schema v…)` or the end: a step that only adds tables is written once.
 fn schema_block(marker: &str) -> Result<&'static str> {
@@ -150,7 +154,12 @@ pub fn migrate(conn: &mut Connection) -> Result<()> {
         .map(|b| schema_block(b))
         .collect::<Result<Vec<_>>>()?
         .concat();
-    let steps = [V1_TO_V2, v3.as_str()];
+    let v4 = V3_TO_V4_BLOCKS
+        .iter()
+        .map(|b| schema_block(b))
+        .collect::<Result<Vec<_>>>()?
+        .concat();
+    let steps = [V1_TO_V2, v3.as_str(), v4.as_str()];
     migrate_with(conn, SCHEMA, SCHEMA_VERSION, &steps)
 }
 

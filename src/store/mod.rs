@@ -18,6 +18,7 @@ pub mod history;
 pub mod media;
 pub mod migrate;
 pub mod outbox;
+pub mod push;
 pub mod queries;
 pub mod sticky;
 pub mod writer;

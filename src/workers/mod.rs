@@ -4,6 +4,7 @@
 //! partial-state resync will live here too.
 
 pub mod federation;
+pub mod push;
 pub mod sticky;
 
 use std::time::Duration;

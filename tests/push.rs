@@ -112,34 +112,47 @@ fn receipt(s: &TestServer, token: &str, room: &str, kind: &str, event: &str) {
 fn counts_move_with_messages_mentions_and_receipts() {
     let s = TestServer::start();
     let (room, alice, bob_id, bob) = two_users(&s);
+    // (A profile change is a member event: without a receipt, counting starts after it.)
+    s.ok(
+        "PUT",
+        &format!("/_matrix/client/v3/profile/{}/displayname", enc(&bob_id)),
+        Some(&bob),
+        Some(&json!({ "displayname": "Bobby" })),
+    );
     wait_counts(&s, &bob, &room, (0, 0));
 
     send_content(&s, &alice, &room, text("hello"));
     wait_counts(&s, &bob, &room, (1, 0));
     // Bob's own message counts for nobody (Alice's counts move, not Bob's).
-    send_content(&s, &bob, &room, text("hi alice"));
+    send_content(&s, &bob, &room, text("hi there"));
     wait_counts(&s, &bob, &room, (1, 0));
     wait_counts(&s, &alice, &room, (1, 0));
 
-    // Mentions: m.mentions and @room highlight. A display name in the body alone does not:
-    // the spec's predefined rules (v1.17 on, ruma's defaults) no longer include the legacy
-    // body rules, which Synapse 1.163 still has (see `push_synapse.rs`).
-    send_content(&s, &alice, &room, text("what do you think, bob?"));
+    // Mentions: m.mentions and @room highlight, and so does the display name in the body of
+    // an event without m.mentions (the legacy rule Synapse keeps), but not with m.mentions.
+    send_content(
+        &s,
+        &alice,
+        &room,
+        json!({ "msgtype": "m.text", "body": "Bobby?", "m.mentions": {} }),
+    );
     wait_counts(&s, &bob, &room, (2, 0));
+    send_content(&s, &alice, &room, text("what do you think, Bobby?"));
+    wait_counts(&s, &bob, &room, (3, 1));
     send_content(
         &s,
         &alice,
         &room,
         json!({ "msgtype": "m.text", "body": "ping", "m.mentions": { "user_ids": [bob_id] } }),
     );
-    wait_counts(&s, &bob, &room, (3, 1));
+    wait_counts(&s, &bob, &room, (4, 2));
     let last = send_content(
         &s,
         &alice,
         &room,
         json!({ "msgtype": "m.text", "body": "@room lunch", "m.mentions": { "room": true } }),
     );
-    wait_counts(&s, &bob, &room, (4, 2));
+    wait_counts(&s, &bob, &room, (5, 3));
 
     // A private read receipt on the last event resets both counts.
     receipt(&s, &bob, &room, "m.read.private", &last);

@@ -51,7 +51,7 @@ impl RulesCache {
     }
 }
 
-/// A user's rule set: their `m.push_rules` account data, or ruma's defaults.
+/// A user's rule set: their `m.push_rules` account data, or the defaults.
 pub fn load_rules(c: &Connection, user: &str) -> Result<Ruleset> {
     let uid = OwnedUserId::try_from(user).map_err(Error::internal)?;
     match q::get_account_data(c, user, "", "m.push_rules")? {
@@ -59,8 +59,58 @@ pub fn load_rules(c: &Connection, user: &str) -> Result<Ruleset> {
             let v: Value = serde_json::from_str(&s)?;
             serde_json::from_value(v["global"].clone()).map_err(Error::internal)
         }
-        None => Ok(Ruleset::server_default(&uid)),
+        None => Ok(default_rules(&uid)),
     }
+}
+
+/// A new user's rules: the spec's predefined rules (ruma's) plus the legacy mention rules
+/// Synapse 1.163 still has by default (`.m.rule.contains_display_name`, `.m.rule.roomnotif`,
+/// `.m.rule.contains_user_name`; the spec dropped them in favour of `m.mentions`). Without
+/// them a message that names a user in its body only (clients and bridges that send no
+/// `m.mentions`) highlights on Synapse and not here; with them the counts are the same
+/// (`tests/push_synapse.rs`). Evaluation skips them for events that carry `m.mentions`.
+pub fn default_rules(user: &ruma::UserId) -> Ruleset {
+    let base = Ruleset::server_default(user);
+    let Ok(mut v) = serde_json::to_value(&base) else {
+        return base;
+    };
+    let highlight = json!(["notify", { "set_tweak": "sound", "value": "default" }, { "set_tweak": "highlight" }]);
+    let display_name = json!({
+        "rule_id": ".m.rule.contains_display_name", "default": true, "enabled": true,
+        "conditions": [{ "kind": "contains_display_name" }],
+        "actions": highlight,
+    });
+    let room_notif = json!({
+        "rule_id": ".m.rule.roomnotif", "default": true, "enabled": true,
+        "conditions": [
+            { "kind": "sender_notification_permission", "key": "room" },
+            { "kind": "event_match", "key": "content.body", "pattern": "@room" },
+        ],
+        "actions": ["notify", { "set_tweak": "highlight" }],
+    });
+    let user_name = json!({
+        "rule_id": ".m.rule.contains_user_name", "default": true, "enabled": true,
+        "pattern": user.localpart(),
+        "actions": highlight,
+    });
+    // Synapse's order: each legacy rule right after its `m.mentions` successor.
+    if let Some(rules) = v["override"].as_array_mut() {
+        for (after, rule) in [
+            (".m.rule.is_user_mention", display_name),
+            (".m.rule.is_room_mention", room_notif),
+        ] {
+            let at = rules
+                .iter()
+                .position(|r| r["rule_id"] == after)
+                .map_or(rules.len(), |i| i + 1);
+            rules.insert(at, rule);
+        }
+    }
+    match v["content"].as_array_mut() {
+        Some(rules) => rules.insert(0, user_name),
+        None => v["content"] = json!([user_name]),
+    }
+    serde_json::from_value(v).unwrap_or(base)
 }
 
 /// One notifying event for one user.

@@ -280,6 +280,11 @@ impl HearthProcess {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// Its database file (to read while it is down).
+    pub fn db_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("hearth.db")
+    }
+
     /// Rows waiting in its federation outbox, read from its database while it is down.
     pub fn outbox_rows(&self) -> i64 {
         assert!(self.child.is_none(), "stop it first");

@@ -102,6 +102,25 @@ pub struct Config {
     pub federation: FederationConfig,
     /// The media repository (`[media]` in TOML).
     pub media: MediaConfig,
+    /// Push rules, unread counts and pushers (`[push]` in TOML).
+    pub push: PushConfig,
+}
+
+/// Push rules that run (see `workers::push`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PushConfig {
+    /// Evaluate every new event against the local members' push rules: unread counts in
+    /// `/sync`, `/notifications`, pushes to phones. Off saves one evaluation per local member
+    /// per message; events that arrive while it is off are never counted or pushed (the
+    /// evaluator only moves its position past them), so turning it on does not flood phones.
+    pub evaluate: bool,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        Self { evaluate: true }
+    }
 }
 
 /// Uploads and thumbnails. Files live in a `media/` directory beside the database file.
@@ -197,6 +216,7 @@ impl Default for Config {
             trusted_proxies: Vec::new(),
             federation: FederationConfig::default(),
             media: MediaConfig::default(),
+            push: PushConfig::default(),
         }
     }
 }

@@ -275,6 +275,18 @@ pub fn evaluate(
     })
 }
 
+/// A batch that evaluates nothing (`push.evaluate` off): the events after `from`, passed over.
+pub fn skip(c: &Connection, stored: i64, from: i64) -> Result<Batch> {
+    let events = sp::list_events_after(c, from, BATCH)?;
+    Ok(Batch {
+        events: events.len(),
+        stored,
+        from,
+        to: events.last().map_or(from, |(_, e)| e.pos),
+        found: Vec::new(),
+    })
+}
+
 /// Stores a batch in the caller's write: the notification rows, one queue row per pusher of
 /// the user for pushed ones, a stream position announcing the changed counts to the users
 /// concerned, and the evaluator's new position. Refused if the stored position moved since the

@@ -99,15 +99,22 @@ pub async fn evaluator(app: App) {
 pub async fn run_batch(app: &App, cache: &Arc<RulesCache>, done: &Arc<AtomicI64>) -> Result<usize> {
     let (server, cache) = (app.server_name.to_string(), cache.clone());
     let mem = done.load(Ordering::SeqCst);
+    let enabled = app.config.push.evaluate;
     let batch = app
         .store
         .read(move |c| {
             let stored = sp::get_push_pos(c)?;
-            ops::evaluate(c, &server, &cache, stored, stored.max(mem))
+            let from = stored.max(mem);
+            match enabled {
+                true => ops::evaluate(c, &server, &cache, stored, from),
+                false => ops::skip(c, stored, from),
+            }
         })
         .await?;
     let (n, to) = (batch.events, batch.to);
-    if !batch.found.is_empty() {
+    // Switched off, the stored position follows the events, so nothing from that time is
+    // evaluated (and pushed) later.
+    if !batch.found.is_empty() || (!enabled && to > batch.stored) {
         log::debug!(
             "push: ({}, {}]: {n} events, {} notifications",
             batch.from,

@@ -469,3 +469,61 @@ INSERT INTO event_search (rowid, value, key)
 -- soft-failed sticky events received within the last hour (none can be sticky longer), and
 -- this partial index keeps that to one probe in a room without any.
 CREATE INDEX IF NOT EXISTS events_soft_failed ON events(room_id, received_ts) WHERE soft_failed = 1;
+
+-- push (schema v4)
+-- Push-rule results (`workers::push`): one row per (local user, event) whose actions notify,
+-- written with the evaluator's position in one write, so an event is counted exactly once.
+-- `thread_id` is the thread root for events in a thread, else 'main'. Counts for `/sync` are
+-- the rows after the user's read receipt; `/notifications` lists them newest first.
+CREATE TABLE IF NOT EXISTS push_actions (
+    user_id   TEXT NOT NULL,
+    pos       INTEGER NOT NULL,
+    room_id   TEXT NOT NULL,
+    event_id  TEXT NOT NULL,
+    thread_id TEXT NOT NULL,
+    highlight INTEGER NOT NULL,
+    actions   TEXT NOT NULL,
+    ts        INTEGER NOT NULL,
+    PRIMARY KEY (user_id, pos)
+) STRICT, WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS push_actions_room ON push_actions(user_id, room_id, pos);
+
+-- When a (user, room)'s counts last changed by evaluation (a stream position taken by the
+-- evaluator's write): an incremental `/sync` sends the room again with its new counts.
+CREATE TABLE IF NOT EXISTS push_counts_changed (
+    user_id TEXT NOT NULL,
+    room_id TEXT NOT NULL,
+    pos     INTEGER NOT NULL,
+    PRIMARY KEY (user_id, room_id)
+) STRICT, WITHOUT ROWID;
+
+-- HTTP pushers (`POST /pushers/set`). `pusher` is the pusher as the client API shows it
+-- (JSON); the retry state of its gateway is kept here across restarts.
+CREATE TABLE IF NOT EXISTS pushers (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id    TEXT NOT NULL,
+    app_id     TEXT NOT NULL,
+    pushkey    TEXT NOT NULL,
+    url        TEXT NOT NULL,
+    pusher     TEXT NOT NULL,
+    created_ts INTEGER NOT NULL,
+    retry_at   INTEGER NOT NULL DEFAULT 0,
+    backoff_ms INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (app_id, pushkey, user_id)
+) STRICT;
+CREATE INDEX IF NOT EXISTS pushers_user ON pushers(user_id);
+
+-- The push queue: one row per (pusher, notifying event), written with the evaluation; the
+-- push sender deletes a row after the gateway's 200 (or when its pusher goes).
+CREATE TABLE IF NOT EXISTS push_queue (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    pusher_id INTEGER NOT NULL REFERENCES pushers(id) ON DELETE CASCADE,
+    user_id   TEXT NOT NULL,
+    pos       INTEGER NOT NULL
+) STRICT;
+CREATE INDEX IF NOT EXISTS push_queue_pusher ON push_queue(pusher_id, id);
+
+-- The evaluator's durable position: every event at or below it has been evaluated. A database
+-- from before push rules ran starts at its newest event (old history is not notified).
+INSERT OR IGNORE INTO meta (key, value)
+    SELECT 'push_pos', CAST(COALESCE(MAX(pos), 0) AS TEXT) FROM events;

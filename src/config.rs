@@ -106,6 +106,8 @@ pub struct Config {
     pub presence: PresenceConfig,
     /// TURN servers handed to clients for VoIP (`[turn]` in TOML).
     pub turn: TurnConfig,
+    /// Push rules, unread counts and pushers (`[push]` in TOML).
+    pub push: PushConfig,
 }
 
 /// Presence: online/idle/offline and status messages.
@@ -185,6 +187,23 @@ impl TurnConfig {
         self.turn_user_lifetime
             .map(|l| l.0)
             .unwrap_or(std::time::Duration::from_secs(3600))
+    }
+}
+
+/// Push rules that run (see `workers::push`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PushConfig {
+    /// Evaluate every new event against the local members' push rules: unread counts in
+    /// `/sync`, `/notifications`, pushes to phones. Off saves one evaluation per local member
+    /// per message; events that arrive while it is off are never counted or pushed (the
+    /// evaluator only moves its position past them), so turning it on does not flood phones.
+    pub evaluate: bool,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        Self { evaluate: true }
     }
 }
 
@@ -288,6 +307,7 @@ impl Default for Config {
             media: MediaConfig::default(),
             presence: PresenceConfig::default(),
             turn: TurnConfig::default(),
+            push: PushConfig::default(),
         }
     }
 }

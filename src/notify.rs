@@ -45,6 +45,10 @@ pub enum Topic {
     /// A room was joined with partial state, or a resync finished (the resync worker; and
     /// `/members` waiting for a room to be fully stated, through its room topic).
     PartialStateResync,
+    /// A new event in a room's timeline (the push-rule evaluator, `workers::push`).
+    PushEvaluator,
+    /// New rows in the push queue, or a new pusher (the push sender).
+    PushQueue,
 }
 
 impl Topic {

@@ -102,6 +102,14 @@ pub async fn run(app: App, listeners: Vec<std::net::TcpListener>, tls: Option<Tl
         "partial-resync",
         crate::workers::resync::resync(app.clone()),
     );
+    let push = [
+        app.spawner.spawn(
+            "push-evaluator",
+            crate::workers::push::evaluator(app.clone()),
+        ),
+        app.spawner
+            .spawn("push-sender", crate::workers::push::sender(app.clone())),
+    ];
     let mut loops = Vec::new();
     for l in listeners {
         let listener = match TcpListener::try_from(l) {
@@ -122,6 +130,9 @@ pub async fn run(app: App, listeners: Vec<std::net::TcpListener>, tls: Option<Tl
     sticky.await;
     presence.await;
     resync.await;
+    for t in push {
+        t.await;
+    }
     let deadline = Instant::now() + SHUTDOWN_GRACE;
     while app.metrics.connections.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
         smol::Timer::after(Duration::from_millis(10)).await;

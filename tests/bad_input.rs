@@ -150,6 +150,11 @@ fn malformed_requests_get_matrix_errors_never_500() {
             "/_matrix/client/v3/user/{id}/rooms/{id}/account_data/{id}",
         ),
         ("GET", "/_matrix/client/v3/pushers"),
+        ("POST", "/_matrix/client/v3/pushers/set"),
+        (
+            "GET",
+            "/_matrix/client/v3/notifications?from={id}&limit={id}&only={id}",
+        ),
         ("GET", "/_matrix/client/v3/pushrules/"),
         ("GET", "/_matrix/client/v3/pushrules/global/"),
         ("GET", "/_matrix/client/v3/pushrules/global/{id}/{id}"),

@@ -157,23 +157,9 @@ pub struct Client {
 
 impl Client {
     pub fn new(local: Arc<Local>, verify_certificates: bool, timeout: Duration) -> Self {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .expect("ring supports the default protocol versions");
-        let config = if verify_certificates {
-            let roots =
-                rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-            builder.with_root_certificates(roots).with_no_client_auth()
-        } else {
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
-                .with_no_client_auth()
-        };
         Self {
             local,
-            tls: TlsConnector::from(Arc::new(config)),
+            tls: tls_connector(verify_certificates),
             timeout,
             pool: Pool::default(),
             opened: Default::default(),
@@ -441,6 +427,26 @@ impl Client {
             .body(bytes)
             .map_err(|e| Failure::After(Error::internal(e)))
     }
+}
+
+/// The TLS client side: Web PKI roots, or (tests with self-signed peers only) any certificate.
+/// Also used for HTTPS push gateways.
+pub fn tls_connector(verify_certificates: bool) -> TlsConnector {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions");
+    let config = if verify_certificates {
+        let roots =
+            rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        builder.with_root_certificates(roots).with_no_client_auth()
+    } else {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
+            .with_no_client_auth()
+    };
+    TlsConnector::from(Arc::new(config))
 }
 
 /// How an exchange failed: before any answer (a reused connection the peer had closed: safe

@@ -14,6 +14,7 @@ pub mod keys;
 pub mod media;
 pub mod misc;
 pub mod presence;
+pub mod push;
 pub mod rooms;
 pub mod search;
 pub mod summary;
@@ -521,7 +522,6 @@ pub fn routes(app: App) -> tide::Server<App> {
     client!(s, put "/rooms/:room_id/typing/:user_id" => h(user::typing));
     client!(s, post "/rooms/:room_id/receipt/:receipt_type/:event_id" => h(user::receipt));
     client!(s, post "/rooms/:room_id/read_markers" => h(user::read_markers));
-    client!(s, get "/pushers" => c(user::pushers));
     client!(s, get "/pushrules/" => c(user::get_push_rules));
     client!(s, get "/pushrules" => c(user::get_push_rules));
     client!(s, get "/pushrules/global/" => c(user::get_push_rules_global));
@@ -535,6 +535,10 @@ pub fn routes(app: App) -> tide::Server<App> {
     // presence
     client!(s, put "/presence/:user_id/status" => h(presence::put_status));
     client!(s, get "/presence/:user_id/status" => c(presence::get_status));
+    // push: notifications and pushers
+    client!(s, get "/notifications" => c(push::notifications));
+    client!(s, get "/pushers" => c(push::pushers));
+    client!(s, post "/pushers/set" => h(push::set_pusher));
 
     // end-to-end encryption: keys, cross-signing, to-device messages, key backup
     client!(s, post "/keys/upload" => h(keys::upload));

@@ -39,6 +39,7 @@ use super::{
 use crate::{
     error::{Error, Result},
     notify::{Topic, Watch},
+    ops::push,
     room::{
         build::stripped_state,
         format::{client_events, Viewer},
@@ -61,6 +62,8 @@ pub struct SyncFilter {
     pub not_rooms: Vec<String>,
     /// The filter's `presence` part (types, senders, limit).
     pub presence: EventFilter,
+    /// `room.timeline.unread_thread_notifications`: counts by thread (see `ops::push`).
+    pub unread_thread_notifications: bool,
 }
 
 impl SyncFilter {
@@ -91,6 +94,10 @@ impl SyncFilter {
             rooms: list(room.get("rooms")),
             not_rooms: list(room.get("not_rooms")).unwrap_or_default(),
             presence: EventFilter::from_json(v.get("presence").unwrap_or(&json!({})))?,
+            unread_thread_notifications: timeline_json
+                .get("unread_thread_notifications")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
         })
     }
 
@@ -515,8 +522,16 @@ fn build(
                 let fresh = since.is_none() || mpos > since_pos || view == SyncView::Fresh;
                 let typing_ev = typing.get(&room).cloned();
                 let room_sticky = sticky.remove(&room).unwrap_or_default();
+                let counts = push::sync_counts(
+                    c,
+                    user,
+                    &room,
+                    filter.unread_thread_notifications,
+                    (!fresh).then_some((since_pos, upto.pos)),
+                )?;
                 if !fresh
                     && !ctx.full_state
+                    && !counts.changed
                     && room_ad.is_empty()
                     && typing_ev.is_none()
                     && room_sticky.is_empty()
@@ -559,8 +574,10 @@ fn build(
                         json!({ "events": client_events(c, &rows, Some(viewer), ctx.now, false)? });
                 }
                 r["account_data"] = json!({ "events": room_ad });
+                counts.apply(&mut r);
                 let empty = !fresh
                     && !ctx.full_state
+                    && !counts.changed
                     && r["timeline"]["events"].as_array().is_none_or(Vec::is_empty)
                     && ephemeral.is_empty()
                     && room_ad.is_empty()

@@ -12,7 +12,7 @@ use ruma::{
             get_avatar_url, get_display_name, get_profile, set_avatar_url, set_display_name,
         },
         push::{
-            delete_pushrule, get_pushers, get_pushrule, get_pushrule_actions, get_pushrule_enabled,
+            delete_pushrule, get_pushrule, get_pushrule_actions, get_pushrule_enabled,
             get_pushrules_all, get_pushrules_global_scope, set_pushrule, set_pushrule_actions,
             set_pushrule_enabled,
         },
@@ -440,13 +440,7 @@ pub async fn read_markers(mut req: Req) -> Result<Response> {
 // ---------------------------------------------------------------- push rules
 
 fn load_rules(conn: &crate::store::Connection, user: &UserId) -> Result<Ruleset> {
-    match q::get_account_data(conn, user.as_str(), "", "m.push_rules")? {
-        Some(s) => {
-            let v: Value = serde_json::from_str(&s)?;
-            serde_json::from_value(v["global"].clone()).map_err(Error::internal)
-        }
-        None => Ok(Ruleset::server_default(user)),
-    }
+    ops::push::load_rules(conn, user.as_str())
 }
 
 /// Loads, changes and stores a user's rule set in one write.
@@ -623,14 +617,4 @@ pub async fn search_users(mut req: Req) -> Result<Response> {
         })
         .await?;
     json(&json!({ "results": results, "limited": limited }))
-}
-
-/// # `GET /_matrix/client/v3/pushers`
-///
-/// Hearth does not deliver push notifications to push gateways yet, so it stores no pushers
-/// (`POST /pushers/set` is not offered) and the list is truthfully empty.
-pub async fn pushers(mut req: Req) -> Result<Response> {
-    auth(&req).await?;
-    let _: get_pushers::v3::Request = ruma_req(&mut req, &[]).await?;
-    json(&json!({ "pushers": [] }))
 }

@@ -5,7 +5,7 @@ use argon2::{
     password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString},
     Argon2,
 };
-use ruma::{push::Ruleset, OwnedUserId, UserId};
+use ruma::{OwnedUserId, UserId};
 use serde_json::{json, Value};
 
 use crate::{
@@ -130,9 +130,9 @@ pub fn put_account_data(
     q::upsert_account_data(tx, user, room, kind, &content.to_string(), pos)
 }
 
-/// Stores the default rule set (ruma's) for a new user.
+/// Stores the default rule set (see `ops::push::default_rules`) for a new user.
 pub fn init_push_rules(tx: &mut Tx<'_>, user: &UserId) -> Result<()> {
-    let rules = Ruleset::server_default(user);
+    let rules = super::push::default_rules(user);
     put_account_data(
         tx,
         user.as_str(),

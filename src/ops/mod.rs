@@ -8,4 +8,5 @@ pub mod events;
 pub mod federation;
 pub mod partial;
 pub mod profile;
+pub mod push;
 pub mod rooms;

@@ -548,6 +548,8 @@ pub(super) fn persist(
             pos,
         });
     }
+    // The push-rule evaluator walks new events by position; this only wakes it.
+    tx.wake(Topic::PushEvaluator);
     super::sticky::index_if_sticky(
         tx,
         json,

@@ -127,13 +127,15 @@ const V2_TO_V3_BLOCKS: &[&str] = &[
 /// Version 4, blocks of `schema.sql` like version 3: presence (the persisted presence map),
 /// partial-state joins (the rooms joined with partial state and the servers their join answer
 /// named), full-text search (the FTS5 index, and the statement that fills it from the events
-/// already stored) and the soft-failed events index (sticky federation: re-evaluating
-/// soft-failed sticky events).
+/// already stored), the soft-failed events index (sticky federation: re-evaluating
+/// soft-failed sticky events) and push rules that run (`push_actions`, `push_counts_changed`,
+/// `pushers`, `push_queue` and the evaluator's position).
 const V3_TO_V4_BLOCKS: &[&str] = &[
     "-- presence (schema v4)",
     "-- partial-state (schema v4)",
     "-- search (schema v4)",
     "-- sticky federation (schema v4)",
+    "-- push (schema v4)",
 ];
 
 /// The block of `SCHEMA` that starts with the comment line `marker` and runs to the next

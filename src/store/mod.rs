@@ -20,6 +20,7 @@ pub mod migrate;
 pub mod outbox;
 pub mod partial;
 pub mod presence;
+pub mod push;
 pub mod queries;
 pub mod search;
 pub mod sticky;

@@ -5,6 +5,7 @@
 
 pub mod federation;
 pub mod presence;
+pub mod push;
 pub mod resync;
 pub mod sticky;
 

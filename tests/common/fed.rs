@@ -297,17 +297,17 @@ impl HearthProcess {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// Its database file (to read while it is down).
+    pub fn db_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("hearth.db")
+    }
+
     /// Rows waiting in its federation outbox, read from its database while it is down.
     pub fn outbox_rows(&self) -> i64 {
         assert!(self.child.is_none(), "stop it first");
         let c = rusqlite::Connection::open(self.dir.path().join("hearth.db")).unwrap();
         c.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))
             .unwrap()
-    }
-
-    /// Its database file (to read while it is down).
-    pub fn db_path(&self) -> std::path::PathBuf {
-        self.dir.path().join("hearth.db")
     }
 
     /// Its database, opened while it is down.

@@ -11,15 +11,20 @@ use crate::error::Result;
 /// The largest stream position any table holds (the writer resumes after it). A state reset
 /// takes a position of its own kept only in `current_state`, and a sticky event delivered
 /// apart from its place in the room (`room::sticky::commit_unconnected`) one kept only in
-/// `sticky_events`: a restart that handed those out again would put new events at or below a
-/// client's `since`, and `/sync` would never send them.
+/// `sticky_events`, push counts (`push_counts_changed`) and a partial-state room's completion
+/// (`partial_state_completed`) theirs: a restart that handed those out again would put new
+/// events at or below a client's `since`, and `/sync` would never send them (seen in
+/// `tests/sticky_federation.rs`, where a push count's position was handed out again to the
+/// next event after a restart).
 pub fn max_stream_pos(conn: &Connection) -> Result<i64> {
     let pos: i64 = conn.query_row(
         "SELECT max(coalesce((SELECT max(pos) FROM events), 0),
                     coalesce((SELECT max(pos) FROM account_data), 0),
                     coalesce((SELECT max(pos) FROM receipts), 0),
                     coalesce((SELECT max(pos) FROM current_state), 0),
-                    coalesce((SELECT max(pos) FROM sticky_events), 0))",
+                    coalesce((SELECT max(pos) FROM sticky_events), 0),
+                    coalesce((SELECT max(pos) FROM push_counts_changed), 0),
+                    coalesce((SELECT max(pos) FROM partial_state_completed), 0))",
         [],
         |r| r.get(0),
     )?;

@@ -305,7 +305,14 @@ fn a_sticky_event_soft_failed_during_a_concurrent_kick_is_delivered_after_re_eva
     alice.sync(&a, &alice_tok, &room);
 
     // Alice kicks bob while b is down, and a's retries back off (two failures: the next
-    // attempt is 10 s away), so b hears of the kick only after bob's sticky event.
+    // attempt is 10 s away), so b hears of the kick only after bob's sticky event. Any signed
+    // request from b clears a's backoff at once, so b must owe a nothing when it goes down: its
+    // resync of the room is over and its queue to a (bob's presence) is empty.
+    eventually(30, "b is done with the room and owes a nothing", || {
+        (metric(&b, "hearth_partial_state_rooms") == 0
+            && metric(&b, "hearth_federation_queue_depth_total") == 0)
+            .then_some(())
+    });
     b.kill9();
     let (s, v) = curl(
         "POST",
@@ -322,7 +329,24 @@ fn a_sticky_event_soft_failed_during_a_concurrent_kick_is_delivered_after_re_eva
         (metric(&a, "hearth_federation_failures_total") >= 2).then_some(())
     });
     b.restart();
-    let sticky = send_sticky(&b, &bob_tok, &room, "concurrent", HOUR);
+    let (s, v) = curl(
+        "PUT",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/send/org.example.call.member/concurrent?{PARAM}={HOUR}",
+            b.url(),
+            common::enc(&room)
+        ),
+        Some(&bob_tok),
+        Some(&json!({ "sticky_key": "concurrent" })),
+    );
+    assert_eq!(
+        s,
+        200,
+        "sticky send after the restart: {v}\n--- a:\n{}\n--- b:\n{}",
+        a.log_tail(),
+        b.log_tail()
+    );
+    let sticky = v["event_id"].as_str().unwrap().to_owned();
 
     // a takes it (soft-failed: bob is not in the room as a knows it) and delivers nothing.
     eventually(30, "b's transaction with it reached a", || {

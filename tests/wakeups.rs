@@ -84,7 +84,10 @@ fn a_message_wakes_the_rooms_members_and_no_bystander() {
     let _parked: Vec<_> = bystanders
         .iter()
         .map(|(t, since)| {
-            let url = format!("{}/_matrix/client/v3/sync?since={since}&timeout=60000", s.base);
+            let url = format!(
+                "{}/_matrix/client/v3/sync?since={since}&timeout=60000",
+                s.base
+            );
             let auth = format!("Bearer {t}");
             thread::spawn(move || {
                 let _ = ureq::get(&url)

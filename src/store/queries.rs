@@ -8,17 +8,21 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::error::Result;
 
-/// The largest stream position any table holds (the writer resumes after it). A state reset
-/// takes a position of its own kept only in `current_state`, and a sticky event delivered
-/// apart from its place in the room (`room::sticky::commit_unconnected`) one kept only in
-/// `sticky_events`, push counts (`push_counts_changed`) and a partial-state room's completion
-/// (`partial_state_completed`) theirs: a restart that handed those out again would put new
-/// events at or below a client's `since`, and `/sync` would never send them (seen in
-/// `tests/sticky_federation.rs`, where a push count's position was handed out again to the
-/// next event after a restart).
+/// The largest stream position ever handed out (the writer resumes after it). The writer
+/// records it in `meta.stream_high_water` in every batch that takes one, because not every
+/// position is kept in `events`: a state reset's is kept only in `current_state`, a sticky
+/// event delivered apart from its place in the room only in `sticky_events`, push counts in
+/// `push_counts_changed`, and some in no table at all. A restart that handed one out again
+/// would put new events at or below a client's `since`, and `/sync` would never send them
+/// (seen in `tests/sticky_federation.rs`). The tables are read too, for databases last written
+/// before the high-water mark was recorded.
 pub fn max_stream_pos(conn: &Connection) -> Result<i64> {
+    // `stream_high_water` is what the writer records with every batch that took a position;
+    // the tables are read as well for databases last written before it was recorded.
     let pos: i64 = conn.query_row(
-        "SELECT max(coalesce((SELECT max(pos) FROM events), 0),
+        "SELECT max(coalesce((SELECT CAST(value AS INTEGER) FROM meta
+                              WHERE key = 'stream_high_water'), 0),
+                    coalesce((SELECT max(pos) FROM events), 0),
                     coalesce((SELECT max(pos) FROM account_data), 0),
                     coalesce((SELECT max(pos) FROM receipts), 0),
                     coalesce((SELECT max(pos) FROM current_state), 0),
@@ -32,6 +36,16 @@ pub fn max_stream_pos(conn: &Connection) -> Result<i64> {
 }
 
 // ---------------------------------------------------------------- meta
+
+/// Records the highest stream position handed out (in the batch that took it).
+pub fn set_stream_high_water(conn: &Connection, pos: i64) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO meta (key, value) VALUES ('stream_high_water', ?1)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )?
+    .execute([pos.to_string()])?;
+    Ok(())
+}
 
 pub fn get_meta(conn: &Connection, key: &str) -> Result<Option<String>> {
     Ok(conn

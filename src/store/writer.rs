@@ -196,6 +196,7 @@ fn run_batch(
 ) -> (Vec<Reply>, Result<()>, u64) {
     let mut replies = Vec::with_capacity(batch.len());
     let mut failed = 0;
+    let batch_start = *pos;
     let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
@@ -244,6 +245,13 @@ fn run_batch(
         };
         if let Err(e) = tx.execute_batch(end) {
             return (replies, Err(e.into()), failed);
+        }
+    }
+    // The batch's last position goes into `meta` in its own transaction, so a restart resumes
+    // above every position ever handed out, whatever table (if any) its write stored it in.
+    if *pos > batch_start {
+        if let Err(e) = super::queries::set_stream_high_water(&tx, *pos) {
+            return (replies, Err(e), failed);
         }
     }
     let committed = tx.commit().map_err(Error::from);
@@ -317,6 +325,26 @@ mod tests {
             .optional()
             .unwrap();
         assert!(k3.is_none());
+    }
+
+    #[test]
+    fn a_position_stored_nowhere_is_not_handed_out_again_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = writer(dir.path());
+        // Positions taken by writes that store them in no table.
+        let taken = smol::block_on(async {
+            w.write(|tx| Ok(tx.next_pos([]))).await.unwrap();
+            w.write(|tx| Ok(tx.next_pos([]))).await.unwrap()
+        });
+        assert_eq!(taken, 2);
+        w.close().unwrap();
+        let w = writer(dir.path());
+        let next = smol::block_on(w.write(|tx| Ok(tx.next_pos([])))).unwrap();
+        assert_eq!(
+            next, 3,
+            "a restarted writer hands out positions above all it gave"
+        );
+        w.close().unwrap();
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! `omit_members=true` by default: it joins a Hearth room, takes Hearth's partial answer,
 //! resyncs the full state from Hearth (`/state_ids`, `/state`, `/event`) and ends with
 //! Hearth's member list. Hearth joins a Synapse room with partial state, sends and receives
-//! at once, and its resync ends with Synapse's member list.
+//! at once, and its resync ends with Synapse's member list. Leaving and being kicked during
+//! the resync, and rejoining after, work and end with Synapse's member list.
 
 mod common;
 
@@ -23,7 +24,7 @@ static SYNAPSE: PerFile = PerFile::new(TESTS, || {
 });
 
 /// Tests in this file that take a turn with the Synapse: bump it when adding one.
-const TESTS: usize = 3;
+const TESTS: usize = 4;
 
 fn metric(hearth: &Hearth, name: &str) -> String {
     let out = curl_command("GET", None)
@@ -328,4 +329,122 @@ fn a_resync_cut_off_by_kill_9_resumes_after_the_restart() {
             .unwrap()
     };
     assert_eq!(rows, 0, "the room is fully stated for good");
+}
+
+/// Sends `body` as `token`'s user on `base`: the status.
+fn say(base: &str, token: &str, room: &str, txn: &str, body: &str) -> u16 {
+    curl(
+        "PUT",
+        &format!(
+            "{base}/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}",
+            common::enc(room)
+        ),
+        Some(token),
+        Some(&json!({ "msgtype": "m.text", "body": body })),
+    )
+    .0
+}
+
+#[test]
+fn leaving_and_being_kicked_during_the_resync_then_rejoining_work() {
+    let turn = SYNAPSE.turn();
+    let syn: &Synapse = &turn;
+    let s = syn.url();
+    let (owner, owner_tok) = register(&s, "owner_l");
+    let (room, _) = populated_room(
+        &s,
+        &owner_tok,
+        json!({ "preset": "public_chat", "name": "Leave while partial", "room_version": "10" }),
+        "lmember",
+        20,
+    );
+    let hearth = Hearth::start();
+    let h = hearth.url();
+    let (erin, erin_tok) = register(&h, "erin");
+    let (frank, frank_tok) = register(&h, "frank");
+    let join = |tok: &str| {
+        curl(
+            "POST",
+            &format!(
+                "{h}/_matrix/client/v3/join/{}?server_name={}",
+                common::enc(&room),
+                common::enc(&syn.server_name())
+            ),
+            Some(tok),
+            Some(&json!({})),
+        )
+    };
+    // erin joins (partially) and leaves at once, while the resync of 20 members' state runs
+    // (it takes about a second); then frank joins, and Synapse's owner kicks him at once.
+    let (st, v) = join(&erin_tok);
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = curl(
+        "POST",
+        &format!("{h}/_matrix/client/v3/rooms/{}/leave", common::enc(&room)),
+        Some(&erin_tok),
+        Some(&json!({})),
+    );
+    assert_eq!(st, 200, "erin leaves: {v}");
+    let (st, v) = join(&frank_tok);
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = curl(
+        "POST",
+        &format!("{s}/_matrix/client/v3/rooms/{}/kick", common::enc(&room)),
+        Some(&owner_tok),
+        Some(&json!({ "user_id": frank })),
+    );
+    assert_eq!(st, 200, "the owner kicks frank: {v}");
+
+    // Both are out on both sides, and Hearth refuses their messages.
+    let left = |m: &BTreeMap<String, String>| {
+        m.get(&erin).map(String::as_str) == Some("leave")
+            && m.get(&frank).map(String::as_str) == Some("leave")
+    };
+    eventually(30, "Synapse has erin left and frank kicked", || {
+        memberships(&s, &owner_tok, &room).filter(left)
+    });
+    eventually(30, "frank's server hears of the kick", || {
+        (say(&h, &frank_tok, &room, "k1", "still here?") == 403).then_some(())
+    });
+    assert_eq!(say(&h, &erin_tok, &room, "l1", "still here?"), 403);
+
+    // Both rejoin, talk both ways, and Hearth's member list ends equal to Synapse's.
+    for tok in [&erin_tok, &frank_tok] {
+        let (st, v) = join(tok);
+        assert_eq!(st, 200, "rejoin: {v}");
+    }
+    assert_eq!(say(&h, &erin_tok, &room, "l2", "erin is back"), 200);
+    assert_eq!(say(&h, &frank_tok, &room, "k2", "frank is back"), 200);
+    eventually(30, "Synapse sees both back", || {
+        let b = syn.bodies(&owner_tok, &room, 50);
+        (b.contains(&"erin is back".to_owned()) && b.contains(&"frank is back".to_owned()))
+            .then_some(())
+    });
+    let (st, v) = curl(
+        "PUT",
+        &format!(
+            "{s}/_matrix/client/v3/rooms/{}/send/m.room.message/o1",
+            common::enc(&room)
+        ),
+        Some(&owner_tok),
+        Some(&json!({ "msgtype": "m.text", "body": "welcome back" })),
+    );
+    assert_eq!(st, 200, "{v}");
+    eventually(30, "erin sees the owner's message", || {
+        common::synapse::room_bodies(&h, &erin_tok, &room, 50)
+            .contains(&"welcome back".to_owned())
+            .then_some(())
+    });
+    let theirs = eventually(30, "Synapse lists both back", || {
+        joined_members(&s, &owner_tok, &room)
+            .filter(|m| m.contains_key(&erin) && m.contains_key(&frank))
+    });
+    eventually(90, "Hearth's member list equals Synapse's", || {
+        joined_members(&h, &erin_tok, &room).filter(|m| *m == theirs)
+    });
+    eventually(30, "no room is left partial", || {
+        (metric(&hearth, "hearth_partial_state_rooms") == "hearth_partial_state_rooms 0")
+            .then_some(())
+    });
+    let _ = owner;
 }

@@ -303,7 +303,7 @@ mod tests {
         let media = schema_block("-- media (schema v3)").unwrap();
         assert!(media.contains("CREATE TABLE IF NOT EXISTS media_thumbnails"));
         let mut v2 = SCHEMA.to_owned();
-        for b in V2_TO_V3_BLOCKS {
+        for b in V2_TO_V3_BLOCKS.iter().chain(V4_TO_V5_BLOCKS) {
             v2 = v2.replace(schema_block(b).unwrap(), "");
         }
         migrate_with(&mut conn, &v2, 2, &[]).unwrap();

@@ -527,3 +527,10 @@ CREATE INDEX IF NOT EXISTS push_queue_pusher ON push_queue(pusher_id, id);
 -- from before push rules ran starts at its newest event (old history is not notified).
 INSERT OR IGNORE INTO meta (key, value)
     SELECT 'push_pos', CAST(COALESCE(MAX(pos), 0) AS TEXT) FROM events;
+
+-- pushfix (schema v5)
+-- The device whose access token set a pusher: logging that device out (or deleting it) removes
+-- its pushers, as Synapse does (`remove_pushers_by_devices`). NULL for pushers set before v5.
+ALTER TABLE pushers ADD COLUMN device_id TEXT;
+-- The pruning job walks notifications oldest first (`workers::push_prune`).
+CREATE INDEX IF NOT EXISTS push_actions_ts ON push_actions(ts, user_id, pos);

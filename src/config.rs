@@ -199,11 +199,17 @@ pub struct PushConfig {
     /// per message; events that arrive while it is off are never counted or pushed (the
     /// evaluator only moves its position past them), so turning it on does not flood phones.
     pub evaluate: bool,
+    /// Seconds between two runs of the notification pruning (`workers::push_prune`: read
+    /// notifications older than a day, read highlights older than 30 days); 0: never.
+    pub prune_every_secs: u64,
 }
 
 impl Default for PushConfig {
     fn default() -> Self {
-        Self { evaluate: true }
+        Self {
+            evaluate: true,
+            prune_every_secs: 3600,
+        }
     }
 }
 

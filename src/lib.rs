@@ -84,6 +84,8 @@ pub struct AppInner {
     pub typing: ephemeral::Typing,
     /// Presence, in memory (see `presence`).
     pub presence: presence::Presence,
+    /// How far the push evaluator has got (`/sync` waits for it, see `workers::push`).
+    pub push_progress: workers::push::Progress,
     pub limits: ephemeral::RateLimiter,
     pub tokens: ephemeral::TokenCache,
     pub metrics: ephemeral::Metrics,
@@ -159,6 +161,7 @@ impl App {
             notifier: notifier.clone(),
             typing: ephemeral::Typing::new(notifier),
             presence,
+            push_progress: Default::default(),
             limits,
             tokens: ephemeral::TokenCache::default(),
             metrics: ephemeral::Metrics::default(),

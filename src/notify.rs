@@ -49,6 +49,9 @@ pub enum Topic {
     PushEvaluator,
     /// New rows in the push queue, or a new pusher (the push sender).
     PushQueue,
+    /// A member event joined a room's timeline (the presence worker: a join brings presence
+    /// to the new member's server and the new member's presence to the room's servers).
+    Membership,
 }
 
 impl Topic {

@@ -17,12 +17,16 @@
 //! whoever gets there first: the worker, or the `/sync` request that noticed it (a dropped
 //! request leaves the queue to the worker).
 //!
-//! **The state machine is Synapse's** (`synapse/handlers/presence.py`), one state per user
-//! (not per device): a sync with `set_presence=online` (the default) makes its user online
-//! and active now; after [`IDLE_MS`] without activity an online user becomes `unavailable`;
-//! [`SYNC_ONLINE_MS`] after their last sync ended (and none running) `offline`;
-//! `currently_active` while active within [`ACTIVE_MS`]. A sync with `set_presence=offline`
-//! does not touch presence at all, as in Synapse. Remote users' states come in `m.presence`
+//! **The state machine is Synapse's** (`synapse/handlers/presence.py`), kept **per device**
+//! and combined into the user's state as Synapse's `_combine_device_states` does: the
+//! highest of the devices' states wins (online > unavailable > offline), so a user is online
+//! while any device is. A sync with `set_presence=online` (the default) makes its device
+//! online and active now; after [`IDLE_MS`] without activity an online device becomes
+//! `unavailable`; [`SYNC_ONLINE_MS`] after its last sync ended (and none running) it is
+//! dropped (offline); the user is `currently_active` while active within [`ACTIVE_MS`]. A sync
+//! with `set_presence=offline` does not touch presence at all, as in Synapse, and a
+//! `PUT /presence` of `offline` sets only the caller's device: another device still syncing
+//! keeps the user online. Remote users' states come in `m.presence`
 //! EDUs and fall to offline after [`FEDERATION_TIMEOUT_MS`] without one.
 //!
 //! With `[presence] enabled = false` nothing is tracked: updates are accepted and dropped, and
@@ -59,6 +63,9 @@ pub const ACTIVE_MS: u64 = 60 * 1000;
 pub const FEDERATION_TIMEOUT_MS: u64 = 30 * 60 * 1000;
 /// ...so a local user who is not offline is re-sent this often (`FEDERATION_PING_INTERVAL`).
 pub const FEDERATION_PING_MS: u64 = 25 * 60 * 1000;
+/// Joins a sync looks at for new members' presence (a window holding more is a catch-up sync,
+/// where most of them come with their rooms anyway).
+const JOINS_LIMIT: usize = 1000;
 /// At most one `m.presence` EDU per user (and so per destination) in this window: a user
 /// flapping between states costs other servers one update per window, with the latest state.
 pub const FEDERATION_MIN_INTERVAL_MS: u64 = 10 * 1000;
@@ -100,14 +107,65 @@ impl Status {
     }
 }
 
+/// One device of a local user (Synapse's `UserDevicePresenceState`).
+struct Device {
+    state: PresenceState,
+    last_active_ts: u64,
+    /// When the device was last seen: a sync ended or it set its presence (Synapse counts a
+    /// device's activity and its syncs alike before timing it out to offline).
+    last_sync_ts: u64,
+    /// Syncs of this device running now (a device with one is never timed out).
+    syncing: u32,
+}
+
+impl Device {
+    fn new() -> Self {
+        Self {
+            state: PresenceState::Offline,
+            last_active_ts: 0,
+            last_sync_ts: 0,
+            syncing: 0,
+        }
+    }
+
+    /// The next time a timer may change this device.
+    fn deadline(&self) -> u64 {
+        let mut d = u64::MAX;
+        if self.state == PresenceState::Online {
+            d = self.last_active_ts + IDLE_MS;
+        }
+        if self.syncing == 0 {
+            d = d.min(self.last_sync_ts.max(self.last_active_ts) + SYNC_ONLINE_MS);
+        }
+        d
+    }
+}
+
+/// Synapse's `_combine_device_states`: the highest-priority state of any device.
+fn combine<'a>(devices: impl IntoIterator<Item = &'a Device>) -> PresenceState {
+    fn rank(s: &PresenceState) -> u8 {
+        match s {
+            PresenceState::Online => 2,
+            PresenceState::Unavailable => 1,
+            _ => 0,
+        }
+    }
+    devices
+        .into_iter()
+        .map(|d| &d.state)
+        .filter(|s| rank(s) > 0)
+        .max_by_key(|s| rank(s))
+        .cloned()
+        .unwrap_or(PresenceState::Offline)
+}
+
 struct Entry {
     status: Status,
     local: bool,
-    /// Local: when the user was last seen: a sync ended or they set their presence (Synapse
-    /// counts a device's activity and its syncs alike before timing it out to offline).
+    /// Local: when the user was last seen on any device (persisted).
     last_sync_ts: u64,
-    /// Local: syncs running now (a user with one is never timed out to offline).
-    syncing: u32,
+    /// Local: the devices seen recently (dropped when they time out to offline).
+    devices: HashMap<String, Device>,
     /// Local: when other servers were last sent this user's state; remote: when we last
     /// heard about it.
     last_fed_ts: u64,
@@ -121,7 +179,7 @@ impl Entry {
             status: Status::offline(),
             local,
             last_sync_ts: 0,
-            syncing: 0,
+            devices: HashMap::new(),
             last_fed_ts: 0,
             serial: 0,
         }
@@ -130,23 +188,23 @@ impl Entry {
     /// The next time a timer may change this entry (`u64::MAX`: none).
     fn deadline(&self) -> u64 {
         let s = &self.status;
-        if s.state == PresenceState::Offline {
-            return u64::MAX;
-        }
         if !self.local {
-            return self.last_fed_ts + FEDERATION_TIMEOUT_MS;
+            return match s.state {
+                PresenceState::Offline => u64::MAX,
+                _ => self.last_fed_ts + FEDERATION_TIMEOUT_MS,
+            };
         }
-        let mut d = self.last_fed_ts + FEDERATION_PING_MS;
-        if s.state == PresenceState::Online {
-            d = d.min(s.last_active_ts + IDLE_MS);
+        let mut d = u64::MAX;
+        if s.state != PresenceState::Offline {
+            d = self.last_fed_ts + FEDERATION_PING_MS;
         }
         if s.currently_active {
             d = d.min(s.last_active_ts + ACTIVE_MS);
         }
-        if self.syncing == 0 {
-            d = d.min(self.last_sync_ts.max(s.last_active_ts) + SYNC_ONLINE_MS);
-        }
-        d
+        self.devices
+            .values()
+            .map(Device::deadline)
+            .fold(d, u64::min)
     }
 }
 
@@ -209,6 +267,7 @@ pub fn known_state(s: &PresenceState) -> bool {
 pub struct SyncGuard {
     app: Option<App>,
     user: String,
+    device: String,
 }
 
 impl Drop for SyncGuard {
@@ -218,7 +277,10 @@ impl Drop for SyncGuard {
         let now = p.clock.now_ms();
         let mut inner = lock(&p.inner);
         if let Some(e) = inner.users.get_mut(&self.user) {
-            e.syncing = e.syncing.saturating_sub(1);
+            if let Some(d) = e.devices.get_mut(&self.device) {
+                d.syncing = d.syncing.saturating_sub(1);
+                d.last_sync_ts = now;
+            }
             e.last_sync_ts = now;
             let d = e.deadline();
             inner.next_deadline = inner.next_deadline.min(d);
@@ -272,6 +334,19 @@ impl Presence {
                 currently_active: false,
             };
             e.last_sync_ts = r.last_sync_ts;
+            if local && e.status.state != PresenceState::Offline {
+                // The devices are not persisted: one stands for them all, timed out from the
+                // stored times like any other.
+                e.devices.insert(
+                    String::new(),
+                    Device {
+                        state: e.status.state.clone(),
+                        last_active_ts: r.last_active_ts,
+                        last_sync_ts: r.last_sync_ts,
+                        syncing: 0,
+                    },
+                );
+            }
             // Remote: as if just heard (their server pings within the timeout). Local: not
             // yet sent since the restart.
             e.last_fed_ts = if local { 0 } else { now };
@@ -305,6 +380,7 @@ impl Presence {
         let old = e.status.clone();
         f(e);
         if e.local {
+            e.status.state = combine(e.devices.values());
             e.status.currently_active = e.status.state == PresenceState::Online
                 && now.saturating_sub(e.status.last_active_ts) < ACTIVE_MS;
         }
@@ -321,40 +397,43 @@ impl Presence {
         }
     }
 
-    /// A `/sync` starts (Synapse's `user_syncing` + `set_state(is_sync=True)`): the user is
-    /// `set_presence` and, if online, active now; the status message is kept. Returns the
-    /// guard that records the end of the sync. `offline` leaves presence alone.
-    pub fn sync_started(&self, app: &App, user: &str, set_presence: &PresenceState) -> SyncGuard {
+    /// A `/sync` of `device` starts (Synapse's `user_syncing` + `set_state(is_sync=True)`):
+    /// the device is `set_presence` and, if online, active now; the status message is kept.
+    /// Returns the guard that records the end of the sync. `offline` leaves presence alone.
+    pub fn sync_started(
+        &self,
+        app: &App,
+        user: &str,
+        device: &str,
+        set_presence: &PresenceState,
+    ) -> SyncGuard {
         let noop = SyncGuard {
             app: None,
             user: String::new(),
+            device: String::new(),
         };
         if !self.enabled || !known_state(set_presence) || *set_presence == PresenceState::Offline {
             return noop;
         }
         self.change(user, |e, now| {
-            e.syncing += 1;
-            e.last_sync_ts = now;
-            e.status.state = set_presence.clone();
-            if *set_presence == PresenceState::Online {
-                e.status.last_active_ts = now;
-            }
+            e.devices
+                .entry(device.to_owned())
+                .or_insert_with(Device::new)
+                .syncing += 1;
+            set_device(e, device, set_presence.clone(), now);
         });
         SyncGuard {
             app: Some(app.clone()),
             user: user.to_owned(),
+            device: device.to_owned(),
         }
     }
 
-    /// `PUT /presence/{userId}/status` (Synapse's `set_state`): the state and the status
-    /// message (absent clears it); online also means active now.
-    pub fn set(&self, user: &str, state: PresenceState, status_msg: Option<String>) {
+    /// `PUT /presence/{userId}/status` from `device` (Synapse's `set_state`): the device's
+    /// state, and the user's status message (absent clears it); online also means active now.
+    pub fn set(&self, user: &str, device: &str, state: PresenceState, status_msg: Option<String>) {
         self.change(user, |e, now| {
-            e.last_sync_ts = now;
-            if state == PresenceState::Online {
-                e.status.last_active_ts = now;
-            }
-            e.status.state = state;
+            set_device(e, device, state, now);
             e.status.status_msg = status_msg;
         });
     }
@@ -403,17 +482,18 @@ impl Presence {
                     e.status.currently_active = false;
                     return;
                 }
-                let s = &mut e.status;
-                if s.state == PresenceState::Online
-                    && now.saturating_sub(s.last_active_ts) > IDLE_MS
-                {
-                    s.state = PresenceState::Unavailable;
-                }
-                if e.syncing == 0
-                    && now.saturating_sub(e.last_sync_ts.max(s.last_active_ts)) > SYNC_ONLINE_MS
-                {
-                    s.state = PresenceState::Offline;
-                }
+                // Per device, as Synapse's `handle_timeout`: idle, then dropped when it has
+                // not synced for a while; `update` combines what is left.
+                e.devices.retain(|_, d| {
+                    if d.state == PresenceState::Online
+                        && now.saturating_sub(d.last_active_ts) > IDLE_MS
+                    {
+                        d.state = PresenceState::Unavailable;
+                    }
+                    d.syncing > 0
+                        || now.saturating_sub(d.last_sync_ts.max(d.last_active_ts))
+                            <= SYNC_ONLINE_MS
+                });
                 ping = now.saturating_sub(e.last_fed_ts) > FEDERATION_PING_MS;
             });
             if ping {
@@ -528,6 +608,24 @@ impl Presence {
     }
 }
 
+/// Sets one device's state at `now` (it was seen now, and active if online) and, as Synapse
+/// does, the user's `last_active_ts` when the combined state is online.
+fn set_device(e: &mut Entry, device: &str, state: PresenceState, now: u64) {
+    let d = e
+        .devices
+        .entry(device.to_owned())
+        .or_insert_with(Device::new);
+    d.last_sync_ts = now;
+    if state == PresenceState::Online {
+        d.last_active_ts = now;
+    }
+    d.state = state;
+    e.last_sync_ts = now;
+    if combine(e.devices.values()) == PresenceState::Online {
+        e.status.last_active_ts = now;
+    }
+}
+
 fn parse_state(s: &str) -> Option<PresenceState> {
     let p = PresenceState::from(s);
     known_state(&p).then_some(p)
@@ -567,9 +665,10 @@ pub async fn announce_pending(app: &App) -> Result<()> {
 pub async fn sync_started(
     app: &App,
     user: &str,
+    device: &str,
     set_presence: &PresenceState,
 ) -> Result<SyncGuard> {
-    let guard = app.presence.sync_started(app, user, set_presence);
+    let guard = app.presence.sync_started(app, user, device, set_presence);
     if app.presence.enabled() {
         app.presence.tick(app.clock.now_ms());
         announce_pending(app).await?;
@@ -578,10 +677,12 @@ pub async fn sync_started(
 }
 
 /// The `m.presence` events of a sync covering `(since, upto]`: the user's own and those of users
-/// sharing a room with them whose change was announced in `(since.eph, upto.eph]`, and, for a
+/// sharing a room with them whose change was announced in `(since.eph, upto.eph]`; for a
 /// room joined in `(since.pos, upto.pos]`, its members' current presence (Synapse sends a new
-/// member everyone's presence, not only what changes later); through the sync filter's
-/// `presence` part. `rooms` are the user's rooms (room, membership, position).
+/// member everyone's presence, not only what changes later); and the current presence of
+/// users who joined one of the user's rooms in that window (Synapse's
+/// `newly_joined_or_invited_users`); through the sync filter's `presence` part. `rooms` are
+/// the user's rooms (room, membership, position).
 pub async fn for_sync(
     app: &App,
     user: &str,
@@ -601,9 +702,16 @@ pub async fn for_sync(
         .map(|(r, _, _)| r.clone())
         .collect();
     let changed = app.presence.changed_between(since.map(|s| s.eph), upto.eph);
-    if changed.is_empty() && new_rooms.is_empty() {
+    // Joins into the user's rooms in the window (an incremental sync whose window holds events).
+    let joins_window = since.map(|s| (s.pos, upto.pos)).filter(|(a, b)| a < b);
+    if changed.is_empty() && new_rooms.is_empty() && joins_window.is_none() {
         return Ok(Vec::new());
     }
+    let joined: BTreeSet<String> = rooms
+        .iter()
+        .filter(|(_, m, _)| m == "join")
+        .map(|(r, _, _)| r.clone())
+        .collect();
     let me = user.to_owned();
     let (visible, members) = app
         .store
@@ -622,6 +730,13 @@ pub async fn for_sync(
                         .filter(|(_, m, _)| m == "join")
                         .map(|(u, _, _)| u),
                 );
+            }
+            if let Some((after, upto)) = joins_window {
+                for j in crate::store::pushfix::list_joins_between(c, after, upto, JOINS_LIMIT)? {
+                    if joined.contains(&j.room_id) && j.user_id != me {
+                        members.push(j.user_id);
+                    }
+                }
             }
             Ok((visible, members))
         })
@@ -724,15 +839,20 @@ mod tests {
     fn federation_updates_are_coalesced_to_one_per_window_with_the_latest_state() {
         let (p, clock) = presence();
         let t0 = clock.now_ms();
-        p.set("@a:x", PresenceState::Online, None);
+        p.set("@a:x", "D", PresenceState::Online, None);
         let (due, later) = p.take_federation_due(t0);
         assert_eq!(due.len(), 1);
         assert_eq!(later, None);
         // Two more changes inside the window: held back, then sent once, as they ended.
         clock.0.store(t0 + 1_000, SeqCst);
-        p.set("@a:x", PresenceState::Unavailable, Some("brb".into()));
+        p.set("@a:x", "D", PresenceState::Unavailable, Some("brb".into()));
         clock.0.store(t0 + 2_000, SeqCst);
-        p.set("@a:x", PresenceState::Unavailable, Some("back soon".into()));
+        p.set(
+            "@a:x",
+            "D",
+            PresenceState::Unavailable,
+            Some("back soon".into()),
+        );
         let (due, later) = p.take_federation_due(t0 + 2_000);
         assert!(due.is_empty());
         assert_eq!(later, Some(t0 + FEDERATION_MIN_INTERVAL_MS));
@@ -748,14 +868,14 @@ mod tests {
     #[test]
     fn activity_while_online_and_active_is_not_news() {
         let (p, clock) = presence();
-        p.set("@a:x", PresenceState::Online, None);
+        p.set("@a:x", "D", PresenceState::Online, None);
         assert_eq!(p.pending_announcements(), vec!["@a:x".to_owned()]);
         p.announce("@a:x", &[]);
         assert!(p.pending_announcements().is_empty());
         // Active again 5 s later: still online and currently active, nothing to announce,
         // nothing to persist beyond the first change.
         clock.0.store(clock.now_ms() + 5_000, SeqCst);
-        p.set("@a:x", PresenceState::Online, None);
+        p.set("@a:x", "D", PresenceState::Online, None);
         assert!(p.pending_announcements().is_empty());
         assert_eq!(p.take_dirty().len(), 1);
         assert!(p.take_dirty().is_empty());
@@ -775,7 +895,7 @@ mod tests {
     fn disabled_presence_keeps_nothing() {
         let clock = Arc::new(TestClock(AtomicU64::new(5)));
         let p = Presence::new(false, "x", clock, Notifier::default());
-        p.set("@a:x", PresenceState::Online, Some("hi".into()));
+        p.set("@a:x", "D", PresenceState::Online, Some("hi".into()));
         p.set_remote("@r:y", Status::offline());
         assert_eq!(p.get("@a:x"), Status::offline());
         assert!(p.changed_between(None, i64::MAX).is_empty());

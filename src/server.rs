@@ -109,6 +109,10 @@ pub async fn run(app: App, listeners: Vec<std::net::TcpListener>, tls: Option<Tl
         ),
         app.spawner
             .spawn("push-sender", crate::workers::push::sender(app.clone())),
+        app.spawner.spawn(
+            "push-prune",
+            crate::workers::push_prune::pruner(app.clone()),
+        ),
     ];
     let mut loops = Vec::new();
     for l in listeners {

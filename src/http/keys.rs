@@ -715,7 +715,8 @@ pub async fn upload_signatures(mut req: Req) -> Result<Response> {
 }
 
 /// Deletes the given devices' sessions and devices, with everything end-to-end encryption
-/// keeps for them (keys, one-time keys, signatures of their keys, to-device inbox), and records
+/// keeps for them (keys, one-time keys, signatures of their keys, to-device inbox) and the
+/// pushers they set, and records
 /// the device-list change if any device existed. Returns the removed token hashes.
 pub fn delete_devices(tx: &mut Tx<'_>, user: &str, which: q::Devices<'_>) -> Result<Vec<String>> {
     let devices: Vec<String> = e::list_device_ids(tx, user)?
@@ -730,6 +731,9 @@ pub fn delete_devices(tx: &mut Tx<'_>, user: &str, which: q::Devices<'_>) -> Res
     for d in &devices {
         e::delete_device_e2e(tx, user, d)?;
     }
+    // Their pushers go too (Synapse's `remove_pushers_by_devices`): a logged-out phone must
+    // stop receiving the account's notifications.
+    crate::store::pushfix::delete_pushers_of_devices(tx, user, &devices)?;
     for d in &devices {
         device_list_changed(tx, user, Change::Deleted(d))?;
     }

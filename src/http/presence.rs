@@ -24,8 +24,12 @@ pub async fn put_status(mut req: Req) -> Result<Response> {
         &["online", "offline", "unavailable"],
     )?;
     let app = req.state();
-    app.presence
-        .set(body.user_id.as_str(), body.presence, body.status_msg);
+    app.presence.set(
+        body.user_id.as_str(),
+        who.device_id.as_str(),
+        body.presence,
+        body.status_msg,
+    );
     json(&json!({}))
 }
 

@@ -111,7 +111,8 @@ fn check_ids(app_id: &str, pushkey: &str) -> Result<()> {
 /// # `POST /_matrix/client/v3/pushers/set`
 ///
 /// `kind: "http"` adds or replaces the caller's pusher for (app ID, pushkey) (and, unless
-/// `append`, removes other users' pushers with the same IDs); `kind: null` removes it. Only
+/// `append`, removes other users' pushers with the same IDs); `kind: null` removes it. The
+/// pusher belongs to the caller's device: logging it out or deleting it removes the pusher. Only
 /// HTTP pushers exist here (email pushers need a mail server Hearth does not have).
 pub async fn set_pusher(mut req: Req) -> Result<Response> {
     let who = auth(&req).await?;
@@ -145,6 +146,7 @@ pub async fn set_pusher(mut req: Req) -> Result<Response> {
             }
             let stored = serde_json::to_string(&pusher)?;
             let append = post.append;
+            let device = who.device_id.to_string();
             req.state()
                 .store
                 .write(move |tx| {
@@ -157,6 +159,14 @@ pub async fn set_pusher(mut req: Req) -> Result<Response> {
                         &stored,
                         append,
                         tx.now_ms as i64,
+                    )?;
+                    // Tied to the caller's device: logging it out removes the pusher.
+                    crate::store::pushfix::set_pusher_device(
+                        tx,
+                        &user,
+                        &pusher.ids.app_id,
+                        &pusher.ids.pushkey,
+                        &device,
                     )?;
                     tx.wake(Topic::PushQueue);
                     Ok(())

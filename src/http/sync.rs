@@ -187,8 +187,13 @@ pub async fn sync(mut req: Req) -> Result<Response> {
         s.eph = 0;
     }
     // Counts this sync for presence until the request ends, however it ends.
-    let _presence =
-        crate::presence::sync_started(&app, who.user_id.as_str(), &parsed.set_presence).await?;
+    let _presence = crate::presence::sync_started(
+        &app,
+        who.user_id.as_str(),
+        who.device_id.as_str(),
+        &parsed.set_presence,
+    )
+    .await?;
     let timeout = parsed
         .timeout
         .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX))
@@ -206,7 +211,12 @@ pub async fn sync(mut req: Req) -> Result<Response> {
     let mut watch: Option<(Vec<String>, Watch)> = None;
     let mut acked = false;
     loop {
-        let upto = Since::from(app.notifier.marks());
+        let mut upto = Since::from(app.notifier.marks());
+        // An incremental sync waits (briefly) until the push evaluator has counted what it
+        // covers, so a message and its unread counts go out in one response.
+        if since.is_some() && crate::workers::push::wait_for_counts(&app, upto.pos).await {
+            upto = Since::from(app.notifier.marks());
+        }
         // Identical concurrent requests (a client retrying after a disconnect, two tabs of
         // one device) share one computation, run in its own task: dropping this request
         // never cancels it for the others.

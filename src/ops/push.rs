@@ -209,6 +209,11 @@ pub fn evaluate(
     let mut rooms: HashMap<String, RoomCtx> = HashMap::new();
     let mut found = Vec::new();
     for (room, ev) in events {
+        // Redacted before it was evaluated: it notifies nobody (a redaction removes the
+        // notifications of an event evaluated earlier, `build::apply_redaction`).
+        if ev.redacted_by.is_some() {
+            continue;
+        }
         let v: Value = serde_json::from_str(&ev.json)?;
         if !rooms.contains_key(&room) {
             rooms.insert(room.clone(), room_ctx(c, &room, server)?);

@@ -550,6 +550,10 @@ pub(super) fn persist(
     }
     // The push-rule evaluator walks new events by position; this only wakes it.
     tx.wake(Topic::PushEvaluator);
+    if kind == "m.room.member" {
+        // Joins bring presence to new members (the presence worker looks for them).
+        tx.wake(Topic::Membership);
+    }
     super::sticky::index_if_sticky(
         tx,
         json,
@@ -600,6 +604,9 @@ pub(super) fn apply_redaction(
     let redacted = redact(obj, &rules.redaction, None).map_err(Error::internal)?;
     crate::store::sticky::delete_sticky(conn, target)?;
     crate::store::search::delete_search(conn, target)?;
+    // Its notifications go (as in Synapse): `/notifications` stops listing it and unread counts
+    // drop; the redaction's own timeline entry wakes the room's syncs to carry the new counts.
+    crate::store::pushfix::delete_push_actions_for_event(conn, room_id, target)?;
     q::set_event_redacted(conn, target, &serde_json::to_string(&redacted)?, by)
 }
 

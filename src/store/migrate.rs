@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 pub const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// The version `SCHEMA` describes.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// Version 2: federation (`server_keys`, `outbox`, `destinations`, `received_txns`,
 /// `invite_state`); events that are not simply appended (outliers with no state group, rejected
@@ -138,6 +138,11 @@ const V3_TO_V4_BLOCKS: &[&str] = &[
     "-- push (schema v4)",
 ];
 
+/// Version 5, blocks of `schema.sql` like version 4 (a change to an existing table is an
+/// `ALTER` in its block): pushers tied to their device and the index the notification pruning
+/// walks (`pushfix`).
+const V4_TO_V5_BLOCKS: &[&str] = &["-- pushfix (schema v5)"];
+
 /// The block of `SCHEMA` that starts with the comment line `marker` and runs to the next
 /// block marked `(schema v…)` or the end: a step that only adds tables is written once.
 fn schema_block(marker: &str) -> Result<&'static str> {
@@ -167,7 +172,8 @@ pub fn migrate(conn: &mut Connection) -> Result<()> {
             .concat())
     };
     let (v3, v4) = (blocks(V2_TO_V3_BLOCKS)?, blocks(V3_TO_V4_BLOCKS)?);
-    let steps = [V1_TO_V2, v3.as_str(), v4.as_str()];
+    let v5 = blocks(V4_TO_V5_BLOCKS)?;
+    let steps = [V1_TO_V2, v3.as_str(), v4.as_str(), v5.as_str()];
     migrate_with(conn, SCHEMA, SCHEMA_VERSION, &steps)
 }
 
@@ -297,7 +303,7 @@ mod tests {
         let media = schema_block("-- media (schema v3)").unwrap();
         assert!(media.contains("CREATE TABLE IF NOT EXISTS media_thumbnails"));
         let mut v2 = SCHEMA.to_owned();
-        for b in V2_TO_V3_BLOCKS {
+        for b in V2_TO_V3_BLOCKS.iter().chain(V4_TO_V5_BLOCKS) {
             v2 = v2.replace(schema_block(b).unwrap(), "");
         }
         migrate_with(&mut conn, &v2, 2, &[]).unwrap();
@@ -317,7 +323,10 @@ mod tests {
     #[test]
     fn version_3_database_gets_a_search_index_of_its_events() {
         let mut conn = Connection::open_in_memory().unwrap();
-        let v3 = SCHEMA.replace(schema_block(V3_TO_V4_BLOCKS[0]).unwrap(), "");
+        let mut v3 = SCHEMA.replace(schema_block(V3_TO_V4_BLOCKS[0]).unwrap(), "");
+        for b in V4_TO_V5_BLOCKS {
+            v3 = v3.replace(schema_block(b).unwrap(), "");
+        }
         migrate_with(&mut conn, &v3, 3, &[]).unwrap();
         let ev = |pos: i64, kind: &str, content: &str, outlier: i64, rejected: Option<&str>| {
             conn.execute(
@@ -360,6 +369,39 @@ mod tests {
             hits,
             vec![(1, "content.body".into()), (2, "content.topic".into())]
         );
+    }
+
+    #[test]
+    fn version_4_database_keeps_its_pushers_and_ties_new_ones_to_a_device() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        let mut v4 = SCHEMA.to_owned();
+        for b in V4_TO_V5_BLOCKS {
+            v4 = v4.replace(schema_block(b).unwrap(), "");
+        }
+        migrate_with(&mut conn, &v4, 4, &[]).unwrap();
+        conn.execute(
+            "INSERT INTO pushers (user_id, app_id, pushkey, url, pusher, created_ts)
+             VALUES ('@a:x', 'app', 'key', 'http://gw/_matrix/push/v1/notify', '{}', 1)",
+            [],
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let device: Option<String> = conn
+            .query_row(
+                "SELECT device_id FROM pushers WHERE user_id = '@a:x'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(device, None, "the old pusher is kept, without a device");
+        let n: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'push_actions_ts'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n, 1);
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod outbox;
 pub mod partial;
 pub mod presence;
 pub mod push;
+pub mod pushfix;
 pub mod queries;
 pub mod search;
 pub mod sticky;

@@ -1,11 +1,13 @@
 //! Long-running tasks, spawned by `server::run` through the tracked spawner. Each one sleeps
 //! until its next deadline or a wake-up, then rescans its state, so a lost wake-up only delays
 //! it. `federation` is the durable federation sender, `sticky` the sticky-event expiry,
-//! `presence` presence's timers, federation and persistence, `resync` the partial-state resync.
+//! `presence` presence's timers, federation and persistence, `resync` the partial-state resync,
+//! `push` the push-rule evaluator and sender, `push_prune` the pruning of old notifications.
 
 pub mod federation;
 pub mod presence;
 pub mod push;
+pub mod push_prune;
 pub mod resync;
 pub mod sticky;
 

@@ -2,7 +2,11 @@
 //! pings), announces changes to `/sync` (see `crate::presence`), sends local users' changes to
 //! the servers sharing a room with them (at most one update per user per
 //! [`crate::presence::FEDERATION_MIN_INTERVAL_MS`], the latest state), and persists the entries that changed:
-//! every [`PERSIST_EVERY`] and at shutdown, in one write. Presence itself never waits for it:
+//! every [`PERSIST_EVERY`] and at shutdown, in one write. It also watches joins (as Synapse's
+//! `_on_user_joined_room`): a local user joining a room has their presence sent to the room's
+//! other servers, and a server newly in a room (its first user joined) is sent the presence
+//! of the room's local members, so both sides see each other at once rather than at the next
+//! change or ping. Presence itself never waits for it:
 //! a lost or late run costs latency (or, for a kill -9, the last minute of status changes),
 //! never a wrong answer.
 
@@ -16,10 +20,21 @@ use ruma::{
 
 use crate::{
     error::Result,
+    notify::Topic,
     presence::{announce_pending, Status},
-    store::presence::{list_user_destinations, upsert_presence},
+    store::{
+        presence::{list_user_destinations, upsert_presence},
+        pushfix as pf,
+    },
     App,
 };
+
+/// Joins looked at per read.
+const JOINS_BATCH: usize = 200;
+/// A remote user's join is answered this long after it reached us: the joining server stores
+/// the room only once our `send_join` answer is back, and drops presence about users it does
+/// not yet share a room with.
+const REMOTE_JOIN_GRACE_MS: u64 = 1_000;
 
 /// How often changed entries are written.
 const PERSIST_EVERY: Duration = Duration::from_secs(60);
@@ -32,11 +47,26 @@ pub async fn worker(app: App) {
         return;
     }
     let mut next_persist = std::time::Instant::now() + PERSIST_EVERY;
+    // Joins from now on (earlier ones were handled by the previous run, or are covered by the
+    // periodic pings).
+    let joins = app.notifier.watch([Topic::Membership]);
+    let mut joins_done = app.notifier.pos();
     loop {
         // Listen first, then look: work queued after the scan fires the listener.
         let work = app.presence.listen();
+        let seen = app.notifier.marks();
         let now = app.clock.now_ms();
         app.presence.tick(now);
+        let joins_next = match joined(&app, joins_done, seen.pos, now).await {
+            Ok((done, next)) => {
+                joins_done = done;
+                next
+            }
+            Err(e) => {
+                log::error!("presence: joins: {e}");
+                None
+            }
+        };
         if let Err(e) = announce_pending(&app).await {
             log::error!("presence: announcing: {e}");
         }
@@ -57,10 +87,11 @@ pub async fn worker(app: App) {
         let until = app
             .presence
             .next_deadline()
-            .min(fed_next.unwrap_or(u64::MAX));
+            .min(fed_next.unwrap_or(u64::MAX))
+            .min(joins_next.unwrap_or(u64::MAX));
         let sleep = Duration::from_millis(until.saturating_sub(now).max(1)).min(MAX_SLEEP);
         let woken = async {
-            work.await;
+            work.or(joins.changed_since(seen)).await;
         };
         let timer = async {
             smol::Timer::after(sleep).await;
@@ -112,10 +143,81 @@ async fn federate(app: &App, now: u64) -> Result<Option<u64>> {
             Ok(by_dest)
         })
         .await?;
-    if edus.is_empty() {
-        return Ok(later);
+    queue_edus(app, edus).await?;
+    Ok(later)
+}
+
+/// Sends presence for the joins in `(after, upto]` (see the module doc) in one write; returns
+/// how far it got, and when to look again for a remote join too recent to answer yet.
+async fn joined(app: &App, after: i64, upto: i64, now: u64) -> Result<(i64, Option<u64>)> {
+    if after >= upto {
+        return Ok((after, None));
     }
-    let edus: Vec<(String, String)> = edus
+    let us = app.server_name.to_string();
+    let presence = &app.presence;
+    let (done, retry, wanted) = app
+        .store
+        .read(move |c| {
+            let joins = pf::list_joins_between(c, after, upto, JOINS_BATCH)?;
+            let mut done = match joins.last() {
+                Some(j) if joins.len() == JOINS_BATCH => j.pos,
+                _ => upto,
+            };
+            let mut retry = None;
+            // (destinations, users whose presence they get)
+            let mut wanted: Vec<(Vec<String>, Vec<String>)> = Vec::new();
+            for j in joins {
+                let Some((_, server)) = j.user_id.split_once(':') else {
+                    continue;
+                };
+                let ready = j.received_ts.max(0) as u64 + REMOTE_JOIN_GRACE_MS;
+                if server != us && ready > now {
+                    // Too recent: this one and everything after it wait.
+                    done = j.pos - 1;
+                    retry = Some(ready);
+                    break;
+                }
+                if server == us {
+                    let dests = crate::store::queries::list_room_servers(c, &j.room_id, &us)?;
+                    wanted.push((dests, vec![j.user_id]));
+                } else if !pf::server_has_other_member(c, &j.room_id, server, &j.user_id)? {
+                    let (local, _) = crate::store::push::list_joined_local(c, &j.room_id, &us)?;
+                    let users = local.into_iter().map(|m| m.user_id).collect();
+                    wanted.push((vec![server.to_owned()], users));
+                }
+            }
+            Ok((done, retry, wanted))
+        })
+        .await?;
+    // Offline users are not sent (the default for anyone unknown).
+    let mut by_dest: BTreeMap<String, Vec<PresenceUpdate>> = BTreeMap::new();
+    for (dests, users) in wanted {
+        let updates: Vec<PresenceUpdate> = users
+            .iter()
+            .map(|u| (u, presence.get(u)))
+            .filter(|(_, s)| s.state != ruma::presence::PresenceState::Offline)
+            .filter_map(|(u, s)| update_for(u, &s, now))
+            .collect();
+        if updates.is_empty() {
+            continue;
+        }
+        for d in dests {
+            by_dest
+                .entry(d)
+                .or_default()
+                .extend(updates.iter().cloned());
+        }
+    }
+    queue_edus(app, by_dest).await?;
+    Ok((done, retry))
+}
+
+/// Queues one `m.presence` EDU per destination, in one write.
+async fn queue_edus(app: &App, by_dest: BTreeMap<String, Vec<PresenceUpdate>>) -> Result<()> {
+    if by_dest.is_empty() {
+        return Ok(());
+    }
+    let edus: Vec<(String, String)> = by_dest
         .into_iter()
         .map(|(dest, push)| {
             let edu = serde_json::to_string(&Edu::Presence(PresenceContent::new(push)))?;
@@ -129,8 +231,7 @@ async fn federate(app: &App, now: u64) -> Result<Option<u64>> {
             }
             Ok(())
         })
-        .await?;
-    Ok(later)
+        .await
 }
 
 /// The federation form of a local user's status (ruma's type).

@@ -32,6 +32,67 @@ use crate::{
     App,
 };
 
+/// How far the evaluator has got, in memory, for `/sync`: every event at or below
+/// [`Progress::upto`] has been evaluated and its counts committed. A long-poll woken by a
+/// message waits (briefly) for it, so the message and the counts it moved go out in one
+/// response: one wake-up per message instead of two (the event, then the counts' own stream
+/// position). A slow evaluator costs that wait and then the second wake-up, never a count.
+#[derive(Default)]
+pub struct Progress {
+    upto: AtomicI64,
+    moved: event_listener::Event,
+}
+
+impl Progress {
+    pub fn upto(&self) -> i64 {
+        self.upto.load(Ordering::SeqCst)
+    }
+
+    fn advance(&self, pos: i64) {
+        if self.upto.fetch_max(pos, Ordering::SeqCst) < pos {
+            self.moved.notify(usize::MAX);
+        }
+    }
+
+    /// Waits until every event up to `pos` is evaluated, for at most `limit`. Returns whether
+    /// it had to wait (the caller then looks at the stream again). Cancel-safe.
+    pub async fn wait_for(&self, pos: i64, limit: Duration) -> bool {
+        if self.upto() >= pos {
+            return false;
+        }
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            // Listen first, then look: an advance in between is seen by the look.
+            let moved = self.moved.listen();
+            if self.upto() >= pos {
+                return true;
+            }
+            let expired = async {
+                smol::Timer::at(deadline).await;
+                true
+            };
+            let woken = async {
+                moved.await;
+                false
+            };
+            if woken.or(expired).await {
+                return true;
+            }
+        }
+    }
+}
+
+/// Longest a `/sync` waits for the evaluator: its usual latency (a read, and a write for a
+/// notifying message) is a few milliseconds.
+const COUNTS_WAIT: Duration = Duration::from_millis(200);
+
+/// Called by an incremental `/sync` before it computes up to `pos`: waits (at most
+/// [`COUNTS_WAIT`]) until the evaluator has counted the events up to `pos`. Returns whether it
+/// waited (the caller then reads the stream position again, which includes the counts').
+pub async fn wait_for_counts(app: &App, pos: i64) -> bool {
+    app.push_progress.wait_for(pos, COUNTS_WAIT).await
+}
+
 /// Longest sleep with nothing to do (a missed wake-up costs at most this).
 const IDLE_SLEEP: Duration = Duration::from_secs(30);
 /// Pause after a failed step (a database error), so it is not retried in a tight loop.
@@ -99,6 +160,8 @@ pub async fn evaluator(app: App) {
 pub async fn run_batch(app: &App, cache: &Arc<RulesCache>, done: &Arc<AtomicI64>) -> Result<usize> {
     let (server, cache) = (app.server_name.to_string(), cache.clone());
     let mem = done.load(Ordering::SeqCst);
+    // Every event at or below this is committed, so a batch that is not full covers them all.
+    let seen = app.notifier.pos();
     let enabled = app.config.push.evaluate;
     let batch = app
         .store
@@ -124,6 +187,8 @@ pub async fn run_batch(app: &App, cache: &Arc<RulesCache>, done: &Arc<AtomicI64>
         app.store.write(move |tx| ops::commit(tx, &batch)).await?;
     }
     done.fetch_max(to, Ordering::SeqCst);
+    app.push_progress
+        .advance(if n < ops::BATCH { to.max(seen) } else { to });
     Ok(n)
 }
 

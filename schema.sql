@@ -527,3 +527,15 @@ CREATE INDEX IF NOT EXISTS push_queue_pusher ON push_queue(pusher_id, id);
 -- from before push rules ran starts at its newest event (old history is not notified).
 INSERT OR IGNORE INTO meta (key, value)
     SELECT 'push_pos', CAST(COALESCE(MAX(pos), 0) AS TEXT) FROM events;
+
+-- partial-state reauth (schema v5)
+-- Events received or sent while their room was partial-state (written in the event's own
+-- write, `pos` its stream position): once the resync completes the room, each is checked
+-- again against the full state before it, in `pos` order, and its row deleted in the same
+-- write as the verdict it gets (so a restart resumes where the last batch ended).
+CREATE TABLE IF NOT EXISTS partial_state_events (
+    room_id  TEXT NOT NULL,
+    pos      INTEGER NOT NULL,
+    event_id TEXT NOT NULL,
+    PRIMARY KEY (room_id, pos)
+) STRICT, WITHOUT ROWID;

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 pub const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// The version `SCHEMA` describes.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// Version 2: federation (`server_keys`, `outbox`, `destinations`, `received_txns`,
 /// `invite_state`); events that are not simply appended (outliers with no state group, rejected
@@ -138,6 +138,10 @@ const V3_TO_V4_BLOCKS: &[&str] = &[
     "-- push (schema v4)",
 ];
 
+/// Version 5, blocks of `schema.sql` like version 4: the events received or sent while their
+/// room was partial-state, re-authorised after its resync (`partial_state_events`).
+const V4_TO_V5_BLOCKS: &[&str] = &["-- partial-state reauth (schema v5)"];
+
 /// The block of `SCHEMA` that starts with the comment line `marker` and runs to the next
 /// block marked `(schema v…)` or the end: a step that only adds tables is written once.
 fn schema_block(marker: &str) -> Result<&'static str> {
@@ -167,7 +171,8 @@ pub fn migrate(conn: &mut Connection) -> Result<()> {
             .concat())
     };
     let (v3, v4) = (blocks(V2_TO_V3_BLOCKS)?, blocks(V3_TO_V4_BLOCKS)?);
-    let steps = [V1_TO_V2, v3.as_str(), v4.as_str()];
+    let v5 = blocks(V4_TO_V5_BLOCKS)?;
+    let steps = [V1_TO_V2, v3.as_str(), v4.as_str(), v5.as_str()];
     migrate_with(conn, SCHEMA, SCHEMA_VERSION, &steps)
 }
 

@@ -22,6 +22,7 @@ pub mod partial;
 pub mod presence;
 pub mod push;
 pub mod queries;
+pub mod reauth;
 pub mod search;
 pub mod sticky;
 pub mod writer;

@@ -534,3 +534,15 @@ INSERT OR IGNORE INTO meta (key, value)
 ALTER TABLE pushers ADD COLUMN device_id TEXT;
 -- The pruning job walks notifications oldest first (`workers::push_prune`).
 CREATE INDEX IF NOT EXISTS push_actions_ts ON push_actions(ts, user_id, pos);
+
+-- partial-state reauth (schema v5)
+-- Events received or sent while their room was partial-state (written in the event's own
+-- write, `pos` its stream position): once the resync completes the room, each is checked
+-- again against the full state before it, in `pos` order, and its row deleted in the same
+-- write as the verdict it gets (so a restart resumes where the last batch ended).
+CREATE TABLE IF NOT EXISTS partial_state_events (
+    room_id  TEXT NOT NULL,
+    pos      INTEGER NOT NULL,
+    event_id TEXT NOT NULL,
+    PRIMARY KEY (room_id, pos)
+) STRICT, WITHOUT ROWID;

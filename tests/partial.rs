@@ -40,19 +40,9 @@ fn join_through(b: &Hearth, a: &Hearth, room: &str, user: &str, omit_members: bo
         "origin_server_ts".into(),
         ruma::CanonicalJsonValue::Integer(ruma::Int::try_from(app.clock.now_ms() as i64).unwrap()),
     );
-    ruma::signatures::hash_and_sign_event(
-        app.server_name.as_str(),
-        &app.local.key.pair,
-        &mut obj,
-        &rules.redaction,
-    )
-    .unwrap();
-    let id: OwnedEventId = format!(
-        "${}",
-        ruma::signatures::reference_hash(&obj, &rules).unwrap()
-    )
-    .try_into()
-    .unwrap();
+    let id: OwnedEventId = common::fed::sign_as(app, &mut obj, &rules)
+        .try_into()
+        .unwrap();
     let mut sj = create_join_event::v2::Request::new(
         room,
         id.clone(),
@@ -184,6 +174,8 @@ fn metric(base: &str, name: &str) -> String {
         .to_owned()
 }
 
+const STATE_IDS: &str = "/_matrix/federation/v1/state_ids/";
+
 fn partial_joins_served(a: &Hearth) -> String {
     metric(&a.url(), "hearth_federation_partial_send_joins_total")
 }
@@ -270,94 +262,53 @@ fn a_nameless_room_carries_its_heroes_and_the_joiners_own_invite() {
     assert_closed_and_deduplicated(state, &r.chain, &join_auth_events(&a, &r.join), &r.version);
 }
 
-/// `/joined_members` on `base`, given up after `secs` seconds: None if it did not answer.
-fn joined_members_within(base: &str, token: &str, room: &str, secs: u64) -> Option<Vec<String>> {
-    let out = common::fed::curl_command("GET", Some(token))
-        .args(["--max-time", &secs.to_string(), "-w", "\n%{http_code}"])
-        .arg(format!(
-            "{base}/_matrix/client/v3/rooms/{}/joined_members",
-            common::enc(room)
-        ))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = text.rsplit_once('\n')?;
-    if code != "200" {
-        return None;
-    }
-    let v: Value = serde_json::from_str(body).ok()?;
-    let mut m: Vec<String> = v["joined"].as_object()?.keys().cloned().collect();
-    m.sort();
-    Some(m)
-}
-
 #[test]
 fn while_partial_the_room_is_usable_joins_through_it_are_refused_and_members_wait() {
     use common::fed::HearthProcess;
-    // The resident `a` and the joiner `b`, both killable; `c` only asks `b` to join through it.
-    let mut a = HearthProcess::start();
-    let mut b = HearthProcess::start();
+    // The resident `a` behind a front that holds `/state_ids` (so the room stays partial on
+    // the joiner `b` for as long as the test needs); `c` only asks `b` to join through it.
+    let front = common::front::Front::start();
+    let name = front.server_name();
+    let a = Hearth::start_with("127.0.0.1", |c| c.server_name = name);
+    front.forward_to(a.port);
+    let b = HearthProcess::start();
     let c = Hearth::start();
     let (_, alice_tok) = register(&a.url(), "alice");
     let members: Vec<String> = (0..5)
         .map(|i| register(&a.url(), &format!("m{i}")).1)
         .collect();
     let (bob, bob_tok) = register(&b.url(), "bob");
-    let partial = |b: &HearthProcess| -> i64 {
-        rusqlite::Connection::open(b.db_path())
-            .unwrap()
-            .query_row("SELECT COUNT(*) FROM partial_state_rooms", [], |r| r.get(0))
-            .unwrap()
-    };
-    // b joins a's room, then both are killed at once: b restarts with its resync unable to
-    // reach anyone, so the room stays partial for as long as a is down. The resync may win
-    // the race with the kill (it starts as soon as the join commits); then both come back
-    // and the scenario starts again with a new room, a bounded number of times.
-    let mut attempt = 0;
-    let (room, join_path) = loop {
-        attempt += 1;
+    let (s, v) = curl(
+        "POST",
+        &format!("{}/_matrix/client/v3/createRoom", a.url()),
+        Some(&alice_tok),
+        Some(&json!({ "preset": "public_chat", "name": "Resident" })),
+    );
+    assert_eq!(s, 200, "{v}");
+    let room = v["room_id"].as_str().unwrap().to_owned();
+    let join_path = format!("/_matrix/client/v3/join/{}", common::enc(&room));
+    for tok in &members {
         let (s, v) = curl(
             "POST",
-            &format!("{}/_matrix/client/v3/createRoom", a.url()),
-            Some(&alice_tok),
-            Some(&json!({ "preset": "public_chat", "name": "Resident" })),
-        );
-        assert_eq!(s, 200, "{v}");
-        let room = v["room_id"].as_str().unwrap().to_owned();
-        let join_path = format!("/_matrix/client/v3/join/{}", common::enc(&room));
-        for tok in &members {
-            let (s, v) = curl(
-                "POST",
-                &format!("{}{join_path}", a.url()),
-                Some(tok),
-                Some(&json!({})),
-            );
-            assert_eq!(s, 200, "{v}");
-        }
-        let (s, v) = curl(
-            "POST",
-            &format!(
-                "{}{join_path}?server_name={}",
-                b.url(),
-                common::enc(&a.server_name())
-            ),
-            Some(&bob_tok),
+            &format!("{}{join_path}", a.url()),
+            Some(tok),
             Some(&json!({})),
         );
         assert_eq!(s, 200, "{v}");
-        a.kill9();
-        b.kill9();
-        if partial(&b) == 1 {
-            break (room, join_path);
-        }
-        assert!(
-            attempt < 4,
-            "the resync finished before the kill {attempt} times"
-        );
-        a.restart();
-        b.restart();
-    };
-    b.restart();
+    }
+    front.hold(STATE_IDS);
+    let (s, v) = curl(
+        "POST",
+        &format!(
+            "{}{join_path}?server_name={}",
+            b.url(),
+            common::enc(&a.server_name())
+        ),
+        Some(&bob_tok),
+        Some(&json!({})),
+    );
+    assert_eq!(s, 200, "{v}");
+    front.wait_held(STATE_IDS, 30);
 
     // Usable at once: bob sends, and a second local user joins.
     let (s, v) = curl(
@@ -380,7 +331,10 @@ fn while_partial_the_room_is_usable_joins_through_it_are_refused_and_members_wai
     );
     assert_eq!(s, 200, "{v}");
     // The member list waits for the resync (the client gives up; nothing is answered).
-    assert_eq!(joined_members_within(&b.url(), &bob_tok, &room, 2), None);
+    assert_eq!(
+        common::fed::joined_members_within(&b.url(), &bob_tok, &room, 2),
+        None
+    );
     assert_eq!(
         metric(&b.url(), "hearth_partial_state_rooms"),
         "hearth_partial_state_rooms 1"
@@ -431,10 +385,10 @@ fn while_partial_the_room_is_usable_joins_through_it_are_refused_and_members_wai
     );
     assert_eq!(s, 200, "{v}");
 
-    // The resident comes back: the resync completes and b lists every member.
-    a.restart();
+    // The front lets the resync through: it completes and b lists every member.
+    front.pass(STATE_IDS);
     let members = common::synapse::eventually(90, "b's member list is complete", || {
-        joined_members_within(&b.url(), &bob_tok, &room, 5).filter(|m| m.len() == 7)
+        common::fed::joined_members_within(&b.url(), &bob_tok, &room, 5).filter(|m| m.len() == 7)
     });
     assert!(
         members.contains(&bob) && !members.contains(&eve),
@@ -466,7 +420,7 @@ fn while_partial_the_room_is_usable_joins_through_it_are_refused_and_members_wai
         metric(&b.url(), "hearth_resync_events_left"),
         "hearth_resync_events_left 0"
     );
-    let on_a = joined_members_within(&a.url(), &alice_tok, &room, 5).unwrap();
+    let on_a = common::fed::joined_members_within(&a.url(), &alice_tok, &room, 5).unwrap();
     assert_eq!(members, on_a);
     assert_eq!(
         common::synapse::eventually(30, "a gets bob's message", || {
@@ -511,11 +465,11 @@ fn with_partial_joins_off_a_join_downloads_the_full_state() {
     expect.push(bob);
     expect.sort();
     assert_eq!(
-        joined_members_within(&b.url(), &bob_tok, &room, 5),
+        common::fed::joined_members_within(&b.url(), &bob_tok, &room, 5),
         Some(expect.clone())
     );
     assert_eq!(
-        joined_members_within(&a.url(), &alice_tok, &room, 5),
+        common::fed::joined_members_within(&a.url(), &alice_tok, &room, 5),
         Some(expect)
     );
 }

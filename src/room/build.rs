@@ -542,6 +542,8 @@ pub(super) fn persist(
             auth_events: &auths,
         },
     )?;
+    // Re-authorised against the full state once the room's resync completes.
+    crate::store::reauth::record_if_partial(tx, rid, eid)?;
     if soft_failed {
         return Ok(Persisted {
             event_id: pdu.event_id.clone(),

@@ -7,6 +7,7 @@ pub mod format;
 pub mod history;
 pub mod partial;
 pub mod power;
+pub mod reauth;
 pub mod receive;
 pub mod search;
 pub mod state;

@@ -184,7 +184,10 @@ pub fn commit(tx: &mut Tx<'_>, inc: &Incoming) -> Result<std::result::Result<Out
         check_state_before(tx, &rules, pdu, &state_at)?
     };
     if let Some(reason) = verdict {
-        return reject(tx, inc, reason);
+        let rejected = reject(tx, inc, reason)?;
+        // Rejected on partial state: checked again once the state is full.
+        crate::store::reauth::record_if_partial(tx, rid, eid)?;
+        return Ok(rejected);
     }
 
     // Check 6: against the current state (the same check when it follows the tip). Skipped

@@ -140,8 +140,12 @@ const V3_TO_V4_BLOCKS: &[&str] = &[
 
 /// Version 5, blocks of `schema.sql` like version 4 (a change to an existing table is an
 /// `ALTER` in its block): pushers tied to their device and the index the notification pruning
-/// walks (`pushfix`).
-const V4_TO_V5_BLOCKS: &[&str] = &["-- pushfix (schema v5)"];
+/// walks (`pushfix`); the events received or sent while their room was partial-state,
+/// re-authorised after its resync (`partial_state_events`).
+const V4_TO_V5_BLOCKS: &[&str] = &[
+    "-- pushfix (schema v5)",
+    "-- partial-state reauth (schema v5)",
+];
 
 /// The block of `SCHEMA` that starts with the comment line `marker` and runs to the next
 /// block marked `(schema v…)` or the end: a step that only adds tables is written once.

@@ -23,6 +23,7 @@ pub mod presence;
 pub mod push;
 pub mod pushfix;
 pub mod queries;
+pub mod reauth;
 pub mod search;
 pub mod sticky;
 pub mod writer;

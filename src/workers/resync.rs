@@ -10,7 +10,9 @@
 //! (a second write: the missing state entries, the room no longer partial). Progress is the
 //! database: a restart finds the room still listed, and the events already held are skipped.
 //! Nothing is awaited inside a write; a task dropped at shutdown loses only its fetches in
-//! flight.
+//! flight. After the completion, the events recorded while the room was partial are
+//! re-authorised on the full state (`room::reauth`), a bounded batch per write; rooms with
+//! recorded events left (a restart in between) are picked up by the same scan.
 
 use std::{
     collections::HashSet,
@@ -72,6 +74,32 @@ pub async fn resync(app: App) {
                 }
             }
             Err(e) => log::error!("resync: listing partial-state rooms: {e}"),
+        }
+        // Rooms completed whose re-authorisation a restart interrupted.
+        match app
+            .store
+            .read(crate::store::reauth::list_reauth_rooms)
+            .await
+        {
+            Ok(rooms) => {
+                for room_id in rooms {
+                    let fresh = running
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(room_id.clone());
+                    if fresh {
+                        let guard = Running(running.clone(), room_id.clone());
+                        let app2 = app.clone();
+                        app.spawner.spawn_detached("reauth-room", async move {
+                            let _guard = guard;
+                            if let Err(e) = reauth_room(&app2, &room_id).await {
+                                log::error!("re-authorising {room_id}: {}", e.message);
+                            }
+                        });
+                    }
+                }
+            }
+            Err(e) => log::error!("resync: listing rooms to re-authorise: {e}"),
         }
         woken.or(pause(&app, IDLE_SLEEP)).await;
     }
@@ -262,5 +290,29 @@ async fn resync_from(app: &App, room: &PartialRoom, server: &OwnedServerName) ->
     app.store
         .write(move |tx| crate::room::partial::complete(tx, &rid, &jid, &state_ids))
         .await?;
+    reauth_room(app, &room.room_id).await
+}
+
+/// Re-authorises the events recorded while the room was partial, one bounded write per batch
+/// (each batch deletes its rows: a restart resumes with the next one).
+async fn reauth_room(app: &App, room_id: &str) -> Result<()> {
+    let mut total = crate::room::reauth::Flipped::default();
+    loop {
+        let rid = room_id.to_owned();
+        let (flipped, more) = app
+            .store
+            .write(move |tx| crate::room::reauth::reauth_batch(tx, &rid))
+            .await?;
+        total.rejected += flipped.rejected;
+        total.accepted += flipped.accepted;
+        if !more || app.shutdown.is_set() {
+            break;
+        }
+    }
+    log::info!(
+        "{room_id} re-authorised on full state: {} rejected, {} accepted",
+        total.rejected,
+        total.accepted
+    );
     Ok(())
 }

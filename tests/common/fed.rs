@@ -167,6 +167,48 @@ pub fn create_public_room(base: &str, token: &str, version: Option<&str>) -> Str
     v["room_id"].as_str().unwrap().to_owned()
 }
 
+/// `/joined_members` on `base`, given up after `secs` seconds: None if it did not answer.
+pub fn joined_members_within(
+    base: &str,
+    token: &str,
+    room: &str,
+    secs: u64,
+) -> Option<Vec<String>> {
+    let out = curl_command("GET", Some(token))
+        .args(["--max-time", &secs.to_string(), "-w", "\n%{http_code}"])
+        .arg(format!(
+            "{base}/_matrix/client/v3/rooms/{}/joined_members",
+            super::enc(room)
+        ))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n')?;
+    if code != "200" {
+        return None;
+    }
+    let v: Value = serde_json::from_str(body).ok()?;
+    let mut m: Vec<String> = v["joined"].as_object()?.keys().cloned().collect();
+    m.sort();
+    Some(m)
+}
+
+/// Hashes and signs `obj` with `app`'s key, as its origin server would: its event ID.
+pub fn sign_as(
+    app: &hearth::App,
+    obj: &mut ruma::CanonicalJsonObject,
+    rules: &ruma::room_version_rules::RoomVersionRules,
+) -> String {
+    ruma::signatures::hash_and_sign_event(
+        app.server_name.as_str(),
+        &app.local.key.pair,
+        obj,
+        &rules.redaction,
+    )
+    .unwrap();
+    format!("${}", ruma::signatures::reference_hash(obj, rules).unwrap())
+}
+
 /// A Hearth serving TLS on a fixed port, with `127.0.0.1:PORT` as its server name.
 pub struct Hearth {
     pub hs: hearth::Homeserver,

@@ -192,7 +192,7 @@ fn a_synapse_user_joins_a_hearth_room_and_speaks() {
     let turn = SYNAPSE.turn();
     let syn: &Synapse = &turn;
     let hearth = Hearth::start();
-    let (_, alice_tok) = register(&hearth.url(), "alice");
+    let (alice, alice_tok) = register(&hearth.url(), "alice");
     let (bob, bob_tok) = register(&syn.url(), "bob_joins");
     let (s, v) = curl(
         "POST",
@@ -282,62 +282,16 @@ fn a_synapse_user_joins_a_hearth_room_and_speaks() {
         .and_then(|e| e["event_id"].as_str())
         .unwrap()
         .to_owned();
-    let (s, v) = curl(
-        "PUT",
-        &format!(
-            "{}/_matrix/client/v3/rooms/{}/typing/{}",
-            syn.url(),
-            common::enc(&room),
-            common::enc(&bob)
-        ),
-        Some(&bob_tok),
-        Some(&json!({ "typing": true, "timeout": 20000 })),
+    type_and_read(&syn.url(), &bob_tok, &room, &bob, &msg_id);
+    typing_and_receipt_reach(
+        &hearth.url(),
+        &alice_tok,
+        &mut Some(since),
+        &room,
+        &bob,
+        &msg_id,
+        "bob's typing and receipt reach alice",
     );
-    assert_eq!(s, 200, "{v}");
-    let (s, v) = curl(
-        "POST",
-        &format!(
-            "{}/_matrix/client/v3/rooms/{}/receipt/m.read/{}",
-            syn.url(),
-            common::enc(&room),
-            common::enc(&msg_id)
-        ),
-        Some(&bob_tok),
-        Some(&json!({})),
-    );
-    assert_eq!(s, 200, "{v}");
-    let (mut typing_seen, mut receipt_seen) = (false, false);
-    eventually(30, "bob's typing and receipt reach alice", || {
-        let (_, v) = curl(
-            "GET",
-            &format!(
-                "{}/_matrix/client/v3/sync?since={since}&timeout=2000",
-                hearth.url()
-            ),
-            Some(&alice_tok),
-            None,
-        );
-        if let Some(n) = v["next_batch"].as_str() {
-            since = n.to_owned();
-        }
-        for e in v["rooms"]["join"][&room]["ephemeral"]["events"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-        {
-            if e["type"] == "m.typing"
-                && e["content"]["user_ids"]
-                    .as_array()
-                    .is_some_and(|a| a.iter().any(|u| u == bob.as_str()))
-            {
-                typing_seen = true;
-            }
-            if e["type"] == "m.receipt" && e["content"][&msg_id]["m.read"].get(&bob).is_some() {
-                receipt_seen = true;
-            }
-        }
-        (typing_seen && receipt_seen).then_some(())
-    });
 
     // And the other way: alice's message reaches bob on Synapse (our outbox and sender).
     let (s, v) = curl(
@@ -352,7 +306,86 @@ fn a_synapse_user_joins_a_hearth_room_and_speaks() {
     );
     assert_eq!(s, 200, "{v}");
     synapse_sees(syn, &bob_tok, &room, "hello from Hearth");
+
+    // And alice's typing and public read receipt (of bob's message) reach bob on Synapse.
+    type_and_read(&hearth.url(), &alice_tok, &room, &alice, &msg_id);
+    typing_and_receipt_reach(
+        &syn.url(),
+        &bob_tok,
+        &mut None,
+        &room,
+        &alice,
+        &msg_id,
+        "alice's typing and receipt reach bob on Synapse",
+    );
     hearth.hs.stop().unwrap();
+}
+
+/// `user` (at `base`) starts typing in `room` and sends a public read receipt for `msg_id`.
+fn type_and_read(base: &str, token: &str, room: &str, user: &str, msg_id: &str) {
+    let (s, v) = curl(
+        "PUT",
+        &format!(
+            "{base}/_matrix/client/v3/rooms/{}/typing/{}",
+            common::enc(room),
+            common::enc(user)
+        ),
+        Some(token),
+        Some(&json!({ "typing": true, "timeout": 20000 })),
+    );
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = curl(
+        "POST",
+        &format!(
+            "{base}/_matrix/client/v3/rooms/{}/receipt/m.read/{}",
+            common::enc(room),
+            common::enc(msg_id)
+        ),
+        Some(token),
+        Some(&json!({})),
+    );
+    assert_eq!(s, 200, "{v}");
+}
+
+/// Syncs `token`'s user on `base` until `user`'s typing and read receipt of `msg_id` in
+/// `room` have both shown in the ephemeral events.
+fn typing_and_receipt_reach(
+    base: &str,
+    token: &str,
+    since: &mut Option<String>,
+    room: &str,
+    user: &str,
+    msg_id: &str,
+    what: &str,
+) {
+    let (mut typing_seen, mut receipt_seen) = (false, false);
+    eventually(30, what, || {
+        let url = match since.as_deref() {
+            Some(t) => format!("{base}/_matrix/client/v3/sync?since={t}&timeout=2000"),
+            None => format!("{base}/_matrix/client/v3/sync?timeout=0"),
+        };
+        let (_, v) = curl("GET", &url, Some(token), None);
+        if let Some(n) = v["next_batch"].as_str() {
+            *since = Some(n.to_owned());
+        }
+        for e in v["rooms"]["join"][room]["ephemeral"]["events"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+        {
+            if e["type"] == "m.typing"
+                && e["content"]["user_ids"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|u| u == user))
+            {
+                typing_seen = true;
+            }
+            if e["type"] == "m.receipt" && e["content"][msg_id]["m.read"].get(user).is_some() {
+                receipt_seen = true;
+            }
+        }
+        (typing_seen && receipt_seen).then_some(())
+    });
 }
 
 /// An initial `/sync` of `token`'s user that has `room` in it: a room joined with partial

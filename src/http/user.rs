@@ -337,6 +337,7 @@ pub async fn typing(mut req: Req) -> Result<Response> {
     }
     let until = timeout.map(|t| app.clock.now_ms() + t.min(120_000));
     app.typing.set(room.as_str(), who.user_id.as_str(), until);
+    ops::edu::queue_typing(&app, &room, &who.user_id, until.is_some()).await?;
     json(&json!({}))
 }
 
@@ -359,6 +360,7 @@ async fn store_markers(
         return Ok(());
     }
     let (r, u) = (room.to_string(), who.user_id.to_string());
+    let us = req.state().server_name.to_string();
     req.state()
         .store
         .write(move |tx| {
@@ -382,6 +384,10 @@ async fn store_markers(
                 }
                 let pos = tx.next_pos([Topic::room(r.as_str())]);
                 q::upsert_receipt(tx, &r, m.kind, &u, &m.thread, e, tx.now_ms, pos)?;
+                if m.kind == "m.read" {
+                    let now = tx.now_ms;
+                    ops::edu::queue_receipt(tx, &us, &r, &u, e, &m.thread, now)?;
+                }
             }
             Ok(())
         })

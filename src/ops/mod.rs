@@ -4,6 +4,7 @@
 
 pub mod account;
 pub mod e2ee;
+pub mod edu;
 pub mod events;
 pub mod federation;
 pub mod partial;

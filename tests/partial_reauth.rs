@@ -152,6 +152,16 @@ fn sync(base: &str, token: &str, since: Option<&str>) -> Value {
     v
 }
 
+/// Whether events of the room wait in `partial_state_events` for re-authorisation.
+fn recorded(app: &hearth::App, room: &str) -> bool {
+    let room = room.to_owned();
+    smol::block_on(
+        app.store
+            .read(move |c| hearth::store::reauth::has_partial_state_events(c, &room)),
+    )
+    .unwrap()
+}
+
 fn partial_rooms(app: &hearth::App) -> i64 {
     smol::block_on(
         app.store
@@ -215,6 +225,7 @@ fn an_event_accepted_on_partial_state_is_rejected_after_the_resync_and_the_state
         }),
     );
     assert_eq!(send_pdu(&c, &b.server_name(), &id, pdu), Ok(()));
+    assert!(recorded(b.hs.app(), &room), "recorded for re-authorisation");
     assert_eq!(topic(&b.url(), &bob_tok, &room), "evil");
     let seen = sync(&b.url(), &bob_tok, Some(&since));
     let timeline = &seen["rooms"]["join"][&room]["timeline"]["events"];
@@ -246,6 +257,10 @@ fn an_event_accepted_on_partial_state_is_rejected_after_the_resync_and_the_state
     });
     assert_eq!(state["content"]["topic"], "good", "{state}");
     assert_eq!(topic(&b.url(), &bob_tok, &room), "good");
+    assert!(
+        !recorded(b.hs.app(), &room),
+        "every recorded event re-authorised"
+    );
     let (s, all) = curl(
         "GET",
         &format!(

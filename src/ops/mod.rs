@@ -6,6 +6,7 @@ pub mod account;
 pub mod e2ee;
 pub mod events;
 pub mod federation;
+pub mod knock;
 pub mod partial;
 pub mod profile;
 pub mod push;

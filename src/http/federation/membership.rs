@@ -36,7 +36,7 @@ pub async fn make_join(mut req: Req) -> Result<Response> {
 /// The unsigned membership event `/make_join` and `/make_leave` hand out, built on the
 /// room's current extremities and checked against the auth rules; `versions`: those the
 /// requesting server supports (`M_INCOMPATIBLE_ROOM_VERSION` otherwise).
-async fn template(
+pub(super) async fn template(
     req: &Req,
     origin: &ruma::ServerName,
     room_id: ruma::OwnedRoomId,
@@ -63,8 +63,10 @@ async fn template(
             {
                 return Err(Error::not_found("This server is not in that room"));
             }
-            if membership == "join" {
-                crate::ops::partial::refuse_while_partial(c, room_id.as_str(), "/make_join")?;
+            // MSC3895: a partial state cannot tell whether the user may join or knock.
+            if matches!(membership, "join" | "knock") {
+                let what = format!("/make_{membership}");
+                crate::ops::partial::refuse_while_partial(c, room_id.as_str(), &what)?;
             }
             let version = build::room_version(c, &room_id)?;
             if versions.is_some_and(|v| !v.contains(&version)) {
@@ -301,9 +303,20 @@ pub async fn send_leave_v2(mut req: Req) -> Result<Response> {
     let r = o.req;
     let (inc, _) =
         own_membership(&app, &o.origin, &r.room_id, &r.event_id, &r.pdu, "leave").await?;
-    // The leave concerns the other servers in the room too: queue it for them in the same
-    // write (the leaving server has it already).
-    let (us, theirs) = (app.server_name.to_string(), o.origin.to_string());
+    forward_membership(&app, &o.origin, inc, "leave").await?;
+    json(&json!({}))
+}
+
+/// Commits a remote server's own membership change (a leave or a knock) and queues it for
+/// the room's other servers in the same write (the sending server has it already). `what`
+/// names it in the refusal.
+pub(super) async fn forward_membership(
+    app: &crate::App,
+    origin: &ruma::ServerName,
+    inc: receive::Incoming,
+    what: &'static str,
+) -> Result<()> {
+    let (us, theirs) = (app.server_name.to_string(), origin.to_string());
     app.store
         .write(move |tx| match receive::commit(tx, &inc)? {
             Ok(Outcome::Accepted(_)) => {
@@ -312,18 +325,19 @@ pub async fn send_leave_v2(mut req: Req) -> Result<Response> {
                 q::insert_outbox_pdu(tx, &dests, inc.pdu.event_id.as_str())
             }
             Ok(Outcome::Duplicate) => Ok(()),
-            Ok(other) => Err(Error::forbidden(format!("Leave not accepted: {other:?}"))),
+            Ok(other) => Err(Error::forbidden(format!(
+                "The {what} was not accepted: {other:?}"
+            ))),
             Err(missing) => Err(Error::bad_json(format!(
-                "The leave refers to events this server does not have: {missing:?}"
+                "The {what} refers to events this server does not have: {missing:?}"
             ))),
         })
-        .await?;
-    json(&json!({}))
+        .await
 }
 
-/// A `/send_join` or `/send_leave` body, checked: for this room and event ID, signed, and the
+/// A `/send_join`, `/send_leave` or `/send_knock` body, checked: for this room and event ID, signed, and the
 /// requesting server's user changing their own membership to `membership`.
-async fn own_membership(
+pub(super) async fn own_membership(
     app: &crate::App,
     origin: &ruma::ServerName,
     room_id: &ruma::RoomId,

@@ -465,12 +465,27 @@ async fn join_via(
     for raw in &state.auth_chain {
         chain.push(verify_pdu(app, raw, &version).await?);
     }
-    let join = receive::finish(
-        serde_json::from_str(join_raw.get())?,
-        join_id.clone(),
-        ruma::signatures::Verified::All,
-        &rules,
-    )?;
+    // A restricted join comes back signed by the server that vouched for it: that copy is the
+    // one to keep and send on (other servers check the voucher's signature).
+    let join = match &state.event {
+        Some(signed) => {
+            let inc = verify_pdu(app, signed, &version).await?;
+            if inc.pdu.event_id != join_id {
+                return Err(Error::new(
+                    502,
+                    "M_UNKNOWN",
+                    "The send_join answer carries another event",
+                ));
+            }
+            inc
+        }
+        None => receive::finish(
+            serde_json::from_str(join_raw.get())?,
+            join_id.clone(),
+            ruma::signatures::Verified::All,
+            &rules,
+        )?,
+    };
     crate::room::receive::check_join_state(&rules, &state_events, &chain, &join)?;
     let rid = room_id.to_owned();
     app.store

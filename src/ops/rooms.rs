@@ -10,7 +10,10 @@ use serde_json::{json, Value};
 use super::federation;
 use crate::{
     error::{Error, Result},
-    room::build::{self, NewEvent},
+    room::{
+        build::{self, NewEvent},
+        restricted,
+    },
     store::{queries as q, Tx},
     util::random_string,
     App,
@@ -274,7 +277,14 @@ pub async fn set_membership(
                 }
             }
             let mut content = if m == "join" {
-                join_content(tx, &t)?
+                let mut c = join_content(tx, &t)?;
+                // A restricted room lets a member of an allowed room in, vouched for by one
+                // of our users who may invite (our own event: no other signature needed).
+                let us = local.server_name.as_str();
+                if let Some(by) = restricted::authorising_user(tx, rid.as_str(), t.as_str(), us)? {
+                    c["join_authorised_via_users_server"] = by.into();
+                }
+                c
             } else {
                 json!({ "membership": m })
             };

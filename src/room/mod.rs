@@ -8,6 +8,7 @@ pub mod history;
 pub mod partial;
 pub mod power;
 pub mod receive;
+pub mod restricted;
 pub mod search;
 pub mod state;
 pub mod sticky;

@@ -64,6 +64,7 @@ fn malformed_requests_get_matrix_errors_never_500() {
     let templates = [
         ("POST", "/_matrix/client/v3/createRoom"),
         ("POST", "/_matrix/client/v3/join/{id}"),
+        ("POST", "/_matrix/client/v3/knock/{id}"),
         ("POST", "/_matrix/client/v3/rooms/{id}/join"),
         ("POST", "/_matrix/client/v3/rooms/{id}/leave"),
         ("POST", "/_matrix/client/v3/rooms/{id}/forget"),

@@ -11,6 +11,7 @@ pub mod backup;
 pub mod events;
 pub mod federation;
 pub mod keys;
+pub mod knock;
 pub mod media;
 pub mod misc;
 pub mod presence;
@@ -441,6 +442,13 @@ pub fn routes(app: App) -> tide::Server<App> {
         .get(c(federation::membership::make_leave));
     s.at("/_matrix/federation/v2/send_leave/:room_id/:event_id")
         .put(h(federation::membership::send_leave_v2));
+
+    // knock (client and federation)
+    client!(s, post "/knock/:room" => h(knock::knock));
+    s.at("/_matrix/federation/v1/make_knock/:room_id/:user_id")
+        .get(c(federation::knock::make_knock));
+    s.at("/_matrix/federation/v1/send_knock/:room_id/:event_id")
+        .put(h(federation::knock::send_knock));
 
     // account and session
     client!(s, get "/login" => c(account::login_flows));

@@ -505,7 +505,8 @@ fn build(
     let forgotten: HashSet<String> = q::list_forgotten_rooms(c, user)?.into_iter().collect();
     let e2ee = e2ee_sections(c, ctx, &rooms)?;
 
-    let (mut join, mut invite, mut leave) = (Map::new(), Map::new(), Map::new());
+    let (mut join, mut invite, mut leave, mut knock) =
+        (Map::new(), Map::new(), Map::new(), Map::new());
     for (room, membership, mpos) in rooms {
         if mpos > upto.pos || !filter.wants_room(&room) {
             continue;
@@ -614,6 +615,9 @@ fn build(
                 }
                 invite.insert(room, json!({ "invite_state": { "events": events } }));
             }
+            "knock" if since.is_none() || mpos > since_pos => {
+                knock.insert(room.clone(), super::knock::knocked_room(c, &room, user)?);
+            }
             // A forgotten room is left out of initial syncs only: a leave that is new since
             // the token is still sent, as Synapse does, because clients forget a room right
             // after leaving it (the matrix-rust-sdk forgets every invite it declines) and then
@@ -642,12 +646,13 @@ fn build(
     let has_data = !join.is_empty()
         || !invite.is_empty()
         || !leave.is_empty()
+        || !knock.is_empty()
         || !global_ad.is_empty()
         || held_back
         || e2ee.has_data;
     let mut body = json!({
         "next_batch": format_token(upto, e2ee.td),
-        "rooms": { "join": join, "invite": invite, "leave": leave, "knock": {} },
+        "rooms": { "join": join, "invite": invite, "leave": leave, "knock": knock },
         "account_data": { "events": global_ad },
         "presence": { "events": [] },
     });

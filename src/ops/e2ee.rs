@@ -92,7 +92,8 @@ pub enum Change<'a> {
 /// A remote user's device list changed (an `m.device_list_update` or `m.signing_key_update`
 /// EDU from their server): recorded like a local change, so local users sharing a room with
 /// them see them in `device_lists.changed` and query their keys again (Hearth does not cache
-/// remote keys: a query always asks the user's server). Only for users of `origin`.
+/// remote keys: a query always asks the user's server). Only for users of `origin`, and only
+/// when someone here may share a room with them (see the partial-state case below).
 pub fn remote_device_list_changed(tx: &mut Tx<'_>, origin: &str, content: &Value) -> Result<()> {
     let Some(user) = content["user_id"].as_str() else {
         return Ok(());
@@ -100,11 +101,16 @@ pub fn remote_device_list_changed(tx: &mut Tx<'_>, origin: &str, content: &Value
     if !UserId::parse(user).is_ok_and(|u| u.server_name().as_str() == origin) {
         return Ok(());
     }
-    let rooms: Vec<String> = q::list_user_rooms(tx, user)?
+    let mut rooms: Vec<String> = q::list_user_rooms(tx, user)?
         .into_iter()
         .filter(|(_, m, _)| m == "join")
         .map(|(r, _, _)| r)
         .collect();
+    // While a room is partial-state we know few of its remote members: an update from a
+    // server in such a room may concern one of them, so it is kept. Once the resync adds
+    // them, the change (if newer than a client's token) lists them, and the resync's own
+    // member rows do for older tokens.
+    rooms.extend(crate::store::partial_devices::list_partial_rooms_with_server(tx, origin)?);
     if rooms.is_empty() {
         return Ok(()); // nobody here shares a room with them
     }

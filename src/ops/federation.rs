@@ -388,21 +388,39 @@ pub async fn join_remote(
     room_id: &ruma::RoomId,
     via: &[ruma::OwnedServerName],
 ) -> Result<OwnedEventId> {
-    let mut last_err = Error::not_found("No server to join the room through");
+    through_any(app, room_id, via, "join", |server| {
+        join_via(app, user, room_id, server)
+    })
+    .await
+}
+
+/// Runs `attempt` (a join or a knock, `what`) through each of `via` but us in turn until one
+/// succeeds. No server reached means the room cannot be found from here (as Synapse answers);
+/// a server that answered with a refusal keeps its answer.
+pub(super) async fn through_any<'a, T, F, Fut>(
+    app: &App,
+    room_id: &ruma::RoomId,
+    via: &'a [ruma::OwnedServerName],
+    what: &str,
+    mut attempt: F,
+) -> Result<T>
+where
+    F: FnMut(&'a ServerName) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut last_err = Error::not_found(format!("No server to {what} the room through"));
     for server in via.iter().filter(|s| **s != app.server_name) {
-        match join_via(app, user, room_id, server).await {
-            Ok(id) => return Ok(id),
+        match attempt(server).await {
+            Ok(v) => return Ok(v),
             Err(e) => {
-                log::info!("joining {room_id} via {server} failed: {}", e.message);
+                log::info!("{what} {room_id} via {server} failed: {}", e.message);
                 last_err = e;
             }
         }
     }
-    // No server could be reached (as Synapse: the room cannot be found from here); a server
-    // that answered with a refusal keeps its answer.
     if last_err.status >= 500 {
         return Err(Error::not_found(format!(
-            "No server could be reached to join {room_id}: {}",
+            "No server could be reached to {what} {room_id}: {}",
             last_err.message
         )));
     }
@@ -417,22 +435,10 @@ async fn join_via(
 ) -> Result<OwnedEventId> {
     use ruma::api::federation::membership::{create_join_event, prepare_join_event};
     let mut mj = prepare_join_event::v1::Request::new(room_id.to_owned(), user.to_owned());
-    mj.ver = crate::room::SUPPORTED_VERSIONS
-        .iter()
-        .filter_map(|v| RoomVersionId::try_from(*v).ok())
-        .collect();
+    mj.ver = supported_versions();
     let res = app.fed.client.send(server, mj).await?;
     let version = res.room_version.unwrap_or(RoomVersionId::V1);
-    if !crate::room::is_supported_version(&version) {
-        return Err(Error::new(
-            400,
-            "M_UNSUPPORTED_ROOM_VERSION",
-            format!("The room is version {version}, which Hearth does not support"),
-        ));
-    }
-    let rules = version
-        .rules()
-        .ok_or_else(|| Error::internal("room version without rules"))?;
+    let rules = template_rules(&version)?;
     let (join_id, join_raw) = sign_template(app, &res.event, user, room_id, "join", &rules)?;
     let mut sj =
         create_join_event::v2::Request::new(room_id.to_owned(), join_id.clone(), join_raw.clone());
@@ -459,12 +465,27 @@ async fn join_via(
     for raw in &state.auth_chain {
         chain.push(verify_pdu(app, raw, &version).await?);
     }
-    let join = receive::finish(
-        serde_json::from_str(join_raw.get())?,
-        join_id.clone(),
-        ruma::signatures::Verified::All,
-        &rules,
-    )?;
+    // A restricted join comes back signed by the server that vouched for it: that copy is the
+    // one to keep and send on (other servers check the voucher's signature).
+    let join = match &state.event {
+        Some(signed) => {
+            let inc = verify_pdu(app, signed, &version).await?;
+            if inc.pdu.event_id != join_id {
+                return Err(Error::new(
+                    502,
+                    "M_UNKNOWN",
+                    "The send_join answer carries another event",
+                ));
+            }
+            inc
+        }
+        None => receive::finish(
+            serde_json::from_str(join_raw.get())?,
+            join_id.clone(),
+            ruma::signatures::Verified::All,
+            &rules,
+        )?,
+    };
     crate::room::receive::check_join_state(&rules, &state_events, &chain, &join)?;
     let rid = room_id.to_owned();
     app.store
@@ -577,9 +598,33 @@ pub async fn invite_remote(
     Ok(event_id)
 }
 
-/// Our membership event from a `/make_join` or `/make_leave` template: checked to be `user`'s
+/// The room versions we can join or knock on: the `ver` of `/make_join` and `/make_knock`.
+pub(super) fn supported_versions() -> Vec<RoomVersionId> {
+    crate::room::SUPPORTED_VERSIONS
+        .iter()
+        .filter_map(|v| RoomVersionId::try_from(*v).ok())
+        .collect()
+}
+
+/// The rules of the room version a membership template came with, if we support it.
+pub(super) fn template_rules(
+    version: &RoomVersionId,
+) -> Result<ruma::room_version_rules::RoomVersionRules> {
+    if !crate::room::is_supported_version(version) {
+        return Err(Error::new(
+            400,
+            "M_UNSUPPORTED_ROOM_VERSION",
+            format!("The room is version {version}, which Hearth does not support"),
+        ));
+    }
+    version
+        .rules()
+        .ok_or_else(|| Error::internal("room version without rules"))
+}
+
+/// Our membership event from a `/make_join`, `/make_leave` or `/make_knock` template: checked to be `user`'s
 /// own membership in `room_id`, then hashed and signed by us. Returns its ID and JSON.
-fn sign_template(
+pub(super) fn sign_template(
     app: &App,
     template: &RawValue,
     user: &ruma::UserId,

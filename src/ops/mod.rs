@@ -7,6 +7,7 @@ pub mod e2ee;
 pub mod edu;
 pub mod events;
 pub mod federation;
+pub mod knock;
 pub mod partial;
 pub mod profile;
 pub mod push;

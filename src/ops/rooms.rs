@@ -10,7 +10,10 @@ use serde_json::{json, Value};
 use super::federation;
 use crate::{
     error::{Error, Result},
-    room::build::{self, NewEvent},
+    room::{
+        build::{self, NewEvent},
+        restricted,
+    },
     store::{queries as q, Tx},
     util::random_string,
     App,
@@ -274,7 +277,14 @@ pub async fn set_membership(
                 }
             }
             let mut content = if m == "join" {
-                join_content(tx, &t)?
+                let mut c = join_content(tx, &t)?;
+                // A restricted room lets a member of an allowed room in, vouched for by one
+                // of our users who may invite (our own event: no other signature needed).
+                let us = local.server_name.as_str();
+                if let Some(by) = restricted::authorising_user(tx, rid.as_str(), t.as_str(), us)? {
+                    c["join_authorised_via_users_server"] = by.into();
+                }
+                c
             } else {
                 json!({ "membership": m })
             };
@@ -318,13 +328,23 @@ pub async fn join(
         set_membership(app, room_id, user, user, "join", reason, Require::Nothing).await?;
         return Ok(());
     }
-    let mut servers = via;
-    servers.extend(room_id.server_name().map(ToOwned::to_owned));
-    servers.extend(inviter_server);
-    let mut seen = std::collections::HashSet::new();
-    servers.retain(|s| seen.insert(s.clone()));
+    let servers = with_room_server(via, room_id, inviter_server);
     federation::join_remote(app, user, room_id, &servers).await?;
     Ok(())
+}
+
+/// The servers to reach a room through: those the client named, then the room ID's server
+/// and `extra` (an inviter's), each once.
+pub(super) fn with_room_server(
+    mut servers: Vec<OwnedServerName>,
+    room_id: &RoomId,
+    extra: Option<OwnedServerName>,
+) -> Vec<OwnedServerName> {
+    servers.extend(room_id.server_name().map(ToOwned::to_owned));
+    servers.extend(extra);
+    let mut seen = std::collections::HashSet::new();
+    servers.retain(|s| seen.insert(s.clone()));
+    servers
 }
 
 /// Leaves a room, or declines an invite to a room this server is not in (through the room's
@@ -336,6 +356,12 @@ pub async fn leave(
     reason: Option<String>,
 ) -> Result<()> {
     let (resident, inviter_server) = residency(app, room_id, user).await?;
+    // A knock on a room this server is not in is rescinded through the room's servers.
+    if !resident && inviter_server.is_none() {
+        if let Some(via) = super::knock::remote_knock_servers(app, room_id, user).await? {
+            return federation::leave_remote(app, user, room_id, &via).await;
+        }
+    }
     if !resident && inviter_server.is_some() {
         let mut via: Vec<OwnedServerName> = inviter_server.into_iter().collect();
         via.extend(room_id.server_name().map(ToOwned::to_owned));
@@ -373,7 +399,7 @@ pub async fn invite(
 
 /// Whether one of our users is joined to the room (we hold its state), and the server of
 /// whoever sent `user`'s current membership event (an inviter), if that is another server.
-async fn residency(
+pub(super) async fn residency(
     app: &App,
     room_id: &RoomId,
     user: &UserId,

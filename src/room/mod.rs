@@ -9,6 +9,7 @@ pub mod partial;
 pub mod power;
 pub mod reauth;
 pub mod receive;
+pub mod restricted;
 pub mod search;
 pub mod state;
 pub mod sticky;

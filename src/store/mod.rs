@@ -19,6 +19,7 @@ pub mod media;
 pub mod migrate;
 pub mod outbox;
 pub mod partial;
+pub mod partial_devices;
 pub mod presence;
 pub mod push;
 pub mod pushfix;

@@ -15,7 +15,7 @@ use crate::{
     room::{
         build::{self, NewEvent},
         receive::{self, Outcome},
-        state,
+        restricted, state,
     },
     store::queries as q,
 };
@@ -36,7 +36,7 @@ pub async fn make_join(mut req: Req) -> Result<Response> {
 /// The unsigned membership event `/make_join` and `/make_leave` hand out, built on the
 /// room's current extremities and checked against the auth rules; `versions`: those the
 /// requesting server supports (`M_INCOMPATIBLE_ROOM_VERSION` otherwise).
-async fn template(
+pub(super) async fn template(
     req: &Req,
     origin: &ruma::ServerName,
     room_id: ruma::OwnedRoomId,
@@ -63,8 +63,10 @@ async fn template(
             {
                 return Err(Error::not_found("This server is not in that room"));
             }
-            if membership == "join" {
-                crate::ops::partial::refuse_while_partial(c, room_id.as_str(), "/make_join")?;
+            // MSC3895: a partial state cannot tell whether the user may join or knock.
+            if matches!(membership, "join" | "knock") {
+                let what = format!("/make_{membership}");
+                crate::ops::partial::refuse_while_partial(c, room_id.as_str(), &what)?;
             }
             let version = build::room_version(c, &room_id)?;
             if versions.is_some_and(|v| !v.contains(&version)) {
@@ -80,11 +82,16 @@ async fn template(
                 }));
                 return Err(e);
             }
-            let new = NewEvent::state(
-                "m.room.member",
-                user_id.as_str(),
-                json!({ "membership": membership }),
-            );
+            let mut content = json!({ "membership": membership });
+            if membership == "join" {
+                // A restricted room: we vouch for the join (and sign it at `/send_join`).
+                if let Some(by) =
+                    restricted::authorising_user(c, room_id.as_str(), user_id.as_str(), &us)?
+                {
+                    content["join_authorised_via_users_server"] = by.into();
+                }
+            }
+            let new = NewEvent::state("m.room.member", user_id.as_str(), content);
             let prepared = build::prepare(c, &origin, &room_id, &user_id, new, None, now)?;
             build::check_prepared(c, &room_id, &prepared)?;
             Ok((version, prepared.pdu))
@@ -106,8 +113,12 @@ pub async fn send_join_v2(mut req: Req) -> Result<Response> {
     app.store
         .read(move |c| crate::ops::partial::refuse_while_partial(c, &rid, "/send_join"))
         .await?;
+    // A join we vouched for at `/make_join` gets our signature here, and the signed event
+    // goes back in the answer's `event` (the joiner needs it: other servers check it).
+    let vouched = countersign(&app, &r.room_id, &r.pdu).await?;
+    let raw = vouched.as_deref().unwrap_or(&r.pdu);
     let (inc, version) =
-        own_membership(&app, &o.origin, &r.room_id, &r.event_id, &r.pdu, "join").await?;
+        own_membership(&app, &o.origin, &r.room_id, &r.event_id, raw, "join").await?;
     let room_id = r.room_id.clone();
     let pdu = &inc.pdu;
     let prevs: Vec<OwnedEventId> = pdu.prev_events.clone();
@@ -183,12 +194,58 @@ pub async fn send_join_v2(mut req: Req) -> Result<Response> {
             .partial_send_joins_total
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
-    json(&json!({
+    let mut answer = json!({
         "state": state_events,
         "auth_chain": auth_chain,
         "members_omitted": omit_members,
         "servers_in_room": servers,
-    }))
+    });
+    if let Some(event) = vouched {
+        answer["event"] = serde_json::to_value(&event)?;
+    }
+    json(&answer)
+}
+
+/// A restricted join naming one of our users in `join_authorised_via_users_server`, signed
+/// by us once the joiner is checked again (as at `/make_join`: still in an allowed room);
+/// `None` for a join that names no user of ours.
+async fn countersign(
+    app: &crate::App,
+    room_id: &ruma::RoomId,
+    raw: &RawValue,
+) -> Result<Option<Box<RawValue>>> {
+    let mut obj: ruma::CanonicalJsonObject = serde_json::from_str(raw.get())
+        .map_err(|e| Error::bad_json(format!("The join is not an event: {e}")))?;
+    let content: Value = obj
+        .get("content")
+        .map(serde_json::to_value)
+        .transpose()?
+        .unwrap_or(Value::Null);
+    let Some(by) = restricted::named_authoriser(&content).map(str::to_owned) else {
+        return Ok(None);
+    };
+    let us = app.server_name.to_string();
+    if !by.ends_with(&format!(":{us}")) {
+        return Ok(None);
+    }
+    let joiner = match obj.get("state_key") {
+        Some(ruma::CanonicalJsonValue::String(s)) => s.clone(),
+        _ => return Err(Error::bad_json("The join has no state key")),
+    };
+    let (rid, server) = (room_id.to_string(), us.clone());
+    let version = app
+        .store
+        .read(move |c| {
+            restricted::authorising_user(c, &rid, &joiner, &server)?;
+            build::room_version(c, &ruma::RoomId::parse(&rid).map_err(Error::internal)?)
+        })
+        .await?;
+    let rules = version
+        .rules()
+        .ok_or_else(|| Error::internal("room version without rules"))?;
+    ruma::signatures::sign_event(&us, &app.local.key.pair, &mut obj, &rules.redaction)
+        .map_err(|e| Error::bad_json(format!("The join cannot be signed: {e}")))?;
+    Ok(Some(serde_json::value::to_raw_value(&obj)?))
 }
 
 /// # `PUT /_matrix/federation/v2/invite/{roomId}/{eventId}`
@@ -301,9 +358,20 @@ pub async fn send_leave_v2(mut req: Req) -> Result<Response> {
     let r = o.req;
     let (inc, _) =
         own_membership(&app, &o.origin, &r.room_id, &r.event_id, &r.pdu, "leave").await?;
-    // The leave concerns the other servers in the room too: queue it for them in the same
-    // write (the leaving server has it already).
-    let (us, theirs) = (app.server_name.to_string(), o.origin.to_string());
+    forward_membership(&app, &o.origin, inc, "leave").await?;
+    json(&json!({}))
+}
+
+/// Commits a remote server's own membership change (a leave or a knock) and queues it for
+/// the room's other servers in the same write (the sending server has it already). `what`
+/// names it in the refusal.
+pub(super) async fn forward_membership(
+    app: &crate::App,
+    origin: &ruma::ServerName,
+    inc: receive::Incoming,
+    what: &'static str,
+) -> Result<()> {
+    let (us, theirs) = (app.server_name.to_string(), origin.to_string());
     app.store
         .write(move |tx| match receive::commit(tx, &inc)? {
             Ok(Outcome::Accepted(_)) => {
@@ -312,18 +380,19 @@ pub async fn send_leave_v2(mut req: Req) -> Result<Response> {
                 q::insert_outbox_pdu(tx, &dests, inc.pdu.event_id.as_str())
             }
             Ok(Outcome::Duplicate) => Ok(()),
-            Ok(other) => Err(Error::forbidden(format!("Leave not accepted: {other:?}"))),
+            Ok(other) => Err(Error::forbidden(format!(
+                "The {what} was not accepted: {other:?}"
+            ))),
             Err(missing) => Err(Error::bad_json(format!(
-                "The leave refers to events this server does not have: {missing:?}"
+                "The {what} refers to events this server does not have: {missing:?}"
             ))),
         })
-        .await?;
-    json(&json!({}))
+        .await
 }
 
-/// A `/send_join` or `/send_leave` body, checked: for this room and event ID, signed, and the
+/// A `/send_join`, `/send_leave` or `/send_knock` body, checked: for this room and event ID, signed, and the
 /// requesting server's user changing their own membership to `membership`.
-async fn own_membership(
+pub(super) async fn own_membership(
     app: &crate::App,
     origin: &ruma::ServerName,
     room_id: &ruma::RoomId,

@@ -7,6 +7,7 @@ pub mod directory;
 pub mod events;
 pub mod hierarchy;
 pub mod keys;
+pub mod knock;
 pub mod membership;
 pub mod query;
 pub mod transactions;

@@ -267,6 +267,11 @@ pub struct FederationConfig {
     /// join answers with the state minus most memberships, and the rest is fetched in the
     /// background (the resync). Off: the full state is downloaded before the join returns.
     pub partial_joins: bool,
+    /// Answer other servers' `/send_join` with partial state when they ask for it
+    /// (`omit_members=true`). Off: they always get the full state, so they join in full.
+    /// Synapse 1.163 has no switch for its own faster joins (it asks `omit_members` whenever
+    /// it is not in the room yet): this is how a benchmark measures a full join by Synapse.
+    pub serve_partial_joins: bool,
 }
 
 /// One notary: its name and, optionally, its keys (`key ID` → unpadded base64). Without
@@ -286,6 +291,7 @@ impl Default for FederationConfig {
             well_known_server: None,
             trusted_key_servers: Vec::new(),
             partial_joins: true,
+            serve_partial_joins: true,
         }
     }
 }

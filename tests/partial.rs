@@ -473,3 +473,22 @@ fn with_partial_joins_off_a_join_downloads_the_full_state() {
         Some(expect)
     );
 }
+
+#[test]
+fn a_resident_with_serve_partial_joins_off_answers_omit_members_in_full() {
+    let a = Hearth::start_with("127.0.0.1", |c| c.federation.serve_partial_joins = false);
+    let b = Hearth::start();
+    let (room, _, users) = room_with_members(&a, json!({ "name": "Full answers" }), 3);
+    let bob = format!("@bob:{}", b.server_name());
+    // Asked with omit_members (as Synapse always asks): every member, and no flag.
+    let r = join_through(&b, &a, &room, &bob, true);
+    assert!(!r.omitted, "members_omitted");
+    assert_eq!(
+        member_keys(&r.state),
+        users.iter().cloned().collect::<BTreeSet<String>>()
+    );
+    assert_eq!(
+        partial_joins_served(&a),
+        "hearth_federation_partial_send_joins_total 0"
+    );
+}

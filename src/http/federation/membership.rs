@@ -124,7 +124,7 @@ pub async fn send_join_v2(mut req: Req) -> Result<Response> {
     let prevs: Vec<OwnedEventId> = pdu.prev_events.clone();
     let join_id = pdu.event_id.to_string();
     let join_auth: Vec<String> = pdu.auth_events.iter().map(|e| e.to_string()).collect();
-    let omit_members = r.omit_members;
+    let omit_members = r.omit_members && app.config.federation.serve_partial_joins;
     // The joining server knows only us: the join goes to the room's other servers from here,
     // queued in the same write that accepts it.
     let (us, joiner) = (app.server_name.to_string(), o.origin.to_string());

@@ -203,6 +203,14 @@ impl Notifier {
         }
     }
 
+    /// The last stream position announced on `topic`, if someone watches it (a slot exists
+    /// only while watched).
+    pub fn topic_pos(&self, topic: &Topic) -> Option<i64> {
+        let slots = lock(&self.inner.slots);
+        let slot = slots.map.get(topic).and_then(Weak::upgrade)?;
+        Some(slot.pos.load(Ordering::SeqCst))
+    }
+
     /// Number of topics with a live watcher (for metrics and tests).
     pub fn watched_topics(&self) -> usize {
         lock(&self.inner.slots)

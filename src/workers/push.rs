@@ -89,8 +89,17 @@ const COUNTS_WAIT: Duration = Duration::from_millis(200);
 /// Called by an incremental `/sync` before it computes up to `pos`: waits (at most
 /// [`COUNTS_WAIT`]) until the evaluator has counted the events up to `pos`. Returns whether it
 /// waited (the caller then reads the stream position again, which includes the counts').
+///
+/// Only events need counting: the target is the last write that held an event (announced on
+/// the evaluator's topic), not `pos` itself, which may belong to a receipt or to the counts'
+/// own write and would otherwise make every sync wait out the limit.
 pub async fn wait_for_counts(app: &App, pos: i64) -> bool {
-    app.push_progress.wait_for(pos, COUNTS_WAIT).await
+    let Some(last_event) = app.notifier.topic_pos(&Topic::PushEvaluator) else {
+        return false; // the evaluator is not running
+    };
+    app.push_progress
+        .wait_for(pos.min(last_event), COUNTS_WAIT)
+        .await
 }
 
 /// Longest sleep with nothing to do (a missed wake-up costs at most this).

@@ -85,18 +85,20 @@ if [ -z "${PUSH_SKIP_HEARTH:-}" ] && [ -z "${PUSH_SKIP_SYNAPSE:-}" ]; then
 import json, sys
 h, s = (json.load(open(p)) for p in sys.argv[1:3])
 big = f"{h['members']}_members"
+# (name, hearth, synapse, True if more is better): the last column is how many times better
+# Hearth is (>1) or worse (<1).
 rows = [
-    ("single send p50 ms, big room", h["single"][big]["p50_ms"], s["single"][big]["p50_ms"]),
-    ("single send p50 ms, 1-member room", h["single"]["1_member"]["p50_ms"], s["single"]["1_member"]["p50_ms"]),
-    ("server CPU ms per single send, big room", h["single"][big].get("server_cpu_ms_per_send"), s["single"][big].get("server_cpu_ms_per_send")),
-    ("burst msg/s, big room", h["burst"][big]["msgs_per_s"], s["burst"][big]["msgs_per_s"]),
-    ("burst msg/s, 1-member room", h["burst"]["1_member"]["msgs_per_s"], s["burst"]["1_member"]["msgs_per_s"]),
-    ("s from first send until 400th count visible", h["burst"][big]["visible_after_first_send_s"], s["burst"][big]["visible_after_first_send_s"]),
-    ("server CPU ms per msg until visible", h["burst"][big].get("server_cpu_ms_per_msg_until_visible"), s["burst"][big].get("server_cpu_ms_per_msg_until_visible")),
+    ("single send p50 ms, big room", h["single"][big]["p50_ms"], s["single"][big]["p50_ms"], False),
+    ("single send p50 ms, 1-member room", h["single"]["1_member"]["p50_ms"], s["single"]["1_member"]["p50_ms"], False),
+    ("server CPU ms per single send, big room", h["single"][big].get("server_cpu_ms_per_send"), s["single"][big].get("server_cpu_ms_per_send"), False),
+    ("burst msg/s, big room", h["burst"][big]["msgs_per_s"], s["burst"][big]["msgs_per_s"], True),
+    ("burst msg/s, 1-member room", h["burst"]["1_member"]["msgs_per_s"], s["burst"]["1_member"]["msgs_per_s"], True),
+    ("s from first send until last count visible", h["burst"][big]["visible_after_first_send_s"], s["burst"][big]["visible_after_first_send_s"], False),
+    ("server CPU ms per msg until visible", h["burst"][big].get("server_cpu_ms_per_msg_until_visible"), s["burst"][big].get("server_cpu_ms_per_msg_until_visible"), False),
 ]
-print(f"{'COMPARE':45} {'hearth':>10} {'synapse':>10} {'S/H':>7}")
-for name, a, b in rows:
-    r = f"{b / a:.1f}" if a and b else "-"
-    print(f"{name:45} {a!s:>10} {b!s:>10} {r:>7}")
+print(f"{'COMPARE':45} {'hearth':>10} {'synapse':>10} {'hearth better by':>17}")
+for name, a, b, more in rows:
+    r = f"{(a / b if more else b / a):.1f}x" if a and b else "-"
+    print(f"{name:45} {a!s:>10} {b!s:>10} {r:>17}")
 PYEOF
 fi

@@ -109,4 +109,21 @@ if [ -z "${SEARCH_SKIP_SYNAPSE:-}" ]; then
     done
 fi
 echo "loadavg at end: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/env.txt"
+
+# Side by side, for every size both servers have results for (also from an earlier run).
+for n in $(printf "%s\n" $NH $NS | sort -un); do
+    [ -f "$OUT/search-hearth-$n.json" ] && [ -f "$OUT/search-synapse-$n.json" ] || continue
+    "$PY" - "$OUT/search-hearth-$n.json" "$OUT/search-synapse-$n.json" <<'PYEOF' | tee "$OUT/compare-$n.txt"
+import json, sys
+h, s = (json.load(open(p)) for p in sys.argv[1:3])
+print(f"COMPARE hearth {h['messages']} / synapse {s['messages']} messages; p50 ms, server CPU ms per search, counts")
+print(f"{'':18} {'H p50':>8} {'S p50':>8} {'H cpu':>7} {'S cpu':>7} {'cpu S/H':>8}  counts H / S (expected)")
+for k, a in h["search"].items():
+    b = s["search"][k]
+    hc, sc = a.get("server_cpu_ms_per_search"), b.get("server_cpu_ms_per_search")
+    r = f"{sc / hc:.1f}" if hc and sc else "-"
+    print(f"{k:18} {a['p50_ms']:>8} {b['p50_ms']:>8} {hc!s:>7} {sc!s:>7} {r:>8}  {a['count']} / {b['count']} ({a['expected']} / {b['expected']})")
+print(f"{'pages p50':18} {h['pages']['p50_ms']:>8} {s['pages']['p50_ms']:>8}   distinct {h['pages']['distinct']} / {s['pages']['distinct']}")
+PYEOF
+done
 log "done: $OUT"

@@ -13,6 +13,14 @@ Phases:
 
 Output: a JSON document on stdout, one summary line per measurement on stderr.
 
+Resumable loads (for Synapse, whose client-API load takes hours at 100,000): with --state FILE
+the user's token, the rooms and the number of messages loaded so far (a contiguous prefix of the
+seeded sequence) are kept in FILE, and a later run with the same FILE and server picks up where
+the last stopped. Message i always has transaction id m{i} from the same access token, so a
+message sent twice around an interruption is deduplicated by the server. --phase load stops
+after loading (--load-until EPOCH stops it early, at a clean prefix); --phase search only
+searches what FILE says is loaded, with the planted counts expected for that many messages.
+
   /tmp/hearth-pyvenv/bin/python bench/search.py --url http://127.0.0.1:8008 --messages 100000 --pid PID
 """
 
@@ -28,28 +36,14 @@ import urllib.parse
 
 import aiohttp
 
+from benchutil import cpu_s, pct
+
 CLIENT = "/_matrix/client/v3"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 TERMS = {"rare": ("zephyrine", 10_000), "medium": ("harbour", 100), "frequent": ("lantern", 10)}
-
-
-def pct(samples, p):
-    if not samples:
-        return None
-    s = sorted(samples)
-    return s[max(0, min(len(s) - 1, round(p / 100 * len(s) + 0.5) - 1))]
 
 
 def ms(x):
     return None if x is None else round(x * 1000, 2)
-
-
-def cpu_s(pid):
-    if not pid:
-        return None
-    with open(f"/proc/{pid}/stat") as f:
-        parts = f.read().rsplit(")", 1)[1].split()
-    return (int(parts[11]) + int(parts[12])) / CLK_TCK
 
 
 def vocabulary(rng, n=3000):
@@ -91,44 +85,82 @@ async def main():
     p.add_argument("--pages", type=int, default=10)
     p.add_argument("--seed", type=int, default=13)
     p.add_argument("--pid", type=int)
+    p.add_argument("--state", help="JSON file keeping token, rooms and messages loaded (resume)")
+    p.add_argument("--phase", choices=("all", "load", "search"), default="all")
+    p.add_argument("--load-until", type=float, help="stop loading at this Unix time")
     a = p.parse_args()
     ssl = False if a.insecure else None
     base = a.url.rstrip("/") + CLIENT
     out = {"messages": a.messages, "rooms": a.rooms, "queries": a.queries}
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=a.conc + 4)) as s:
-        name = "searcher" + secrets.token_hex(4)
-        reg = await call(s, "POST", f"{base}/register", body={
-            "username": name, "password": "bench-" + name, "auth": {"type": "m.login.dummy"}}, ssl=ssl)
-        tok = reg["access_token"]
-        rooms = [
-            (await call(s, "POST", f"{base}/createRoom", tok, {"name": f"bench {i}"}, ssl=ssl))["room_id"]
-            for i in range(a.rooms)
-        ]
+        st = None
+        if a.state and os.path.exists(a.state):
+            with open(a.state) as f:
+                st = json.load(f)
+            if st["url"] != a.url or st["rooms"] != a.rooms or st["seed"] != a.seed:
+                raise SystemExit(f"{a.state} is for {st['url']} ({st['rooms']} rooms, seed {st['seed']})")
+        if st is None:
+            name = "searcher" + secrets.token_hex(4)
+            reg = await call(s, "POST", f"{base}/register", body={
+                "username": name, "password": "bench-" + name, "auth": {"type": "m.login.dummy"}}, ssl=ssl)
+            st = {"url": a.url, "rooms": a.rooms, "seed": a.seed, "token": reg["access_token"], "loaded": 0}
+            st["room_ids"] = [
+                (await call(s, "POST", f"{base}/createRoom", st["token"], {"name": f"bench {i}"}, ssl=ssl))["room_id"]
+                for i in range(a.rooms)
+            ]
+        tok, rooms = st["token"], st["room_ids"]
+
+        def save_state():
+            if a.state:
+                with open(a.state + ".tmp", "w") as f:
+                    json.dump(st, f)
+                os.replace(a.state + ".tmp", a.state)
+
+        save_state()
         # ---- load
         rng = random.Random(a.seed)
         vocab = vocabulary(rng)
         bodies = [body(i, rng, vocab) for i in range(a.messages)]
-        nxt = 0
+        start = nxt = st["loaded"]
+        done = set()
         t0, c0 = time.monotonic(), cpu_s(a.pid)
+        last_save = t0
 
         async def sender():
-            nonlocal nxt
-            while nxt < a.messages:
+            nonlocal nxt, last_save
+            while nxt < a.messages and not (a.load_until and time.time() >= a.load_until):
                 i = nxt
                 nxt += 1
                 room = rooms[i % len(rooms)]
                 await call(s, "PUT", f"{base}/rooms/{room}/send/m.room.message/m{i}", tok,
                            {"msgtype": "m.text", "body": bodies[i]}, ssl=ssl)
+                done.add(i)
+                while st["loaded"] in done:  # advance the contiguous prefix
+                    done.discard(st["loaded"])
+                    st["loaded"] += 1
+                if time.monotonic() - last_save > 10:
+                    last_save = time.monotonic()
+                    save_state()
                 if i and i % 10_000 == 0:
-                    print(f"  loaded {i} ({i / (time.monotonic() - t0):.0f} msgs/s)", file=sys.stderr)
+                    print(f"  loaded {i} ({(i - start) / (time.monotonic() - t0):.1f} msgs/s)", file=sys.stderr)
 
-        await asyncio.gather(*(sender() for _ in range(a.conc)))
+        if a.phase != "search":
+            await asyncio.gather(*(sender() for _ in range(a.conc)))
+        save_state()
+        sent = st["loaded"] - start
         dt = time.monotonic() - t0
-        out["load"] = {"seconds": round(dt, 1), "msgs_per_s": round(a.messages / dt, 1)}
-        if a.pid:
-            out["load"]["server_cpu_ms_per_msg"] = round((cpu_s(a.pid) - c0) * 1000 / a.messages, 3)
-        print(f"load: {a.messages} messages in {dt:.1f} s ({a.messages / dt:.0f} msgs/s)", file=sys.stderr)
+        out["messages"] = st["loaded"]
+        out["load"] = {"sent_this_run": sent, "seconds": round(dt, 1), "msgs_per_s": round(sent / dt, 1)}
+        if a.pid and sent:
+            out["load"]["server_cpu_ms_per_msg"] = round((cpu_s(a.pid) - c0) * 1000 / sent, 3)
+        print(f"load: {sent} messages in {dt:.1f} s ({sent / dt:.1f} msgs/s), {st['loaded']} loaded",
+              file=sys.stderr)
+        if a.phase == "load":
+            json.dump(out, sys.stdout, indent=1)
+            print()
+            return
+        n_loaded = st["loaded"]
         await asyncio.sleep(2)  # let background work (Synapse's search index update) settle
 
         # ---- search
@@ -146,7 +178,7 @@ async def main():
                     counts.add(ev.get("count"))
                     nres.add(len(ev.get("results", [])))
                 m = {
-                    "term": term, "expected": a.messages // every,
+                    "term": term, "expected": sum(1 for i in range(n_loaded) if i % every == every // 2),
                     "count": sorted(counts, key=str), "results_per_page": sorted(nres),
                     "p50_ms": ms(pct(lat, 50)), "p90_ms": ms(pct(lat, 90)),
                     "mean_ms": ms(sum(lat) / len(lat)),

@@ -45,7 +45,7 @@ pub fn list_events_after(
 /// A joined member of a room as the evaluator needs it.
 pub struct Member {
     pub user_id: String,
-    /// Position of the member event that made them joined.
+    /// Position of the join event that began their current stretch of being joined.
     pub since: i64,
     pub display_name: Option<String>,
 }
@@ -57,8 +57,25 @@ pub fn list_joined_local(
     room_id: &str,
     server: &str,
 ) -> Result<(Vec<Member>, u64)> {
+    // `since` is where the member's current stretch of being joined began: their first join
+    // event after their last membership that was not a join. Not the current state row's
+    // position, which a later join event (a display-name change) moves past events the
+    // evaluator may not have reached yet. Rejected and outlier events never changed it.
     let mut stmt = conn.prepare_cached(
-        "SELECT cs.state_key, cs.pos, json_extract(e.json, '$.content.displayname')
+        "SELECT cs.state_key,
+                coalesce((SELECT min(j.pos) FROM events j
+                          WHERE j.room_id = cs.room_id AND j.type = 'm.room.member'
+                            AND j.state_key = cs.state_key AND j.pos <= cs.pos
+                            AND j.rejected_reason IS NULL AND j.outlier = 0
+                            AND json_extract(j.json, '$.content.membership') = 'join'
+                            AND j.pos > coalesce((SELECT max(o.pos) FROM events o
+                                WHERE o.room_id = cs.room_id AND o.type = 'm.room.member'
+                                  AND o.state_key = cs.state_key AND o.pos <= cs.pos
+                                  AND o.rejected_reason IS NULL AND o.outlier = 0
+                                  AND json_extract(o.json, '$.content.membership') <> 'join'),
+                                -9223372036854775808)),
+                         cs.pos),
+                json_extract(e.json, '$.content.displayname')
          FROM current_state cs JOIN events e ON e.event_id = cs.event_id
          WHERE cs.room_id = ?1 AND cs.type = 'm.room.member' AND cs.membership = 'join'",
     )?;

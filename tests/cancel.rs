@@ -303,6 +303,14 @@ fn every_federation_read_survives_a_drop_at_every_await() {
                 "initial_state": [{ "type": "m.room.history_visibility", "state_key": "",
                                     "content": { "history_visibility": "world_readable" } }] }),
     );
+    // A room one knocks on (room version 10, join rule `knock`) for `/make_knock`.
+    let (knock_room, _) = room_with_message(
+        &h,
+        &a,
+        json!({ "room_version": "10",
+                "initial_state": [{ "type": "m.room.join_rules", "state_key": "",
+                                    "content": { "join_rule": "knock" } }] }),
+    );
     // origin.test's key, known to the harness (no network here).
     let pair = Ed25519KeyPair::from_der(&Ed25519KeyPair::generate(), "k".into()).unwrap();
     let public =
@@ -338,6 +346,10 @@ fn every_federation_read_survives_a_drop_at_every_await() {
         ),
         get(format!(
             "/_matrix/federation/v1/make_join/{room}/{}?ver=10",
+            enc("@bob:origin.test")
+        )),
+        get(format!(
+            "/_matrix/federation/v1/make_knock/{knock_room}/{}?ver=10",
             enc("@bob:origin.test")
         )),
         get(format!(

@@ -546,3 +546,19 @@ CREATE TABLE IF NOT EXISTS partial_state_events (
     event_id TEXT NOT NULL,
     PRIMARY KEY (room_id, pos)
 ) STRICT, WITHOUT ROWID;
+
+-- member servers (schema v6)
+-- The servers with a joined member in a room, by index: `queries::list_room_servers` (every
+-- send's destinations, a join's `servers_in_room`) seeks from one server to the next instead
+-- of reading every member of a 10,000-member room, and "has this server a joined member" is
+-- one seek. The expression is the server part of a user ID (localparts hold no ':').
+CREATE INDEX IF NOT EXISTS current_state_member_server
+    ON current_state(room_id, substr(state_key, instr(state_key, ':') + 1))
+    WHERE type = 'm.room.member' AND membership = 'join';
+
+-- outbox retries (schema v6)
+-- How many times the row's PDU already went out in a transaction the destination answered 200
+-- without processing it (no entry for it in the answer's `pdus`, as Synapse answers for a room
+-- it is still joining). Only sticky events are sent again (`workers::federation::resends`):
+-- they were pushed out of band, so nothing later in the room leads the destination to them.
+ALTER TABLE outbox ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;

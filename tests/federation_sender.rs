@@ -18,7 +18,11 @@ use serde_json::{json, Value};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Mode {
+    /// Answer 200 with an entry for every PDU (processed).
     Ok,
+    /// Answer 200 with no entry for any PDU: taken, not processed (Synapse's answer for PDUs
+    /// of a room it does not know yet, e.g. one it is still joining).
+    Ignore,
     Fail,
     /// Read the request, never answer (until the test ends).
     Hang,
@@ -123,6 +127,23 @@ fn bodies(txn: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The event IDs of a transaction's PDUs (room version 10 rooms: the reference hash).
+fn event_ids(txn: &Value) -> Vec<String> {
+    let rules = ruma::RoomVersionId::V10.rules().unwrap();
+    txn["pdus"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| {
+                    let obj: ruma::CanonicalJsonObject = serde_json::from_value(p.clone()).ok()?;
+                    let hash = ruma::signatures::reference_hash(&obj, &rules).ok()?;
+                    Some(format!("${hash}"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// A minimal HTTP/1.1 server side: one request per connection.
 async fn serve(
     conn: std::net::TcpStream,
@@ -180,8 +201,10 @@ async fn serve(
             Mode::Ok
         };
     }
+    let processed = json!({ "pdus": event_ids(&body).into_iter().map(|id| (id, json!({}))).collect::<serde_json::Map<_, _>>() }).to_string();
     let (status, answer): (u16, &[u8]) = match m {
-        Mode::Ok => (200, b"{\"pdus\":{}}"),
+        Mode::Ok => (200, processed.as_bytes()),
+        Mode::Ignore => (200, b"{\"pdus\":{}}"),
         Mode::Fail => (500, b"{\"errcode\":\"M_UNKNOWN\",\"error\":\"down\"}"),
         Mode::Hang => (0, b""),
         Mode::Refuse | Mode::RefuseBody(_) => {
@@ -248,6 +271,19 @@ fn room_with(s: &TestServer, token: &str, dest: &str) -> String {
     }))
     .unwrap();
     room
+}
+
+/// A message with `body`, sticky for ten minutes (MSC4354).
+fn send_sticky(s: &TestServer, token: &str, room: &str, body: &str) {
+    s.ok(
+        "PUT",
+        &format!(
+            "/_matrix/client/v3/rooms/{}/send/m.room.message/st?org.matrix.msc4354.sticky_duration_ms=600000",
+            common::enc(room)
+        ),
+        Some(token),
+        Some(&json!({ "msgtype": "m.text", "body": body })),
+    );
 }
 
 fn outbox_len(s: &TestServer) -> i64 {
@@ -593,15 +629,7 @@ fn a_refusal_is_narrowed_to_its_one_row_and_a_queued_sticky_event_is_never_dropp
     let room = room_with(&s, &alice, &fake.name);
     // Queued while the destination is down: a sticky event, a message it will refuse, and
     // more after them: one transaction once it is back.
-    s.ok(
-        "PUT",
-        &format!(
-            "/_matrix/client/v3/rooms/{}/send/m.room.message/st?org.matrix.msc4354.sticky_duration_ms=600000",
-            common::enc(&room)
-        ),
-        Some(&alice),
-        Some(&json!({ "msgtype": "m.text", "body": "sticky" })),
-    );
+    send_sticky(&s, &alice, &room, "sticky");
     wait_for("a failed attempt", Duration::from_secs(20), || {
         fake.seen().iter().any(|t| t.status == 500)
     });
@@ -621,4 +649,53 @@ fn a_refusal_is_narrowed_to_its_one_row_and_a_queued_sticky_event_is_never_dropp
     );
     let m = metrics(&s);
     assert_eq!(metric(&m, "hearth_federation_dropped_total"), Some(1));
+}
+
+#[test]
+fn a_sticky_event_taken_but_not_processed_goes_again_and_a_plain_message_does_not() {
+    // Synapse answers 200 without an entry for the PDUs of a room it does not know yet: our
+    // sticky events, pushed when its join arrives, reach it while it is still joining.
+    let fake = FakeDest::start(Mode::Ignore);
+    let s = start();
+    let (_, alice) = s.register("alice");
+    let room = room_with(&s, &alice, &fake.name);
+    // The plain message first: both are taken (unprocessed) before the sticky event's resend.
+    s.send(&alice, &room, "p0", "plain");
+    send_sticky(&s, &alice, &room, "sticky");
+    let count = |body: &str| {
+        fake.delivered()
+            .iter()
+            .filter(|b| b.as_str() == body)
+            .count()
+    };
+    wait_for(
+        "both, taken without processing",
+        Duration::from_secs(20),
+        || count("sticky") >= 1 && count("plain") >= 1,
+    );
+    fake.set(Mode::Ok);
+    wait_for("the sticky event again", Duration::from_secs(20), || {
+        count("sticky") >= 2 && outbox_len(&s) == 0
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        count("sticky"),
+        2,
+        "processed the second time: not sent a third"
+    );
+    assert_eq!(count("plain"), 1, "a plain message is not sent again");
+    let with_sticky: Vec<u64> = fake
+        .seen()
+        .iter()
+        .filter(|t| bodies(&t.body).contains(&"sticky".to_owned()))
+        .map(|t| t.at_ms)
+        .collect();
+    let (first, again) = (with_sticky[0], with_sticky[1]);
+    assert!(
+        again - first >= 1_500,
+        "the destination is given time to finish joining ({} ms)",
+        again - first
+    );
+    let (_, _, failures) = dest_state(&s, &fake.name).unwrap_or_default();
+    assert_eq!(failures, 0, "not counted as a failure");
 }

@@ -76,7 +76,12 @@ pub fn join_answer(
             .into_iter()
             .filter(|e| !in_state.contains(e.as_str()))
             .collect();
-    let mut servers = p::list_servers_except_user(c, room_id, &joiner)?;
+    let mut servers = q::list_room_servers(c, room_id, "")?;
+    if let Some((_, server)) = joiner.split_once(':') {
+        if !q::server_has_joined_member(c, room_id, server, &joiner)? {
+            servers.retain(|s| s != server);
+        }
+    }
     if !servers.iter().any(|s| s == us) {
         servers.push(us.to_owned());
     }

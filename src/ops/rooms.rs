@@ -412,7 +412,7 @@ pub(super) async fn residency(
     app.store
         .read(move |c| {
             let resident = q::get_room_version(c, &r)?.is_some()
-                && q::list_room_servers(c, &r, "")?.contains(&us);
+                && q::server_has_joined_member(c, &r, &us, "")?;
             let inviter = match q::get_current_state(c, &r, "m.room.member", &u)? {
                 Some(id) => q::get_event(c, &id)?.and_then(|row| {
                     UserId::parse(row.sender.as_str())

@@ -59,9 +59,7 @@ pub fn authorising_user(
         if q::get_room_version(conn, r)?.is_none() {
             continue;
         }
-        let ours = q::list_room_servers(conn, r, "")?
-            .iter()
-            .any(|s| s == server);
+        let ours = q::server_has_joined_member(conn, r, server, "")?;
         held_any |= ours;
         member |= ours && q::get_membership(conn, r, user)?.as_deref() == Some("join");
     }

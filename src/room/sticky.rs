@@ -120,7 +120,7 @@ pub fn server_joining(tx: &Tx<'_>, pdu: &Pdu) -> crate::error::Result<Option<Str
     let ours = q::get_meta(tx, "server_name")?;
     // A server the room's ACL denies is sent nothing (as `list_room_servers` leaves it out).
     if ours.as_deref() == Some(server)
-        || s::count_joined_from(tx, pdu.room_id.as_str(), server)? > 0
+        || q::server_has_joined_member(tx, pdu.room_id.as_str(), server, "")?
         || !crate::store::acl::server_allowed(tx, pdu.room_id.as_str(), user.server_name())?
     {
         return Ok(None);

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 pub const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// The version `SCHEMA` describes.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// Version 2: federation (`server_keys`, `outbox`, `destinations`, `received_txns`,
 /// `invite_state`); events that are not simply appended (outliers with no state group, rejected
@@ -147,6 +147,13 @@ const V4_TO_V5_BLOCKS: &[&str] = &[
     "-- partial-state reauth (schema v5)",
 ];
 
+/// Version 6: the index of the servers with a joined member in a room (`member servers`), and
+/// the count of unprocessed sends of an outbox row (`outbox retries`).
+const V5_TO_V6_BLOCKS: &[&str] = &[
+    "-- member servers (schema v6)",
+    "-- outbox retries (schema v6)",
+];
+
 /// The block of `SCHEMA` that starts with the comment line `marker` and runs to the next
 /// block marked `(schema v…)` or the end: a step that only adds tables is written once.
 fn schema_block(marker: &str) -> Result<&'static str> {
@@ -176,8 +183,8 @@ pub fn migrate(conn: &mut Connection) -> Result<()> {
             .concat())
     };
     let (v3, v4) = (blocks(V2_TO_V3_BLOCKS)?, blocks(V3_TO_V4_BLOCKS)?);
-    let v5 = blocks(V4_TO_V5_BLOCKS)?;
-    let steps = [V1_TO_V2, v3.as_str(), v4.as_str(), v5.as_str()];
+    let (v5, v6) = (blocks(V4_TO_V5_BLOCKS)?, blocks(V5_TO_V6_BLOCKS)?);
+    let steps = [V1_TO_V2, v3.as_str(), v4.as_str(), v5.as_str(), v6.as_str()];
     migrate_with(conn, SCHEMA, SCHEMA_VERSION, &steps)
 }
 
@@ -307,7 +314,11 @@ mod tests {
         let media = schema_block("-- media (schema v3)").unwrap();
         assert!(media.contains("CREATE TABLE IF NOT EXISTS media_thumbnails"));
         let mut v2 = SCHEMA.to_owned();
-        for b in V2_TO_V3_BLOCKS.iter().chain(V4_TO_V5_BLOCKS) {
+        for b in V2_TO_V3_BLOCKS
+            .iter()
+            .chain(V4_TO_V5_BLOCKS)
+            .chain(V5_TO_V6_BLOCKS)
+        {
             v2 = v2.replace(schema_block(b).unwrap(), "");
         }
         migrate_with(&mut conn, &v2, 2, &[]).unwrap();
@@ -328,7 +339,7 @@ mod tests {
     fn version_3_database_gets_a_search_index_of_its_events() {
         let mut conn = Connection::open_in_memory().unwrap();
         let mut v3 = SCHEMA.replace(schema_block(V3_TO_V4_BLOCKS[0]).unwrap(), "");
-        for b in V4_TO_V5_BLOCKS {
+        for b in V4_TO_V5_BLOCKS.iter().chain(V5_TO_V6_BLOCKS) {
             v3 = v3.replace(schema_block(b).unwrap(), "");
         }
         migrate_with(&mut conn, &v3, 3, &[]).unwrap();
@@ -379,7 +390,7 @@ mod tests {
     fn version_4_database_keeps_its_pushers_and_ties_new_ones_to_a_device() {
         let mut conn = Connection::open_in_memory().unwrap();
         let mut v4 = SCHEMA.to_owned();
-        for b in V4_TO_V5_BLOCKS {
+        for b in V4_TO_V5_BLOCKS.iter().chain(V5_TO_V6_BLOCKS) {
             v4 = v4.replace(schema_block(b).unwrap(), "");
         }
         migrate_with(&mut conn, &v4, 4, &[]).unwrap();
@@ -406,6 +417,66 @@ mod tests {
             )
             .unwrap();
         assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn version_5_database_gets_the_member_server_index_and_the_server_list_uses_it() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        let mut v5 = SCHEMA.to_owned();
+        for b in V5_TO_V6_BLOCKS {
+            v5 = v5.replace(schema_block(b).unwrap(), "");
+        }
+        migrate_with(&mut conn, &v5, 5, &[]).unwrap();
+        let member = |c: &Connection, user: &str, membership: &str| {
+            c.execute(
+                "INSERT OR REPLACE INTO current_state (room_id, type, state_key, event_id, membership, pos)
+                 VALUES ('!r:a', 'm.room.member', ?1, '$' || ?1, ?2, 1)",
+                [user, membership],
+            )
+            .unwrap();
+        };
+        for (u, m) in [
+            ("@x:a", "join"),
+            ("@y:a", "join"),
+            ("@z:b.example:8448", "join"),
+            ("@w:c", "leave"),
+            ("@v:d", "invite"),
+            ("@u:e", "join"),
+        ] {
+            member(&conn, u, m);
+        }
+        migrate(&mut conn).unwrap();
+        let plan: Vec<String> = conn
+            .prepare(
+                "EXPLAIN QUERY PLAN SELECT 1 FROM current_state WHERE room_id = '!r:a'
+                   AND type = 'm.room.member' AND membership = 'join'
+                   AND substr(state_key, instr(state_key, ':') + 1) > 'a'",
+            )
+            .unwrap()
+            .query_map([], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert!(
+            plan.iter()
+                .any(|p| p.contains("current_state_member_server")),
+            "{plan:?}"
+        );
+        use crate::store::queries as q;
+        let mut servers = q::list_room_servers(&conn, "!r:a", "").unwrap();
+        servers.sort();
+        assert_eq!(servers, ["a", "b.example:8448", "e"]);
+        assert_eq!(q::list_room_servers(&conn, "!r:a", "e").unwrap().len(), 2);
+        assert!(q::server_has_joined_member(&conn, "!r:a", "a", "@x:a").unwrap());
+        member(&conn, "@y:a", "leave");
+        assert!(!q::server_has_joined_member(&conn, "!r:a", "a", "@x:a").unwrap());
+        assert!(q::server_has_joined_member(&conn, "!r:a", "a", "").unwrap());
+        assert!(!q::server_has_joined_member(&conn, "!r:a", "c", "").unwrap());
+        assert!(!q::server_has_joined_member(&conn, "!r:a", "d", "").unwrap());
+        member(&conn, "@x:a", "ban");
+        let mut servers = q::list_room_servers(&conn, "!r:a", "").unwrap();
+        servers.sort();
+        assert_eq!(servers, ["b.example:8448", "e"]);
     }
 
     #[test]

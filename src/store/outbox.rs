@@ -22,6 +22,8 @@ pub struct Batch {
     /// The event ID of each PDU in `pdus`, in the same order (PDUs of room versions 3 and
     /// later do not carry their ID).
     pub pdu_ids: Vec<String>,
+    /// The `attempts` of each PDU in `pdus` (sends the destination did not process).
+    pub pdu_attempts: Vec<i64>,
     /// The EDU JSON of each EDU row.
     pub edus: Vec<Box<RawValue>>,
 }
@@ -59,7 +61,8 @@ pub fn next_batch(
 ) -> Result<Batch> {
     let mut batch = Batch::default();
     let mut stmt = conn.prepare_cached(
-        "SELECT o.id, e.json, o.event_id FROM outbox o LEFT JOIN events e ON e.event_id = o.event_id
+        "SELECT o.id, e.json, o.event_id, o.attempts FROM outbox o
+         LEFT JOIN events e ON e.event_id = o.event_id
          WHERE o.destination = ?1 AND o.kind = 'pdu' ORDER BY o.id LIMIT ?2",
     )?;
     let rows = stmt.query_map(params![dest, max_pdus as i64], |r| {
@@ -67,15 +70,17 @@ pub fn next_batch(
             r.get::<_, i64>(0)?,
             r.get::<_, Option<String>>(1)?,
             r.get::<_, Option<String>>(2)?,
+            r.get::<_, i64>(3)?,
         ))
     })?;
     for row in rows {
-        let (id, json, event_id) = row?;
+        let (id, json, event_id, attempts) = row?;
         batch.ids.push(id);
         match json {
             Some(j) => {
                 batch.pdus.push(RawValue::from_string(j)?);
                 batch.pdu_ids.push(event_id.unwrap_or_default());
+                batch.pdu_attempts.push(attempts);
             }
             None => log::warn!("outbox row {id} for {dest}: its event no longer exists; dropped"),
         }
@@ -109,6 +114,25 @@ pub fn delete_sent(tx: &Tx<'_>, dest: &str, ids: &[i64]) -> Result<()> {
         }
     }
     reset_backoff(tx, dest)?;
+    Ok(())
+}
+
+/// PDUs the destination took without processing, to go again (each `(event_id, attempts)`,
+/// `attempts` counting this send) as new rows at the end of its queue, not before `retry_at`:
+/// the destination waits until then, without a failure being counted (a signed request from
+/// it clears the wait, as it clears a backoff). In the caller's write, after [`delete_sent`].
+pub fn requeue(tx: &Tx<'_>, dest: &str, rows: &[(String, i64)], retry_at: u64) -> Result<()> {
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO outbox (destination, kind, event_id, attempts) VALUES (?1, 'pdu', ?2, ?3)",
+    )?;
+    for (event_id, attempts) in rows {
+        insert.execute(params![dest, event_id, attempts])?;
+    }
+    tx.prepare_cached(
+        "INSERT INTO destinations (name, retry_at) VALUES (?1, ?2)
+         ON CONFLICT (name) DO UPDATE SET retry_at = MAX(retry_at, ?2)",
+    )?
+    .execute(params![dest, retry_at as i64])?;
     Ok(())
 }
 

@@ -68,21 +68,6 @@ pub fn list_heroes(
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
-/// The servers of the room's joined members other than `user` (current state): the
-/// `servers_in_room` of a join answer for `user`, who is not in the room before the join.
-pub fn list_servers_except_user(
-    conn: &Connection,
-    room_id: &str,
-    user: &str,
-) -> Result<Vec<String>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT DISTINCT substr(state_key, instr(state_key, ':') + 1) FROM current_state
-         WHERE room_id = ?1 AND type = 'm.room.member' AND membership = 'join' AND state_key != ?2",
-    )?;
-    let rows = stmt.query_map([room_id, user], |r| r.get(0))?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
-}
-
 // ------------------------------------------------------------ joiner side
 
 /// A room joined with partial state: its join event and the server joined through.

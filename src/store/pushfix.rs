@@ -2,7 +2,7 @@
 //! notifications along, pushers tied to the device that set them, pruning old notifications,
 //! and the joins that bring presence to new members.
 
-use rusqlite::{params, OptionalExtension};
+use rusqlite::params;
 
 use super::{queries::IN_ROOM, Connection};
 use crate::error::Result;
@@ -140,23 +140,4 @@ pub fn list_joins_between(
         })
     })?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
-}
-
-/// Whether a user of `server` other than `except` is joined to the room (the server was
-/// there before `except` joined).
-pub fn server_has_other_member(
-    conn: &Connection,
-    room_id: &str,
-    server: &str,
-    except: &str,
-) -> Result<bool> {
-    Ok(conn
-        .prepare_cached(
-            "SELECT 1 FROM current_state WHERE room_id = ?1 AND type = 'm.room.member'
-               AND membership = 'join' AND state_key != ?3
-               AND substr(state_key, instr(state_key, ':') + 1) = ?2 LIMIT 1",
-        )?
-        .query_row([room_id, server, except], |_| Ok(()))
-        .optional()?
-        .is_some())
 }

@@ -1091,10 +1091,21 @@ pub fn insert_outbox_edu(tx: &mut super::Tx<'_>, destinations: &[String], edu: &
 /// is partial-state, also the servers its join answer named), minus those the
 /// room's server ACL denies: this is the list events are sent to, so a denied server gets
 /// nothing from us.
+///
+/// A loose index scan over `current_state_member_server`: one seek per server, so the cost
+/// follows the number of servers, not of members (every send in a room pays it).
 pub fn list_room_servers(conn: &Connection, room_id: &str, us: &str) -> Result<Vec<String>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT DISTINCT substr(state_key, instr(state_key, ':') + 1) FROM current_state
-         WHERE room_id = ?1 AND type = 'm.room.member' AND membership = 'join'
+        "WITH RECURSIVE s(server) AS (
+             SELECT min(substr(state_key, instr(state_key, ':') + 1)) FROM current_state
+             WHERE room_id = ?1 AND type = 'm.room.member' AND membership = 'join'
+             UNION ALL
+             SELECT (SELECT min(substr(state_key, instr(state_key, ':') + 1)) FROM current_state
+                     WHERE room_id = ?1 AND type = 'm.room.member' AND membership = 'join'
+                       AND substr(state_key, instr(state_key, ':') + 1) > s.server)
+             FROM s WHERE s.server IS NOT NULL
+         )
+         SELECT server FROM s WHERE server IS NOT NULL
          UNION SELECT server FROM partial_state_room_servers WHERE room_id = ?1",
     )?;
     let rows = stmt.query_map([room_id], |r| r.get::<_, String>(0))?;
@@ -1107,6 +1118,26 @@ pub fn list_room_servers(conn: &Connection, room_id: &str, us: &str) -> Result<V
             })
     });
     Ok(out)
+}
+
+/// Whether a user of `server` other than `except` (`""` for nobody) is joined to the room
+/// (current state): one seek in `current_state_member_server`.
+pub fn server_has_joined_member(
+    conn: &Connection,
+    room_id: &str,
+    server: &str,
+    except: &str,
+) -> Result<bool> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT 1 FROM current_state WHERE room_id = ?1 AND type = 'm.room.member'
+               AND membership = 'join'
+               AND substr(state_key, instr(state_key, ':') + 1) = ?2 AND state_key != ?3
+             LIMIT 1",
+        )?
+        .query_row([room_id, server, except], |_| Ok(()))
+        .optional()?
+        .is_some())
 }
 
 pub fn get_received_txn(conn: &Connection, origin: &str, txn_id: &str) -> Result<bool> {

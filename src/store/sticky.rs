@@ -111,17 +111,6 @@ pub fn get_sticky_expiry(conn: &Connection, event_id: &str) -> Result<Option<i64
 // The federation half: pushing our own sticky events to a server that joins, and giving
 // soft-failed sticky events a second chance when the room's state changes.
 
-/// How many members of `server` are joined to the room in its current state.
-pub fn count_joined_from(conn: &Connection, room_id: &str, server: &str) -> Result<i64> {
-    Ok(conn
-        .prepare_cached(
-            "SELECT count(*) FROM current_state
-             WHERE room_id = ?1 AND type = 'm.room.member' AND membership = 'join'
-               AND substr(state_key, instr(state_key, ':') + 1) = ?2",
-        )?
-        .query_row([room_id, server], |r| r.get(0))?)
-}
-
 /// The room's sticky events live at `now` sent by users of `ours`, that are not already
 /// queued for `dest`, in stream order: what a server joining the room must be pushed.
 pub fn list_own_live_sticky_unqueued(

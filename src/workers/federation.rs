@@ -43,6 +43,11 @@ pub const MAX_EDUS: usize = 100;
 pub const MIN_BACKOFF_MS: u64 = 5_000;
 /// The backoff cap: a destination that was down is retried at least hourly, never days later.
 pub const MAX_BACKOFF_MS: u64 = 3_600_000;
+/// How many times a sticky event the destination took without processing it is sent again.
+pub const MAX_RESENDS: i64 = 3;
+/// The wait before the first such resend; each next one waits four times longer (2 s, 8 s,
+/// 32 s): enough for a server to finish the join it was in the middle of.
+pub const RESEND_DELAY_MS: u64 = 2_000;
 /// Longest sleep of the supervisor: bounds the cost of a lost wake-up.
 const IDLE_SLEEP: Duration = Duration::from_secs(30);
 
@@ -255,6 +260,12 @@ async fn deliver_queue(app: &App, dest: &str) {
         };
         let ids = batch.ids;
         let carried = (batch.pdus.len(), batch.edus.len());
+        let sticky: Vec<bool> = batch
+            .pdus
+            .iter()
+            .map(|p| crate::room::sticky::json_duration_ms(p.get()).is_some())
+            .collect();
+        let mut again: Vec<(String, i64)> = Vec::new();
         if !batch.pdus.is_empty() || !batch.edus.is_empty() {
             let ts = UInt::new(app.clock.now_ms()).unwrap_or_default();
             let mut req = send_txn::Request::new(
@@ -274,6 +285,8 @@ async fn deliver_queue(app: &App, dest: &str) {
                             log::info!("federation: {dest} rejected {id}: {e}");
                         }
                     }
+                    let processed: HashSet<&str> = res.pdus.keys().map(|id| id.as_str()).collect();
+                    again = resends(&batch.pdu_ids, &batch.pdu_attempts, &sticky, &processed);
                     log::debug!("federation: {dest} took txn {txn} ({n_pdus} PDUs, {n_edus} EDUs)");
                     app.sender
                         .transactions_total
@@ -308,18 +321,68 @@ async fn deliver_queue(app: &App, dest: &str) {
             }
         }
         let d = dest.to_owned();
+        let wait = again
+            .iter()
+            .map(|(_, n)| resend_delay_ms(*n))
+            .max()
+            .map(|ms| app.clock.now_ms() + ms);
+        let requeued = again.len();
         if let Err(e) = app
             .store
-            .write(move |tx| outbox::delete_sent(tx, &d, &ids))
+            .write(move |tx| {
+                outbox::delete_sent(tx, &d, &ids)?;
+                match wait {
+                    Some(at) => outbox::requeue(tx, &d, &again, at),
+                    None => Ok(()),
+                }
+            })
             .await
         {
             log::error!("federation: deleting sent rows for {dest}: {e}");
             failed(app, dest).await;
             return;
         }
+        if let Some(at) = wait {
+            // The destination waits (the supervisor comes back at `retry_at`); a request
+            // from it ends the wait early (`contacted`).
+            app.sender.mark(dest, true);
+            log::info!(
+                "federation: {dest} did not process {requeued} sticky event(s); sent again in {} ms",
+                at.saturating_sub(app.clock.now_ms())
+            );
+            return;
+        }
         app.sender.mark(dest, false);
         limits = (MAX_PDUS, MAX_EDUS);
     }
+}
+
+/// The PDUs of a transaction answered 200 to send again: the sticky events (`sticky`) the
+/// answer has no entry for (`processed`: the spec's `pdus` lists the PDUs the destination
+/// processed; Synapse leaves out those of a room it does not know yet, which is the case while
+/// it is still joining the room we pushed our sticky events to when its join arrived), each
+/// at most [`MAX_RESENDS`] times. Other PDUs are not sent again: the room's later events lead
+/// the destination to them (`/get_missing_events`), while sticky events pushed to a newly
+/// joined server are older than its join and nothing leads to them (MSC4354).
+/// Returns `(event_id, attempts)` with `attempts` counting this send.
+fn resends(
+    ids: &[String],
+    attempts: &[i64],
+    sticky: &[bool],
+    processed: &HashSet<&str>,
+) -> Vec<(String, i64)> {
+    ids.iter()
+        .zip(attempts)
+        .zip(sticky)
+        .filter(|((id, n), s)| **s && **n < MAX_RESENDS && !processed.contains(id.as_str()))
+        .map(|((id, n), _)| (id.clone(), n + 1))
+        .collect()
+}
+
+/// The wait before the `attempts`-th resend (1-based): [`RESEND_DELAY_MS`], then four times
+/// longer each time.
+fn resend_delay_ms(attempts: i64) -> u64 {
+    RESEND_DELAY_MS.saturating_mul(4u64.saturating_pow(attempts.clamp(1, 8) as u32 - 1))
 }
 
 /// The limits of the next transaction after a refused one that carried `carried` (PDUs,
@@ -388,7 +451,25 @@ pub fn render_metrics(app: &App, depths: &[(String, u64)]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::narrow;
+    use super::{narrow, resend_delay_ms, resends, MAX_RESENDS};
+    use std::collections::HashSet;
+
+    #[test]
+    fn only_unprocessed_sticky_events_go_again_and_only_a_few_times() {
+        let ids: Vec<String> = ["$a", "$b", "$c", "$d"].map(String::from).to_vec();
+        let sticky = [true, false, true, true];
+        let processed: HashSet<&str> = ["$c"].into_iter().collect();
+        // $a: sticky, unprocessed; $b: not sticky; $c: processed; $d: sent too often already.
+        let again = resends(&ids, &[0, 0, 0, MAX_RESENDS], &sticky, &processed);
+        assert_eq!(again, vec![("$a".to_owned(), 1)]);
+        let again = resends(&ids, &[2, 0, 0, 0], &sticky, &HashSet::new());
+        let want = [("$a", 3), ("$c", 1), ("$d", 1)].map(|(e, n)| (e.to_owned(), n));
+        assert_eq!(again, want);
+        assert_eq!(
+            (1..=3).map(resend_delay_ms).collect::<Vec<_>>(),
+            [2_000, 8_000, 32_000]
+        );
+    }
 
     #[test]
     fn a_refusal_narrows_to_one_row_in_a_few_steps() {

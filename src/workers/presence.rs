@@ -180,7 +180,9 @@ async fn joined(app: &App, after: i64, upto: i64, now: u64) -> Result<(i64, Opti
                 if server == us {
                     let dests = crate::store::queries::list_room_servers(c, &j.room_id, &us)?;
                     wanted.push((dests, vec![j.user_id]));
-                } else if !pf::server_has_other_member(c, &j.room_id, server, &j.user_id)? {
+                } else if !crate::store::queries::server_has_joined_member(
+                    c, &j.room_id, server, &j.user_id,
+                )? {
                     let (local, _) = crate::store::push::list_joined_local(c, &j.room_id, &us)?;
                     let users = local.into_iter().map(|m| m.user_id).collect();
                     wanted.push((vec![server.to_owned()], users));

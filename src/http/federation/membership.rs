@@ -59,7 +59,7 @@ pub(super) async fn template(
         .store
         .read(move |c| {
             if q::get_room_version(c, room_id.as_str())?.is_none()
-                || !q::list_room_servers(c, room_id.as_str(), "")?.contains(&us)
+                || !q::server_has_joined_member(c, room_id.as_str(), &us, "")?
             {
                 return Err(Error::not_found("This server is not in that room"));
             }

@@ -288,6 +288,41 @@ fn an_event_accepted_on_partial_state_is_rejected_after_the_resync_and_the_state
         .find(|e| e["type"] == "m.room.member" && e["state_key"] == evil.as_str())
         .expect("evil's membership after the resync");
     assert_eq!(ban["content"]["membership"], "ban");
+    // A rejected event is no prev event of ours (spec, "Rejection"): evil's topic, b's only
+    // forward extremity while partial, gave its place back to the events before it.
+    let (tips, _) = tip(b.hs.app(), &room);
+    assert!(
+        !tips.is_empty() && !tips.contains(&id),
+        "evil's topic is no longer a forward extremity: {tips:?}"
+    );
+    let mine = put(
+        &b.url(),
+        &format!(
+            "/_matrix/client/v3/rooms/{}/send/m.room.message/after",
+            common::enc(&room)
+        ),
+        &bob_tok,
+        json!({ "msgtype": "m.text", "body": "after the resync" }),
+    )["event_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let app = b.hs.app().clone();
+    let pdu = smol::block_on(
+        app.store
+            .read(move |c| hearth::store::queries::get_event(c, &mine)),
+    )
+    .unwrap()
+    .unwrap();
+    let pdu: Value = serde_json::from_str(&pdu.json).unwrap();
+    let mut cited: Vec<String> = serde_json::from_value(pdu["prev_events"].clone()).unwrap();
+    let mut before = prevs.clone();
+    cited.sort();
+    before.sort();
+    assert_eq!(
+        cited, before,
+        "bob's message follows what evil's topic followed: {pdu}"
+    );
     // Evil's event left the timeline.
     let (_, msgs) = curl(
         "GET",

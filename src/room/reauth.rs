@@ -6,9 +6,10 @@
 //! event (`partial_state_events`, written in its own write) is checked again against the state
 //! before it, in stream order, and its verdict flipped where it differs:
 //!
-//! - accepted, now failing: marked rejected (it leaves the timeline); if it is a state event,
-//!   every state group after it names the state before it for its key instead, and the current
-//!   state is recomputed, so clients see the correction as a state change at a new position;
+//! - accepted, now failing: marked rejected (it leaves the timeline, and stops being a forward
+//!   extremity: the events before it take its place); if it is a state event, every state
+//!   group after it names the state before it for its key instead, and the current state is
+//!   recomputed, so clients see the correction as a state change at a new position;
 //! - rejected, now passing: stored again as an accepted event of the room (at a new position).
 //!
 //! Batches of [`BATCH`] events, one write each, every row deleted with its verdict: a restart
@@ -69,6 +70,8 @@ pub fn reauth_batch(tx: &mut Tx<'_>, room_id: &str) -> Result<(Flipped, bool)> {
                 let reason = format!("re-authorised on full state: {reason}");
                 log::info!("{eid} rejected after the resync of {room_id}: {reason}");
                 r::set_event_rejected(tx, eid, &reason)?;
+                // The room's state then resolves over the extremities that replace it.
+                state_changed |= r::drop_rejected_extremity(tx, room_id, eid)?;
                 crate::store::search::delete_search(tx, eid)?;
                 crate::store::sticky::delete_sticky(tx, eid)?;
                 if let Some(key) = &pdu.state_key {

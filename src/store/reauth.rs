@@ -64,6 +64,39 @@ pub fn set_event_rejected(conn: &Connection, event_id: &str, reason: &str) -> Re
     Ok(())
 }
 
+/// A rejected event is not a prev event of anything we send (spec, "Rejection"): if
+/// `event_id`, just found rejected, is a forward extremity of the room, it stops being one, and
+/// the events before it take its place, each that is part of the room (accepted, with state)
+/// and that no event of the room still accepted names as a prev event. Rejected events before
+/// it are walked through to theirs. Returns whether the extremities changed.
+pub fn drop_rejected_extremity(conn: &Connection, room_id: &str, event_id: &str) -> Result<bool> {
+    let removed = conn
+        .prepare_cached("DELETE FROM forward_extremities WHERE room_id = ?1 AND event_id = ?2")?
+        .execute([room_id, event_id])?;
+    if removed == 0 {
+        return Ok(false);
+    }
+    conn.prepare_cached(
+        "WITH RECURSIVE back(id) AS (
+             SELECT prev_event_id FROM event_edges WHERE event_id = ?2
+             UNION
+             SELECT ed.prev_event_id FROM back
+             JOIN events b ON b.event_id = back.id AND b.rejected_reason IS NOT NULL
+             JOIN event_edges ed ON ed.event_id = back.id
+         )
+         INSERT OR IGNORE INTO forward_extremities (room_id, event_id)
+         SELECT ?1, back.id FROM back JOIN events p ON p.event_id = back.id
+         WHERE p.room_id = ?1 AND p.rejected_reason IS NULL AND p.outlier = 0
+           AND p.state_group IS NOT NULL
+           AND NOT EXISTS (
+               SELECT 1 FROM event_edges c JOIN events ce ON ce.event_id = c.event_id
+               WHERE c.prev_event_id = back.id AND ce.room_id = ?1
+                 AND ce.rejected_reason IS NULL AND ce.outlier = 0 AND ce.soft_failed = 0)",
+    )?
+    .execute([room_id, event_id])?;
+    Ok(true)
+}
+
 /// Deletes a rejected event's row and edges, so it can be stored again as accepted.
 pub fn delete_rejected_event(conn: &Connection, event_id: &str) -> Result<()> {
     conn.prepare_cached("DELETE FROM events WHERE event_id = ?1 AND rejected_reason IS NOT NULL")?

@@ -56,6 +56,31 @@ fn ephemeral_of<'a>(v: &'a Value, room: &str, kind: &str) -> Vec<&'a Value> {
         .unwrap_or_default()
 }
 
+/// Whether a `/sync` response shows `user` typing in the room.
+fn typing_in(v: &Value, room: &str, user: &str) -> bool {
+    ephemeral_of(v, room, "m.typing").iter().any(|e| {
+        e["content"]["user_ids"]
+            .as_array()
+            .is_some_and(|u| u.contains(&json!(user)))
+    })
+}
+
+/// Whether a `/sync` response carries `user`'s read receipt for `event`.
+fn receipt_in(v: &Value, room: &str, event: &str, user: &str) -> bool {
+    ephemeral_of(v, room, "m.receipt")
+        .iter()
+        .any(|e| !e["content"][event]["m.read"][user].is_null())
+}
+
+/// The resident `a` behind a test front (under the front's name), and the joiner `b`.
+fn resident_and_joiner() -> (Front, Hearth, Hearth) {
+    let front = Front::start();
+    let name = front.server_name();
+    let a = Hearth::start_with("127.0.0.1", |c| c.server_name = name);
+    front.forward_to(a.port);
+    (front, a, Hearth::start())
+}
+
 fn partial_rooms(h: &Hearth) -> Value {
     let app = h.hs.app();
     json!(smol::block_on(
@@ -67,11 +92,7 @@ fn partial_rooms(h: &Hearth) -> Value {
 
 #[test]
 fn while_partial_a_user_reads_writes_and_talks_at_once_and_a_ban_holds() {
-    let front = Front::start();
-    let name = front.server_name();
-    let a = Hearth::start_with("127.0.0.1", |c| c.server_name = name);
-    front.forward_to(a.port);
-    let b = Hearth::start();
+    let (front, a, b) = resident_and_joiner();
     let (au, bu) = (a.url(), b.url());
     let (alice, alice_tok) = register(&au, "alice");
     for i in 0..4 {
@@ -220,14 +241,8 @@ fn while_partial_a_user_reads_writes_and_talks_at_once_and_a_ban_holds() {
         &mut alice_since,
         "alice gets bob's typing, receipt, presence and to-device message",
         |v| {
-            typing |= ephemeral_of(v, &room, "m.typing").iter().any(|e| {
-                e["content"]["user_ids"]
-                    .as_array()
-                    .is_some_and(|u| u.contains(&json!(bob)))
-            });
-            receipt |= ephemeral_of(v, &room, "m.receipt")
-                .iter()
-                .any(|e| !e["content"][&alice_msg]["m.read"][&bob].is_null());
+            typing |= typing_in(v, &room, &bob);
+            receipt |= receipt_in(v, &room, &alice_msg, &bob);
             presence |= v["presence"]["events"].as_array().is_some_and(|a| {
                 a.iter().any(|e| {
                     e["sender"] == bob.as_str() && e["content"]["status_msg"] == "partially here"
@@ -312,4 +327,88 @@ fn while_partial_a_user_reads_writes_and_talks_at_once_and_a_ban_holds() {
     eventually(30, "dan rejoins after the unban", || {
         (curl("POST", &join, Some(&dan_tok), Some(&json!({}))).0 == 200).then_some(())
     });
+}
+
+/// Typing and read receipts of a member the joiner's partial state does not hold yet (joined
+/// before it, in a named room: neither hero nor in the join's auth events) reach the joiner's
+/// users while the room is partial: the sending server is one of the room's servers.
+#[test]
+fn while_partial_typing_and_receipts_of_members_not_yet_known_arrive() {
+    let (front, a, b) = resident_and_joiner();
+    let (au, bu) = (a.url(), b.url());
+    let (_, alice_tok) = register(&au, "alice");
+    let (carol, carol_tok) = register(&au, "carol");
+    let v = ok(
+        "POST",
+        &format!("{au}/_matrix/client/v3/createRoom"),
+        &alice_tok,
+        json!({ "preset": "public_chat", "name": "Known later" }),
+    );
+    let room = v["room_id"].as_str().unwrap().to_owned();
+    let r = common::enc(&room);
+    ok(
+        "POST",
+        &format!("{au}/_matrix/client/v3/join/{r}"),
+        &carol_tok,
+        json!({}),
+    );
+    let (_, bob_tok) = register(&bu, "bob");
+    front.hold(STATE_IDS);
+    ok(
+        "POST",
+        &format!(
+            "{bu}/_matrix/client/v3/join/{r}?server_name={}",
+            common::enc(&a.server_name())
+        ),
+        &bob_tok,
+        json!({}),
+    );
+    front.wait_held(STATE_IDS, 30);
+    assert_eq!(partial_rooms(&b), json!(1), "the room is partial on b");
+    let (s, m) = get(
+        &format!("{bu}/_matrix/client/v3/rooms/{r}/state/m.room.member/{carol}"),
+        &bob_tok,
+    );
+    assert_eq!(s, 404, "b holds no membership of carol yet: {m}");
+
+    let mut bob_since = None;
+    sync(&bu, &bob_tok, &mut bob_since);
+    let msg = ok(
+        "PUT",
+        &format!("{au}/_matrix/client/v3/rooms/{r}/send/m.room.message/k1"),
+        &alice_tok,
+        json!({ "msgtype": "m.text", "body": "read me" }),
+    )["event_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    ok(
+        "PUT",
+        &format!("{au}/_matrix/client/v3/rooms/{r}/typing/{carol}"),
+        &carol_tok,
+        json!({ "typing": true, "timeout": 30000 }),
+    );
+    ok(
+        "POST",
+        &format!(
+            "{au}/_matrix/client/v3/rooms/{r}/receipt/m.read/{}",
+            common::enc(&msg)
+        ),
+        &carol_tok,
+        json!({}),
+    );
+    let (mut typing, mut receipt) = (false, false);
+    sync_until(
+        &bu,
+        &bob_tok,
+        &mut bob_since,
+        "bob sees carol typing and her receipt while partial",
+        |v| {
+            typing |= typing_in(v, &room, &carol);
+            receipt |= receipt_in(v, &room, &msg, &carol);
+            (typing && receipt).then_some(())
+        },
+    );
+    assert_eq!(partial_rooms(&b), json!(1), "still partial throughout");
+    front.pass(STATE_IDS);
 }

@@ -126,6 +126,34 @@ pub async fn wait_fully_stated(app: &crate::App, room_id: &str) -> Result<()> {
     }
 }
 
+/// Whether an EDU that `user` (of `origin`, the sending server) sent about a room is taken
+/// (typing, read receipts): the user is joined; or the room is partial-state, the state we hold
+/// has no membership of theirs, and `origin` is one of the room's servers (the join answer's
+/// `servers_in_room` and those seen since). Synapse does the same for typing, with its
+/// partial-state approximation of the room's hosts: without it, the members we do not know
+/// yet could not be seen typing until the resync ends. The room's server ACL applies either
+/// way.
+pub fn edu_sender_in_room(
+    c: &Connection,
+    room_id: &str,
+    user_id: &str,
+    origin: &ruma::ServerName,
+) -> Result<bool> {
+    if !crate::store::acl::server_allowed(c, room_id, origin)? {
+        return Ok(false);
+    }
+    Ok(match q::get_membership(c, room_id, user_id)?.as_deref() {
+        Some("join") => true,
+        Some(_) => false,
+        None => {
+            p::is_partial_state_room(c, room_id)?
+                && q::list_room_servers(c, room_id, "")?
+                    .iter()
+                    .any(|s| s == origin.as_str())
+        }
+    })
+}
+
 /// How `/sync` shows a joined room that is or was partial-state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncView {

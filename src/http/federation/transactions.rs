@@ -143,11 +143,15 @@ async fn process(
     app.store
         .write(move |tx| {
             for r in &receipts {
-                // Only for members of the room, from the sending server, if the room's ACL
-                // lets that server in.
-                if q::get_membership(tx, &r.room_id, &r.user_id)?.as_deref() != Some("join")
-                    || !crate::store::acl::server_allowed(tx, &r.room_id, &origin_name)?
-                {
+                // Only for members of the room (or, while it is partial-state, users of one
+                // of its servers we hold no membership of), from the sending server, if the
+                // room's ACL lets that server in.
+                if !crate::ops::partial::edu_sender_in_room(
+                    tx,
+                    &r.room_id,
+                    &r.user_id,
+                    &origin_name,
+                )? {
                     continue;
                 }
                 let pos = tx.next_pos([Topic::room(r.room_id.as_str())]);
@@ -178,7 +182,8 @@ async fn process(
 /// 30 s while typing continues).
 const REMOTE_TYPING_MS: u64 = 30_000;
 
-/// `m.typing`: `{room_id, user_id, typing}` for a user of the sending server who is joined.
+/// `m.typing`: `{room_id, user_id, typing}` for a user of the sending server who is joined
+/// (or may be: `ops::partial::edu_sender_in_room`).
 async fn typing_edu(app: &App, origin: &str, c: &serde_json::Value) -> Result<()> {
     let (Some(room), Some(user)) = (
         c.get("room_id").and_then(|v| v.as_str()),
@@ -199,10 +204,7 @@ async fn typing_edu(app: &App, origin: &str, c: &serde_json::Value) -> Result<()
     );
     let joined = app
         .store
-        .read(move |c| {
-            Ok(q::get_membership(c, &r, &u)?.as_deref() == Some("join")
-                && crate::store::acl::server_allowed(c, &r, &o)?)
-        })
+        .read(move |c| crate::ops::partial::edu_sender_in_room(c, &r, &u, &o))
         .await?;
     if joined {
         let typing = c.get("typing").and_then(|v| v.as_bool()).unwrap_or(false);

@@ -80,17 +80,26 @@ impl Typing {
     }
 
     /// Drops every entry that ran out by `now_ms`, waking syncs for the rooms that changed.
-    pub fn expire(&self, now_ms: u64) {
+    /// Returns the `(room, user)` pairs dropped.
+    pub fn expire(&self, now_ms: u64) -> Vec<(String, String)> {
         let mut rooms = lock(&self.rooms);
+        let mut gone = Vec::new();
         for (room_id, (users, serial)) in rooms.iter_mut() {
             let before = users.len();
-            users.retain(|_, until| *until > now_ms);
+            users.retain(|user, until| {
+                let keep = *until > now_ms;
+                if !keep {
+                    gone.push((room_id.clone(), user.clone()));
+                }
+                keep
+            });
             if users.len() != before {
                 *serial = self.notifier.bump_ephemeral(&Topic::room(room_id.as_str()));
             }
         }
         // Rooms stay in the map with their serial (one small entry per room ever typed in),
         // so an incremental sync still learns that the list became empty.
+        gone
     }
 
     /// Users typing in a room now (ignoring entries past their expiry), and the serial of

@@ -1087,3 +1087,62 @@ fn a_gap_longer_than_a_page_of_missing_events_is_walked_back_and_filled() {
     });
     assert_eq!(got, expected);
 }
+
+/// A local user's typing that runs out (the client's timeout, no refresh, no explicit stop) is
+/// told to the room's other servers as a stop: without it they show the user typing until
+/// their own timeout (30 s here, 60 s on Synapse).
+#[test]
+fn typing_that_times_out_stops_on_the_other_server_too() {
+    let p = pair();
+    let alice = format!("@alice:{}", p.a.server_name());
+    let (s, v) = curl(
+        "PUT",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/typing/{}",
+            p.a.url(),
+            common::enc(p.room.as_str()),
+            common::enc(&alice)
+        ),
+        Some(&p.alice_tok),
+        Some(&json!({ "typing": true, "timeout": 1500 })),
+    );
+    assert_eq!(s, 200, "{v}");
+    let room = p.room.to_string();
+    let mut since: Option<String> = None;
+    let mut typing_seen = |want: bool| {
+        let what = if want {
+            "bob sees alice typing"
+        } else {
+            "alice's typing stops on b"
+        };
+        common::synapse::eventually(10, what, || {
+            let q = since
+                .as_deref()
+                .map(|s| format!("&since={s}"))
+                .unwrap_or_default();
+            let (s, v) = curl(
+                "GET",
+                &format!("{}/_matrix/client/v3/sync?timeout=500{q}", p.b.url()),
+                Some(&p.bob_tok),
+                None,
+            );
+            assert_eq!(s, 200, "{v}");
+            since = v["next_batch"].as_str().map(str::to_owned);
+            let typing = v["rooms"]["join"][&room]["ephemeral"]["events"]
+                .as_array()
+                .and_then(|a| a.iter().find(|e| e["type"] == "m.typing").cloned())?;
+            let users = typing["content"]["user_ids"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            (users.contains(&json!(alice)) == want).then_some(())
+        })
+    };
+    typing_seen(true);
+    let started = std::time::Instant::now();
+    typing_seen(false);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "stopped by a's stop, not by b's own 30 s timeout"
+    );
+}

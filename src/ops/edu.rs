@@ -23,9 +23,9 @@ use crate::{
     App,
 };
 
-/// Tells the room's other servers that `user` started or stopped typing. The receiving
-/// servers let a `typing: true` lapse on their own (Synapse after 60 s); clients repeat the
-/// request while the user types, and each repetition is sent on.
+/// Tells the room's other servers that `user` started or stopped typing. Clients repeat the
+/// request while the user types, and each repetition is sent on; when the client's timeout
+/// runs out without one, the expiry worker (`workers::typing_expiry`) sends the stop.
 pub async fn queue_typing(
     app: &App,
     room: &OwnedRoomId,

@@ -21,14 +21,31 @@ use crate::App;
 const IDLE_SLEEP: Duration = Duration::from_secs(30);
 
 /// Expires typing notifications when their timeout runs out, so long-polling clients see the
-/// user stop typing even if the client never says so.
+/// user stop typing even if the client never says so; a local user's expiry is also told to
+/// the room's other servers (`typing: false`, as Synapse does), which would otherwise show the
+/// user typing until their own timeout (30 to 60 s) ran out. Dropped at shutdown between two
+/// of these sends, a stop is lost and the other servers' own timeout ends the typing.
 pub async fn typing_expiry(app: App) {
+    let ours = format!(":{}", app.server_name);
     loop {
         // Listen first, then look: an entry added after the scan below (perhaps with an
         // earlier deadline) fires the listener, so it is never slept past.
         let added = app.typing.listen_added();
         let now = app.clock.now_ms();
-        app.typing.expire(now);
+        for (room, user) in app.typing.expire(now) {
+            if !user.ends_with(&ours) {
+                continue;
+            }
+            let (Ok(room), Ok(user)) = (
+                ruma::OwnedRoomId::try_from(room),
+                ruma::OwnedUserId::try_from(user),
+            ) else {
+                continue;
+            };
+            if let Err(e) = crate::ops::edu::queue_typing(&app, &room, &user, false).await {
+                log::warn!("typing: telling other servers {user} stopped in {room}: {e}");
+            }
+        }
         let sleep = match app.typing.next_expiry() {
             Some(t) => Duration::from_millis(t.saturating_sub(now).max(1)),
             None => IDLE_SLEEP,

@@ -86,12 +86,14 @@ impl RulesCache {
         let Some(s) = q::get_account_data(c, user, "", "m.push_rules")? else {
             return Ok(UserRules::Default);
         };
-        let v: Value = serde_json::from_str(&s)?;
-        // Compared as JSON with the user's own default set, so a set that differs in anything
-        // (an older Hearth's defaults, one disabled rule) is evaluated as stored.
-        if serde_json::to_value(default_rules(&uid)).ok().as_ref() == Some(&v["global"]) {
+        // Compared as text with the user's own default set as registration stores it, so a
+        // set that differs in anything (an older Hearth's defaults, one disabled rule, another
+        // serialization) is evaluated as stored. Text, because parsing 10,000 stored sets
+        // (and building 10,000 default sets to compare with) made a cold cache cost seconds.
+        if self.defaults.stored_text(&uid).is_some_and(|d| d == s) {
             return Ok(UserRules::Default);
         }
+        let v: Value = serde_json::from_str(&s)?;
         let rules = serde_json::from_value(v["global"].clone()).map_err(Error::internal)?;
         Ok(UserRules::Custom(Arc::new(rules)))
     }
@@ -136,13 +138,51 @@ impl RulesCache {
 struct Defaults {
     set: Ruleset,
     user_name: Option<PatternedPushRule>,
+    /// `m.push_rules` as [`account::init_push_rules`](super::account::init_push_rules) stores
+    /// the set for the placeholder user.
+    text: String,
 }
+
+/// The placeholder user of [`Defaults`]: its ID and localpart appear in the default set only
+/// where the rules name the user.
+const PLACEHOLDER: &str = "@hearth-default-rules-user:hearth-default-rules.invalid";
+const PLACEHOLDER_LOCALPART: &str = "hearth-default-rules-user";
 
 impl Defaults {
     fn new() -> Self {
-        let set = default_rules(ruma::user_id!("@placeholder:localhost"));
+        let placeholder = <&ruma::UserId>::try_from(PLACEHOLDER).expect("a valid user ID");
+        let set = default_rules(placeholder);
         let user_name = set.content.get(CONTAINS_USER_NAME).cloned();
-        Self { set, user_name }
+        let text = json!({ "global": &set }).to_string();
+        Self {
+            set,
+            user_name,
+            text,
+        }
+    }
+
+    /// The text registration stores as `user`'s `m.push_rules` (`None` if the placeholder
+    /// text cannot be told apart, which leaves every set to be parsed).
+    fn stored_text(&self, user: &ruma::UserId) -> Option<String> {
+        // JSON string bodies (quotes stripped), so a user ID that needs escaping stays exact.
+        let body = |s: &str| {
+            let q = serde_json::to_string(s).ok()?;
+            Some(q[1..q.len() - 1].to_owned())
+        };
+        let (id, localpart) = (body(user.as_str())?, body(user.localpart())?);
+        // The ID where the rules match it, the localpart where it stands alone.
+        let parts: Vec<&str> = self.text.split(PLACEHOLDER).collect();
+        let lone: usize = parts
+            .iter()
+            .map(|p| p.matches(PLACEHOLDER_LOCALPART).count())
+            .sum();
+        (parts.len() == 3 && lone == 1).then(|| {
+            parts
+                .iter()
+                .map(|p| p.replace(PLACEHOLDER_LOCALPART, &localpart))
+                .collect::<Vec<_>>()
+                .join(&id)
+        })
     }
 
     /// The rule of the shared set that stands at `rule`'s place for `user`, if it names the
@@ -607,10 +647,11 @@ mod tests {
 
     /// The users the checks run for: plain, with characters a pattern or JSON treats
     /// specially, and one whose localpart is the placeholder's.
-    const USERS: [&str; 4] = [
+    const USERS: [&str; 5] = [
         "@alice:example.org",
         "@m.9_x=y-z/w:127.0.0.1:8680",
         "@placeholder:other.example",
+        "@hearth-default-rules-user:hearth-default-rules.invalid.example",
         "@bob:localhost",
     ];
 
@@ -649,6 +690,20 @@ mod tests {
                 .filter(|r| defaults.own_rule(*r, &uid).is_some())
                 .count();
             assert_eq!(replaced, 3, "{user}");
+            // The text registration stores for the user is recognised as the defaults.
+            let stored = json!({ "global": own }).to_string();
+            assert_eq!(defaults.stored_text(&uid), Some(stored), "{user}");
+            // A changed set is not.
+            let mut changed = own.clone();
+            changed
+                .set_enabled(
+                    ruma::push::RuleKind::Override,
+                    ".m.rule.is_user_mention",
+                    false,
+                )
+                .unwrap();
+            let changed = json!({ "global": changed }).to_string();
+            assert_ne!(defaults.stored_text(&uid), Some(changed), "{user}");
         }
     }
 

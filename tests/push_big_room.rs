@@ -123,7 +123,7 @@ fn bench_push_evaluation_in_a_10000_member_room() {
     .unwrap();
 
     let one = |cache: &Arc<RulesCache>| {
-        let (server, cache) = (server.clone(), cache.clone());
+        let (server, cache) = (server.clone(), Arc::clone(cache));
         let t = Instant::now();
         let batch = smol::block_on(
             app.store
@@ -132,6 +132,19 @@ fn bench_push_evaluation_in_a_10000_member_room() {
         .unwrap();
         (t.elapsed(), batch.found.len())
     };
+    // What one parsed default rule set costs, for scale.
+    let h = held_mib();
+    let sets: Vec<_> = (0..100)
+        .map(|i| {
+            let u = OwnedUserId::try_from(format!("@m{i}:127.0.0.1:8680")).unwrap();
+            hearth::ops::push::default_rules(&u)
+        })
+        .collect();
+    eprintln!(
+        "BENCH one parsed default rule set: {:.1} KiB",
+        (held_mib() - h) * 1024.0 / sets.len() as f64
+    );
+    drop(sets);
     let cache = Arc::new(RulesCache::default());
     let (before, held_before) = (rss_kib(), held_mib());
     let (cold, notified) = one(&cache);
@@ -165,6 +178,12 @@ fn bench_push_evaluation_in_a_10000_member_room() {
     eprintln!(
         "BENCH resident memory after the warm runs: {} MiB",
         rss_kib() / 1024
+    );
+    let held = held_mib();
+    drop(cache);
+    eprintln!(
+        "BENCH Rust heap freed by dropping the rule cache: {:.2} MiB",
+        held - held_mib()
     );
     assert!(notified >= 9_999, "every member but the sender is notified");
 }

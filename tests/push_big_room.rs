@@ -145,6 +145,24 @@ fn bench_push_evaluation_in_a_10000_member_room() {
         (held_mib() - h) * 1024.0 / sets.len() as f64
     );
     drop(sets);
+    // The same for stored sets parsed on a reader thread, as the evaluator does.
+    let h = held_mib();
+    let r = room.clone();
+    let parsed = smol::block_on(app.store.read(move |c| {
+        let (members, _) =
+            hearth::store::push::list_joined_local(c, &r, "127.0.0.1:8680", i64::MAX)?;
+        members
+            .iter()
+            .take(100)
+            .map(|m| hearth::ops::push::load_rules(c, &m.user_id))
+            .collect::<hearth::error::Result<Vec<_>>>()
+    }))
+    .unwrap();
+    eprintln!(
+        "BENCH one stored rule set parsed on a reader thread: {:.1} KiB",
+        (held_mib() - h) * 1024.0 / parsed.len() as f64
+    );
+    drop(parsed);
     let cache = Arc::new(RulesCache::default());
     let (before, held_before) = (rss_kib(), held_mib());
     let (cold, notified) = one(&cache);

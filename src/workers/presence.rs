@@ -183,7 +183,8 @@ async fn joined(app: &App, after: i64, upto: i64, now: u64) -> Result<(i64, Opti
                 } else if !crate::store::queries::server_has_joined_member(
                     c, &j.room_id, server, &j.user_id,
                 )? {
-                    let (local, _) = crate::store::push::list_joined_local(c, &j.room_id, &us)?;
+                    let (local, _) =
+                        crate::store::push::list_joined_local(c, &j.room_id, &us, i64::MAX)?;
                     let users = local.into_iter().map(|m| m.user_id).collect();
                     wanted.push((vec![server.to_owned()], users));
                 }

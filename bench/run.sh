@@ -146,7 +146,7 @@ for run in 1 2; do
     echo "busy_ticks $(( $(busy_ticks) - b0 )) clk_tck $(getconf CLK_TCK) wall_s $(echo "$(date +%s.%N) - $t0" | bc)" > "$OUT/load-hearth-$run.busy"
     tail -1 "$OUT/logs/load-hearth-$run.err" >&2
     curl -s "http://127.0.0.1:$HPORT/_hearth/metrics" > "$OUT/load-hearth-$run.metrics" || true
-    du -k "$OUT/data/hearth-load$run" | awk '{print $1}' > "$OUT/load-hearth-$run.db_kib"
+    du -sk "$OUT/data/hearth-load$run" | awk '{print $1}' > "$OUT/load-hearth-$run.db_kib"
     hearth_stop
     [ -n "$SKIP_SYNAPSE" ] && continue
     log "2. load run $run: Synapse"
